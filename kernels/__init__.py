@@ -1,0 +1,1 @@
+"""tformer's Triton kernels, one module per op. Installed as ``tformer.kernels``."""

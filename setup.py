@@ -1,0 +1,93 @@
+"""Installs tformer, and compiles csrc/ into tformer._C when a CUDA toolkit and a CUDA
+build of torch are present (TFORMER_BUILD_CUDA=0/1 forces it off/on).
+
+The extension must be built against the torch it runs with, so install with
+``pip install --no-build-isolation``: the build then sees the torch already installed in
+the environment instead of a different one in an isolated build environment.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# CUDA arches tformer's kernels are written for (bf16 and mma.sync need sm80+).
+SUPPORTED_ARCHES = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+
+def _log(message: str) -> None:
+    print(f"tformer setup: {message}", file=sys.stderr)
+
+
+def _default_arch_list(torch) -> str:
+    """The arches the installed torch supports that tformer's kernels target."""
+    torch_arches = {f"{a[3:-1]}.{a[-1]}" for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
+    chosen = [a for a in SUPPORTED_ARCHES if a in torch_arches] or ["9.0"]
+    return ";".join(chosen)
+
+
+def cuda_extension():
+    """([extension], {cmdclass}) or ([], {}) when the extension is not built."""
+    flag = os.environ.get("TFORMER_BUILD_CUDA", "")
+    if flag == "0":
+        _log("TFORMER_BUILD_CUDA=0: skipping the CUDA extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if flag == "1":
+            raise RuntimeError("TFORMER_BUILD_CUDA=1 but torch is not importable in the build environment; "
+                               "install torch first and use 'pip install --no-build-isolation'")
+        _log("torch is not importable at build time (build isolation?): skipping the CUDA extension; "
+             "use 'pip install --no-build-isolation' to build it")
+        return [], {}
+    missing = [why for bad, why in ((torch.version.cuda is None, "this torch has no CUDA"),
+                                    (CUDA_HOME is None, "no CUDA toolkit found (set CUDA_HOME)")) if bad]
+    if missing:
+        if flag == "1":
+            raise RuntimeError(f"TFORMER_BUILD_CUDA=1 but {'; '.join(missing)}")
+        _log(f"skipping the CUDA extension: {'; '.join(missing)}")
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
+    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    if not sources:
+        _log("csrc/ has no sources yet: skipping the CUDA extension")
+        return [], {}
+    _log(f"building tformer._C from {len(sources)} sources for TORCH_CUDA_ARCH_LIST="
+         f"{os.environ['TORCH_CUDA_ARCH_LIST']} with CUDA_HOME={CUDA_HOME}")
+    # Translation units compile in parallel under ninja; 2 jobs fit CI's 2 cores and memory.
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 8))))
+    extension = CUDAExtension(
+        "tformer._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        py_limited_api=True,
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="tformer",
+    version="0.1.0",
+    description="Fused Triton and CUDA C++ attention, LayerNorm and softmax kernels and a transformer training system",
+    packages=find_packages(include=["tformer", "tformer.*"]) + ["tformer.kernels"],
+    # The Triton kernels live in kernels/ at the top of the repository but install as
+    # tformer.kernels: a top-level package named "kernels" is taken on PyPI.
+    package_dir={"tformer.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "train": ["deepspeed", "pyyaml", "tqdm", "safetensors", "tokenizers", "wandb", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout"],
+        "transformers": ["transformers"],
+    },
+)

@@ -1,0 +1,37 @@
+"""The CUDA C++ backend: kernels in ``csrc/``, compiled into ``tformer._C`` by
+``pip install``, registered as ``torch.ops.tformer.*`` with autograd and fake
+implementations added from Python (one module per op here)."""
+
+import importlib
+
+import torch
+
+OP_MODULES: tuple[str, ...] = ()
+
+BUILD_HINT = ("install a CUDA toolkit, set CUDA_HOME (e.g. /usr/local/cuda) and reinstall with "
+              "'TFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e .'")
+
+
+def extension_error() -> str | None:
+    """None when tformer._C imports, else why it does not."""
+    try:
+        importlib.import_module("tformer._C")
+    except ImportError as error:
+        return f"the CUDA extension tformer._C was not built or does not load ({error}); {BUILD_HINT}"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    if torch.version.cuda is None:
+        return "this build of torch has no CUDA support; install a CUDA build of torch"
+    reason = extension_error()
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def load() -> None:
+    for name in OP_MODULES:
+        importlib.import_module(f"{__name__}.{name}")

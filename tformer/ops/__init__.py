@@ -1,0 +1,10 @@
+"""The public ops. Each validates its inputs once and dispatches through the backend
+registry (see :mod:`tformer.ops.registry`)."""
+
+from .attention import attention, attention_varlen
+from .normalization import layer_norm, rms_norm
+from .registry import BackendError, available_backends, backend, default_backend
+from .softmax import softmax
+
+__all__ = ["attention", "attention_varlen", "layer_norm", "rms_norm", "softmax", "available_backends",
+           "backend", "default_backend", "BackendError"]

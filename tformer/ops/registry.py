@@ -1,0 +1,182 @@
+"""The backend registry: (op, backend) -> implementation.
+
+Every backend is a package under ``tformer/backends/<name>/``. Its ``__init__`` is
+cheap to import and answers one question, ``unavailable_reason()``: ``None`` when the
+backend can run in this process, otherwise a sentence that says why not and how to get
+it. Its op modules register implementations with :func:`register`; the registry imports
+them only when the backend is first used, so ``import tformer`` needs neither Triton nor
+the compiled extension.
+
+Selection order for an op call: the ``backend=`` argument, else the innermost
+``with tformer.backend(...)`` block, else the ``TFORMER_BACKEND`` environment variable,
+else ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+logger = logging.getLogger("tformer")
+
+# Order matters: "auto" tries backends in this order (fastest first) and takes the first
+# one that is available and supports the input. The reference backend always comes last.
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
+OPS: tuple[str, ...] = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that does not exist, is not available, or cannot take the input."""
+
+
+@dataclass
+class Implementation:
+    fn: Callable
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    # Optional extra check on the validated arguments: returns None or a reason.
+    supports: Callable[..., str | None] | None = None
+
+
+@dataclass
+class _Backend:
+    name: str
+    module: str
+    impls: dict[str, Implementation] = field(default_factory=dict)
+    loaded: bool = False
+
+
+_backends: dict[str, _Backend] = {
+    name: _Backend(name, f"tformer.backends.{name}") for name in BACKENDS
+}
+_default_stack: list[str] = []
+_auto_logged: set[tuple] = set()
+
+
+def register(op: str, backend: str, *, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+             supports: Callable[..., str | None] | None = None):
+    """Decorator: make ``fn`` the implementation of ``op`` in ``backend``.
+
+    ``devices`` are device types (``"cuda"``, ``"cpu"``) and ``dtypes`` the input dtypes
+    the implementation takes; anything else is refused with a clear error before it runs.
+    """
+    if op not in OPS:
+        raise ValueError(f"register: unknown op {op!r}; expected one of {OPS}")
+    if backend not in _backends:
+        raise ValueError(f"register: unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def decorator(fn):
+        _backends[backend].impls[op] = Implementation(fn, frozenset(devices), frozenset(dtypes), supports)
+        return fn
+
+    return decorator
+
+
+def _check_name(name: str) -> None:
+    if name != "auto" and name not in _backends:
+        close = difflib.get_close_matches(name, (*BACKENDS, "auto"), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BackendError(f"unknown backend {name!r}; expected one of {(*BACKENDS, 'auto')}.{hint}")
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why ``name`` cannot run in this process, or None when it can."""
+    _check_name(name)
+    package = importlib.import_module(_backends[name].module)
+    return package.unavailable_reason()
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend mapped to None (available) or the reason it is not, e.g.
+    ``{"cuda": "the CUDA extension was not built (...)", "triton": None, "reference": None}``."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def _load(name: str) -> _Backend:
+    backend = _backends[name]
+    if not backend.loaded:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise BackendError(f"backend {name!r} is not available: {reason}")
+        package = importlib.import_module(backend.module)
+        package.load()  # imports the op modules, which call register()
+        backend.loaded = True
+    return backend
+
+
+def default_backend() -> str:
+    """The backend an op uses when called without ``backend=``."""
+    if _default_stack:
+        return _default_stack[-1]
+    return os.environ.get("TFORMER_BACKEND", "auto") or "auto"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with tformer.backend("triton"):`` makes ``name`` the default inside the block."""
+    _check_name(name)
+    _default_stack.append(name)
+    try:
+        yield
+    finally:
+        _default_stack.pop()
+
+
+def _refusal(impl: Implementation | None, op: str, name: str, device: torch.device, dtype: torch.dtype,
+             args: dict) -> str | None:
+    if impl is None:
+        return f"backend {name!r} has no implementation of {op!r}"
+    if device.type not in impl.devices:
+        hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" if name == "triton" else ""
+        return f"backend {name!r} runs {op!r} on {sorted(impl.devices)} tensors, got a {device.type} tensor{hint}"
+    if dtype not in impl.dtypes:
+        names = sorted(str(d).removeprefix("torch.") for d in impl.dtypes)
+        return f"backend {name!r} runs {op!r} on dtypes {names}, got {str(dtype).removeprefix('torch.')}"
+    if impl.supports is not None:
+        return impl.supports(**args)
+    return None
+
+
+def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
+    """The implementation of ``op`` to call for inputs on ``device`` with ``dtype``."""
+    name = requested or default_backend()
+    _check_name(name)
+    if name != "auto":
+        impl = _load(name).impls.get(op)
+        reason = _refusal(impl, op, name, device, dtype, args)
+        if reason is not None:
+            raise BackendError(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
+        return impl.fn
+
+    # auto: the first backend in BACKENDS order that is available and takes the input.
+    # On the CPU the interpreted Triton kernels are a correctness tool, never a fast path.
+    skipped = []
+    for candidate in BACKENDS:
+        if device.type == "cpu" and candidate != "reference":
+            continue
+        why = unavailable_reason(candidate)
+        if why is None:
+            impl = _load(candidate).impls.get(op)
+            why = _refusal(impl, op, candidate, device, dtype, args)
+        if why is None:
+            _log_choice(op, candidate, device, dtype, skipped)
+            return impl.fn
+        skipped.append(f"{candidate}: {why}")
+    raise BackendError(f"{op}: no backend can run this input: " + "; ".join(skipped))
+
+
+def _log_choice(op: str, name: str, device: torch.device, dtype: torch.dtype, skipped: list[str]) -> None:
+    key = (op, name, device.type, dtype)
+    if key in _auto_logged or torch.compiler.is_compiling():
+        return
+    _auto_logged.add(key)
+    passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+    logger.info("backend='auto' chose %r for %s on %s %s%s", name, op, device.type,
+                str(dtype).removeprefix("torch."), passed_over)
