@@ -7,7 +7,7 @@ import os
 
 import torch
 
-OP_MODULES: tuple[str, ...] = ()
+OP_MODULES: tuple[str, ...] = ("attention", "layer_norm", "softmax")
 
 
 def interpreting() -> bool:

@@ -1,0 +1,35 @@
+"""Shared test setup: device choice, backend parametrization, Triton on the CPU."""
+
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter on CPU tensors. This must be set
+# before triton is imported anywhere.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import tformer  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def backend_params(include_reference: bool = True):
+    """Every tformer backend as a pytest param; one that cannot run here is skipped with its reason."""
+    params = []
+    for name, reason in tformer.available_backends().items():
+        if name == "reference" and not include_reference:
+            continue
+        marks = [pytest.mark.skip(reason=f"backend {name!r} is not available: {reason}")] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request) -> str:
+    return request.param
