@@ -26,10 +26,13 @@ import torch
 
 logger = logging.getLogger("tformer")
 
-# Order matters: "auto" tries backends in this order (fastest first) and takes the first
-# one that is available and supports the input. The reference backend always comes last.
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
 OPS: tuple[str, ...] = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
+
+# "auto" tries backends in this order per op and takes the first one that is available and
+# takes the input; the reference comes last. The order should follow bench/RESULTS.md: until
+# the CUDA kernels have been measured against Triton on a GPU, Triton goes first.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "reference") for op in OPS}
 
 
 class BackendError(RuntimeError):
@@ -155,10 +158,10 @@ def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.d
             raise BackendError(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
         return impl.fn
 
-    # auto: the first backend in BACKENDS order that is available and takes the input.
+    # auto: the first backend in AUTO_ORDER that is available and takes the input.
     # On the CPU the interpreted Triton kernels are a correctness tool, never a fast path.
     skipped = []
-    for candidate in BACKENDS:
+    for candidate in AUTO_ORDER[op]:
         if device.type == "cpu" and candidate != "reference":
             continue
         why = unavailable_reason(candidate)
