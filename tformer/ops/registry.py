@@ -48,12 +48,18 @@ class Implementation:
     supports: Callable[..., str | None] | None = None
 
 
+_NOT_PROBED = object()
+
+
 @dataclass
 class _Backend:
     name: str
     module: str
     impls: dict[str, Implementation] = field(default_factory=dict)
     loaded: bool = False
+    # None (available), a reason string, or _NOT_PROBED: probed once per process, since
+    # "auto" asks on every op call.
+    reason: object = _NOT_PROBED
 
 
 _backends: dict[str, _Backend] = {
@@ -92,8 +98,10 @@ def _check_name(name: str) -> None:
 def unavailable_reason(name: str) -> str | None:
     """Why ``name`` cannot run in this process, or None when it can."""
     _check_name(name)
-    package = importlib.import_module(_backends[name].module)
-    return package.unavailable_reason()
+    backend = _backends[name]
+    if backend.reason is _NOT_PROBED:
+        backend.reason = importlib.import_module(backend.module).unavailable_reason()
+    return backend.reason
 
 
 def available_backends() -> dict[str, str | None]:

@@ -2,7 +2,6 @@
 wrapped as ``torch.library`` custom ops with autograd and fake implementations."""
 
 import importlib
-import importlib.util
 import os
 
 import torch
@@ -21,8 +20,10 @@ def devices() -> tuple[str, ...]:
 
 
 def unavailable_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton; it comes with CUDA builds of torch on Linux)"
+    try:
+        importlib.import_module("triton")
+    except ImportError as error:
+        return f"Triton is not installed or does not import ({error}); pip install triton (CUDA builds of torch on Linux bring it)"
     if not torch.cuda.is_available() and not interpreting():
         return ("no CUDA GPU is visible (torch.cuda.is_available() is False); set TRITON_INTERPRET=1 to run the "
                 "Triton kernels on CPU tensors (slow: for tests)")

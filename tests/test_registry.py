@@ -1,0 +1,101 @@
+"""Backend selection: names, availability, defaults, auto, and the messages users see."""
+
+import logging
+
+import pytest
+import torch
+
+import tformer
+from tformer.ops import registry
+
+from conftest import DEVICE
+
+
+def _inputs():
+    q = torch.randn(1, 2, 3, 8, device=DEVICE)
+    return q, q.clone(), q.clone()
+
+
+def test_available_backends_lists_every_backend_with_a_reason_or_none():
+    backends = tformer.available_backends()
+    assert set(backends) == {"reference", "triton", "cuda"}
+    assert backends["reference"] is None
+    for name, reason in backends.items():
+        assert reason is None or (isinstance(reason, str) and len(reason) > 20), (name, reason)
+
+
+def test_unknown_backend_names_the_choices_and_suggests_the_nearest():
+    with pytest.raises(tformer.BackendError, match=r"unknown backend 'trition'.*Did you mean 'triton'"):
+        tformer.ops.attention(*_inputs(), backend="trition")
+    with pytest.raises(tformer.BackendError, match="unknown backend"):
+        with tformer.backend("fastest"):
+            pass
+
+
+def test_unavailable_backend_says_why_and_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(registry._backends["cuda"], "reason", "the CUDA extension was not built; rebuild it")
+    monkeypatch.setattr(registry._backends["cuda"], "loaded", False)
+    with pytest.raises(tformer.BackendError, match=r"backend 'cuda' is not available: the CUDA extension was not "
+                                                   r"built; rebuild it"):
+        tformer.ops.layer_norm(torch.randn(2, 4, device=DEVICE), backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_cuda_backend_without_gpu_or_extension_gives_real_reason():
+    reason = tformer.available_backends()["cuda"]
+    assert reason is not None
+    assert "extension" in reason or "no CUDA GPU" in reason
+    with pytest.raises(tformer.BackendError, match="backend 'cuda' is not available"):
+        tformer.ops.softmax(torch.randn(2, 3), backend="cuda")
+
+
+def test_backend_refuses_dtype_it_cannot_run(monkeypatch):
+    # float64 is for the reference only; a kernel backend names the dtype it got and what it takes.
+    fake = registry.Implementation(lambda **kw: None, frozenset({"cpu", "cuda"}), frozenset({torch.float32}))
+    monkeypatch.setitem(registry._backends["triton"].impls, "softmax", fake)
+    monkeypatch.setattr(registry._backends["triton"], "loaded", True)
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
+    with pytest.raises(tformer.BackendError, match=r"backend 'triton' runs 'softmax' on dtypes \['float32'\], "
+                                                   r"got float64"):
+        tformer.ops.softmax(torch.randn(2, 3, dtype=torch.float64), backend="triton")
+
+
+def test_auto_on_cpu_picks_reference_and_logs_once(caplog):
+    registry._auto_logged.clear()
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.INFO, logger="tformer"):
+        tformer.ops.layer_norm(x, backend="auto")
+        tformer.ops.layer_norm(x, backend="auto")
+    chosen = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
+    assert chosen == ["backend='auto' chose 'reference' for layer_norm on cpu float32"]
+
+
+def test_default_comes_from_context_then_environment_then_auto(monkeypatch):
+    monkeypatch.delenv("TFORMER_BACKEND", raising=False)
+    assert tformer.default_backend() == "auto"
+    monkeypatch.setenv("TFORMER_BACKEND", "reference")
+    assert tformer.default_backend() == "reference"
+    with tformer.backend("triton"):
+        assert tformer.default_backend() == "triton"
+        with tformer.backend("reference"):
+            assert tformer.default_backend() == "reference"
+        assert tformer.default_backend() == "triton"
+    assert tformer.default_backend() == "reference"
+
+
+def test_context_default_is_used_by_ops(monkeypatch):
+    calls = []
+    original = registry._backends["reference"].impls
+    registry._load("reference")
+    real = original["softmax"]
+    monkeypatch.setitem(original, "softmax", registry.Implementation(
+        lambda **kw: calls.append("reference") or real.fn(**kw), real.devices, real.dtypes))
+    with tformer.backend("reference"):
+        tformer.ops.softmax(torch.randn(2, 3))
+    assert calls == ["reference"]
+
+
+def test_unknown_environment_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("TFORMER_BACKEND", "tritn")
+    with pytest.raises(tformer.BackendError, match="Did you mean 'triton'"):
+        tformer.ops.softmax(torch.randn(2, 3))
