@@ -99,3 +99,17 @@ def test_unknown_environment_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("TFORMER_BACKEND", "tritn")
     with pytest.raises(tformer.BackendError, match="Did you mean 'triton'"):
         tformer.ops.softmax(torch.randn(2, 3))
+
+
+def test_dispatch_traces_under_torch_compile_fullgraph():
+    # The registry is plain dict lookups once tformer is imported, so dynamo sees through it.
+    def step(x, weight, q, key_padding_mask):
+        y = tformer.ops.layer_norm(x, weight, backend="reference")
+        p = tformer.ops.softmax(y, mask=y > 0)
+        out = tformer.ops.attention(q, q, q, causal=True, key_padding_mask=key_padding_mask)
+        return p.sum() + out.sum()
+
+    x, weight = torch.randn(4, 8), torch.ones(8)
+    q, pad = torch.randn(1, 2, 5, 8), torch.tensor([[False, False, False, True, True]])
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, weight, q, pad), step(x, weight, q, pad))

@@ -122,6 +122,22 @@ def _load(name: str) -> _Backend:
     return backend
 
 
+def prepare() -> None:
+    """Probe every backend and load the available ones, now.
+
+    ``import tformer`` calls this, so that the first op call inside ``torch.compile`` finds
+    everything resolved: dynamo cannot trace imports, but it traces the dictionary lookups
+    that dispatch is once the backends are loaded. A backend whose modules fail to import
+    is recorded as unavailable with the error, rather than breaking ``import tformer``.
+    """
+    for name, backend in _backends.items():
+        if unavailable_reason(name) is None and not backend.loaded:
+            try:
+                _load(name)
+            except Exception as error:  # noqa: BLE001 - reported through available_backends()
+                backend.reason = f"its modules failed to import: {type(error).__name__}: {error}"
+
+
 def default_backend() -> str:
     """The backend an op uses when called without ``backend=``."""
     if _default_stack:
