@@ -8,6 +8,7 @@ the environment instead of a different one in an isolated build environment.
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -28,12 +29,30 @@ def _default_arch_list(torch) -> str:
     return ";".join(chosen)
 
 
+def _locate_cuda_home() -> None:
+    """Set CUDA_HOME when it is unset and a full toolkit can be found.
+
+    torch guesses CUDA_HOME from the directory above `nvcc` on PATH; where nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc) that guess has no libraries and linking fails.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(
+                os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def cuda_extension():
     """([extension], {cmdclass}) or ([], {}) when the extension is not built."""
     flag = os.environ.get("TFORMER_BUILD_CUDA", "")
     if flag == "0":
         _log("TFORMER_BUILD_CUDA=0: skipping the CUDA extension")
         return [], {}
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
