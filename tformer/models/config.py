@@ -1,0 +1,104 @@
+"""Model configurations as dataclasses, validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from tformer.nn.choices import check_choice
+from tformer.nn.normalization import NORMS
+from tformer.nn.positional import POSITIONAL_ENCODINGS
+from tformer.ops.registry import BACKENDS
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder or encoder transformer. ``n_kv_heads=None`` means ``n_heads``
+    (no grouping); ``d_ff=None`` means ``4 * d_model``; ``backend=None`` takes the op
+    default (``tformer.backend(...)``, ``TFORMER_BACKEND``, else "auto")."""
+
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    positional: str = "learned"
+    norm: str = "layernorm"
+    bias: bool = True
+    tie_embeddings: bool = True
+    backend: str | None = None
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
+            _check_positive_int(owner, name, getattr(self, name), allow_zero=name == "n_layers")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check_positive_int(owner, "n_kv_heads", self.n_kv_heads)
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        _check_positive_int(owner, "d_ff", self.d_ff)
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"{owner}: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"{owner}: n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{owner}: argument '{name}' must be a float in [0, 1), got {value!r}")
+        check_choice(owner, "positional", self.positional, POSITIONAL_ENCODINGS)
+        check_choice(owner, "norm", self.norm, NORMS)
+        if self.backend is not None:
+            check_choice(owner, "backend", self.backend, (*BACKENDS, "auto"))
+        if self.positional == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"{owner}: positional='rope' needs an even head dim, got d_model / n_heads = "
+                             f"{self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Build from a plain dict (a parsed JSON/YAML file); unknown keys are rejected with the
+        nearest valid name suggested."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{cls.__name__}: unknown key {key!r}.{hint} Valid keys: {fields}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+POOLINGS: tuple[str, ...] = ("cls", "mean")
+
+
+@dataclass
+class EncoderClassifierConfig(ModelConfig):
+    """A bidirectional encoder with a classification head. ``pooling="cls"`` reads a learned
+    CLS token the model prepends (so positions go up to ``max_seq_len + 1``); ``"mean"``
+    averages the non-padding tokens."""
+
+    num_classes: int = 2
+    pooling: str = "cls"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive_int(type(self).__name__, "num_classes", self.num_classes)
+        check_choice(type(self).__name__, "pooling", self.pooling, POOLINGS)
+
+
+def _check_positive_int(owner: str, name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{owner}: argument '{name}' must be a {kind} int, got {value!r}")
