@@ -3,10 +3,12 @@ op API with a pure-PyTorch reference, and the models and training system built o
 
 from . import ops
 from .ops import BackendError, available_backends, backend, default_backend
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "models", "available_backends", "backend", "default_backend", "BackendError"]
+__all__ = ["ops", "nn", "models", "available_backends", "backend", "default_backend", "BackendError", "patch",
+           "unpatch"]
 
 
 def __getattr__(name):

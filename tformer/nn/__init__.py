@@ -1,6 +1,7 @@
 """Modules built on ``tformer.ops``: drop-ins for torch's (MultiheadAttention, LayerNorm,
 Softmax), RMSNorm, positional encodings and the pre-LN transformer block."""
 
+from . import functional
 from .multihead_attention import MultiheadAttention
 from .normalization import NORMS, LayerNorm, RMSNorm, make_norm
 from .positional import (POSITIONAL_ENCODINGS, LearnedPositionalEncoding, NoPositionalEncoding,
