@@ -45,7 +45,8 @@ try:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 except ImportError as error:  # an optional dependency: say how to get it
-    raise ImportError("tformer.integrations.transformers needs Hugging Face transformers (>= 4.56): "
+    raise ImportError("tformer.integrations.transformers needs Hugging Face transformers with "
+                      "AttentionInterface and masking_utils (tested with 5.24.0): "
                       "pip install 'tformer[transformers]'") from error
 
 logger = logging.getLogger("tformer")
