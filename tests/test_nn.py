@@ -227,7 +227,9 @@ def test_mha_errors_are_clear():
     mha = tnn.MultiheadAttention(8, 2, batch_first=True)
     x = torch.randn(2, 5, 8)
     with pytest.raises(TypeError, match="key_padding_mask.*bool"):
-        mha(x, x, x, key_padding_mask=torch.zeros(2, 5))
+        mha(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="float 'key_padding_mask' must hold only 0"):
+        mha(x, x, x, key_padding_mask=torch.full((2, 5), 0.5))
     with pytest.raises(ValueError, match="key_padding_mask"):
         mha(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask"):
@@ -401,3 +403,14 @@ def test_block_is_causal():
     out, changed_out = sum(block(x)), sum(block(changed))
     torch.testing.assert_close(out[:, :4], changed_out[:, :4], atol=0, rtol=0)
     assert not torch.allclose(out[:, 4:], changed_out[:, 4:])
+
+
+def test_multihead_attention_takes_torch_float_padding_mask():
+    # nn.TransformerEncoderLayer hands its attention a float mask: 0 = keep, -inf = padding.
+    mha = tnn.MultiheadAttention(8, 2, batch_first=True).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    padding = torch.tensor([[False, False, False, True, True], [False] * 5])
+    as_float = torch.zeros(2, 5, dtype=torch.float64).masked_fill(padding, float("-inf"))
+    expected, _ = mha(x, x, x, key_padding_mask=padding, need_weights=False)
+    actual, _ = mha(x, x, x, key_padding_mask=as_float, need_weights=False)
+    torch.testing.assert_close(actual, expected)

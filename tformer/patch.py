@@ -84,49 +84,11 @@ def _tformer_attention(original: nn.MultiheadAttention, backend, tnn) -> nn.Modu
     factory = dict(device=weight.device, dtype=weight.dtype)
     # Build on the meta device: the parameters are replaced by the originals right after.
     with torch.device("meta"):
-        module = _patched_attention_class(tnn)(original.embed_dim, original.num_heads, dropout=original.dropout,
+        module = tnn.MultiheadAttention(original.embed_dim, original.num_heads, dropout=original.dropout,
                                         bias=original.in_proj_bias is not None, kdim=original.kdim,
                                         vdim=original.vdim, batch_first=original.batch_first,
                                         dtype=factory["dtype"], backend=backend)
     return module
-
-
-def _patched_attention_class(tnn=None):
-    """tformer's MultiheadAttention, taking a float ``key_padding_mask`` as torch's does.
-
-    torch's TransformerEncoderLayer/DecoderLayer hand their attention a float padding mask
-    (``F._canonical_mask``: 0 = keep, -inf = padding); tformer's module takes bool only.
-    Built on first use so that ``import tformer`` does not import ``tformer.nn``.
-    """
-    cls = globals().get("_PatchedMultiheadAttention")
-    if cls is None:
-        if tnn is None:
-            from tformer import nn as tnn
-
-        class PatchedMultiheadAttention(tnn.MultiheadAttention):
-            def forward(self, query, key, value, key_padding_mask=None, *args, **kwargs):
-                if key_padding_mask is not None and key_padding_mask.is_floating_point():
-                    key_padding_mask = _float_padding_to_bool(key_padding_mask)
-                return super().forward(query, key, value, key_padding_mask, *args, **kwargs)
-
-        # A module-level name, so a pickled patched model finds its class (see __getattr__).
-        PatchedMultiheadAttention.__qualname__ = "_PatchedMultiheadAttention"
-        cls = globals()["_PatchedMultiheadAttention"] = PatchedMultiheadAttention
-    return cls
-
-
-def __getattr__(name):
-    if name == "_PatchedMultiheadAttention":
-        return _patched_attention_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _float_padding_to_bool(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    padding = torch.isneginf(key_padding_mask)
-    if not bool((key_padding_mask[~padding] == 0).all()):
-        raise ValueError("MultiheadAttention (patched by tformer): a float 'key_padding_mask' must hold only 0 "
-                         "(keep) and -inf (padding); pass a bool mask (True = padding) instead")
-    return padding
 
 
 def _tformer_layer_norm(original: nn.LayerNorm, backend, tnn) -> nn.Module:

@@ -128,6 +128,8 @@ class MultiheadAttention(nn.Module):
             if tensor.dim() != query.dim():
                 raise ValueError(f"MultiheadAttention: argument '{name}' has shape {tuple(tensor.shape)}, expected "
                                  f"{query.dim()} dimensions like query {tuple(query.shape)}")
+        if key_padding_mask is not None and key_padding_mask.is_floating_point():
+            key_padding_mask = _float_padding_to_bool(key_padding_mask)
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -177,9 +179,8 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"MultiheadAttention: 'key' has {seq_k} positions but 'value' has {value.shape[0]}")
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
-                raise TypeError(f"MultiheadAttention: argument 'key_padding_mask' must be a bool tensor (True = "
-                                f"padding), got dtype {key_padding_mask.dtype}; convert a float mask with "
-                                f"'mask == float(\"-inf\")'")
+                raise TypeError(f"MultiheadAttention: argument 'key_padding_mask' must be bool (True = padding) or "
+                                f"float (0 = keep, -inf = padding), got dtype {key_padding_mask.dtype}")
             if tuple(key_padding_mask.shape) != (batch, seq_k):
                 raise ValueError(f"MultiheadAttention: argument 'key_padding_mask' must have shape (N, S) = "
                                  f"{(batch, seq_k)}, got {tuple(key_padding_mask.shape)}")
@@ -236,3 +237,13 @@ class MultiheadAttention(nn.Module):
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         return torch.matmul(weights, v), weights
+
+
+def _float_padding_to_bool(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """torch's float padding mask (0 = keep, -inf = padding; what nn.TransformerEncoderLayer
+    passes after ``F._canonical_mask``) as tformer's bool mask (True = padding)."""
+    padding = torch.isneginf(key_padding_mask)
+    if not bool((key_padding_mask[~padding] == 0).all()):
+        raise ValueError("MultiheadAttention: a float 'key_padding_mask' must hold only 0 (keep) and -inf (padding); "
+                         "other additive values are not supported: pass attn_mask for them")
+    return padding
