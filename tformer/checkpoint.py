@@ -1,0 +1,129 @@
+"""Training checkpoints, written atomically, resumed exactly.
+
+Layout of ``<out_dir>/checkpoints/step_<N>/``::
+
+    dcp/                  model + optimizer, torch.distributed.checkpoint (single process, FSDP2)
+    deepspeed/            engine.save_checkpoint (model, ZeRO optimizer partitions, loss scaler)
+    trainer_rank<r>.pt    step, data position, loss scaler (non-DeepSpeed fp16), every RNG state
+    export/               model.safetensors + config.json (what tformer.sample reads)
+    COMPLETE              written last
+
+Atomicity: every rank writes into ``.step_<N>.tmp``; after a barrier rank 0 writes
+``COMPLETE`` and renames the folder into place (``os.replace``). A killed run leaves at most a
+``.tmp`` folder, which :func:`latest_checkpoint` ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    folder = Path(checkpoints_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file()]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointWriter:
+    """Begins a checkpoint folder, hands out paths, commits it atomically."""
+
+    def __init__(self, checkpoints_dir: str | os.PathLike, step: int, *, rank: int, barrier):
+        self.final = Path(checkpoints_dir) / step_dir_name(step)
+        self.tmp = self.final.parent / f".{self.final.name}.tmp"
+        self.rank = rank
+        self.barrier = barrier
+        if rank == 0:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+        barrier()
+
+    def commit(self, info: dict, keep: int) -> Path:
+        self.barrier()
+        if self.rank == 0:
+            (self.tmp / COMPLETE).write_text(json.dumps(info))
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            os.replace(self.tmp, self.final)
+            prune(self.final.parent, keep)
+        self.barrier()
+        return self.final
+
+
+def prune(checkpoints_dir: Path, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints; remove leftovers of killed saves."""
+    complete = sorted((int(m.group(1)), p) for p in checkpoints_dir.iterdir()
+                      if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file())
+    for _, path in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_trainer_state(folder: Path, rank: int, state: dict) -> None:
+    torch.save(state, folder / f"trainer_rank{rank}.pt")
+
+
+def load_trainer_state(folder: Path, rank: int) -> dict:
+    path = Path(folder) / f"trainer_rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: {path} is missing; was the checkpoint written with the same number of ranks?")
+    return torch.load(path, weights_only=False)
+
+
+def save_model_and_optimizer(folder: Path, model, optimizer) -> None:
+    """Model + optimizer with torch.distributed.checkpoint (each rank writes its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "dcp"))
+
+
+def load_model_and_optimizer(folder: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(Path(folder) / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state_dict(model) -> dict:
+    """The unsharded model state dict on the CPU (every rank must call it under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

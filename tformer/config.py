@@ -1,0 +1,319 @@
+"""The training configuration: one JSON or YAML file, loaded into typed dataclasses.
+
+A file holds tformer's own sections (``task``, ``model``, ``data``, ``optimizer``,
+``training``, ``run``, ``sample``, ``logging``, ``fsdp``) and, optionally, a ``deepspeed``
+section that is passed to ``deepspeed.initialize`` as DeepSpeed documents it. Every key is
+checked: an unknown or mistyped one is an error that names it and suggests the nearest valid
+name. ``model`` and ``data`` are checked against the dataclasses of the chosen task (see
+:mod:`tformer.tasks.base`), since a classifier and a language model take different keys.
+
+``--set section.key=value`` overrides (see :func:`apply_override`) are applied to the parsed
+file before it is checked, so an override is held to the same rules as the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("auto", "single", "deepspeed", "fsdp2")
+WANDB_MODES = ("offline", "online", "disabled")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr`` (Loshchilov and Hutter, 2017/2019).
+    Weight decay applies only to parameters with ``>= 2`` dimensions (matmul weights), never to
+    norms, biases or embeddings' bias-like vectors (nanoGPT's grouping)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: decay over run.steps
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    fused: bool | None = None  # None: fused AdamW where the device supports it (CUDA)
+
+
+@dataclass
+class TrainingConfig:
+    """How each step is computed. The global batch is
+    ``micro_batch_size * grad_accum_steps * world_size`` sequences."""
+
+    strategy: str = "auto"  # auto: deepspeed if a deepspeed section is present, fsdp2 under torchrun, else single
+    micro_batch_size: int = 32
+    grad_accum_steps: int = 1
+    precision: str = "auto"  # auto: bf16 where the GPU supports it, else fp32
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 1  # checkpoint every k-th block when activation_checkpointing is on
+    label_smoothing: float = 0.0
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
+    threads: int | None = None  # torch.set_num_threads on CPU; None leaves torch's default
+
+
+@dataclass
+class RunConfig:
+    """How long to train and what to write."""
+
+    steps: int = 1000
+    eval_interval: int = 250  # 0: evaluate only at the end
+    eval_batches: int = 20  # batches of micro_batch_size windows per evaluation; final eval uses final_eval_batches
+    final_eval_batches: int | None = None  # None: the whole validation (and test) split
+    log_interval: int = 10
+    checkpoint_interval: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    export: bool = True  # write model.safetensors + config.json into out_dir/export at the end
+
+
+@dataclass
+class SampleConfig:
+    """Live samples printed and logged at every evaluation."""
+
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 40
+    prompt: str = "\n"
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    jsonl: bool = True  # out_dir/metrics.jsonl
+    wandb: bool = False
+    wandb_mode: str = "offline"  # WANDB_MODE unless the environment sets it; "online" to upload
+    wandb_project: str = "tformer"
+    wandb_run_name: str | None = None
+    layer_grad_norms: bool = True  # per-layer gradient norms at every log step
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class TrainConfig:
+    task: str = "lm"
+    model: dict = field(default_factory=dict)  # checked against the task's model config dataclass
+    data: dict = field(default_factory=dict)  # checked against the task's data config dataclass
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: dict | None = None  # passed to deepspeed.initialize (batch, precision, clipping filled in)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the dataclasses."""
+
+
+# ----------------------------------------------------------------------------- generic checking
+
+def unknown_key_error(where: str, key: str, valid) -> ConfigError:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"config: unknown key {where}{key!r}.{hint} Valid keys: {valid}")
+
+
+def _type_matches(value, annotation) -> bool:
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (tuple, list):
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_matches(v, a) for v, a in zip(value, args))
+        return all(_type_matches(v, args[0]) for v in value) if args else True
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def from_dict(cls, values, where: str = ""):
+    """Build dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys and
+    values of the wrong type raise :class:`ConfigError` naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: section {where or cls.__name__!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise unknown_key_error(where, key, fields)
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = from_dict(annotation, value, f"{where}{key}.")
+            continue
+        if not _type_matches(value, annotation):
+            raise ConfigError(f"config: {where}{key} must be {_describe(annotation)}, got {value!r}")
+        if typing.get_origin(annotation) is tuple or (isinstance(value, list) and "tuple" in str(annotation)):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _describe(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _check_choice(where: str, value, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"config: {where} must be one of {choices}, got {value!r}.{hint}")
+
+
+# ----------------------------------------------------------------------------- files and overrides
+
+def configs_dir() -> Path:
+    """The ready configs: ``configs/`` at the repository root in a source checkout, else the
+    copy shipped inside the package (``tformer/configs``)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given when it exists; otherwise a bare name (``ds.json``, ``zero2``) looked up
+    in :func:`configs_dir`, with ``.json``/``.yaml`` tried when no suffix is given."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if path.parent == Path("."):
+        folder = configs_dir()
+        for candidate in (name, f"{name}.json", f"{name}.yaml", f"{name}.yml"):
+            if (folder / candidate).is_file():
+                return folder / candidate
+        available = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+        raise ConfigError(f"config: {name!r} is neither a file nor a config in {folder}; available: {available}")
+    raise ConfigError(f"config: file {name!r} does not exist")
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text)
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config: {path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def parse_value(text: str):
+    """An override's value: JSON when it parses (numbers, true/false/null, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` (``deepspeed.zero_optimization.stage=3`` reaches nested
+    dicts) to the parsed file ``raw`` in place. Keys are checked when the result is loaded."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set: expected section.key=value, got {assignment!r}")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) == 1:
+        if parts[0] != "task":
+            raise ConfigError(f"--set: expected section.key=value, got {assignment!r}")
+        raw["task"] = parse_value(text)
+        return
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"--set: {dotted!r}: {part!r} is not a section")
+        node = node[part]
+    node[parts[-1]] = parse_value(text)
+
+
+def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
+    """Read ``source`` (a path, a bare config name or an already parsed dict; None: defaults),
+    apply ``overrides``, and check everything, including the task's model and data sections."""
+    if source is None:
+        raw = {}
+    elif isinstance(source, dict):
+        raw = json.loads(json.dumps(source))  # a private deep copy
+    else:
+        raw = read_config_file(resolve_config_path(str(source)))
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    config = from_dict(TrainConfig, raw)
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    from tformer.tasks import get_task_class
+
+    task_class = get_task_class(config.task)
+    # Build the task's dataclasses once to check keys and values now, not mid-run.
+    try:
+        from_dict(task_class.data_config_class, config.data, "data.")
+        task_class.check_model_section(config.model)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config: {error}") from None
+    _check_choice("training.strategy", config.training.strategy, STRATEGIES)
+    _check_choice("training.precision", config.training.precision, PRECISIONS)
+    _check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
+    _check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+    positives = {"training.micro_batch_size": config.training.micro_batch_size,
+                 "training.grad_accum_steps": config.training.grad_accum_steps,
+                 "training.checkpoint_every": config.training.checkpoint_every,
+                 "run.steps": config.run.steps, "run.log_interval": config.run.log_interval,
+                 "run.eval_batches": config.run.eval_batches, "sample.num_samples": config.sample.num_samples}
+    for name, value in positives.items():
+        if value < 1:
+            raise ConfigError(f"config: {name} must be >= 1, got {value}")
+    if not 0.0 <= config.training.label_smoothing < 1.0:
+        raise ConfigError(f"config: training.label_smoothing must be in [0, 1), got {config.training.label_smoothing}")
+    if config.optimizer.lr <= 0 or config.optimizer.min_lr < 0 or config.optimizer.min_lr > config.optimizer.lr:
+        raise ConfigError(f"config: need 0 <= optimizer.min_lr <= optimizer.lr and lr > 0, got lr="
+                          f"{config.optimizer.lr}, min_lr={config.optimizer.min_lr}")
+    if config.training.strategy == "deepspeed" and config.deepspeed is None:
+        raise ConfigError("config: training.strategy='deepspeed' needs a 'deepspeed' section (it may be {})")

@@ -1,0 +1,91 @@
+"""Text files as character-level token streams: Tiny Shakespeare (shipped in the package) or
+any UTF-8 text file by path, split by position 90/10 into train/validation, as is customary."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+TINY_SHAKESPEARE = "tinyshakespeare"
+
+
+class CharVocab:
+    """Characters <-> ids, ids in sorted character order (nanoGPT's ``shakespeare_char``)."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharVocab: argument 'chars' must not repeat a character")
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharVocab":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        missing = sorted(set(text) - self.index.keys())
+        if missing:
+            raise ValueError(f"CharVocab: text holds characters outside the vocabulary: {missing[:10]}")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class ByteVocab:
+    """Raw bytes as ids 0..255 (enwik8 is modelled byte by byte; bpc counts bytes)."""
+
+    kind = "byte"
+    size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
+def vocab_from_dict(values: dict):
+    kind = values.get("kind")
+    if kind == "char":
+        return CharVocab(values["chars"])
+    if kind == "byte":
+        return ByteVocab()
+    raise ValueError(f"vocab_from_dict: unknown vocabulary kind {kind!r}, expected 'char' or 'byte'")
+
+
+def tiny_shakespeare_path() -> Path:
+    """Tiny Shakespeare as shipped in the package (``tformer/assets``)."""
+    return Path(str(resources.files("tformer") / "assets" / "tinyshakespeare.txt"))
+
+
+def load_text_splits(path: str | Path | None = None, val_fraction: float = 0.1):
+    """``(splits, vocab)`` for a text file (None: Tiny Shakespeare): ``splits`` maps "train" and
+    "val" to uint8/uint16 id arrays, the first ``1 - val_fraction`` of the characters and the rest."""
+    path = Path(path).expanduser() if path is not None else tiny_shakespeare_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"load_text_splits: argument 'path' must be a text file, got {str(path)!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"load_text_splits: argument 'val_fraction' must be in (0, 1), got {val_fraction}")
+    text = path.read_text(encoding="utf-8")
+    vocab = CharVocab.from_text(text)
+    dtype = np.uint8 if vocab.size <= 256 else np.uint16
+    ids = np.array(vocab.encode(text), dtype=dtype)
+    cut = int(len(ids) * (1.0 - val_fraction))
+    if cut < 2 or len(ids) - cut < 2:
+        raise ValueError(f"load_text_splits: {path} has {len(ids)} characters, too few to split")
+    return {"train": ids[:cut], "val": ids[cut:]}, vocab

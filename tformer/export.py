@@ -1,0 +1,77 @@
+"""Export a trained model as ``model.safetensors`` + ``config.json``, and load it back.
+
+``config.json`` holds ``{"task", "model_class", "model": <model config>, "metadata": {...}}``;
+``metadata`` is the task's (for the LM: the vocabulary). Written atomically: a temporary
+folder renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _model_classes():
+    from tformer.models import DecoderLM, EncoderClassifier, EncoderClassifierConfig, ModelConfig
+
+    return {"DecoderLM": (DecoderLM, ModelConfig), "EncoderClassifier": (EncoderClassifier, EncoderClassifierConfig)}
+
+
+def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task: str = "lm",
+                    metadata: dict | None = None) -> Path:
+    """Write ``model`` (weights as float32; tied weights stored once) and its config to ``out_dir``."""
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        save_model(model, str(scratch / WEIGHTS_NAME))
+        config = {"task": task, "model_class": type(model).__name__, "model": model.config.to_dict(),
+                  "metadata": metadata or {}}
+        (scratch / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(scratch, out_dir)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_pretrained(path: str | os.PathLike, *, device="cpu"):
+    """``(model, metadata)`` from an export folder; the model is in eval mode."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"load_pretrained: argument 'path' must hold {CONFIG_NAME} and {WEIGHTS_NAME}, "
+                                f"got {str(path)!r}")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    classes = _model_classes()
+    if config.get("model_class") not in classes:
+        raise ValueError(f"load_pretrained: {path / CONFIG_NAME} names model_class {config.get('model_class')!r}, "
+                         f"expected one of {sorted(classes)}")
+    model_class, config_class = classes[config["model_class"]]
+    model = model_class(config_class.from_dict(config["model"]))
+    load_model(model, str(path / WEIGHTS_NAME), device=str(device))
+    return model.to(device).eval(), config.get("metadata", {})
+
+
+class PretrainedMixin:
+    """Adds ``Model.from_pretrained(dir)`` to a model class."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device="cpu"):
+        model, _ = load_pretrained(path, device=device)
+        if not isinstance(model, cls):
+            raise ValueError(f"{cls.__name__}.from_pretrained: {path} holds a {type(model).__name__}")
+        return model

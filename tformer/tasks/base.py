@@ -1,0 +1,132 @@
+"""The interface between the trainer (``tformer/train.py``) and what is being learned.
+
+The trainer owns the loop: devices, precision, DeepSpeed / FSDP2, accumulation, optimizer,
+schedule, checkpoints, logging. A task owns the rest: the model, the data and the loss. To add
+one, subclass :class:`Task` in ``tformer/tasks/<name>.py``, expose it as ``TASK = MyTask``,
+and register the module in ``tformer/tasks/__init__.py``'s ``TASKS``.
+
+Contract (``B`` = ``config.training.micro_batch_size``):
+
+* ``model_config_class``, ``data_config_class``: dataclasses for the config's ``model`` and
+  ``data`` sections (``model_config_class.from_dict`` must reject unknown keys).
+* ``prepare_data()`` runs on rank 0 (downloads), then ``load_data()`` on every rank.
+* ``build_model()`` returns a plain ``nn.Module`` (fp32, on the CPU); the trainer moves it,
+  wraps it and shards it. A model with a ``blocks`` ``nn.ModuleList`` gets per-block
+  activation checkpointing and FSDP2 sharding.
+* ``next_train_batch()`` returns this rank's next micro-batch, a dict of CPU tensors. Batches
+  must not depend on anything but the task's own state (``state_dict`` must capture it all,
+  so a resumed run sees the same batches).
+* ``loss_sum(model, batch, label_smoothing)`` returns ``(loss_sum, count)``: the *sum* of
+  per-item losses as a float32 scalar tensor, and the number of items (tokens, examples) as
+  an int. The trainer divides by the count over the whole accumulated global batch, so the
+  gradient of k micro-batches equals the gradient of one batch k times larger.
+* ``num_items(batch)`` is that count without a forward pass (the trainer needs it first).
+* ``evaluate(model, final, all_reduce)`` returns ``{"<split>/<metric>": float}``. It runs on
+  every rank (sharded models need every rank in each forward); ``all_reduce(tensor)`` sums a
+  tensor over ranks. The default evaluates ``loss_sum`` over ``eval_batches(split, final)``.
+* ``samples(model)`` returns text samples to print and log at each evaluation (may be []).
+* ``export_metadata()`` returns what a reader of an exported model needs (e.g. the vocabulary);
+  it is stored in ``config.json`` next to ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tformer.config import TrainConfig, from_dict
+
+
+class Task:
+    name = "task"
+    model_config_class = None
+    data_config_class = None
+
+    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1, device=torch.device("cpu")):
+        self.config = config
+        self.data_config = from_dict(self.data_config_class, config.data, "data.")
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+
+    @classmethod
+    def check_model_section(cls, model: dict) -> None:
+        """Raise if the config's ``model`` section does not fit ``model_config_class``."""
+        cls.model_config_class.from_dict(model)
+
+    # --- to implement -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download / unpack / cache data; called on rank 0 only, before :meth:`load_data`."""
+
+    def load_data(self) -> None:
+        """Open the prepared data; called on every rank after :meth:`prepare_data`."""
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def next_train_batch(self) -> dict:
+        raise NotImplementedError
+
+    def num_items(self, batch: dict) -> int:
+        raise NotImplementedError
+
+    def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def eval_splits(self, final: bool) -> list[str]:
+        return ["val"]
+
+    def eval_batches(self, split: str, final: bool):
+        """This rank's evaluation batches for ``split``; every rank must yield as many."""
+        raise NotImplementedError
+
+    # --- optional hooks -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def samples(self, model) -> list[str]:
+        return []
+
+    def export_metadata(self) -> dict:
+        return {}
+
+    def model_config_dict(self) -> dict:
+        """The full model configuration as built (stored with checkpoints and exports)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:
+        metrics = {}
+        for split in self.eval_splits(final):
+            totals = torch.zeros(2, dtype=torch.float64)
+            for batch in self.eval_batches(split, final):
+                loss, count = self.loss_sum(model, self.to_device(batch))
+                totals += torch.tensor([loss.item(), float(count)], dtype=torch.float64)
+            totals = all_reduce(totals)
+            metrics.update(loss_metrics(split, totals[0].item(), totals[1].item()))
+        return metrics
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def loss_metrics(split: str, loss_sum: float, count: float) -> dict[str, float]:
+    """Mean loss (nats per item), bits per item and perplexity."""
+    loss = loss_sum / max(count, 1.0)
+    return {f"{split}/loss": loss, f"{split}/bpc": loss / math.log(2), f"{split}/ppl": math.exp(min(loss, 50.0))}
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy in float32 (logits may be bf16/fp16); ``weights`` (same shape as
+    ``targets``, 0/1) drops items."""
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             reduction="none", label_smoothing=label_smoothing)
+    if weights is not None:
+        losses = losses * weights.reshape(-1).to(losses.dtype)
+    return losses.sum()

@@ -1,0 +1,144 @@
+"""Character / byte language modelling: Tiny Shakespeare (default), any text file, enwik8."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tformer.config import ConfigError
+from tformer.data.sampler import RandomWindowSampler, evaluation_windows
+from tformer.models import DecoderLM, ModelConfig
+from tformer.tasks.base import Task, cross_entropy_sum
+
+SOURCES = ("tinyshakespeare", "text", "enwik8")
+
+
+@dataclass
+class LMDataConfig:
+    source: str = "tinyshakespeare"  # tinyshakespeare (shipped) | text (data.path) | enwik8
+    path: str | None = None  # text: the file; enwik8: a URL, the zip or the unzipped file (None: download)
+    data_dir: str = "~/.cache/tformer/enwik8"  # enwik8: where the prepared splits live
+    seq_len: int = 256
+    val_fraction: float = 0.1  # text files: the last 10% is validation
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            import difflib
+
+            close = difflib.get_close_matches(self.source, SOURCES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config: data.source must be one of {SOURCES}, got {self.source!r}.{hint}")
+        if self.source == "text" and not self.path:
+            raise ConfigError("config: data.source='text' needs data.path, the text file")
+        if self.seq_len < 1:
+            raise ConfigError(f"config: data.seq_len must be >= 1, got {self.seq_len}")
+
+
+class LanguageModelTask(Task):
+    """Next-token prediction on random windows of ``data.seq_len`` tokens."""
+
+    name = "lm"
+    model_config_class = ModelConfig
+    data_config_class = LMDataConfig
+
+    def prepare_data(self) -> None:
+        if self.data_config.source == "enwik8":
+            from tformer.data.enwik8 import prepare_enwik8
+
+            prepare_enwik8(self.data_config.data_dir, self.data_config.path)
+
+    def load_data(self) -> None:
+        data = self.data_config
+        if data.source == "enwik8":
+            from tformer.data.enwik8 import load_enwik8
+            from tformer.data.text import ByteVocab
+
+            self.splits, self.vocab = load_enwik8(data.data_dir), ByteVocab()
+        else:
+            from tformer.data.text import load_text_splits
+
+            path = data.path if data.source == "text" else None
+            self.splits, self.vocab = load_text_splits(path, data.val_fraction)
+        self.sampler = RandomWindowSampler(self.splits["train"], data.seq_len, self.config.training.micro_batch_size,
+                                           seed=self.config.training.seed, rank=self.rank, world_size=self.world_size)
+
+    def model_config_dict(self) -> dict:
+        values = {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}
+        config = ModelConfig.from_dict(values)
+        if config.vocab_size < self.vocab.size:
+            raise ConfigError(f"config: model.vocab_size={config.vocab_size} is smaller than the data's "
+                              f"vocabulary ({self.vocab.size})")
+        if config.max_seq_len < self.data_config.seq_len:
+            raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.seq_len={self.data_config.seq_len}")
+        return config.to_dict()
+
+    def build_model(self) -> torch.nn.Module:
+        return DecoderLM(ModelConfig.from_dict(self.model_config_dict()))
+
+    def next_train_batch(self) -> dict:
+        inputs, targets = self.sampler.next_batch()
+        return {"inputs": inputs, "targets": targets}
+
+    def num_items(self, batch: dict) -> int:
+        if "weights" in batch:
+            return int(batch["weights"].sum().item())
+        return batch["targets"].numel()
+
+    def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        logits = model(batch["inputs"])
+        weights = batch.get("weights")
+        loss = cross_entropy_sum(logits, batch["targets"], label_smoothing=label_smoothing, weights=weights)
+        return loss, self.num_items(batch)
+
+    def eval_splits(self, final: bool) -> list[str]:
+        # enwik8 reports the test split at the end, as the literature does.
+        return ["val", "test"] if final and "test" in self.splits else ["val"]
+
+    def eval_batches(self, split: str, final: bool):
+        """Windows covering the split once (final, when run.final_eval_batches is None) or an
+        evenly spaced fixed subset, dealt round-robin to ranks; ranks with fewer windows get
+        zero-weight padding so every rank runs the same number of forward passes."""
+        run, seq_len = self.config.run, self.data_config.seq_len
+        batch_size = self.config.training.micro_batch_size
+        max_batches = run.final_eval_batches if final else run.eval_batches
+        max_windows = None if max_batches is None else max_batches * batch_size * self.world_size
+        tokens = self.splits[split]
+        windows = evaluation_windows(len(tokens), seq_len, max_windows)
+        mine = windows[self.rank::self.world_size]
+        per_rank = -(-len(windows) // self.world_size)
+        num_batches = -(-per_rank // batch_size)
+        for index in range(num_batches):
+            chunk = mine[index * batch_size:(index + 1) * batch_size]
+            rows, weights = [], torch.zeros(max(len(chunk), 1), seq_len)
+            for row, (start, first_counted) in enumerate(chunk):
+                rows.append(torch.from_numpy(tokens[start:start + seq_len + 1].astype("int64")))
+                weights[row, first_counted:] = 1.0
+            if not rows:  # padding for a rank that ran out of windows
+                rows.append(torch.from_numpy(tokens[:seq_len + 1].astype("int64")))
+            windows_tensor = torch.stack(rows)
+            yield {"inputs": windows_tensor[:, :-1], "targets": windows_tensor[:, 1:], "weights": weights}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def samples(self, model) -> list[str]:
+        from tformer.sample import generate
+
+        sample = self.config.sample
+        prompt = self.vocab.encode(sample.prompt) or [0]
+        prompt_ids = torch.tensor([prompt] * sample.num_samples, dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(sample.seed)
+        limit = model.config.max_seq_len - len(prompt)
+        out = generate(model, prompt_ids, min(sample.max_new_tokens, limit), temperature=sample.temperature,
+                       top_k=sample.top_k, generator=generator)
+        return [self.vocab.decode(row.tolist()) for row in out]
+
+    def export_metadata(self) -> dict:
+        return {"vocab": self.vocab.to_dict()}
+
+
+TASK = LanguageModelTask
