@@ -1,0 +1,136 @@
+// Building blocks shared by the row-wise kernels (LayerNorm, RMSNorm, softmax): dtype
+// conversion, 128-bit vector loads, the walk over one row, and the reductions of a row's
+// team of threads (one warp for short rows, one block for long rows).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/dtype.h"
+
+namespace tformer {
+
+// Every row kernel runs 256-thread blocks: 8 rows per block (a warp each) for short rows,
+// 1 row per block (8 warps) for long rows.
+constexpr int kBlockThreads = 256;
+constexpr int kWarpSize = 32;
+// Rows up to this length go one per warp: at most 1024 / 32 = 32 elements per lane, so a
+// warp-shuffle reduction is enough; longer rows need a block to keep enough loads in flight.
+constexpr int kMaxWarpRowLength = 1024;
+// Cap on the grid; the kernels loop over rows with a grid stride beyond it.
+constexpr int64_t kMaxGridBlocks = 1 << 20;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- dtype conversion (fp32 arithmetic everywhere) -------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements per 128-bit access.
+template <typename T> constexpr int kVectorWidth = static_cast<int>(16 / sizeof(T));
+
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+
+// p must be aligned to V elements.
+template <int V, typename T>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
+  const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_float(pack.v[i]);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
+  Pack<T, V> pack;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+}
+
+template <int V>
+using Width = std::integral_constant<int, V>;
+
+// Calls fn(Width<W>{}, col) so that every column of the row [row_start, row_start + n) of
+// an array whose base is 16-byte aligned is visited once by one of `lanes` threads: a
+// scalar head up to the first aligned element (rows of a length that is not a multiple of
+// kVec start unaligned), an aligned kVec-wide body, a scalar tail. W is 1 or kVec.
+template <int kVec, typename Fn>
+__device__ __forceinline__ void for_each_column(int64_t row_start, int n, int lane, int lanes, Fn&& fn) {
+  const int misalign = static_cast<int>(row_start % kVec);
+  const int head = min(n, misalign == 0 ? 0 : kVec - misalign);
+  for (int col = lane; col < head; col += lanes) fn(Width<1>{}, col);
+  const int body = (n - head) / kVec;
+  for (int i = lane; i < body; i += lanes) fn(Width<kVec>{}, head + i * kVec);
+  for (int col = head + body * kVec + lane; col < n; col += lanes) fn(Width<1>{}, col);
+}
+
+// ---- reductions over a row's team of kWarps warps ------------------------------------------
+// Values are combined in a fixed order and the result is taken from one place, so every
+// thread of the team sees the same bits and reruns give the same bits.
+__device__ __forceinline__ float shuffle_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+__device__ __forceinline__ float2 shuffle_xor(float2 v, int mask) {
+  return make_float2(__shfl_xor_sync(0xffffffffu, v.x, mask), __shfl_xor_sync(0xffffffffu, v.y, mask));
+}
+__device__ __forceinline__ float3 shuffle_xor(float3 v, int mask) {
+  return make_float3(__shfl_xor_sync(0xffffffffu, v.x, mask), __shfl_xor_sync(0xffffffffu, v.y, mask),
+                     __shfl_xor_sync(0xffffffffu, v.z, mask));
+}
+__device__ __forceinline__ float shuffle_lane0(float v) { return __shfl_sync(0xffffffffu, v, 0); }
+__device__ __forceinline__ float2 shuffle_lane0(float2 v) { return make_float2(shuffle_lane0(v.x), shuffle_lane0(v.y)); }
+__device__ __forceinline__ float3 shuffle_lane0(float3 v) {
+  return make_float3(shuffle_lane0(v.x), shuffle_lane0(v.y), shuffle_lane0(v.z));
+}
+
+// `shared` holds kWarps values; with kWarps > 1 the whole block must call this (the team is
+// the block), because it synchronizes the block.
+template <int kWarps, typename T, typename Combine>
+__device__ __forceinline__ T team_reduce(T value, Combine combine, T* shared) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = combine(value, shuffle_xor(value, offset));
+  value = shuffle_lane0(value);
+  if constexpr (kWarps > 1) {
+    const int warp = threadIdx.x / kWarpSize;
+    if (threadIdx.x % kWarpSize == 0) shared[warp] = value;
+    __syncthreads();
+    value = shared[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) value = combine(value, shared[w]);
+    __syncthreads();  // shared is reused by the next reduction
+  }
+  return value;
+}
+
+struct AddFloat {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct AddFloat2 {
+  __device__ __forceinline__ float2 operator()(float2 a, float2 b) const { return make_float2(a.x + b.x, a.y + b.y); }
+};
+
+// Launch shape of a row kernel: which team size, and how many blocks.
+struct RowLaunch {
+  bool block_per_row;
+  int64_t blocks;
+};
+
+inline RowLaunch choose_row_launch(int64_t rows, int n) {
+  const bool block_per_row = n > kMaxWarpRowLength;
+  const int64_t rows_per_block = block_per_row ? 1 : kBlockThreads / kWarpSize;
+  int64_t blocks = ceil_div(rows, rows_per_block);
+  if (blocks > kMaxGridBlocks) blocks = kMaxGridBlocks;
+  return {block_per_row, blocks};
+}
+
+}  // namespace tformer

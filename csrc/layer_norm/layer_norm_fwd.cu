@@ -1,0 +1,122 @@
+// LayerNorm / RMSNorm forward with the fused residual add. One team (warp or block) per
+// row; pass 1 adds the residual and gathers statistics, pass 2 re-reads the row (from L1/L2)
+// and writes y. LayerNorm statistics use Welford's update per thread and Chan et al.'s
+// pairwise merge across threads, which avoids the cancellation of E[x^2] - E[x]^2.
+#include "common/row_kernels.cuh"
+#include "layer_norm/layer_norm.h"
+
+namespace tformer {
+namespace {
+
+// Welford state (mean, M2, count) packed in a float3 so that it shuffles like the others.
+__device__ __forceinline__ float3 welford_add(float3 s, float v) {
+  s.z += 1.f;
+  const float delta = v - s.x;
+  s.x += delta / s.z;
+  s.y += delta * (v - s.x);
+  return s;
+}
+
+struct WelfordMerge {
+  // Chan, Golub & LeVeque (1979): combine two partial (mean, M2, count).
+  __device__ __forceinline__ float3 operator()(float3 a, float3 b) const {
+    if (b.z == 0.f) return a;
+    if (a.z == 0.f) return b;
+    const float count = a.z + b.z;
+    const float delta = b.x - a.x;
+    const float b_share = b.z / count;
+    return make_float3(a.x + delta * b_share, a.y + b.y + delta * delta * a.z * b_share, count);
+  }
+};
+
+template <typename T, int kWarps>
+__global__ void __launch_bounds__(kBlockThreads) norm_forward_kernel(NormForwardArgs args) {
+  constexpr int kVec = kVectorWidth<T>;
+  constexpr int kLanes = kWarps * kWarpSize;
+  constexpr int kTeams = kBlockThreads / kLanes;
+  __shared__ float3 shared[kWarps];
+  const T* x = static_cast<const T*>(args.x);
+  const T* residual = static_cast<const T*>(args.residual);
+  T* residual_out = static_cast<T*>(args.residual_out);
+  T* y = static_cast<T*>(args.y);
+  // Pass 2 reads the summed row back from residual_out, written by this same thread.
+  const T* input = residual != nullptr ? residual_out : x;
+  const int n = args.n;
+  const int lane = threadIdx.x % kLanes;
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < args.rows;
+       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+    const int64_t start = row * n;
+    float3 stats = make_float3(0.f, 0.f, 0.f);  // RMSNorm keeps its sum of squares in .y
+    for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
+      constexpr int W = decltype(width)::value;
+      float v[W];
+      load_floats<W>(x + start + col, v);
+      if (residual != nullptr) {
+        float r[W];
+        load_floats<W>(residual + start + col, r);
+        // Round the sum to T before normalizing, so that y == norm(residual_out) exactly.
+#pragma unroll
+        for (int i = 0; i < W; ++i) v[i] = to_float(from_float<T>(v[i] + r[i]));
+        store_floats<W>(residual_out + start + col, v);
+      }
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        if (args.rms) stats.y += v[i] * v[i];
+        else stats = welford_add(stats, v[i]);
+      }
+    });
+
+    float mean = 0.f, variance;
+    if (args.rms) {
+      variance = team_reduce<kWarps>(stats.y, AddFloat{}, reinterpret_cast<float*>(shared)) / n;
+    } else {
+      stats = team_reduce<kWarps>(stats, WelfordMerge{}, shared);
+      mean = stats.x;
+      variance = stats.y / n;  // biased, as torch.nn.LayerNorm
+    }
+    const float rstd = rsqrtf(variance + args.eps);
+    if (lane == 0) {
+      if (args.mean != nullptr) args.mean[row] = mean;
+      args.rstd[row] = rstd;
+    }
+
+    for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
+      constexpr int W = decltype(width)::value;
+      float v[W];
+      load_floats<W>(input + start + col, v);
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        v[i] = (v[i] - mean) * rstd;
+        if (args.weight != nullptr) v[i] *= args.weight[col + i];
+        if (args.bias != nullptr) v[i] += args.bias[col + i];
+      }
+      store_floats<W>(y + start + col, v);
+    });
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward(const NormForwardArgs& args, cudaStream_t stream) {
+  const RowLaunch launch = choose_row_launch(args.rows, args.n);
+  if (launch.block_per_row) {
+    norm_forward_kernel<T, kBlockThreads / kWarpSize><<<launch.blocks, kBlockThreads, 0, stream>>>(args);
+  } else {
+    norm_forward_kernel<T, 1><<<launch.blocks, kBlockThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_norm_forward(DType dtype, const NormForwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0 || args.n == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32: return launch_forward<float>(args, stream);
+    case DType::kFloat16: return launch_forward<__half>(args, stream);
+    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace tformer

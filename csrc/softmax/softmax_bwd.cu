@@ -1,0 +1,70 @@
+// Softmax backward: dx = scale * y * (dy - sum(dy * y)), from the saved output y. Removed
+// entries and fully masked rows have y = 0, so their gradient is exactly 0.
+#include "common/row_kernels.cuh"
+#include "softmax/softmax.h"
+
+namespace tformer {
+namespace {
+
+template <typename T, int kWarps>
+__global__ void __launch_bounds__(kBlockThreads) softmax_backward_kernel(SoftmaxBackwardArgs args) {
+  constexpr int kVec = kVectorWidth<T>;
+  constexpr int kLanes = kWarps * kWarpSize;
+  constexpr int kTeams = kBlockThreads / kLanes;
+  __shared__ float shared[kWarps];
+  const T* dy = static_cast<const T*>(args.dy);
+  const T* y = static_cast<const T*>(args.y);
+  T* dx = static_cast<T*>(args.dx);
+  const int n = args.n;
+  const int lane = threadIdx.x % kLanes;
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < args.rows;
+       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+    const int64_t start = row * n;
+    float dot = 0.f;
+    for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
+      constexpr int W = decltype(width)::value;
+      float g[W], p[W];
+      load_floats<W>(dy + start + col, g);
+      load_floats<W>(y + start + col, p);
+#pragma unroll
+      for (int i = 0; i < W; ++i) dot += g[i] * p[i];
+    });
+    dot = team_reduce<kWarps>(dot, AddFloat{}, shared);
+
+    for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
+      constexpr int W = decltype(width)::value;
+      float g[W], p[W];
+      load_floats<W>(dy + start + col, g);
+      load_floats<W>(y + start + col, p);
+#pragma unroll
+      for (int i = 0; i < W; ++i) g[i] = args.scale * p[i] * (g[i] - dot);
+      store_floats<W>(dx + start + col, g);
+    });
+  }
+}
+
+template <typename T>
+cudaError_t launch_backward(const SoftmaxBackwardArgs& args, cudaStream_t stream) {
+  const RowLaunch launch = choose_row_launch(args.rows, args.n);
+  if (launch.block_per_row) {
+    softmax_backward_kernel<T, kBlockThreads / kWarpSize><<<launch.blocks, kBlockThreads, 0, stream>>>(args);
+  } else {
+    softmax_backward_kernel<T, 1><<<launch.blocks, kBlockThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_softmax_backward(DType dtype, const SoftmaxBackwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0 || args.n == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32: return launch_backward<float>(args, stream);
+    case DType::kFloat16: return launch_backward<__half>(args, stream);
+    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace tformer
