@@ -1,0 +1,112 @@
+"""Attention forward, backward and forward+backward: tformer's backends against SDPA's
+FlashAttention-2, cuDNN, memory-efficient and math backends, and flash-attn when installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tformer
+
+from .candidates import (Candidate, candidate_params, cuda_only, first_call_or_skip, needs_package,
+                         tformer_candidates)
+from .checks import check_against_reference
+from .metrics import attention_flops, describe, record_throughput
+from .shapes import DEVICE, attention_cases, case_id
+from .timing import time_pass
+
+# The float64 reference checks the whole output when it holds at most this many scores, else
+# the first batch element and first two heads (heads are independent, so a slice is exact).
+FULL_CHECK_SCORES = 1 << 24
+# Candidates that materialize the (B, H, Sq, Sk) scores in float32 are skipped above this
+# size; the 16k-token rows would need tens of GB for their autograd graph.
+MATERIALIZED_SCORES_LIMIT_BYTES = 8 << 30
+MATERIALIZING = ("tformer-reference", "sdpa-math")
+
+
+def _sdpa(backend: SDPBackend):
+    def call(q, k, v, *, causal: bool):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return call
+
+
+def _flash_attn(q, k, v, *, causal: bool):
+    from flash_attn import flash_attn_func
+
+    # flash-attn takes (B, S, H, D); the transposes are views.
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    return out.transpose(1, 2)
+
+
+def _tformer(q, k, v, *, causal: bool, backend: str):
+    return tformer.ops.attention(q, k, v, causal=causal, backend=backend)
+
+
+CANDIDATES = tformer_candidates(_tformer) + [
+    Candidate("sdpa-flash", "anchor", _sdpa(SDPBackend.FLASH_ATTENTION)),
+    Candidate("sdpa-cudnn", "anchor", _sdpa(SDPBackend.CUDNN_ATTENTION), why_not=cuda_only),
+    Candidate("sdpa-efficient", "anchor", _sdpa(SDPBackend.EFFICIENT_ATTENTION), why_not=cuda_only),
+    Candidate("sdpa-math", "anchor", _sdpa(SDPBackend.MATH)),
+    Candidate("flash-attn", "anchor", _flash_attn, why_not=needs_package("flash_attn", "pip install flash-attn")),
+]
+
+
+def _make_inputs(shape, dtype, device):
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v, grad_out = (torch.randn(shape, generator=generator, device=device).to(dtype) for _ in range(4))
+    return [t.requires_grad_() for t in (q, k, v)], grad_out
+
+
+def _check_region(shape) -> tuple[tuple[slice, slice], str]:
+    batch, heads, seq, _ = shape
+    if batch * heads * seq * seq <= FULL_CHECK_SCORES:
+        return (slice(None), slice(None)), "float64 reference, whole output"
+    return (slice(0, 1), slice(0, min(heads, 2))), "float64 reference on batch 0, heads 0-1"
+
+
+def _reference64(leaves, grad_out, causal, region, with_grads):
+    q, k, v = (t.detach()[region].double().requires_grad_() for t in leaves)
+    out = tformer.ops.attention(q, k, v, causal=causal, backend="reference")
+    expected = {"out": out.detach()}
+    if with_grads:
+        out.backward(grad_out[region].double())
+        expected.update(dq=q.grad, dk=k.grad, dv=v.grad)
+    return expected
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", attention_cases(), ids=case_id)
+@pytest.mark.parametrize("candidate", candidate_params(CANDIDATES, DEVICE))
+@pytest.mark.parametrize("pass_name", ["fwd", "bwd", "fwd+bwd"])
+def test_attention(benchmark, pass_name, candidate, case, causal, device, ceilings, flusher, device_info):
+    suite, shape, dtype = case
+    batch, heads, seq, _ = shape
+    if candidate.name in MATERIALIZING and batch * heads * seq * seq * 4 > MATERIALIZED_SCORES_LIMIT_BYTES:
+        pytest.skip(f"{candidate.name} materializes {batch * heads * seq * seq * 4 / 2**30:.0f} GiB of float32 "
+                    f"scores at {shape}; over the {MATERIALIZED_SCORES_LIMIT_BYTES >> 30} GiB limit")
+    leaves, grad_out = _make_inputs(shape, dtype, device)
+    q, k, v = leaves
+
+    # Correctness gate: the benchmark fails here if the candidate is wrong.
+    out = first_call_or_skip(candidate, device, dtype, q, k, v, causal=causal)
+    region, check = _check_region(shape)
+    with_grads = pass_name != "fwd"
+    expected = _reference64(leaves, grad_out, causal, region, with_grads)
+    what = f"attention {candidate.name} {shape} causal={causal}"
+    error = check_against_reference({"out": out[region]}, {"out": expected.pop("out")}, dtype, "forward", what)
+    if with_grads:
+        out.backward(grad_out)
+        grads = {"dq": q.grad[region], "dk": k.grad[region], "dv": v.grad[region]}
+        error = max(error, check_against_reference(grads, expected, dtype, "grad", what))
+    del out
+
+    describe(benchmark, op="attention", pass_name=pass_name, candidate=candidate, suite=suite, shape=shape,
+             dtype=dtype, device_info=device_info, ceilings=ceilings, check=check, max_abs_error=error,
+             causal=causal, seq_len=seq)
+    seconds = time_pass(benchmark, pass_name, lambda: candidate.call(q, k, v, causal=causal), leaves, grad_out,
+                        device, flusher)
+    record_throughput(benchmark, seconds, ceilings, flops=attention_flops(shape, causal, pass_name))
