@@ -41,11 +41,13 @@ def _model_dtype(model) -> torch.dtype:
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Continue ``prompt_ids`` ``(B, T0)`` by ``max_new_tokens``; returns ``(B, T0 + N)``.
 
     The prompt runs once through the model filling the KV cache; each new token then costs one
-    single-position forward pass.
+    single-position forward pass. ``cache_dtype``: the dtype keys and values are computed in
+    (under autocast or FSDP2 mixed precision it differs from the parameters'); default: the
+    parameters' dtype.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"generate: argument 'prompt_ids' must be (B, T0) with T0 >= 1, got {tuple(prompt_ids.shape)}")
@@ -57,7 +59,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperatur
         raise ValueError(f"generate: argument 'temperature' must be > 0 (or use greedy=True), got {temperature}")
     was_training = model.training
     model.eval()
-    cache = KVCache.for_model(model, prompt_ids.shape[0], max_seq_len=total)
+    cache = KVCache.for_model(model, prompt_ids.shape[0], max_seq_len=total, dtype=cache_dtype)
     out = prompt_ids
     logits = model(prompt_ids, cache=cache)[:, -1, :].float()
     for step in range(max_new_tokens):

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def _unzip_member(archive: Path, destination: Path, expected_size: int) -> None:
             # Reading through ZipFile.open checks the CRC-32 at the end of the member.
             with zipped.open("enwik8") as member, open(destination, "wb") as out:
                 shutil.copyfileobj(member, out, length=1 << 20)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as error:
         if isinstance(error, Enwik8Error):
             raise
         raise Enwik8Error(f"enwik8: {archive} is not a valid zip archive ({error}); delete it and download again") from None

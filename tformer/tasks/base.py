@@ -41,6 +41,8 @@ from tformer.config import TrainConfig, from_dict
 
 class Task:
     name = "task"
+    # The dtype the model computes in (autocast / mixed precision), set by the trainer.
+    compute_dtype: torch.dtype | None = None
     model_config_class = None
     data_config_class = None
 

@@ -134,7 +134,7 @@ class LanguageModelTask(Task):
         generator = torch.Generator(device=self.device).manual_seed(sample.seed)
         limit = model.config.max_seq_len - len(prompt)
         out = generate(model, prompt_ids, min(sample.max_new_tokens, limit), temperature=sample.temperature,
-                       top_k=sample.top_k, generator=generator)
+                       top_k=sample.top_k, generator=generator, cache_dtype=self.compute_dtype)
         return [self.vocab.decode(row.tolist()) for row in out]
 
     def export_metadata(self) -> dict:

@@ -1,0 +1,68 @@
+"""Checkpoints: N steps + resume for N more equals 2N straight, bitwise on the CPU; an
+interrupted save never looks complete; export loads in DecoderLM.from_pretrained."""
+
+import json
+
+import torch
+
+from tformer import checkpoint as ckpt
+from tformer.config import load_config
+from tformer.export import load_pretrained
+from tformer.train import Trainer
+
+from train_helpers import tiny_config
+
+
+def _losses(history):
+    return [h["train/loss"] for h in history]
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    # Dropout on: the RNG state must be restored too.
+    # The schedule must not depend on run.steps (decay_steps fixed), as a real resume that extends a run.
+    sections = dict(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1, "backend": "reference"},
+                    optimizer={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "decay_steps": 8},
+                    training={"precision": "fp32", "strategy": "single", "threads": 1, "micro_batch_size": 4,
+                              "grad_accum_steps": 2})
+    straight = Trainer(load_config(tiny_config(tmp_path / "a", run={"steps": 8}, **sections))).fit()
+    first = tiny_config(tmp_path / "b", run={"steps": 4, "checkpoint_interval": 4}, **sections)
+    Trainer(load_config(first)).fit()
+    first["run"]["steps"] = 8
+    resumed_trainer = Trainer(load_config(first), resume=True)
+    assert resumed_trainer.step == 4
+    resumed = resumed_trainer.fit()
+    assert _losses(resumed) == _losses(straight)[4:]
+    assert [h["train/grad_norm"] for h in resumed] == [h["train/grad_norm"] for h in straight][4:]
+
+
+def test_interrupted_save_is_ignored(tmp_path):
+    folder = tmp_path / "checkpoints"
+    writer = ckpt.CheckpointWriter(folder, 5, rank=0, barrier=lambda: None)
+    (writer.tmp / "half_written").write_text("x")
+    assert ckpt.latest_checkpoint(folder) is None  # killed before commit
+    done = ckpt.CheckpointWriter(folder, 3, rank=0, barrier=lambda: None).commit({"step": 3}, keep=2)
+    assert ckpt.latest_checkpoint(folder) == done and json.loads((done / ckpt.COMPLETE).read_text())["step"] == 3
+    fake = folder / ckpt.step_dir_name(9)
+    fake.mkdir()  # a folder without the marker is not a checkpoint
+    assert ckpt.latest_checkpoint(folder) == done
+    for step in (4, 6, 7):
+        ckpt.CheckpointWriter(folder, step, rank=0, barrier=lambda: None).commit({"step": step}, keep=2)
+    assert sorted(p.name for p in folder.iterdir() if (p / ckpt.COMPLETE).exists()) == ["step_0000006", "step_0000007"]
+
+
+def test_export_loads_with_from_pretrained(tmp_path):
+    config = load_config(tiny_config(tmp_path, run={"steps": 2, "export": True}))
+    trainer = Trainer(config)
+    trainer.fit()
+    model, metadata = load_pretrained(tmp_path / "run" / "export")
+    assert metadata["vocab"]["kind"] == "char"
+    tokens = torch.randint(0, model.config.vocab_size, (2, 8))
+    trainer.model.eval()
+    torch.testing.assert_close(model(tokens), trainer.model(tokens), rtol=0, atol=0)
+    from tformer.models import DecoderLM
+
+    if hasattr(DecoderLM, "from_pretrained"):
+        again = DecoderLM.from_pretrained(tmp_path / "run" / "export")
+        torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
+    # Checkpoints carry an export too, which tformer.sample reads.
+    assert (ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "export" / "model.safetensors").is_file()

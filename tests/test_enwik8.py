@@ -1,0 +1,85 @@
+"""The enwik8 pipeline end to end on a small archive built here: download (file:// URL and a
+monkeypatched fetch), verify, unzip, split 90/5/5, memory-map; corrupt archives fail cleanly."""
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from tformer.data import enwik8
+
+SIZE = 2000
+
+
+def make_zip(tmp_path, size=SIZE, name="enwik8"):
+    payload = bytes((i * 7 + 3) % 256 for i in range(size))
+    archive = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr(name, payload)
+    return archive, payload
+
+
+def test_download_from_file_url_splits_and_memmaps(tmp_path):
+    archive, payload = make_zip(tmp_path)
+    out = enwik8.prepare_enwik8(tmp_path / "data", archive.as_uri(), expected_size=SIZE)
+    splits = enwik8.load_enwik8(out)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [1800, 100, 100]
+    assert isinstance(splits["train"], np.memmap)
+    assert bytes(np.concatenate([splits["train"], splits["val"], splits["test"]])) == payload
+    assert enwik8.split_sizes(100_000_000) == (90_000_000, 5_000_000, 5_000_000)
+
+
+def test_default_source_is_the_official_url(tmp_path):
+    archive, _ = make_zip(tmp_path)
+    seen = []
+
+    def fake_fetch(url, destination):
+        seen.append(url)
+        destination.write_bytes(archive.read_bytes())
+
+    enwik8.prepare_enwik8(tmp_path / "data", expected_size=SIZE, fetcher=fake_fetch)
+    assert seen == [enwik8.OFFICIAL_URL]
+    # Prepared once: a second call reuses the splits without fetching.
+    enwik8.prepare_enwik8(tmp_path / "data", expected_size=SIZE, fetcher=fake_fetch)
+    assert len(seen) == 1
+
+
+def test_local_zip_and_unzipped_file(tmp_path):
+    archive, payload = make_zip(tmp_path)
+    enwik8.prepare_enwik8(tmp_path / "a", archive, expected_size=SIZE)
+    raw = tmp_path / "enwik8"
+    raw.write_bytes(payload)
+    splits = enwik8.load_enwik8(enwik8.prepare_enwik8(tmp_path / "b", raw, expected_size=SIZE))
+    assert bytes(splits["test"]) == payload[-100:]
+
+
+def _assert_nothing_written(folder):
+    assert not (folder / enwik8.READY_MARKER).exists()
+    assert sorted(p.name for p in folder.iterdir()) == [] if folder.exists() else True
+
+
+def test_corrupt_archive_is_a_clear_error_and_writes_nothing(tmp_path):
+    archive, _ = make_zip(tmp_path)
+    data = bytearray(archive.read_bytes())
+    data[60] ^= 0xFF  # inside the compressed member: CRC or inflate fails
+    archive.write_bytes(bytes(data))
+    with pytest.raises(enwik8.Enwik8Error, match="not a valid zip|CRC|enwik8"):
+        enwik8.prepare_enwik8(tmp_path / "data", archive.as_uri(), expected_size=SIZE)
+    _assert_nothing_written(tmp_path / "data")
+    truncated = tmp_path / "trunc.zip"
+    truncated.write_bytes(bytes(data[:100]))
+    with pytest.raises(enwik8.Enwik8Error):
+        enwik8.prepare_enwik8(tmp_path / "data", truncated, expected_size=SIZE)
+    _assert_nothing_written(tmp_path / "data")
+
+
+def test_wrong_size_and_wrong_member(tmp_path):
+    archive, _ = make_zip(tmp_path, size=SIZE - 1)
+    with pytest.raises(enwik8.Enwik8Error, match=f"expected {SIZE}"):
+        enwik8.prepare_enwik8(tmp_path / "data", archive, expected_size=SIZE)
+    _assert_nothing_written(tmp_path / "data")
+    other, _ = make_zip(tmp_path, name="other")
+    with pytest.raises(enwik8.Enwik8Error, match="one member 'enwik8'"):
+        enwik8.prepare_enwik8(tmp_path / "data", other, expected_size=SIZE)
+    with pytest.raises(enwik8.Enwik8Error, match="not prepared"):
+        enwik8.load_enwik8(tmp_path / "data")

@@ -1,0 +1,75 @@
+"""Sampling: shapes, determinism with a seed, KV-cache decoding equals full recomputation,
+top-k / top-p filtering, beam search, the command line."""
+
+import pytest
+import torch
+
+from tformer.export import save_pretrained
+from tformer.models import DecoderLM, ModelConfig
+from tformer.sample import beam_search, filter_logits, generate, main
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return DecoderLM(ModelConfig(vocab_size=20, max_seq_len=32, d_model=32, n_layers=2, n_heads=2,
+                                 backend="reference")).eval()
+
+
+def test_shapes_and_seeded_determinism(model):
+    prompt = torch.tensor([[1, 2, 3]] * 3)
+    run = lambda seed: generate(model, prompt, 10, temperature=0.9, top_k=5, top_p=0.9,
+                                generator=torch.Generator().manual_seed(seed))
+    out = run(1)
+    assert out.shape == (3, 13) and torch.equal(out[:, :3], prompt)
+    assert torch.equal(out, run(1)) and not torch.equal(out, run(2))
+
+
+def test_greedy_with_cache_equals_argmax_of_full_forward(model):
+    out = generate(model, torch.tensor([[4, 5]]), 8, greedy=True)
+    sequence = torch.tensor([[4, 5]])
+    with torch.no_grad():
+        for _ in range(8):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, sequence)
+
+
+def test_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    probs = torch.softmax(logits, -1)[0]
+    kept = ~torch.isinf(filter_logits(logits, top_p=float(probs[1]) + 1e-3))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert not torch.isinf(filter_logits(logits, top_p=0.01)[0, 1])  # the top token always stays
+
+
+def test_beam_search_beats_or_matches_greedy(model):
+    prompt = torch.tensor([[1, 2]])
+
+    def log_prob(sequence):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(sequence[:, :-1]).double(), -1)
+        return logp[0, 1:].gather(-1, sequence[0, 2:, None]).sum().item()
+
+    greedy = generate(model, prompt, 6, greedy=True)
+    beams = beam_search(model, prompt, 6, num_beams=4)
+    assert beams.shape == (1, 8) and log_prob(beams) >= log_prob(greedy) - 1e-9
+    assert torch.equal(beam_search(model, prompt, 6, num_beams=1), greedy)
+
+
+def test_errors_name_the_argument(model):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, torch.tensor([[1]]), 40)
+    with pytest.raises(ValueError, match="'temperature'"):
+        generate(model, torch.tensor([[1]]), 2, temperature=0.0)
+
+
+def test_command_line(model, tmp_path, capsys):
+    save_pretrained(model, tmp_path / "export", metadata={"vocab": {"kind": "char", "chars": "abcdefghij klmnopqrs"}})
+    main(["--checkpoint", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "5", "--top-k", "3", "--seed", "1"])
+    first = capsys.readouterr().out
+    main(["--checkpoint", str(tmp_path / "export"), "--prompt", "abc", "--max-new-tokens", "5", "--top-k", "3",
+          "--seed", "1"])
+    assert capsys.readouterr().out == first and first.startswith("abc") and len(first.strip()) == 8
+    main(["--checkpoint", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "5", "--beams", "3"])
+    assert capsys.readouterr().out.startswith("abc")

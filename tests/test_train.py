@@ -1,0 +1,91 @@
+"""Single-process training: accumulation equivalence (float64), the loss falls, activation
+checkpointing changes nothing, weight-decay groups, label smoothing."""
+
+import copy
+
+import pytest
+import torch
+
+from tformer.config import load_config
+from tformer.models import DecoderLM, ModelConfig
+from tformer.parallelize import apply_activation_checkpointing
+from tformer.tasks.lm import LanguageModelTask
+from tformer.train import Trainer, accumulated_backward, parameter_groups
+
+from train_helpers import tiny_config
+
+
+def _task_and_model(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    task = LanguageModelTask(config)
+    task.load_data()
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_dict(task.model_config_dict())).double()
+    return task, model
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_k_micro_batches_give_the_gradient_of_one_k_times_larger(tmp_path, weighted):
+    task, model = _task_and_model(tmp_path)
+    micro = [task.next_train_batch() for _ in range(3)]
+    if weighted:  # uneven item counts: the case where averaging per-micro-batch means is wrong
+        for index, batch in enumerate(micro):
+            batch["weights"] = (torch.rand(batch["targets"].shape, generator=torch.Generator().manual_seed(index))
+                                < 0.3 + 0.3 * index).double()
+    big = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
+    count = sum(task.num_items(b) for b in micro)
+    reference = copy.deepcopy(model)
+    accumulated_backward(model, task, micro, global_count=count, world_size=1)
+    accumulated_backward(reference, task, [big], global_count=count, world_size=1)
+    for name, grad in _grads(reference).items():
+        torch.testing.assert_close(_grads(model)[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_activation_checkpointing_gives_identical_gradients(tmp_path):
+    task, model = _task_and_model(tmp_path)
+    batch = task.next_train_batch()
+    checkpointed = copy.deepcopy(model)
+    assert apply_activation_checkpointing(checkpointed, every=1) == [0, 1]
+    for m in (model, checkpointed):
+        accumulated_backward(m, task, [batch], global_count=task.num_items(batch), world_size=1)
+    assert model.state_dict().keys() == checkpointed.state_dict().keys()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(_grads(checkpointed)[name], grad, rtol=1e-12, atol=1e-14)
+
+
+def test_decay_only_matmul_weights():
+    model = DecoderLM(ModelConfig(vocab_size=16, max_seq_len=8, d_model=16, n_layers=1, n_heads=2))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "token_embedding.weight" in decayed  # tied to the head, a matmul weight
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert not any("norm" in names[id(p)] or names[id(p)].endswith("bias") for p in decay["params"])
+    assert any("positional" in names[id(p)] for p in no_decay["params"])
+
+
+def test_single_process_loss_falls_and_logs(tmp_path):
+    config = load_config(tiny_config(tmp_path, run={"steps": 30, "eval_interval": 15, "export": True},
+                                     training={"label_smoothing": 0.05, "activation_checkpointing": True,
+                                               "checkpoint_every": 2}))
+    history = Trainer(config).fit()
+    losses = [h["train/loss"] for h in history]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    assert "val/loss" in history[14] and "val/bpc" in history[-1] and "grad_norm/block_1" in history[-1]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert any('"samples"' in line for line in lines) and len(lines) >= 30
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_fp16_and_bf16_autocast_run_on_the_cpu(tmp_path):
+    for precision in ("bf16", "fp16"):
+        config = load_config(tiny_config(tmp_path / precision, training={"precision": precision},
+                                         run={"steps": 3}))
+        trainer = Trainer(config)
+        history = trainer.fit()
+        assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
+        assert (trainer.scaler is not None) == (precision == "fp16")
