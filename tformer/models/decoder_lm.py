@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tformer.export import PretrainedMixin
 from tformer.nn import LearnedPositionalEncoding, add_and_norm, make_norm, positional_encoding
 
 from .config import ModelConfig
@@ -12,7 +13,7 @@ from .kv_cache import KVCache
 from .trunk import build_blocks, init_gpt2
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(PretrainedMixin, nn.Module):
     """GPT-style decoder: token embedding, positional encoding, ``config.n_layers`` pre-LN
     causal :class:`~tformer.nn.TransformerBlock` s, a final norm and a linear head (tied to the
     token embedding when ``config.tie_embeddings``).
