@@ -106,7 +106,9 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "train": ["deepspeed", "pyyaml", "tqdm", "safetensors", "tokenizers", "wandb", "matplotlib"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout"],
-        "transformers": ["transformers"],
+        # transformers is in dev so the tests of the Hugging Face integration run in CI.
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0"],
+        "transformers": ["transformers>=5.0"],
+        "bench": ["liger-kernel"],
     },
 )
