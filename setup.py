@@ -96,10 +96,13 @@ setup(
     name="tformer",
     version="0.1.0",
     description="Fused Triton and CUDA C++ attention, LayerNorm and softmax kernels and a transformer training system",
-    packages=find_packages(include=["tformer", "tformer.*"]) + ["tformer.kernels"],
+    packages=find_packages(include=["tformer", "tformer.*"]) + ["tformer.kernels", "tformer.configs"],
     # The Triton kernels live in kernels/ at the top of the repository but install as
     # tformer.kernels: a top-level package named "kernels" is taken on PyPI.
-    package_dir={"tformer.kernels": "kernels"},
+    package_dir={"tformer.kernels": "kernels", "tformer.configs": "configs"},
+    # Tiny Shakespeare is the default training data; the ready configs resolve by bare name
+    # (`--config ds.json`) from an installed package too (tformer.config.configs_dir).
+    package_data={"tformer": ["assets/*.txt"], "tformer.configs": ["*.json", "*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
