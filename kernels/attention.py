@@ -1,0 +1,277 @@
+"""Flash attention forward in Triton (FlashAttention-2, Dao 2023, Algorithm 1).
+
+One kernel serves every variant through ``tl.constexpr`` parameters: causal (top-left
+aligned), key padding mask, packed variable-length sequences (``IS_VARLEN``: per-sequence
+offsets read from ``cu_seqlens``), grouped-query attention (query head ``h`` reads key/value
+head ``h // group_size``; k and v are never repeated in memory) and dropout (Philox
+``tl.rand`` keyed by seed and the element's global (batch, head, row, col) index, so the
+backward regenerates the same mask and the result does not depend on the block sizes).
+
+Memory is O(S): a program holds one block of query rows and streams key/value blocks through
+an online softmax; only the output and the float32 log-sum-exp (for the backward) are written.
+
+Any sequence lengths and head dims up to 256: rows, columns and the head dim are masked
+(``BLOCK_D`` is the next power of two of the head dim; padding lanes are loaded as zeros,
+never copied). Tensors are read through their strides, so views (e.g. q/k/v split from a
+fused QKV projection and transposed) are taken without a copy.
+
+Precision: fp16/bf16 inputs go through the tensor cores with float32 accumulation; fp32
+inputs use ``tl.dot(..., input_precision="ieee")`` (full fp32, no TF32), chosen for
+correctness over speed. Softmax state (running max, sum, accumulator) is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+# Inside kernels, exp(x) is computed as exp2(x * log2(e)) (the cheaper instruction) and the
+# constants log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals.
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first token, length) of this program's query and key sequence."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + batch)
+        q_len = tl.load(cu_seqlens_q + batch + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + batch)
+        k_len = tl.load(cu_seqlens_k + batch + 1) - k_start
+    else:
+        q_start = batch * 0
+        q_len = seqlen_q + batch * 0
+        k_start = batch * 0
+        k_len = seqlen_k + batch * 0
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL: tl.constexpr,
+                   HAS_KEY_PADDING: tl.constexpr):
+    """s with -inf where query ``rows[i]`` may not attend key ``cols[j]`` ((M, N) layout)."""
+    allowed = cols[None, :] < k_len
+    if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
+        allowed = allowed & (cols[None, :] <= rows[:, None])
+    if HAS_KEY_PADDING:
+        pad = tl.load(key_pad_row + cols * stride_ps, mask=cols < k_len, other=1)
+        allowed = allowed & (pad == 0)[None, :]
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b (+ acc) with float32 accumulation. ``UPCAST`` converts the operands to float32
+    first: only under TRITON_INTERPRET=1 with bf16, whose interpreted tl.dot returns garbage
+    (Triton 3.8); the conversion is exact, so the math is unchanged."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, cols):
+    """Bool (M, N): True where the attention probability of (rows[i], cols[j]) is kept.
+
+    The Philox counter is the element's global index, int64 so large problems do not wrap;
+    forward and backward compute the same index, hence the same mask."""
+    offsets = (batch_head.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, Lse, KeyPad, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    stride_pb, stride_ps,
+    num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
+    scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    kv_head = head // group_size
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k,
+                                                     IS_VARLEN)
+    if start_m >= q_len:  # varlen: this sequence is shorter than max_seqlen_q
+        return
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    d_ok = offs_d < head_dim
+    batch64 = batch.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    key_pad_row = KeyPad + batch64 * stride_pb
+
+    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # Scores kept in log2 units: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - m2).
+    scale_log2 = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = k_len
+    if IS_CAUSAL:  # key blocks entirely right of the diagonal contribute nothing
+        hi = tl.minimum(k_len, start_m + BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < k_len
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = mma(q, k_t, None, DOT_PRECISION, UPCAST) * scale_log2
+        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+        # Online softmax (FA2 Alg. 1, lines 8-10). A row with no allowed key so far has
+        # m = -inf; exponentiating against 0 instead keeps exp2(-inf - -inf) = NaN out.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
+            keep = dropout_keep(seed, dropout_p, batch * num_heads + head, max_seqlen_q, max_seqlen_k, rows, cols)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+        m_i = m_new
+
+    # Fully masked rows have l = 0: output 0 and lse = -inf, as the reference's safe_softmax.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
+    tl.store(o_base + rows[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    l_base = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
+    tl.store(l_base + rows * stride_ls, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration. On a GPU a small autotune set per head-dim bucket, keyed by head dim
+# and causal (plus dtype, which Triton adds): at most 3 configs compile and run at the first
+# call of each key. Under TRITON_INTERPRET=1 (CPU tensors) one fixed small config, so that
+# tests with lengths 17 or 33 cross block boundaries.
+# ---------------------------------------------------------------------------------------
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS = {  # BLOCK_D upper bound -> candidates
+    64: [_config(128, 64, 4, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3)],
+    128: [_config(128, 64, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3)],
+    256: [_config(64, 64, 8, 2), _config(64, 32, 4, 2), _config(128, 32, 8, 2)],
+}
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def configs_for_head_dim(table: dict, configs, named_args, **kwargs):
+    """Autotune pruning: only the candidates of the bucket that holds this BLOCK_D run."""
+    return table[min(bound for bound in table if bound >= kwargs["BLOCK_D"])]
+
+
+def autotuned(kernel, table: dict):
+    configs = [c for bucket in table.values() for c in bucket]
+    # cache_results: the winning config is kept in Triton's disk cache, so a later process
+    # with a warm cache neither recompiles nor re-times.
+    return triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL"], cache_results=True,
+                           prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_head_dim(
+                               table, *a, **kw)})(kernel)
+
+
+_attention_fwd_tuned = autotuned(_attention_fwd_kernel, FWD_CONFIGS)
+
+
+def launch(kernel, tuned, grid_of, args: tuple, meta: dict, device: torch.device) -> None:
+    """Run ``kernel`` with the interpreter's fixed blocks on CPU tensors, else autotuned."""
+    if device.type == "cpu":
+        kernel[grid_of(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
+    else:
+        tuned[grid_of](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------
+# Layout helpers shared with the backward.
+# ---------------------------------------------------------------------------------------
+
+def strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, seq, dim) strides of a (B, H, S, D) tensor, or of a packed (total, H, D) one
+    whose sequences are addressed by offsets instead of a batch stride."""
+    if varlen:
+        return (0, t.stride(1), t.stride(0), t.stride(2))
+    return tuple(t.stride())
+
+
+def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, seq) strides of lse (B, H, Sq), or of the packed (H, total_q)."""
+    if varlen:
+        return (0, lse.stride(0), lse.stride(1))
+    return tuple(lse.stride())
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+
+
+def dot_meta(t: torch.Tensor) -> dict:
+    """Constexprs of every tl.dot (see ``mma``). "tf32" is ignored for fp16/bf16 operands."""
+    return dict(DOT_PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
+                UPCAST=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+
+
+def problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(varlen, num_seqs, num_heads, group_size, max_seqlen_q, max_seqlen_k) of a call."""
+    varlen = cu_seqlens_q is not None
+    head_axis = 1
+    num_seqs = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    num_heads, num_kv_heads = q.shape[head_axis], k.shape[head_axis]
+    return varlen, num_seqs, num_heads, num_heads // num_kv_heads, max_seqlen_q, max_seqlen_k
+
+
+def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                      causal: bool, scale: float, dropout_p: float, seed: int):
+    """Returns (out like q but contiguous, lse float32 (B, Hq, Sq) or (Hq, total_q) when packed)."""
+    varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
+    out = (torch.zeros if varlen else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (num_heads, q.shape[0]) if varlen else (q.shape[0], num_heads, q.shape[2])
+    lse = (torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device) if varlen
+           else torch.empty(lse_shape, dtype=torch.float32, device=q.device))
+    if out.numel() == 0:
+        return out, lse
+    head_dim = q.shape[-1]
+    has_pad = key_padding_mask is not None
+    # bool and uint8 share a byte layout: a view, not a copy, that every Triton version loads.
+    key_pad = key_padding_mask.view(torch.uint8) if has_pad else q
+    pad_strides = key_padding_mask.stride() if has_pad else (0, 0)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    args = (q, k, v, out, lse, key_pad, cu_q, cu_k,
+            *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(out, varlen),
+            *lse_strides(lse, varlen), *pad_strides,
+            num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed)
+    meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
+                **dot_meta(q), BLOCK_D=block_d(head_dim))
+
+    def grid_of(blocks):
+        return (triton.cdiv(max_q, blocks["BLOCK_M"]), num_heads, num_seqs)
+
+    launch(_attention_fwd_kernel, _attention_fwd_tuned, grid_of, args, meta, q.device)
+    return out, lse

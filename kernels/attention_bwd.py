@@ -1,0 +1,265 @@
+"""Flash attention backward in Triton (FlashAttention-2, Dao 2023, Algorithm 2, with the
+dK/dV and dQ passes split as in its Section 3.2 so no atomics are needed).
+
+Three kernels, all recomputing the probabilities from q, k and the saved log-sum-exp
+(memory O(S), never an (Sq, Sk) matrix in global memory):
+
+1. ``_delta_kernel``: delta_i = sum_d dO_i * O_i, the row term of the softmax backward
+   (equal to sum_j P_ij dP_ij, dropout included, because O is computed from the dropped P).
+2. ``_dkdv_kernel``: one program per key block and key/value head; it loops over the query
+   heads of its group (grouped-query attention) and their query blocks, so dK and dV are
+   summed over the group in a fixed order: the backward is deterministic.
+3. ``_dq_kernel``: one program per query block and query head, looping over key blocks.
+
+Dropout masks are regenerated from the same seed and element index as the forward
+(``dropout_keep``). Fully masked query rows (lse = -inf) get zero probabilities, hence zero
+gradients, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (allowed_scores, autotuned, block_d, dot_meta, dropout_keep, launch, mma, lse_strides,
+                        problem, sequence_bounds, strides4, _config)
+
+
+@triton.jit
+def _delta_kernel(Out, DOut, Delta, CuSeqlensQ,
+                  stride_ob, stride_oh, stride_os, stride_od,
+                  stride_gb, stride_gh, stride_gs, stride_gd,
+                  stride_lb, stride_lh, stride_ls,
+                  max_seqlen_q, head_dim,
+                  IS_VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2)
+    q_start, q_len, _, _ = sequence_bounds(CuSeqlensQ, CuSeqlensQ, batch, max_seqlen_q, max_seqlen_q, IS_VARLEN)
+    if start_m >= q_len:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < q_len)[:, None] & (offs_d < head_dim)[None, :]
+    batch64, q_start64 = batch.to(tl.int64), q_start.to(tl.int64)
+    o = tl.load(Out + batch64 * stride_ob + head * stride_oh + (q_start64 + rows[:, None]) * stride_os
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + batch64 * stride_gb + head * stride_gh + (q_start64 + rows[:, None]) * stride_gs
+                 + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + batch64 * stride_lb + head * stride_lh + (q_start64 + rows) * stride_ls, tl.sum(o * do, 1),
+             mask=rows < q_len)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls):
+    """lse in log2 units and delta for ``rows``. A fully masked row (lse = -inf) has only -inf
+    scores; measuring them against 0 gives p = 0 instead of exp2(-inf - -inf) = NaN."""
+    row_ok = rows < q_len
+    lse = tl.load(Lse + l_offset + rows * stride_ls, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(Delta + l_offset + rows * stride_ls, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, KeyPad, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_lb, stride_lh, stride_ls,
+    stride_pb, stride_ps,
+    num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
+    scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k,
+                                                     IS_VARLEN)
+    if start_n >= k_len:
+        return
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (cols < k_len)[:, None] & (offs_d < head_dim)[None, :]
+    batch64, q_start64, k_start64 = batch.to(tl.int64), q_start.to(tl.int64), k_start.to(tl.int64)
+    kv_head64 = kv_head.to(tl.int64)
+    k = tl.load(K + batch64 * stride_kb + kv_head64 * stride_kh + (k_start64 + cols[:, None]) * stride_ks
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + batch64 * stride_vb + kv_head64 * stride_vh + (k_start64 + cols[:, None]) * stride_vs
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    scale_log2 = scale * 1.4426950408889634
+    key_pad_row = KeyPad + batch64 * stride_pb
+
+    lo = 0
+    if IS_CAUSAL:  # key j is seen only by rows i >= j: skip the query blocks above the diagonal
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    # Fixed order over the group's query heads and their query blocks: deterministic sums.
+    for g in range(0, group_size):
+        head64 = (kv_head * group_size + g).to(tl.int64)
+        q_base = Q + batch64 * stride_qb + head64 * stride_qh + q_start64 * stride_qs
+        do_base = DOut + batch64 * stride_gb + head64 * stride_gh + q_start64 * stride_gs
+        l_offset = batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls
+        for start_m in range(lo, q_len, BLOCK_M):
+            rows = start_m + offs_m
+            q_mask = (rows < q_len)[:, None] & (offs_d < head_dim)[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=q_mask, other=0.0)
+            lse2, delta = _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls)
+            # Rows past q_len are masked like disallowed keys: their p is 0.
+            s = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
+            s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+            s = tl.where((rows < q_len)[:, None], s, float("-inf"))
+            p = tl.exp2(s - lse2[:, None])  # (M, N) probabilities, recomputed
+            dp = mma(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, dropout_p, batch * num_heads + head64, max_seqlen_q, max_seqlen_k, rows,
+                                    cols)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                p_dropped = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                p_dropped = p
+            dv = mma(tl.trans(p_dropped.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+            dk = mma(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
+
+    dk = dk * scale
+    tl.store(DK + batch64 * stride_dkb + kv_head64 * stride_dkh + (k_start64 + cols[:, None]) * stride_dks
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch64 * stride_dvb + kv_head64 * stride_dvh + (k_start64 + cols[:, None]) * stride_dvs
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, KeyPad, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_lb, stride_lh, stride_ls,
+    stride_pb, stride_ps,
+    num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
+    scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    kv_head64 = (head // group_size).to(tl.int64)
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k,
+                                                     IS_VARLEN)
+    if start_m >= q_len:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q_mask = (rows < q_len)[:, None] & d_ok[None, :]
+    batch64, head64 = batch.to(tl.int64), head.to(tl.int64)
+    q_start64, k_start64 = q_start.to(tl.int64), k_start.to(tl.int64)
+    q = tl.load(Q + batch64 * stride_qb + head64 * stride_qh + (q_start64 + rows[:, None]) * stride_qs
+                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DOut + batch64 * stride_gb + head64 * stride_gh + (q_start64 + rows[:, None]) * stride_gs
+                 + offs_d[None, :] * stride_gd, mask=q_mask, other=0.0)
+    lse2, delta = _row_stats(Lse, Delta, batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls, rows,
+                             q_len, stride_ls)
+    k_base = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start64 * stride_ks
+    v_base = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start64 * stride_vs
+    key_pad_row = KeyPad + batch64 * stride_pb
+    scale_log2 = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(k_len, start_m + BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
+        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+        p = tl.exp2(s - lse2[:, None])
+        dp = mma(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, dropout_p, batch * num_heads + head, max_seqlen_q, max_seqlen_k, rows, cols)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+
+    dq = dq * scale
+    tl.store(DQ + batch64 * stride_dqb + head64 * stride_dqh + (q_start64 + rows[:, None]) * stride_dqs
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# Backward candidates: the dK/dV program holds k, v, dk, dv for BLOCK_N keys, so large head
+# dims take smaller blocks to stay within registers and shared memory.
+DKDV_CONFIGS = {
+    64: [_config(32, 128, 4, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)],
+    128: [_config(32, 128, 8, 2), _config(64, 64, 4, 2), _config(32, 64, 4, 2)],
+    256: [_config(32, 64, 8, 1), _config(16, 64, 4, 1), _config(32, 32, 4, 1)],
+}
+DQ_CONFIGS = {
+    64: [_config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
+    128: [_config(128, 32, 8, 2), _config(64, 64, 4, 2), _config(64, 32, 4, 2)],
+    256: [_config(64, 32, 8, 1), _config(64, 16, 4, 1), _config(32, 32, 4, 1)],
+}
+_dkdv_tuned = autotuned(_dkdv_kernel, DKDV_CONFIGS)
+_dq_tuned = autotuned(_dq_kernel, DQ_CONFIGS)
+DELTA_BLOCK_M = 64
+
+
+def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
+                       seed: int):
+    """Returns (dq, dk, dv), contiguous, in the dtypes of q, k and v."""
+    varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    alloc = torch.zeros if varlen else torch.empty  # packed tokens outside every sequence get 0
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:  # nothing attends or nothing to attend: zero gradients
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    head_dim = q.shape[-1]
+    num_kv_heads = num_heads // group_size
+    has_pad = key_padding_mask is not None
+    key_pad = key_padding_mask.view(torch.uint8) if has_pad else q
+    pad_strides = key_padding_mask.stride() if has_pad else (0, 0)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    bd = block_d(head_dim)
+    lse_s = lse_strides(lse, varlen)
+
+    delta = torch.empty_like(lse)
+    delta_grid = (triton.cdiv(max_q, DELTA_BLOCK_M), num_heads, num_seqs)
+    _delta_kernel[delta_grid](out, grad_out, delta, cu_q, *strides4(out, varlen), *strides4(grad_out, varlen),
+                              *lse_s, max_q, head_dim, IS_VARLEN=varlen, BLOCK_D=bd, BLOCK_M=DELTA_BLOCK_M)
+
+    common = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(grad_out, varlen))
+    scalars = (num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed)
+    meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
+                **dot_meta(q), BLOCK_D=bd)
+    dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, key_pad, cu_q, cu_k, *common, *strides4(dk, varlen),
+                 *strides4(dv, varlen), *lse_s, *pad_strides, *scalars)
+    launch(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), num_kv_heads, num_seqs),
+           dkdv_args, meta, q.device)
+    dq_args = (q, k, v, grad_out, lse, delta, dq, key_pad, cu_q, cu_k, *common, *strides4(dq, varlen), *lse_s,
+               *pad_strides, *scalars)
+    launch(_dq_kernel, _dq_tuned, lambda b: (triton.cdiv(max_q, b["BLOCK_M"]), num_heads, num_seqs),
+           dq_args, meta, q.device)
+    return dq, dk, dv

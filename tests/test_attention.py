@@ -1,0 +1,403 @@
+"""tformer.ops.attention and attention_varlen: every backend against the float64 reference.
+
+Each case runs once per backend (the ``backend`` fixture); the forward and the three input
+gradients are compared with the reference computed in float64 on the same inputs. On the
+CPU the Triton kernels run under TRITON_INTERPRET=1 with 16-wide blocks, so lengths 17 and
+33 cross block boundaries; the long sequences and large head dims run on a GPU only.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tformer
+from tformer.ops import attention, attention_varlen
+
+from conftest import DEVICE, ON_GPU, requires_cuda
+from tolerances import assert_close_to_reference
+
+
+def _call(fn, *args, **kwargs):
+    """Run an op; a backend that exists but has no implementation of it is skipped, with why."""
+    try:
+        return fn(*args, **kwargs)
+    except tformer.BackendError as error:
+        if "has no implementation" in str(error):
+            pytest.skip(str(error))
+        raise
+
+
+def make_inputs(batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+    return (randn(batch, num_heads, seq_q, head_dim), randn(batch, num_kv_heads, seq_k, head_dim),
+            randn(batch, num_kv_heads, seq_k, head_dim))
+
+
+def padding_mask(lengths, seq_k):
+    """(B, Sk) bool, True past each sequence's length (a padding key)."""
+    return torch.arange(seq_k, device=DEVICE)[None, :] >= torch.tensor(lengths, device=DEVICE)[:, None]
+
+
+def forward_backward(backend, q, k, v, grad_out, **kwargs):
+    """(out, dq, dk, dv) of ``attention`` with ``backend`` on leaf copies of q, k, v."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = _call(attention, *leaves, backend=backend, **kwargs)
+    out.backward(grad_out.to(out.dtype))
+    return (out, *(t.grad for t in leaves))
+
+
+def assert_matches_reference(backend, q, k, v, what, **kwargs):
+    """Forward and dq, dk, dv of ``backend`` in q's dtype vs the reference in float64."""
+    dtype = q.dtype
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    actual = forward_backward(backend, q, k, v, grad_out, **kwargs)
+    expected = forward_backward("reference", q.double(), k.double(), v.double(), grad_out.double(), **kwargs)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), actual, expected):
+        # atol grows with the magnitude of the quantity (gradients summed over a group are larger).
+        magnitude = max(1.0, want.abs().max().item())
+        assert_close_to_reference(got, want, dtype, kind="forward" if name == "out" else "grad", scale=magnitude,
+                                  what=f"{what} {name}")
+
+
+# (batch, Hq, Hkv, Sq, Sk, D, causal, key lengths or None): each feature alone, then combined.
+CASES = {
+    "plain": (1, 1, 1, 17, 17, 16, False, None),
+    "length_1": (1, 1, 1, 1, 1, 16, False, None),
+    "one_query_many_keys": (1, 2, 2, 1, 33, 16, False, None),
+    "head_dim_40": (1, 2, 2, 17, 17, 40, False, None),
+    "head_dim_160": (1, 1, 1, 17, 5, 160, False, None),
+    "head_dim_256": (1, 1, 1, 5, 17, 256, False, None),
+    "causal": (1, 2, 2, 33, 33, 16, True, None),
+    "causal_sq_gt_sk": (1, 1, 1, 33, 17, 16, True, None),
+    "causal_sq_lt_sk": (1, 1, 1, 17, 33, 16, True, None),
+    "key_padding": (2, 2, 2, 17, 33, 16, False, [33, 9]),
+    "gqa": (1, 4, 2, 17, 17, 16, False, None),
+    "mqa": (1, 3, 1, 17, 33, 16, False, None),
+    "length_129_causal": (1, 1, 1, 129, 129, 16, True, None),
+    "combined": (2, 4, 2, 33, 17, 40, True, [17, 6]),
+    "combined_sq_lt_sk": (2, 4, 1, 17, 33, 40, True, [33, 20]),
+}
+
+
+def _case_inputs(case, dtype):
+    batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, causal, lengths = CASES[case]
+    q, k, v = make_inputs(batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, dtype)
+    mask = padding_mask(lengths, seq_k) if lengths is not None else None
+    return q, k, v, dict(causal=causal, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(backend, case):
+    q, k, v, kwargs = _case_inputs(case, torch.float32)
+    assert_matches_reference(backend, q, k, v, case, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference_half_precision(backend, dtype):
+    q, k, v, kwargs = _case_inputs("combined", dtype)
+    assert_matches_reference(backend, q, k, v, "combined", **kwargs)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_explicit_scale_and_large_scores(backend, scale):
+    # Scores of magnitude ~100: the online softmax must rescale, not overflow.
+    q, k, v = make_inputs(1, 2, 1, 17, 33, 16, torch.float32)
+    assert_matches_reference(backend, q * 6, k * 6, v, f"scale={scale}", causal=True, scale=scale)
+
+
+def test_fully_masked_rows_give_zeros(backend):
+    # Batch 1 pads every key; batch 0 pads key 0, so under causal its query 0 sees nothing.
+    q, k, v = make_inputs(2, 2, 1, 17, 17, 16, torch.float32)
+    mask = torch.zeros(2, 17, dtype=torch.bool, device=DEVICE)
+    mask[1] = True
+    mask[0, 0] = True
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    out, dq, dk, dv = forward_backward(backend, q, k, v, grad_out, causal=True, key_padding_mask=mask)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not torch.isnan(t).any(), f"NaN in {name}"
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
+    assert torch.equal(dq[1], torch.zeros_like(dq[1])) and torch.equal(dq[0, :, 0], torch.zeros_like(dq[0, :, 0]))
+    assert torch.equal(dk[1], torch.zeros_like(dk[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
+    _, lse = _call(attention, q, k, v, causal=True, key_padding_mask=mask, return_lse=True, backend=backend)
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, :, 0]).all()
+    assert torch.isfinite(lse[0, :, 1:]).all()
+    assert_matches_reference(backend, q, k, v, "fully masked", causal=True, key_padding_mask=mask)
+
+
+def test_return_lse(backend):
+    q, k, v, kwargs = _case_inputs("combined", torch.float32)
+    q.requires_grad_()
+    out, lse = _call(attention, q, k, v, return_lse=True, backend=backend, **kwargs)
+    out64, lse64 = attention(q.double(), k.double(), v.double(), return_lse=True, backend="reference", **kwargs)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3] and not lse.requires_grad
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    finite = torch.isfinite(lse64)
+    assert_close_to_reference(lse[finite], lse64[finite], torch.float32, what="lse")
+    assert_close_to_reference(out, out64, torch.float32, what="out with return_lse")
+
+
+def test_non_contiguous_inputs(backend):
+    # q, k, v split from a fused QKV projection (B, S, 3, H, D) and transposed: strided views.
+    qkv = torch.randn(2, 33, 3, 2, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    assert_matches_reference(backend, q, k, v, "non-contiguous", causal=True,
+                             key_padding_mask=padding_mask([33, 12], 33))
+
+
+def test_expanded_grad_out(backend):
+    # out.sum().backward() hands the backward a zero-stride (expanded) gradient.
+    q, k, v, kwargs = _case_inputs("gqa", torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    _call(attention, *leaves, backend=backend, **kwargs).sum().backward()
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    attention(*leaves64, backend="reference", **kwargs).sum().backward()
+    for name, got, want in zip(("dq", "dk", "dv"), leaves, leaves64):
+        magnitude = max(1.0, want.grad.abs().max().item())
+        assert_close_to_reference(got.grad, want.grad, torch.float32, "grad", scale=magnitude,
+                                  what=f"expanded grad_out {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------
+
+DROPOUT_SHAPE = (2, 4, 2, 33, 17, 40)  # Sk <= D, so v = identity reveals the dropped probabilities
+
+
+def _dropout_call(backend, q, k, v, seed, p=0.3, **kwargs):
+    torch.manual_seed(seed)
+    return _call(attention, q, k, v, dropout_p=p, backend=backend, **kwargs)
+
+
+def test_dropout_same_seed_same_result_and_seed_matters(backend):
+    q, k, v = make_inputs(*DROPOUT_SHAPE, torch.float32)
+    first = _dropout_call(backend, q, k, v, seed=7)
+    assert torch.equal(first, _dropout_call(backend, q, k, v, seed=7))
+    assert not torch.equal(first, _dropout_call(backend, q, k, v, seed=8))
+    no_dropout = _call(attention, q, k, v, backend=backend)
+    assert torch.equal(no_dropout, _dropout_call(backend, q, k, v, seed=7, p=0.0))
+
+
+def test_dropout_keeps_expectation(backend):
+    # With v = 1 every output is sum_j P_ij keep_ij / (1 - p): 1 on average.
+    q, k, _ = make_inputs(*DROPOUT_SHAPE, torch.float32)
+    ones = torch.ones_like(k)
+    p = 0.3
+    out = _dropout_call(backend, q, k, ones, seed=11, p=p)
+    assert abs(out.mean().item() - 1.0) < 0.05
+    probs = _dropout_call(backend, q, k, _identity_values(k), seed=11, p=p)[..., :k.shape[2]]
+    dropped = (probs == 0).double().mean().item()
+    assert abs(dropped - p) < 0.03, f"fraction dropped {dropped}, expected {p}"
+
+
+def _identity_values(k):
+    eye = torch.zeros_like(k)
+    idx = torch.arange(k.shape[2])
+    eye[:, :, idx, idx] = 1.0
+    return eye
+
+
+def test_dropout_gradients_use_the_forward_mask(backend):
+    """Read the kept mask through v = identity, then check forward and gradients of a second
+    call with the same seed against float64 math that applies that mask explicitly."""
+    p = 0.3
+    q, k, v = make_inputs(*DROPOUT_SHAPE, torch.float32)
+    mask = torch.zeros(2, 17, dtype=torch.bool, device=DEVICE)
+    mask[1, 10:] = True
+    kwargs = dict(causal=True, key_padding_mask=mask)
+    kept = _dropout_call(backend, q, k, _identity_values(k), seed=5, p=p, **kwargs)[..., :k.shape[2]] != 0
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = _dropout_call(backend, *leaves, seed=5, p=p, **kwargs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out.backward(grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    scores = q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+    allowed = torch.ones(33, 17, dtype=torch.bool, device=DEVICE).tril()[None, None] & ~mask[:, None, None, :]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) * kept / (1 - p)
+    out64 = weights @ v64.repeat_interleave(group, 1)
+    out64.backward(grad_out.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)),
+                               (out64, q64.grad, k64.grad, v64.grad)):
+        kind = "forward" if name == "out" else "grad"
+        assert_close_to_reference(got, want, torch.float32, kind, scale=max(1.0, want.abs().max().item()),
+                                  what=f"dropout {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Packed variable-length sequences
+# ---------------------------------------------------------------------------------------
+
+def _packed(lengths_q, lengths_k, num_heads, num_kv_heads, head_dim, dtype):
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(sum(lengths_q), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    k = torch.randn(sum(lengths_k), num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    v = torch.randn(sum(lengths_k), num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+
+    def cu(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    return q, k, v, cu(lengths_q), cu(lengths_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_reference_and_padded_batch(backend, causal):
+    lengths_q, lengths_k = [1, 17, 5], [3, 17, 9]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 40, torch.float32)
+    kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k),
+                  causal=causal)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = _call(attention_varlen, *leaves, backend=backend, return_lse=True, **kwargs)
+    out.backward(grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = attention_varlen(*leaves64, backend="reference", return_lse=True, **kwargs)
+    out64.backward(grad_out.double())
+    assert_close_to_reference(out, out64, torch.float32, what="varlen out")
+    assert_close_to_reference(lse, lse64, torch.float32, what="varlen lse")
+    for name, got, want in zip(("dq", "dk", "dv"), leaves, leaves64):
+        assert_close_to_reference(got.grad, want.grad, torch.float32, "grad", what=f"varlen {name}")
+
+    # The same sequences as a padded batch with a key padding mask give the same valid rows.
+    batch = len(lengths_q)
+    padded = [torch.zeros(batch, t.shape[1], max(lens), t.shape[2], device=DEVICE)
+              for t, lens in ((q, lengths_q), (k, lengths_k), (v, lengths_k))]
+    for i in range(batch):
+        for t, packed, cu in ((padded[0], q, cu_q), (padded[1], k, cu_k), (padded[2], v, cu_k)):
+            t[i, :, :cu[i + 1] - cu[i]] = packed[cu[i]:cu[i + 1]].transpose(0, 1)
+    out_padded = _call(attention, *padded, causal=causal, key_padding_mask=padding_mask(lengths_k, max(lengths_k)),
+                       backend=backend)
+    for i in range(batch):
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], out_padded[i, :, :lengths_q[i]].transpose(0, 1),
+                                   atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------
+
+def test_compile_fullgraph(backend):
+    # On the CPU inductor would compile the surrounding graph with a C++ toolchain for little
+    # gain; aot_eager still traces through the custom op's fake implementation and autograd.
+    compile_backend = "inductor" if ON_GPU else "aot_eager"
+    q, k, v, kwargs = _case_inputs("combined", torch.float32)
+
+    def step(q, k, v):
+        return attention(q, k, v, backend=backend, **kwargs)
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    traced = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_eager = _call(step, *eager)
+    out_eager.backward(grad_out)
+    out_traced = compiled(*traced)
+    out_traced.backward(grad_out)
+    torch.testing.assert_close(out_traced, out_eager, atol=1e-6, rtol=1e-6)
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU-only sizes (too slow for the interpreter)
+# ---------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("seq", [(129, 129), (1000, 1000), (1000, 129), (129, 1000)], ids=str)
+def test_matches_reference_gpu_sizes(backend, seq, head_dim):
+    seq_q, seq_k = seq
+    q, k, v = make_inputs(2, 4, 2, seq_q, seq_k, head_dim, torch.bfloat16)
+    mask = padding_mask([seq_k, seq_k // 2], seq_k)
+    assert_matches_reference(backend, q, k, v, f"S={seq} D={head_dim}", causal=True, key_padding_mask=mask)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_matches_reference_gpu_dtypes(backend, dtype):
+    q, k, v = make_inputs(2, 8, 2, 257, 300, 96, dtype)
+    assert_matches_reference(backend, q, k, v, "gpu dtype", causal=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference itself: against PyTorch's SDPA in float64, and gradcheck
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq", [(17, 17), (33, 17), (17, 33)], ids=str)
+def test_reference_matches_sdpa(causal, seq):
+    q, k, v = make_inputs(2, 4, 2, *seq, 40, torch.float64)
+    mask = padding_mask([seq[1], seq[1] - 3], seq[1])  # no row fully masked: SDPA would give NaN
+    ours = attention(q, k, v, causal=causal, key_padding_mask=mask, backend="reference")
+    allowed = ~mask[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(*seq, dtype=torch.bool, device=DEVICE).tril()
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    if causal:
+        plain = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(attention(q, k, v, causal=True, backend="reference"), plain, atol=1e-12,
+                                   rtol=1e-12)
+
+
+def test_reference_gradcheck():
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 1, 5, 7, 8, torch.float64))
+    mask = padding_mask([5], 7)
+
+    def fn(q, k, v):
+        return attention(q, k, v, causal=True, key_padding_mask=mask, backend="reference")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# Compiles the three main kernels for an H100 (sm_90) with Triton's bundled ptxas, so a machine
+# without a GPU still proves they lower to GPU code within the 227 KiB shared memory of a block.
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tformer.kernels import attention as fwd, attention_bwd as bwd
+
+pointers = {"Lse": "*fp32", "Delta": "*fp32", "KeyPad": "*u8", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"}
+meta = dict(IS_CAUSAL=True, HAS_KEY_PADDING=True, IS_VARLEN=True, HAS_DROPOUT=True, DOT_PRECISION="tf32",
+            UPCAST=False, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64)
+for kernel in (fwd._attention_fwd_kernel, bwd._dkdv_kernel, bwd._dq_kernel):
+    signature = {name: "constexpr" if name in meta else pointers.get(name, "*bf16") if name[0].isupper()
+                 else "fp32" if name in ("scale", "dropout_p") else "i64" if name == "seed" else "i32"
+                 for name in kernel.arg_names}
+    constants = {name: meta[name] for name in kernel.arg_names if name in meta}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=2))
+    assert compiled.metadata.shared <= 232448, (kernel.__name__, compiled.metadata.shared)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels are compiled and run by every test above")
+def test_triton_kernels_compile_for_sm90():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_triton_refuses_head_dim_over_256():
+    if tformer.available_backends()["triton"] is not None:
+        pytest.skip("the triton backend is not available here")
+    q = torch.zeros(1, 1, 2, 264, device=DEVICE)
+    with pytest.raises(tformer.BackendError, match="head dims up to 256"):
+        attention(q, q, q, backend="triton")
