@@ -1,0 +1,288 @@
+"""Review sentiment classification (IMDb, Maas et al. 2011) with :class:`EncoderClassifier`.
+
+Data flow: read the archive (``tformer.data.imdb``) -> carve a seeded validation split from
+train -> train (or load the cached) byte-level BPE on the rest of train -> encode and truncate
+each review head+tail -> length-bucketed batches padded with a key padding mask. The test
+split is read only for the final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tformer.config import ConfigError
+from tformer.data import bpe
+from tformer.data.buckets import LengthBucketBatches, pad_batch, truncate_head_tail
+from tformer.data.imdb import (LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, OFFICIAL_URL, ReviewSet,
+                               balanced_subset, download_imdb, load_imdb, split_validation, texts_digest)
+from tformer.metrics import classification_metrics, confusion_matrix, format_confusion
+from tformer.models import EncoderClassifier, EncoderClassifierConfig
+from tformer.tasks.base import Task, cross_entropy_sum
+
+
+@dataclass
+class ClassifyDataConfig:
+    # The .tar.gz, the extracted aclImdb/ (or its parent), or a URL to download; None: the official URL.
+    path: str | None = None
+    cache_dir: str = "~/.cache/tformer/imdb"  # downloads and tokenizers (keyed by their settings)
+    download_sha256: str | None = OFFICIAL_SHA256  # checked on download; null: structural checks only
+    expected_per_class: int | None = OFFICIAL_PER_CLASS  # None: accept any non-empty subset layout
+    bpe_vocab_size: int = 16384
+    bpe_min_frequency: int = 2
+    max_tokens: int = 511  # per review after truncation (+1 CLS position = 512)
+    head_tokens: int = 128  # of max_tokens, taken from the start; the rest from the end
+    val_size: int = 2500  # reviews carved from train with split_seed
+    split_seed: int = 0
+    train_limit: int | None = None  # balanced subsets, for quick runs
+    val_limit: int | None = None
+    test_limit: int | None = None
+    eval_batch_size: int | None = None  # None: 2 x training.micro_batch_size
+    pool_batches: int = 50  # length buckets: sort within pools of this many batches
+    pad_to_multiple: int = 8
+    test_at_end: bool = True  # the final evaluation also scores the test split
+    show_misclassified: int = 3  # the most confidently wrong validation reviews shown per evaluation
+
+    def __post_init__(self):
+        for name in ("bpe_vocab_size", "bpe_min_frequency", "max_tokens", "val_size", "pool_batches",
+                     "pad_to_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config: data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.head_tokens <= self.max_tokens:
+            raise ConfigError(f"config: data.head_tokens must be in [0, data.max_tokens={self.max_tokens}], got "
+                              f"{self.head_tokens}")
+        for name in ("train_limit", "val_limit", "test_limit", "eval_batch_size", "expected_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"config: data.{name} must be >= 1 or null, got {value}")
+        if self.show_misclassified < 0:
+            raise ConfigError(f"config: data.show_misclassified must be >= 0, got {self.show_misclassified}")
+
+
+@dataclass
+class EncodedSplit:
+    """A split ready to batch: truncated token ids, labels, and the texts for showing errors."""
+
+    ids: list[list[int]]
+    labels: list[int]
+    reviews: ReviewSet
+
+
+class ClassificationTask(Task):
+    """Binary sentiment of a review: cross-entropy on the encoder's logits."""
+
+    name = "classify"
+    model_config_class = EncoderClassifierConfig
+    data_config_class = ClassifyDataConfig
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self._raw: dict[str, ReviewSet] | None = None
+        self.last_misclassified: list[str] = []
+
+    # --- data -------------------------------------------------------------------------------------
+    def archive_path(self) -> Path:
+        """The local archive or directory, downloading it first when ``data.path`` is a URL or None."""
+        data = self.data_config
+        source = data.path or OFFICIAL_URL
+        if source.startswith(("http://", "https://", "file://")):
+            return download_imdb(data.cache_dir, url=source, sha256=data.download_sha256,
+                                 expected_per_class=data.expected_per_class)
+        return Path(source).expanduser()
+
+    def _read(self) -> dict[str, ReviewSet]:
+        if self._raw is None:
+            splits = load_imdb(self.archive_path(), expected_per_class=self.data_config.expected_per_class)
+            data = self.data_config
+            train, val = split_validation(splits["train"], data.val_size, seed=data.split_seed)
+            raw = {"train": train, "val": val, "test": splits["test"]}
+            limits = {"train": data.train_limit, "val": data.val_limit, "test": data.test_limit}
+            # Limits apply before the tokenizer is trained: it learns from the reviews actually used.
+            self._raw = {split: balanced_subset(reviews, limits[split], seed=data.split_seed)
+                         if limits[split] is not None else reviews for split, reviews in raw.items()}
+        return self._raw
+
+    def _tokenizer(self):
+        data, train = self.data_config, self._read()["train"]
+        return bpe.load_or_train_bpe(train.texts, data.bpe_vocab_size, data.cache_dir,
+                                     data_digest=texts_digest(train.texts), min_frequency=data.bpe_min_frequency)[0]
+
+    def prepare_data(self) -> None:
+        self._tokenizer()  # download, read and train the tokenizer once, on rank 0
+
+    def load_data(self) -> None:
+        data = self.data_config
+        self.tokenizer = self._tokenizer()
+        self.pad_id = bpe.pad_id(self.tokenizer)
+        raw = self._read()
+        self.splits: dict[str, EncodedSplit] = {split: self.encode(raw[split]) for split in ("train", "val")}
+        # Every rank takes every world_size-th batch of the same epoch order.
+        self.train_batches = LengthBucketBatches([len(i) for i in self.splits["train"].ids],
+                                                 self.config.training.micro_batch_size, shuffle=True,
+                                                 seed=self.config.training.seed, pool_batches=data.pool_batches)
+        self.epoch, self.position, self._epoch_batches = 0, 0, None
+
+    def encode(self, reviews: ReviewSet) -> EncodedSplit:
+        data = self.data_config
+        ids = [truncate_head_tail(row, data.max_tokens, data.head_tokens) or [self.pad_id]
+               for row in bpe.encode(self.tokenizer, reviews.texts)]
+        return EncodedSplit(ids, list(reviews.labels), reviews)
+
+    def _split(self, name: str) -> EncodedSplit:
+        if name not in self.splits:  # the test split is encoded only when first needed, at the end
+            self.splits[name] = self.encode(self._raw[name])
+        return self.splits[name]
+
+    def _batch(self, split: EncodedSplit, indices: list[int], weight: float = 1.0) -> dict:
+        model_config = self.model_config()
+        tokens, key_padding_mask = pad_batch([split.ids[i] for i in indices], self.pad_id,
+                                             pad_to_multiple=self.data_config.pad_to_multiple,
+                                             extra_positions=1 if model_config.pooling == "cls" else 0,
+                                             max_width=model_config.max_seq_len)
+        return {"tokens": tokens, "key_padding_mask": key_padding_mask,
+                "labels": torch.tensor([split.labels[i] for i in indices], dtype=torch.long),
+                "weights": torch.full((len(indices),), weight), "indices": torch.tensor(indices, dtype=torch.long)}
+
+    # --- model ------------------------------------------------------------------------------------
+    def model_config(self) -> EncoderClassifierConfig:
+        if not hasattr(self, "_model_config"):
+            self._model_config = EncoderClassifierConfig.from_dict(self.model_config_dict())
+        return self._model_config
+
+    def model_config_dict(self) -> dict:
+        # Round the vocabulary up to a multiple of 64: matmul-friendly, the extra rows never used.
+        vocab = -(-self.tokenizer.get_vocab_size() // 64) * 64
+        values = {"vocab_size": vocab, "max_seq_len": self.data_config.max_tokens,
+                  "num_classes": len(LABEL_NAMES), **self.config.model}
+        config = EncoderClassifierConfig.from_dict(values)
+        if config.vocab_size < self.tokenizer.get_vocab_size():
+            raise ConfigError(f"config: model.vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({self.tokenizer.get_vocab_size()})")
+        if config.max_seq_len < self.data_config.max_tokens:
+            raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.max_tokens="
+                              f"{self.data_config.max_tokens}")
+        return config.to_dict()
+
+    def build_model(self) -> torch.nn.Module:
+        return EncoderClassifier(self.model_config())
+
+    # --- training ---------------------------------------------------------------------------------
+    def next_train_batch(self) -> dict:
+        while True:
+            if self._epoch_batches is None:
+                batches = self.train_batches.batches(self.epoch)
+                usable = len(batches) - len(batches) % self.world_size or len(batches)
+                self._epoch_batches = batches[self.rank:usable:self.world_size]
+            if self.position < len(self._epoch_batches):
+                break
+            self.epoch, self.position, self._epoch_batches = self.epoch + 1, 0, None
+        indices = self._epoch_batches[self.position]
+        self.position += 1
+        return self._batch(self.splits["train"], indices)
+
+    def num_items(self, batch: dict) -> int:
+        return int(batch["weights"].sum().item())
+
+    def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])
+        loss = cross_entropy_sum(logits, batch["labels"], label_smoothing=label_smoothing, weights=batch["weights"])
+        return loss, self.num_items(batch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._epoch_batches = int(state["epoch"]), int(state["position"]), None
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def eval_splits(self, final: bool) -> list[str]:
+        return ["val", "test"] if final and self.data_config.test_at_end else ["val"]
+
+    def eval_batches(self, split: str, final: bool):
+        """The whole split (final, unless run.final_eval_batches caps it) or a fixed seeded sample of
+        ``run.eval_batches`` batches, sorted by length (least padding), dealt round-robin to ranks;
+        a rank that runs short gets zero-weight filler so all ranks run as many forward passes."""
+        encoded = self._split(split)
+        batch_size = self.data_config.eval_batch_size or 2 * self.config.training.micro_batch_size
+        max_batches = self.config.run.final_eval_batches if final else self.config.run.eval_batches
+        indices = list(range(len(encoded.ids)))
+        if max_batches is not None and max_batches * batch_size * self.world_size < len(indices):
+            indices = sorted(random.Random(self.data_config.split_seed).sample(
+                indices, max_batches * batch_size * self.world_size))
+        indices.sort(key=lambda i: len(encoded.ids[i]))
+        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        per_rank = -(-len(batches) // self.world_size)
+        mine = batches[self.rank::self.world_size]
+        for index in range(per_rank):
+            yield self._batch(encoded, mine[index]) if index < len(mine) else self._batch(encoded, [0], weight=0.0)
+
+    @torch.no_grad()
+    def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:
+        """Loss, accuracy, F1 (positive class) and macro F1, and the confusion matrix entries
+        (``<split>/confusion/<true>_as_<predicted>``) per split; misclassified reviews are kept
+        for :meth:`samples`."""
+        metrics, shown = {}, []
+        for split in self.eval_splits(final):
+            encoded = self._split(split)
+            totals = torch.zeros(2, dtype=torch.float64)
+            confusion = torch.zeros(len(LABEL_NAMES), len(LABEL_NAMES), dtype=torch.float64)
+            wrong = []  # (probability of the wrong label, index, predicted)
+            for batch in self.eval_batches(split, final):
+                batch = self.to_device(batch)
+                logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"]).float()
+                loss = cross_entropy_sum(logits, batch["labels"], weights=batch["weights"])
+                keep = batch["weights"] > 0
+                predicted = logits.argmax(dim=-1)
+                totals += torch.tensor([loss.item(), keep.sum().item()], dtype=torch.float64)
+                confusion += confusion_matrix(predicted[keep], batch["labels"][keep], len(LABEL_NAMES)).double()
+                probabilities = logits.softmax(dim=-1)
+                for row in torch.nonzero(keep & (predicted != batch["labels"])).flatten().tolist():
+                    wrong.append((probabilities[row, predicted[row]].item(), int(batch["indices"][row]),
+                                  int(predicted[row])))
+            totals, confusion = all_reduce(totals.to(self.device)).cpu(), all_reduce(confusion.to(self.device)).cpu()
+            metrics.update(split_metrics(split, totals, confusion))
+            if split == "val":
+                shown = sorted(wrong, reverse=True)[:self.data_config.show_misclassified]
+                self.last_misclassified = [describe_error(encoded.reviews, index, predicted, probability)
+                                           for probability, index, predicted in shown]
+                self.last_confusion = format_confusion(confusion.long(), LABEL_NAMES)
+        return metrics
+
+    def samples(self, model) -> list[str]:
+        """The validation confusion matrix and the most confidently misclassified reviews of the
+        latest evaluation (the trainer prints and logs these next to LM samples)."""
+        if not self.last_misclassified and not hasattr(self, "last_confusion"):
+            return []
+        return [f"val confusion matrix:\n{self.last_confusion}", *self.last_misclassified]
+
+    def export_metadata(self) -> dict:
+        """Everything :mod:`tformer.classify` needs to turn raw text into the model's input."""
+        data = self.data_config
+        return {"labels": list(LABEL_NAMES), "tokenizer": json.loads(self.tokenizer.to_str()),
+                "max_tokens": data.max_tokens, "head_tokens": data.head_tokens}
+
+
+def split_metrics(split: str, totals: torch.Tensor, confusion: torch.Tensor) -> dict[str, float]:
+    count = max(totals[1].item(), 1.0)
+    result = {f"{split}/loss": totals[0].item() / count}
+    scores = classification_metrics(confusion.long())
+    for key in ("accuracy", "f1", "macro_f1"):
+        result[f"{split}/{key}"] = scores[key]
+    for true, true_name in enumerate(LABEL_NAMES):
+        for predicted, predicted_name in enumerate(LABEL_NAMES):
+            result[f"{split}/confusion/{true_name}_as_{predicted_name}"] = confusion[true, predicted].item()
+    return result
+
+
+def describe_error(reviews: ReviewSet, index: int, predicted: int, probability: float, width: int = 300) -> str:
+    text = reviews.texts[index].replace("\n", " ")
+    text = text if len(text) <= width else text[:width - 3] + "..."
+    return (f"misclassified {reviews.names[index]}: true {LABEL_NAMES[reviews.labels[index]]}, predicted "
+            f"{LABEL_NAMES[predicted]} (p={probability:.3f}): {text}")
+
+
+TASK = ClassificationTask
