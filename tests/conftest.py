@@ -33,3 +33,13 @@ def backend_params(include_reference: bool = True):
 @pytest.fixture(params=backend_params())
 def backend(request) -> str:
     return request.param
+
+
+def call_or_skip(fn, *args, **kwargs):
+    """Run an op; a backend that exists but has no implementation of it is skipped, with why."""
+    try:
+        return fn(*args, **kwargs)
+    except tformer.BackendError as error:
+        if "has no implementation" in str(error):
+            pytest.skip(str(error))
+        raise

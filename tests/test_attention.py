@@ -13,18 +13,8 @@ import torch.nn.functional as F
 import tformer
 from tformer.ops import attention, attention_varlen
 
-from conftest import DEVICE, ON_GPU, requires_cuda
+from conftest import DEVICE, ON_GPU, call_or_skip, requires_cuda
 from tolerances import assert_close_to_reference
-
-
-def _call(fn, *args, **kwargs):
-    """Run an op; a backend that exists but has no implementation of it is skipped, with why."""
-    try:
-        return fn(*args, **kwargs)
-    except tformer.BackendError as error:
-        if "has no implementation" in str(error):
-            pytest.skip(str(error))
-        raise
 
 
 def make_inputs(batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, dtype, seed=0):
@@ -45,7 +35,7 @@ def padding_mask(lengths, seq_k):
 def forward_backward(backend, q, k, v, grad_out, **kwargs):
     """(out, dq, dk, dv) of ``attention`` with ``backend`` on leaf copies of q, k, v."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = _call(attention, *leaves, backend=backend, **kwargs)
+    out = call_or_skip(attention, *leaves, backend=backend, **kwargs)
     out.backward(grad_out.to(out.dtype))
     return (out, *(t.grad for t in leaves))
 
@@ -122,7 +112,7 @@ def test_fully_masked_rows_give_zeros(backend):
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
     assert torch.equal(dq[1], torch.zeros_like(dq[1])) and torch.equal(dq[0, :, 0], torch.zeros_like(dq[0, :, 0]))
     assert torch.equal(dk[1], torch.zeros_like(dk[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
-    _, lse = _call(attention, q, k, v, causal=True, key_padding_mask=mask, return_lse=True, backend=backend)
+    _, lse = call_or_skip(attention, q, k, v, causal=True, key_padding_mask=mask, return_lse=True, backend=backend)
     assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, :, 0]).all()
     assert torch.isfinite(lse[0, :, 1:]).all()
     assert_matches_reference(backend, q, k, v, "fully masked", causal=True, key_padding_mask=mask)
@@ -131,7 +121,7 @@ def test_fully_masked_rows_give_zeros(backend):
 def test_return_lse(backend):
     q, k, v, kwargs = _case_inputs("combined", torch.float32)
     q.requires_grad_()
-    out, lse = _call(attention, q, k, v, return_lse=True, backend=backend, **kwargs)
+    out, lse = call_or_skip(attention, q, k, v, return_lse=True, backend=backend, **kwargs)
     out64, lse64 = attention(q.double(), k.double(), v.double(), return_lse=True, backend="reference", **kwargs)
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3] and not lse.requires_grad
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
@@ -153,7 +143,7 @@ def test_expanded_grad_out(backend):
     # out.sum().backward() hands the backward a zero-stride (expanded) gradient.
     q, k, v, kwargs = _case_inputs("gqa", torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    _call(attention, *leaves, backend=backend, **kwargs).sum().backward()
+    call_or_skip(attention, *leaves, backend=backend, **kwargs).sum().backward()
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     attention(*leaves64, backend="reference", **kwargs).sum().backward()
     for name, got, want in zip(("dq", "dk", "dv"), leaves, leaves64):
@@ -171,7 +161,7 @@ DROPOUT_SHAPE = (2, 4, 2, 33, 17, 40)  # Sk <= D, so v = identity reveals the dr
 
 def _dropout_call(backend, q, k, v, seed, p=0.3, **kwargs):
     torch.manual_seed(seed)
-    return _call(attention, q, k, v, dropout_p=p, backend=backend, **kwargs)
+    return call_or_skip(attention, q, k, v, dropout_p=p, backend=backend, **kwargs)
 
 
 def test_dropout_same_seed_same_result_and_seed_matters(backend):
@@ -179,7 +169,7 @@ def test_dropout_same_seed_same_result_and_seed_matters(backend):
     first = _dropout_call(backend, q, k, v, seed=7)
     assert torch.equal(first, _dropout_call(backend, q, k, v, seed=7))
     assert not torch.equal(first, _dropout_call(backend, q, k, v, seed=8))
-    no_dropout = _call(attention, q, k, v, backend=backend)
+    no_dropout = call_or_skip(attention, q, k, v, backend=backend)
     assert torch.equal(no_dropout, _dropout_call(backend, q, k, v, seed=7, p=0.0))
 
 
@@ -255,7 +245,7 @@ def test_varlen_matches_reference_and_padded_batch(backend, causal):
                   causal=causal)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = _call(attention_varlen, *leaves, backend=backend, return_lse=True, **kwargs)
+    out, lse = call_or_skip(attention_varlen, *leaves, backend=backend, return_lse=True, **kwargs)
     out.backward(grad_out)
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out64, lse64 = attention_varlen(*leaves64, backend="reference", return_lse=True, **kwargs)
@@ -272,7 +262,7 @@ def test_varlen_matches_reference_and_padded_batch(backend, causal):
     for i in range(batch):
         for t, packed, cu in ((padded[0], q, cu_q), (padded[1], k, cu_k), (padded[2], v, cu_k)):
             t[i, :, :cu[i + 1] - cu[i]] = packed[cu[i]:cu[i + 1]].transpose(0, 1)
-    out_padded = _call(attention, *padded, causal=causal, key_padding_mask=padding_mask(lengths_k, max(lengths_k)),
+    out_padded = call_or_skip(attention, *padded, causal=causal, key_padding_mask=padding_mask(lengths_k, max(lengths_k)),
                        backend=backend)
     for i in range(batch):
         torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], out_padded[i, :, :lengths_q[i]].transpose(0, 1),
@@ -296,7 +286,7 @@ def test_compile_fullgraph(backend):
     grad_out = torch.randn(q.shape, device=DEVICE)
     eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     traced = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out_eager = _call(step, *eager)
+    out_eager = call_or_skip(step, *eager)
     out_eager.backward(grad_out)
     out_traced = compiled(*traced)
     out_traced.backward(grad_out)

@@ -17,21 +17,11 @@ import torch.nn.functional as F
 import tformer
 from tformer import ops
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, call_or_skip, requires_cuda
 from tolerances import assert_close_to_reference
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
 NORMS = ["layer_norm", "rms_norm"]
-
-
-def _call(fn, *args, **kwargs):
-    """Run an op; a backend that exists but has no implementation of it is skipped, with why."""
-    try:
-        return fn(*args, **kwargs)
-    except tformer.BackendError as error:
-        if "has no implementation" in str(error):
-            pytest.skip(str(error))
-        raise
 
 
 def make_case(rows, n_cols, dtype, *, weight=True, bias=True, residual=False, magnitude=1.0, seed=0):
@@ -59,9 +49,9 @@ def run(norm, inputs, backend, grad_seed=1, eps=1e-5):
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
     kwargs = dict(residual=leaves["residual"], eps=eps, backend=backend)
     if norm == "layer_norm":
-        out = _call(ops.layer_norm, leaves["x"], leaves["weight"], leaves["bias"], **kwargs)
+        out = call_or_skip(ops.layer_norm, leaves["x"], leaves["weight"], leaves["bias"], **kwargs)
     else:
-        out = _call(ops.rms_norm, leaves["x"], leaves["weight"], **kwargs)
+        out = call_or_skip(ops.rms_norm, leaves["x"], leaves["weight"], **kwargs)
     outputs = out if isinstance(out, tuple) else (out,)
     generator = torch.Generator().manual_seed(grad_seed)
     loss = sum((o.double() * torch.randn(o.shape, generator=generator).to(DEVICE, torch.float64)).sum()
@@ -179,7 +169,7 @@ def test_torch_compile_fullgraph(backend, compiler):
     compiled = torch.compile(block, fullgraph=True, backend=compiler)
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     eager_leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    out = _call(compiled, **leaves)
+    out = call_or_skip(compiled, **leaves)
     expected = block(**eager_leaves)
     torch.testing.assert_close(out, expected)
     out.square().sum().backward()

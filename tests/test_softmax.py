@@ -16,21 +16,11 @@ import torch
 import tformer
 from tformer import ops
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, call_or_skip, requires_cuda
 from tolerances import assert_close_to_reference
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
 MASKS = ["no_mask", "bool_mask", "additive_mask"]
-
-
-def _call(fn, *args, **kwargs):
-    """Run an op; a backend that exists but has no implementation of it is skipped, with why."""
-    try:
-        return fn(*args, **kwargs)
-    except tformer.BackendError as error:
-        if "has no implementation" in str(error):
-            pytest.skip(str(error))
-        raise
 
 
 def make_case(shape, dtype, mask_kind, *, mask_shape=None, magnitude=1.0, fully_masked_rows=(), seed=0):
@@ -56,7 +46,7 @@ def run(x, mask, backend, *, scale, dim=-1, mask_grad=False, grad_seed=1):
     x = x.detach().clone().requires_grad_()
     if mask is not None:
         mask = mask.detach().clone().requires_grad_(mask_grad)
-    y = _call(ops.softmax, x, dim, scale=scale, mask=mask, backend=backend)
+    y = call_or_skip(ops.softmax, x, dim, scale=scale, mask=mask, backend=backend)
     generator = torch.Generator().manual_seed(grad_seed)
     dy = torch.randn(y.shape, generator=generator).to(DEVICE, torch.float64)
     (y.double() * dy).sum().backward()
@@ -163,7 +153,7 @@ def test_torch_compile_fullgraph(backend, compiler):
     keep = mask > -1
     x_compiled, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
     mask_compiled, mask_eager = mask.clone().requires_grad_(), mask.clone().requires_grad_()
-    out = _call(compiled, x_compiled, mask_compiled, keep)
+    out = call_or_skip(compiled, x_compiled, mask_compiled, keep)
     expected = attention_probs(x_eager, mask_eager, keep)
     torch.testing.assert_close(out, expected)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
