@@ -89,3 +89,12 @@ def test_fp16_and_bf16_autocast_run_on_the_cpu(tmp_path):
         history = trainer.fit()
         assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
         assert (trainer.scaler is not None) == (precision == "fp16")
+
+
+def test_wandb_offline_logs_config_metrics_and_samples(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = load_config(tiny_config(tmp_path, run={"steps": 2}, logging={"progress_bar": True, "wandb": True}))
+    Trainer(config).fit()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

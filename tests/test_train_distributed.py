@@ -58,13 +58,18 @@ def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
     pytest.importorskip("deepspeed")
     reference = _single_process_losses(tmp_path)
     config = tiny_config(tmp_path, training={"strategy": "deepspeed", "precision": "bf16", "micro_batch_size": 4},
-                         run={"steps": STEPS, "export": True},
+                         run={"steps": STEPS, "export": True, "checkpoint_interval": 3},
                          deepspeed={"zero_optimization": {"stage": stage}})
     run_dir = _launch(_deepspeed_launcher(), config, tmp_path, f"zero{stage}")
     losses = _losses(run_dir)
     assert len(losses) == STEPS and losses[-1] < losses[0]
     assert max(abs(a - b) for a, b in zip(losses, reference)) < 0.03, (losses, reference)
     assert (run_dir / "export" / "model.safetensors").is_file()
+    if stage == 2:  # resume a ZeRO-2 checkpoint (engine state + tformer's data position and RNG)
+        checkpoint = run_dir / "checkpoints" / "step_0000003"
+        assert (checkpoint / "COMPLETE").is_file()
+        resumed = _launch(_deepspeed_launcher(), config, tmp_path, "zero2_resumed", extra=("--resume", str(checkpoint)))
+        assert _losses(resumed) == pytest.approx(losses[3:], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -176,8 +176,15 @@ class Trainer:
         if self.strategy == "deepspeed" and self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("config: fp16 under DeepSpeed needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                               "use bf16 or fp32 on the CPU")
-        if config.training.threads and self.device.type == "cpu":
-            torch.set_num_threads(config.training.threads)
+        if self.device.type == "cpu":
+            threads = config.training.threads
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", self.world_size)))
+            if threads is None and local_ranks > 1:
+                # Several CPU ranks on one machine: share the cores. Oversubscribed OpenMP threads
+                # spin against each other and run many times slower, not just proportionally.
+                threads = max(1, (os.cpu_count() or 1) // local_ranks)
+            if threads:
+                torch.set_num_threads(threads)
         self.out_dir = Path(config.run.out_dir)
         self.checkpoints_dir = self.out_dir / "checkpoints"
 
@@ -300,9 +307,11 @@ class Trainer:
                                             backward=backward, before_micro_batch=before)
             if want_layer_norms:
                 layer_norms = self._deepspeed_layer_norms()
+            # Without ZeRO, DeepSpeed does not record the norm: the gradients are still plain .grad.
+            plain_norm = _grad_norm(self.model) if engine.zero_optimization_stage() == 0 else None
             engine.step()
             grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            grad_norm = float(grad_norm) if grad_norm is not None else plain_norm
         else:
             def before(index, is_last):
                 if self.strategy == "fsdp2":
@@ -463,6 +472,11 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    squares = sum(p.grad.detach().double().pow(2).sum() for p in model.parameters() if p.grad is not None)
+    return math.sqrt(float(squares))
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
