@@ -79,3 +79,10 @@ def test_help_says_bare_names_resolve(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "configs/" in capsys.readouterr().out
+
+
+def test_yaml_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  steps: 3\ntraining:\n  micro_batch_size: 2\n")
+    config = load_config(str(path))
+    assert config.run.steps == 3 and config.training.micro_batch_size == 2

@@ -83,3 +83,17 @@ def test_wrong_size_and_wrong_member(tmp_path):
         enwik8.prepare_enwik8(tmp_path / "data", other, expected_size=SIZE)
     with pytest.raises(enwik8.Enwik8Error, match="not prepared"):
         enwik8.load_enwik8(tmp_path / "data")
+
+
+def test_trainer_on_enwik8_reports_the_test_split(tmp_path):
+    from tformer.config import load_config
+    from tformer.train import Trainer
+
+    from train_helpers import tiny_config
+
+    archive, _ = make_zip(tmp_path, size=20_000)
+    data = {"source": "enwik8", "path": str(archive), "data_dir": str(tmp_path / "enwik8"), "seq_len": 16,
+            "expected_size": 20_000}
+    config = load_config(tiny_config(tmp_path, data=data, run={"steps": 2, "final_eval_batches": None}))
+    history = Trainer(config).fit()
+    assert {"val/bpc", "test/bpc", "test/ppl"} <= history[-1].keys()

@@ -77,7 +77,8 @@ def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
 def test_fsdp2_two_ranks_matches_single_process_and_resumes(tmp_path):
     reference = _single_process_losses(tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733"]
-    config = tiny_config(tmp_path, training={"strategy": "fsdp2", "micro_batch_size": 4, "grad_accum_steps": 1},
+    # 2 ranks x 2 micro-batches of 2 (no gradient sync on the first) = the single process's batch of 8.
+    config = tiny_config(tmp_path, training={"strategy": "fsdp2", "micro_batch_size": 2, "grad_accum_steps": 2},
                          run={"steps": STEPS, "checkpoint_interval": 3})
     run_dir = _launch(torchrun, config, tmp_path, "fsdp2")
     losses = _losses(run_dir)

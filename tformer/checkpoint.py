@@ -15,11 +15,13 @@ Atomicity: every rank writes into ``.step_<N>.tmp``; after a barrier rank 0 writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +111,8 @@ def save_model_and_optimizer(folder: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "dcp"))
+    with _single_process_is_intended():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "dcp"))
 
 
 def load_model_and_optimizer(folder: Path, model, optimizer) -> None:
@@ -118,8 +121,17 @@ def load_model_and_optimizer(folder: Path, model, optimizer) -> None:
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(Path(folder) / "dcp"))
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(Path(folder) / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns when no process group exists; for a single-process run that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def full_model_state_dict(model) -> dict:

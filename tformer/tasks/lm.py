@@ -21,6 +21,7 @@ class LMDataConfig:
     data_dir: str = "~/.cache/tformer/enwik8"  # enwik8: where the prepared splits live
     seq_len: int = 256
     val_fraction: float = 0.1  # text files: the last 10% is validation
+    expected_size: int = 100_000_000  # enwik8's size; smaller only for tests on a small archive
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -46,7 +47,7 @@ class LanguageModelTask(Task):
         if self.data_config.source == "enwik8":
             from tformer.data.enwik8 import prepare_enwik8
 
-            prepare_enwik8(self.data_config.data_dir, self.data_config.path)
+            prepare_enwik8(self.data_config.data_dir, self.data_config.path, expected_size=self.data_config.expected_size)
 
     def load_data(self) -> None:
         data = self.data_config
