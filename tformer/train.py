@@ -222,7 +222,9 @@ class Trainer:
                 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use
                 # (~1.5-2 min on 2 cores). Only its inference all-reduce uses it; training
                 # collectives go through torch.distributed (gloo), so skip the build.
-                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+                compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+                if isinstance(compatible, dict):
+                    compatible["deepspeed_shm_comm"] = False
             deepspeed.init_distributed()
         elif self.strategy == "fsdp2":
             if not dist.is_initialized():
