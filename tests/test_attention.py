@@ -337,9 +337,12 @@ def test_reference_matches_sdpa(causal, seq):
                                    rtol=1e-12)
 
 
-def test_reference_gradcheck():
-    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 1, 5, 7, 8, torch.float64))
-    mask = padding_mask([5], 7)
+@pytest.mark.parametrize("seq_q, seq_k, lengths", [(5, 7, [5]), (7, 4, [3, 0])], ids=["sq<sk", "sq>sk-all-padded-row"])
+def test_reference_gradcheck(seq_q, seq_k, lengths):
+    # Causal + padding + grouped-query, with q_len != k_len both ways and a batch row whose keys
+    # are all padding (its outputs are zeros and its gradients must be zeros, not NaN).
+    q, k, v = (t.requires_grad_() for t in make_inputs(len(lengths), 2, 1, seq_q, seq_k, 8, torch.float64))
+    mask = padding_mask(lengths, seq_k)
 
     def fn(q, k, v):
         return attention(q, k, v, causal=True, key_padding_mask=mask, backend="reference")
