@@ -7,7 +7,9 @@ import pytest
 
 from tformer.config import ConfigError, configs_dir, load_config, resolve_config_path
 from tformer.tasks import TASKS
-from tformer.train import deepspeed_config, learning_rate, parse_args
+from tformer.optim import learning_rate
+from tformer.strategy import deepspeed_config
+from tformer.train import parse_args
 
 SHIPPED = sorted(p.name for p in configs_dir().glob("*.json"))
 

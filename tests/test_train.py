@@ -10,7 +10,8 @@ from tformer.config import load_config
 from tformer.models import DecoderLM, ModelConfig
 from tformer.parallelize import apply_activation_checkpointing
 from tformer.tasks.lm import LanguageModelTask
-from tformer.train import Trainer, accumulated_backward, parameter_groups
+from tformer.optim import parameter_groups
+from tformer.train import Trainer, accumulated_backward
 
 from train_helpers import tiny_config
 

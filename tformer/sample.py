@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -32,10 +31,6 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
-
-
-def _model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 @torch.no_grad()

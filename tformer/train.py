@@ -26,7 +26,6 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,50 +36,15 @@ import torch.distributed as dist  # noqa: E402
 from tformer import checkpoint as ckpt  # noqa: E402
 from tformer.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from tformer.logging_utils import MetricsLogger  # noqa: E402
+from tformer.optim import build_optimizer, learning_rate  # noqa: E402
 from tformer.parallelize import apply_activation_checkpointing, apply_fsdp2  # noqa: E402
+from tformer.strategy import deepspeed_config, resolve_precision, resolve_strategy  # noqa: E402
 from tformer.tasks import get_task_class  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- pure pieces
-
-def learning_rate(step: int, config) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``decay_steps`` (Loshchilov and Hutter, 2017), then ``min_lr``. The schedule is a pure
-    function of the step, so resuming the step resumes the schedule."""
-    opt = config.optimizer
-    if step < opt.warmup_steps:
-        return opt.lr * (step + 1) / opt.warmup_steps
-    if opt.schedule == "constant":
-        return opt.lr
-    decay_steps = opt.decay_steps if opt.decay_steps is not None else config.run.steps
-    if step >= decay_steps:
-        return opt.min_lr
-    progress = (step - opt.warmup_steps) / max(1, decay_steps - opt.warmup_steps)
-    return opt.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (opt.lr - opt.min_lr)
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matmul weights (``nn.Linear.weight``, including an LM head tied to the token
-    embedding); never norms, biases or untied embedding tables (nanoGPT / GPT-2 practice)."""
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    decay, no_decay, seen = [], [], set()
-    for parameter in model.parameters():
-        if id(parameter) in seen or not parameter.requires_grad:
-            continue
-        seen.add(id(parameter))
-        (decay if id(parameter) in linear_weights and parameter.dim() >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    opt = config.optimizer
-    fused = opt.fused if opt.fused is not None else device.type == "cuda"
-    kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas),
-                             eps=opt.eps, **kwargs)
-
 
 def accumulated_backward(model, task, batches: list[dict], *, global_count: int, world_size: int,
                          label_smoothing: float = 0.0, backward=None, before_micro_batch=None,
@@ -103,56 +67,6 @@ def accumulated_backward(model, task, batches: list[dict], *, global_count: int,
         backward(loss_sum * (world_size / global_count))
         total += loss_sum.detach().double().cpu()
     return total
-
-
-def resolve_strategy(config: TrainConfig) -> str:
-    strategy = config.training.strategy
-    if strategy != "auto":
-        return strategy
-    if config.deepspeed is not None:
-        return "deepspeed"
-    return "fsdp2" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
-
-
-def resolve_precision(config: TrainConfig, device: torch.device) -> str:
-    precision = config.training.precision
-    ds = config.deepspeed or {}
-    ds_choice = [name for name in ("bf16", "fp16") if isinstance(ds.get(name), dict) and ds[name].get("enabled")]
-    if precision == "auto":
-        if ds_choice:
-            precision = ds_choice[0]
-        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
-            precision = "bf16"
-        else:
-            precision = "fp32"  # on the CPU fp32 is the fast, exact choice for small models
-    if ds_choice and ds_choice != [precision]:
-        raise ConfigError(f"config: training.precision={precision!r} but the deepspeed section enables {ds_choice}")
-    return precision
-
-
-def deepspeed_config(config: TrainConfig, precision: str, world_size: int) -> dict:
-    """The deepspeed section with batch sizes, clipping and precision filled in from tformer's
-    sections (one source of truth: a value given in both places must agree)."""
-    ds = copy.deepcopy(config.deepspeed or {})
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"config: deepspeed.{key} is not used: tformer builds AdamW and its schedule from the "
-                              f"'optimizer' section (weight decay groups, warmup + cosine); remove deepspeed.{key}")
-    training = config.training
-    wanted = {"train_micro_batch_size_per_gpu": training.micro_batch_size,
-              "gradient_accumulation_steps": training.grad_accum_steps,
-              "train_batch_size": training.micro_batch_size * training.grad_accum_steps * world_size,
-              "gradient_clipping": float(config.optimizer.grad_clip)}
-    for key, value in wanted.items():
-        if key in ds and ds[key] != value:
-            raise ConfigError(f"config: deepspeed.{key}={ds[key]} disagrees with tformer's sections, which give "
-                              f"{value}; set it once (in training/optimizer) and leave it out of deepspeed")
-        ds[key] = value
-    for name in ("bf16", "fp16"):
-        section = ds.setdefault(name, {})
-        section["enabled"] = precision == name
-    ds.setdefault("steps_per_print", 1 << 30)  # tformer logs; keep DeepSpeed's own step log quiet
-    return ds
 
 
 def layer_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:

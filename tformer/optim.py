@@ -1,0 +1,46 @@
+"""AdamW with weight-decay groups, and the learning-rate schedule (a pure function of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tformer.config import TrainConfig
+
+
+def learning_rate(step: int, config) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
+    ``decay_steps`` (Loshchilov and Hutter, 2017), then ``min_lr``. The schedule is a pure
+    function of the step, so resuming the step resumes the schedule."""
+    opt = config.optimizer
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
+        return opt.lr
+    decay_steps = opt.decay_steps if opt.decay_steps is not None else config.run.steps
+    if step >= decay_steps:
+        return opt.min_lr
+    progress = (step - opt.warmup_steps) / max(1, decay_steps - opt.warmup_steps)
+    return opt.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (opt.lr - opt.min_lr)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matmul weights (``nn.Linear.weight``, including an LM head tied to the token
+    embedding); never norms, biases or untied embedding tables (nanoGPT / GPT-2 practice)."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay, no_decay, seen = [], [], set()
+    for parameter in model.parameters():
+        if id(parameter) in seen or not parameter.requires_grad:
+            continue
+        seen.add(id(parameter))
+        (decay if id(parameter) in linear_weights and parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    fused = opt.fused if opt.fused is not None else device.type == "cuda"
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas),
+                             eps=opt.eps, **kwargs)
