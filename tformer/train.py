@@ -310,10 +310,7 @@ class Trainer:
         from tformer.export import save_pretrained
 
         if self.engine is not None:
-            if self.engine.zero_optimization_stage() == 3:
-                state = self.engine._zero3_consolidated_16bit_state_dict()
-            else:
-                state = self.model.state_dict()
+            state = self._deepspeed_fp32_state_dict()
         elif self.strategy == "fsdp2":
             state = ckpt.full_model_state_dict(self.model)
         else:
@@ -321,12 +318,23 @@ class Trainer:
         if self.rank == 0:
             fresh = self.task.build_model()
             missing, unexpected = fresh.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
-            # A tied weight may appear under one name only (ZeRO-3's consolidated state dict).
+            # A tied weight appears under one name only (named_parameters drops duplicates).
             aliases = _tied_names(fresh)
             if unexpected or set(missing) - aliases:
                 raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
             save_pretrained(fresh, folder, task=self.config.task, metadata=self.task.export_metadata())
         self.barrier()
+
+    def _deepspeed_fp32_state_dict(self) -> dict:
+        """The fp32 master weights (not the bf16/fp16 copies the engine computes with), gathered
+        from the ZeRO partitions; every rank must call it (ZeRO-3 all-gathers)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, parameter in self.model.named_parameters():
+            full = safe_get_full_fp32_param(parameter)  # None when DeepSpeed keeps no separate fp32 copy
+            state[name] = (full if full is not None else parameter.detach()).float().cpu()
+        return state
 
     def _resume(self, resume) -> None:
         folder = Path(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(self.checkpoints_dir)
