@@ -58,7 +58,10 @@ def _deepspeed_launcher() -> list[str]:
 def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
     pytest.importorskip("deepspeed")
     reference = _single_process_losses(tmp_path)
-    config = tiny_config(tmp_path, training={"strategy": "deepspeed", "precision": "bf16", "micro_batch_size": 4},
+    # ZeRO-2 also accumulates: 2 ranks x 2 micro-batches of 2 = the single process's batch of 8.
+    micro, accumulation = (2, 2) if stage == 2 else (4, 1)
+    config = tiny_config(tmp_path, training={"strategy": "deepspeed", "precision": "bf16", "micro_batch_size": micro,
+                                             "grad_accum_steps": accumulation},
                          run={"steps": STEPS, "export": True, "checkpoint_interval": 3},
                          deepspeed={"zero_optimization": {"stage": stage}})
     run_dir = _launch(_deepspeed_launcher(), config, tmp_path, f"zero{stage}")
