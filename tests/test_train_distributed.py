@@ -2,7 +2,7 @@
 and FSDP2 (fp32, ``torchrun --nproc_per_node 2``, gloo). Each rank draws its half of the global
 batch a single process draws (tformer.data.sampler), so the per-step losses must match a
 single process with twice the micro-batch: within 1e-4 (relative) for FSDP2 in fp32 (only the
-reduction order differs), within 0.03 nats for DeepSpeed in bf16 (bf16 weights and activations).
+reduction order differs), within 0.01 nats for DeepSpeed in bf16 (bf16 weights and activations; measured ~2e-4).
 
 DeepSpeed's CPU shared-memory all-reduce op is not built (tformer/train.py skips it; training
 collectives use gloo), so a fresh machine pays no JIT compile here.
@@ -67,7 +67,7 @@ def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
     run_dir = _launch(_deepspeed_launcher(), config, tmp_path, f"zero{stage}")
     losses = _losses(run_dir)
     assert len(losses) == STEPS and losses[-1] < losses[0]
-    assert max(abs(a - b) for a, b in zip(losses, reference)) < 0.03, (losses, reference)
+    assert max(abs(a - b) for a, b in zip(losses, reference)) < 0.01, (losses, reference)
     from tformer.export import load_pretrained
 
     exported, _ = load_pretrained(run_dir / "export")  # the fp32 master weights, gathered from the partitions
