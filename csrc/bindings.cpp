@@ -11,14 +11,20 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include "attention/attention.h"
 #include "layer_norm/layer_norm.h"
 #include "softmax/softmax.h"
 
@@ -298,6 +304,238 @@ Tensor softmax_bwd(const Tensor& dy_in, const Tensor& y_in, double scale) {
   return dx;
 }
 
+// ---- attention ----------------------------------------------------------------------------
+// Padded batch: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), lse (B, Hq, Sq). Packed (both
+// cu_seqlens given): q (total_q, Hq, D), k and v (total_k, Hkv, D), lse (Hq, total_q); the
+// max_seqlen_* arguments bound the packed lengths and are ignored for a padded batch.
+
+// (sequence, head, token) strides of a padded (B, H, S, D) or packed (total, H, D) tensor.
+Strides3 attention_strides(const Tensor& t, bool packed) {
+  return packed ? Strides3{0, t.stride(1), t.stride(0)} : Strides3{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+Strides3 lse_strides(const Tensor& lse, bool packed) {
+  return packed ? Strides3{0, lse.stride(0), lse.stride(1)} : Strides3{lse.stride(0), lse.stride(1), lse.stride(2)};
+}
+
+// The kernels copy rows in 16-byte chunks: dim stride 1, every other stride a multiple of
+// 8 elements and a 16-byte aligned base.
+bool rows_are_aligned(const Tensor& t) {
+  if (t.stride(-1) != 1 || reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.stride(d) % 8 != 0 && t.size(d) > 1) return false;
+  }
+  return true;
+}
+
+// A strided view that the kernels can read in place, else an aligned contiguous copy.
+Tensor kernel_rows(const Tensor& t) { return rows_are_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
+
+// q, k, v: fp16/bf16 CUDA tensors whose last dim is contiguous (other strides are free).
+Tensor attention_input(const char* op, const char* name, const Tensor& t, int64_t ndim, const Tensor& q) {
+  check_cuda(op, name, t);
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": argument '", name,
+              "' has dtype ", t.scalar_type(), ", expected Half or BFloat16 (the CUDA attention kernels have no "
+              "float32 path)");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": argument '", name, "' has dtype ", t.scalar_type(),
+              ", expected ", q.scalar_type(), " (the dtype of 'q')");
+  TORCH_CHECK(t.device() == q.device(), op, ": argument '", name, "' is on ", t.device(), ", expected ", q.device(),
+              " (the device of 'q')");
+  TORCH_CHECK(t.dim() == ndim, op, ": argument '", name, "' must have ", ndim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, op, ": argument '", name,
+              "' must have a contiguous last (head) dimension, stride 1, got strides ", t.strides(),
+              " (call .contiguous())");
+  return kernel_rows(t);
+}
+
+// Tensors of the problem, kept alive (and possibly copied for alignment) during the launch.
+struct AttentionInputs {
+  Tensor q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k;
+  AttentionProblem problem;
+  bool packed = false;
+};
+
+void check_cu_seqlens(const char* op, const char* name, const Tensor& cu, const Tensor& q) {
+  check_cuda(op, name, cu);
+  TORCH_CHECK(cu.device() == q.device(), op, ": argument '", name, "' is on ", cu.device(), ", expected ",
+              q.device(), " (the device of 'q')");
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 2, op, ": argument '", name,
+              "' must be a 1-d Int (int32) tensor of num_seqs + 1 >= 2 offsets, got dtype ", cu.scalar_type(),
+              " and shape ", cu.sizes());
+}
+
+AttentionInputs attention_inputs(const char* op, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                 const OptionalTensor& key_padding_mask, const OptionalTensor& cu_seqlens_q,
+                                 const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                 bool causal, double scale) {
+  AttentionInputs in;
+  in.packed = cu_seqlens_q.has_value();
+  TORCH_CHECK(in.packed == cu_seqlens_k.has_value(), op,
+              ": arguments 'cu_seqlens_q' and 'cu_seqlens_k' must be given together (packed sequences) or not at all");
+  const int64_t ndim = in.packed ? 3 : 4;
+  in.q = attention_input(op, "q", q_in, ndim, q_in);
+  in.k = attention_input(op, "k", k_in, ndim, q_in);
+  in.v = attention_input(op, "v", v_in, ndim, q_in);
+  const Tensor& q = in.q;
+  const Tensor& k = in.k;
+  const int64_t seq_axis = in.packed ? 0 : 2;  // the head axis is 1 in both layouts
+  const int64_t head_dim = q.size(-1), num_heads = q.size(1), num_kv_heads = k.size(1);
+  TORCH_CHECK(attention_head_dim_bucket(static_cast<int>(std::min<int64_t>(head_dim, INT32_MAX))) != 0, op,
+              ": argument 'q' has head dim ", head_dim, "; the CUDA attention kernels take head dims that are a "
+              "multiple of 8 and at most ", kAttentionMaxHeadDim, " (compiled for 32, 64, 96, 128 and 256; smaller "
+              "ones run in the next of these)");
+  TORCH_CHECK(k.size(-1) == head_dim && in.v.sizes() == k.sizes(), op, ": arguments 'k' and 'v' must have the "
+              "same shape with q's head dim ", head_dim, ", got k ", k.sizes(), " and v ", in.v.sizes());
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, op, ": argument 'q' has ", num_heads,
+              " heads and 'k' has ", num_kv_heads, "; the query heads must be a multiple of the key/value heads");
+  TORCH_CHECK(num_heads <= 65535, op, ": argument 'q' has ", num_heads, " heads, at most 65535 are supported");
+
+  AttentionProblem& p = in.problem;
+  if (in.packed) {
+    in.cu_seqlens_q = *cu_seqlens_q;
+    in.cu_seqlens_k = *cu_seqlens_k;
+    check_cu_seqlens(op, "cu_seqlens_q", in.cu_seqlens_q, q);
+    check_cu_seqlens(op, "cu_seqlens_k", in.cu_seqlens_k, q);
+    TORCH_CHECK(in.cu_seqlens_q.numel() == in.cu_seqlens_k.numel(), op, ": 'cu_seqlens_q' has ",
+                in.cu_seqlens_q.numel(), " offsets and 'cu_seqlens_k' has ", in.cu_seqlens_k.numel(),
+                "; both must describe the same sequences");
+    TORCH_CHECK(!key_padding_mask.has_value(), op, ": argument 'key_padding_mask' is not taken with packed "
+                "sequences (cu_seqlens_*): the offsets already say which keys exist");
+    in.cu_seqlens_q = in.cu_seqlens_q.contiguous();
+    in.cu_seqlens_k = in.cu_seqlens_k.contiguous();
+    p.cu_seqlens_q = in.cu_seqlens_q.data_ptr<int32_t>();
+    p.cu_seqlens_k = in.cu_seqlens_k.data_ptr<int32_t>();
+    p.num_seqs = static_cast<int>(in.cu_seqlens_q.numel() - 1);
+    TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT32_MAX && max_seqlen_k <= INT32_MAX,
+                op, ": arguments 'max_seqlen_q' and 'max_seqlen_k' must be in [0, 2^31), got ", max_seqlen_q,
+                " and ", max_seqlen_k);
+    p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+    p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  } else {
+    TORCH_CHECK(k.size(0) == q.size(0), op, ": argument 'k' has batch size ", k.size(0), ", expected ", q.size(0),
+                " (the batch size of 'q')");
+    TORCH_CHECK(q.size(0) <= 65535, op, ": argument 'q' has batch size ", q.size(0), ", at most 65535 are supported");
+    p.num_seqs = static_cast<int>(q.size(0));
+    p.max_seqlen_q = static_cast<int>(q.size(seq_axis));
+    p.max_seqlen_k = static_cast<int>(k.size(seq_axis));
+    if (key_padding_mask.has_value()) {
+      in.key_padding_mask = *key_padding_mask;
+      const Tensor& mask = in.key_padding_mask;
+      check_cuda(op, "key_padding_mask", mask);
+      TORCH_CHECK(mask.device() == q.device(), op, ": argument 'key_padding_mask' is on ", mask.device(),
+                  ", expected ", q.device(), " (the device of 'q')");
+      TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": argument 'key_padding_mask' has dtype ",
+                  mask.scalar_type(), ", expected Bool (True marks a padding key)");
+      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == k.size(seq_axis), op,
+                  ": argument 'key_padding_mask' has shape ", mask.sizes(), ", expected (", q.size(0), ", ",
+                  k.size(seq_axis), ") (batch, Sk)");
+      p.key_padding = static_cast<const uint8_t*>(mask.data_ptr());
+      p.key_padding_seq_stride = mask.stride(0);
+      p.key_padding_token_stride = mask.stride(1);
+    }
+  }
+  TORCH_CHECK(q.size(seq_axis) <= INT32_MAX && k.size(seq_axis) <= INT32_MAX, op,
+              ": sequences of at most 2^31 - 1 tokens are supported, got q ", q.sizes(), " and k ", k.sizes());
+  int device_limit = 0;
+  check_launch(cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()), op);
+  const int needed = attention_shared_memory_bytes(static_cast<int>(head_dim));
+  TORCH_CHECK(needed <= device_limit, op, ": head dim ", head_dim, " needs ", needed, " bytes of shared memory per "
+              "block; this device allows ", device_limit);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = in.v.data_ptr();
+  p.q_strides = attention_strides(q, in.packed);
+  p.k_strides = attention_strides(k, in.packed);
+  p.v_strides = attention_strides(in.v, in.packed);
+  p.num_heads = static_cast<int>(num_heads);
+  p.group_size = static_cast<int>(num_heads / num_kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  return in;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const OptionalTensor& key_padding_mask, const OptionalTensor& cu_seqlens_q,
+                                         const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                         int64_t max_seqlen_k, bool causal, double scale) {
+  const char* op = "cuda_attention_fwd";
+  check_cuda(op, "q", q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttentionInputs in = attention_inputs(op, q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, causal, scale);
+  const auto float_options = q.options().dtype(at::kFloat);
+  // Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros and -inf, not garbage.
+  Tensor out = in.packed ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
+  Tensor lse = in.packed ? at::full({q.size(1), q.size(0)}, -INFINITY, float_options)
+                         : at::empty({q.size(0), q.size(1), q.size(2)}, float_options);
+  if (q.numel() == 0) return {out, lse};
+  AttentionForwardArgs args{};
+  args.problem = in.problem;
+  args.out = out.data_ptr();
+  args.out_strides = attention_strides(out, in.packed);
+  args.lse = lse.data_ptr<float>();
+  args.lse_strides = lse_strides(lse, in.packed);
+  check_launch(launch_attention_forward(kernel_dtype(op, "q", in.q), args, current_stream()), op);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                 const OptionalTensor& key_padding_mask,
+                                                 const OptionalTensor& cu_seqlens_q,
+                                                 const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                 int64_t max_seqlen_k, bool causal, double scale) {
+  const char* op = "cuda_attention_bwd";
+  check_cuda(op, "q", q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttentionInputs in = attention_inputs(op, q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, causal, scale);
+  auto check_like_q = [&](const char* name, const Tensor& t) {
+    check_cuda(op, name, t);
+    TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type() && t.sizes() == q.sizes(), op,
+                ": argument '", name, "' must match q in device, dtype and shape, got ", t.device(), ", ",
+                t.scalar_type(), " and ", t.sizes(), " for q's ", q.device(), ", ", q.scalar_type(), " and ",
+                q.sizes());
+  };
+  check_like_q("grad_out", grad_out);
+  check_like_q("out", out);
+  // grad_out may be expanded (stride 0, from out.sum().backward()): copied once then.
+  const Tensor dout = kernel_rows(grad_out);
+  const Tensor out_rows = kernel_rows(out);
+  const std::vector<int64_t> lse_shape =
+      in.packed ? std::vector<int64_t>{q.size(1), q.size(0)} : std::vector<int64_t>{q.size(0), q.size(1), q.size(2)};
+  check_cuda(op, "lse", lse);
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, op,
+              ": argument 'lse' must be a Float (float32) tensor of shape ", at::IntArrayRef(lse_shape),
+              " on q's device, got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  // Packed tokens outside every sequence get zero gradients.
+  auto alloc = [&](const Tensor& like) {
+    return in.packed ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+  };
+  Tensor dq = alloc(q), dk = alloc(k), dv = alloc(v);
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  Tensor delta = at::empty(lse_shape, lse.options());
+  AttentionBackwardArgs args{};
+  args.problem = in.problem;
+  args.out = out_rows.data_ptr();
+  args.out_strides = attention_strides(out_rows, in.packed);
+  args.dout = dout.data_ptr();
+  args.dout_strides = attention_strides(dout, in.packed);
+  const Tensor lse_contiguous = lse.contiguous();
+  args.lse = lse_contiguous.data_ptr<float>();
+  args.delta = delta.data_ptr<float>();
+  args.lse_strides = lse_strides(delta, in.packed);  // lse_contiguous and delta share the layout
+  args.dq = dq.data_ptr();
+  args.dk = dk.data_ptr();
+  args.dv = dv.data_ptr();
+  args.dq_strides = attention_strides(dq, in.packed);
+  args.dk_strides = attention_strides(dk, in.packed);
+  args.dv_strides = attention_strides(dv, in.packed);
+  check_launch(launch_attention_backward(kernel_dtype(op, "q", in.q), args, current_stream()), op);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace tformer
 
@@ -312,6 +550,12 @@ TORCH_LIBRARY(tformer, m) {
         "bool weight_grad) -> (Tensor dx, Tensor dweight)");
   m.def("cuda_softmax_fwd(Tensor x, float scale, Tensor? mask) -> Tensor");
   m.def("cuda_softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
+  m.def("cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
+        "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
+        "-> (Tensor out, Tensor lse)");
+  m.def("cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(tformer, CUDA, m) {
@@ -321,4 +565,6 @@ TORCH_LIBRARY_IMPL(tformer, CUDA, m) {
   m.impl("cuda_rms_norm_bwd", &tformer::rms_norm_bwd);
   m.impl("cuda_softmax_fwd", &tformer::softmax_fwd);
   m.impl("cuda_softmax_bwd", &tformer::softmax_bwd);
+  m.impl("cuda_attention_fwd", &tformer::attention_fwd);
+  m.impl("cuda_attention_bwd", &tformer::attention_bwd);
 }

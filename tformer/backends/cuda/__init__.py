@@ -6,7 +6,7 @@ import importlib
 
 import torch
 
-OP_MODULES: tuple[str, ...] = ("layer_norm", "softmax")
+OP_MODULES: tuple[str, ...] = ("attention", "layer_norm", "softmax")
 
 BUILD_HINT = ("install a CUDA toolkit, set CUDA_HOME (e.g. /usr/local/cuda) and reinstall with "
               "'TFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e .'")

@@ -1,0 +1,102 @@
+// Flash attention (FlashAttention-2, Dao 2023) on tensor cores: host launchers of the
+// torch-free kernels in csrc/attention/*.cu.
+//
+// Layouts. Every tensor is addressed as (sequence, head, token, dim) through element strides,
+// so q, k and v may be strided views (e.g. split from a fused QKV projection); the dim stride
+// must be 1 and every other stride and base pointer 16-byte aligned (the kernels move rows in
+// 16-byte cp.async chunks). Padded batch: sequence = batch index, token stride = the seq dim.
+// Packed (cu_seqlens given): the sequence stride is 0 and sequence i holds tokens
+// cu_seqlens[i] .. cu_seqlens[i+1]. lse and delta are float32 with (sequence, head, token)
+// strides in the same way.
+//
+// Semantics (those of tformer.ops.attention): causal is top-left aligned (query i sees keys
+// j <= i, per sequence); key_padding True removes a key; grouped-query attention: query head
+// h reads key/value head h / group_size; a query row with no allowed key gives zeros and
+// lse = -inf, and zero gradients.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace tformer {
+
+// Head dims the kernels are compiled for. A head dim d (a multiple of 8, <= 256) runs in the
+// smallest bucket >= d, its extra lanes loaded as zeros and never stored.
+constexpr int kAttentionHeadDimBuckets[] = {32, 64, 96, 128, 256};
+constexpr int kAttentionMaxHeadDim = 256;
+
+// Strides in elements of a (sequence, head, token, dim) addressed tensor; dim stride is 1.
+struct Strides3 {
+  int64_t seq = 0;
+  int64_t head = 0;
+  int64_t token = 0;
+};
+
+struct AttentionProblem {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  Strides3 q_strides, k_strides, v_strides;
+  // (num_seqs, Sk) bool as bytes, True = padding key; nullptr when there is none.
+  const uint8_t* key_padding = nullptr;
+  int64_t key_padding_seq_stride = 0;
+  int64_t key_padding_token_stride = 0;
+  // (num_seqs + 1,) int32 token offsets; both nullptr for a padded batch.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int num_seqs = 0;
+  int num_heads = 0;     // query heads
+  int group_size = 1;    // query heads per key/value head
+  int max_seqlen_q = 0;  // the padded length, or a bound on every packed length
+  int max_seqlen_k = 0;
+  int head_dim = 0;
+  float scale = 1.f;
+  bool causal = false;
+};
+
+struct AttentionForwardArgs {
+  AttentionProblem problem;
+  void* out = nullptr;  // q's dtype
+  Strides3 out_strides;
+  float* lse = nullptr;  // natural-log log-sum-exp of the scaled, masked scores
+  Strides3 lse_strides;  // (seq, head, token); .token is the row stride
+};
+
+struct AttentionBackwardArgs {
+  AttentionProblem problem;
+  const void* out = nullptr;
+  Strides3 out_strides;
+  const void* dout = nullptr;
+  Strides3 dout_strides;
+  const float* lse = nullptr;
+  float* delta = nullptr;  // workspace with lse's layout: rowsum(dout * out)
+  Strides3 lse_strides;    // of lse and delta
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides3 dq_strides, dk_strides, dv_strides;
+};
+
+// The bucket a head dim runs in, or 0 when it is not supported (not a multiple of 8, or > 256).
+inline int attention_head_dim_bucket(int head_dim) {
+  if (head_dim <= 0 || head_dim % 8 != 0) return 0;
+  for (int bucket : kAttentionHeadDimBuckets) {
+    if (head_dim <= bucket) return bucket;
+  }
+  return 0;
+}
+
+// The most dynamic shared memory any pass takes for this head dim (0 if unsupported); the
+// bindings compare it with the device's opt-in limit before launching.
+int attention_shared_memory_bytes(int head_dim);
+
+// out, lse. dtype is kFloat16 or kBFloat16.
+cudaError_t launch_attention_forward(DType dtype, const AttentionForwardArgs& args, cudaStream_t stream);
+
+// dq, dk, dv (deterministic: no atomics). Writes delta first.
+cudaError_t launch_attention_backward(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);
+
+}  // namespace tformer

@@ -1,0 +1,125 @@
+"""CUDA C++ flash attention (kernels in csrc/attention/, ops in csrc/bindings.cpp).
+
+Adds autograd and fake implementations to ``tformer::cuda_attention_{fwd,bwd}``, so the ops
+train and trace under ``torch.compile``, and registers ``attention`` and
+``attention_varlen`` for the "cuda" backend.
+
+The kernels (FlashAttention-2 forward and backward, Dao 2023) run on the tensor cores with
+``mma.sync.m16n8k16`` (fp16/bf16 inputs, float32 accumulation), ``ldmatrix`` and
+double-buffered ``cp.async`` tiles: the sm80 path, which also runs on sm90. A Hopper path
+(wgmma + TMA, warp-specialized as in FlashAttention-3) is future work.
+
+What they take:
+- fp16 and bf16 only (float32 is refused by the registered dtypes: use "triton" or
+  "reference" for it);
+- head dims that are a multiple of 8 and at most 256 (compiled for 32, 64, 96, 128 and 256;
+  a head dim in between runs in the next bucket with zero-filled lanes);
+- causal (top-left aligned), key padding mask, packed variable-length sequences, any lengths
+  with Sq != Sk, grouped-query attention without repeating k and v;
+- strided q, k, v (e.g. views of a fused QKV projection) whose last dim is contiguous;
+  others are refused with the reason, so "auto" passes over this backend for them.
+- Dropout is not implemented yet: ``dropout_p > 0`` is refused (the registry's ``supports``
+  check names it; calling these functions directly raises ValueError).
+
+Semantics are those of the reference: a fully masked query row gives zeros, lse = -inf and
+zero gradients. The backward is deterministic: dK/dV come from one pass over key blocks that
+loops over the group's query heads in a fixed order, dQ from a second pass over query
+blocks; no atomics. The float32 log-sum-exp saved by the forward is returned by
+``return_lse=True`` (detached). Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import tformer._C  # noqa: F401  loads the library that defines torch.ops.tformer.cuda_*
+from tformer.ops.registry import register
+
+DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 256)
+MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
+
+
+def _dropout_reason(dropout_p: float) -> Optional[str]:
+    if dropout_p > 0.0:
+        return (f"backend 'cuda' has no implementation of attention dropout yet (got dropout_p={dropout_p}); "
+                f"use backend='triton' or 'reference' for dropout, or dropout_p=0.0")
+    return None
+
+
+def _supports(q, k, v, dropout_p, **_) -> Optional[str]:
+    """Why the kernels cannot take these inputs, or None (the registry's ``supports`` check)."""
+    reason = _dropout_reason(dropout_p)
+    if reason is not None:
+        return reason
+    head_dim = q.shape[-1]
+    if head_dim == 0 or head_dim % 8 != 0 or head_dim > MAX_HEAD_DIM:
+        return (f"the CUDA attention kernels take head dims that are a multiple of 8 and at most {MAX_HEAD_DIM}, "
+                f"got {head_dim}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return (f"the CUDA attention kernels need argument '{name}' with a contiguous last dim (stride 1), "
+                    f"got strides {tuple(t.stride())}")
+    return None
+
+
+def _check_dropout(dropout_p: float) -> None:
+    reason = _dropout_reason(dropout_p)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+@register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
+def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool):
+    _check_dropout(dropout_p)
+    out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
+                                                    causal, scale)
+    return (out, lse.detach()) if return_lse else out
+
+
+@register("attention_varlen", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
+def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+                     return_lse):
+    _check_dropout(dropout_p)
+    out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                    max_seqlen_k, causal, scale)
+    return (out, lse.detach()) if return_lse else out
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    ctx.scalars = (max_seqlen_q, max_seqlen_k, causal, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    # lse is returned detached by the public functions: its gradient carries nothing.
+    q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, causal, scale = ctx.scalars
+    dq, dk, dv = torch.ops.tformer.cuda_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q,
+                                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- fake implementations (shapes and dtypes only, for torch.compile and meta tensors) ----------
+
+@torch.library.register_fake("tformer::cuda_attention_fwd")
+def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                        scale):
+    # Padded batch: lse (B, Hq, Sq); packed: (Hq, total_q).
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else tuple(q.shape[:3])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("tformer::cuda_attention_bwd")
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
