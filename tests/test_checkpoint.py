@@ -50,6 +50,28 @@ def test_interrupted_save_is_ignored(tmp_path):
     assert sorted(p.name for p in folder.iterdir() if (p / ckpt.COMPLETE).exists()) == ["step_0000006", "step_0000007"]
 
 
+
+def test_killed_removal_never_leaves_a_complete_looking_checkpoint(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    commit = lambda step: ckpt.CheckpointWriter(folder, step, rank=0, barrier=lambda: None).commit({"step": step}, keep=1)
+    first = commit(1)
+    (first / "shard").write_text("x")
+    ckpt.CheckpointWriter(folder, 7, rank=0, barrier=lambda: None)  # a save killed before its commit
+
+    def killed_rmtree(path, ignore_errors=False):
+        raise KeyboardInterrupt  # the process dies before deleting anything but what went first
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    try:
+        commit(2)  # pruning step 1 (keep=1) is killed
+    except KeyboardInterrupt:
+        pass
+    assert (first / "shard").exists() and not (first / ckpt.COMPLETE).exists()
+    assert ckpt.latest_checkpoint(folder) == folder / ckpt.step_dir_name(2)
+    monkeypatch.undo()
+    commit(3)  # the next save clears what killed saves left behind
+    assert sorted(p.name for p in folder.iterdir()) == ["step_0000003"]
+
 def test_export_loads_with_from_pretrained(tmp_path):
     config = load_config(tiny_config(tmp_path, run={"steps": 2, "export": True}))
     trainer = Trainer(config)

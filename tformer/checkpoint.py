@@ -79,7 +79,7 @@ class CheckpointWriter:
         if self.rank == 0:
             (self.tmp / COMPLETE).write_text(json.dumps(info))
             if self.final.exists():
-                shutil.rmtree(self.final)
+                remove_checkpoint(self.final)
             os.replace(self.tmp, self.final)
             prune(self.final.parent, keep)
         self.barrier()
@@ -91,7 +91,20 @@ def prune(checkpoints_dir: Path, keep: int) -> None:
     complete = sorted((int(m.group(1)), p) for p in checkpoints_dir.iterdir()
                       if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file())
     for _, path in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
+    # Runs on rank 0 right after a commit, when no other save is in flight: a .tmp folder is a
+    # killed save, a step folder without its marker a killed removal.
+    for leftover in checkpoints_dir.iterdir():
+        is_step = _STEP_DIR.match(leftover.name) and not (leftover / COMPLETE).is_file()
+        if is_step or (leftover.name.startswith(".step_") and leftover.name.endswith(".tmp")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, its COMPLETE marker first: a removal killed half-way must not
+    leave a folder that still looks complete but has lost its shards."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def save_trainer_state(folder: Path, rank: int, state: dict) -> None:
