@@ -57,9 +57,25 @@ def test_beam_search_beats_or_matches_greedy(model):
     assert torch.equal(beam_search(model, prompt, 6, num_beams=1), greedy)
 
 
+def test_past_max_seq_len_the_context_slides_by_half_windows():
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=20, max_seq_len=8, d_model=16, n_layers=1, n_heads=2,
+                                  backend="reference")).eval()
+    prompt = torch.tensor([[4, 5, 6]])
+    out = generate(model, prompt, 17, greedy=True)  # max_seq_len 8: several refills
+    sequence, start = prompt, 0
+    with torch.no_grad():
+        for _ in range(17):
+            if sequence.shape[1] - start > 8:  # the window is full: keep its last half
+                start = sequence.shape[1] - 4
+            sequence = torch.cat([sequence, model(sequence[:, start:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.shape == (1, 20) and torch.equal(out, sequence)
+    assert torch.equal(beam_search(model, prompt, 17, num_beams=1), out)
+
+
 def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, torch.tensor([[1]]), 40)
+        generate(model, torch.ones(1, 33, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="'temperature'"):
         generate(model, torch.tensor([[1]]), 2, temperature=0.0)
 
@@ -73,3 +89,6 @@ def test_command_line(model, tmp_path, capsys):
     assert capsys.readouterr().out == first and first.startswith("abc") and len(first.strip()) == 8
     main(["--checkpoint", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "5", "--beams", "3"])
     assert capsys.readouterr().out.startswith("abc")
+    # More new tokens than max_seq_len (32): all of them, not silently fewer.
+    main(["--checkpoint", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "35"])
+    assert len(capsys.readouterr().out.strip("\n")) == 38

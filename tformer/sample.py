@@ -40,21 +40,21 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperatur
     """Continue ``prompt_ids`` ``(B, T0)`` by ``max_new_tokens``; returns ``(B, T0 + N)``.
 
     The prompt runs once through the model filling the KV cache; each new token then costs one
-    single-position forward pass. ``cache_dtype``: the dtype keys and values are computed in
+    single-position forward pass. Past the model's ``max_seq_len`` the context slides: when the
+    cache is full it restarts from the last ``max_seq_len // 2`` tokens (one prefill per half
+    window, so the cost stays linear). ``cache_dtype``: the dtype keys and values are computed in
     (under autocast or FSDP2 mixed precision it differs from the parameters'); default: the
     parameters' dtype.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"generate: argument 'prompt_ids' must be (B, T0) with T0 >= 1, got {tuple(prompt_ids.shape)}")
-    total = prompt_ids.shape[1] + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"generate: prompt ({prompt_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's max_seq_len={model.config.max_seq_len}")
+    total = _check_prompt_fits("generate", model, prompt_ids, max_new_tokens)
     if not greedy and temperature <= 0:
         raise ValueError(f"generate: argument 'temperature' must be > 0 (or use greedy=True), got {temperature}")
     was_training = model.training
     model.eval()
-    cache = KVCache.for_model(model, prompt_ids.shape[0], max_seq_len=total, dtype=cache_dtype)
+    cache = KVCache.for_model(model, prompt_ids.shape[0], max_seq_len=min(total, model.config.max_seq_len),
+                              dtype=cache_dtype)
     out = prompt_ids
     logits = model(prompt_ids, cache=cache)[:, -1, :].float()
     for step in range(max_new_tokens):
@@ -65,7 +65,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperatur
             next_ids = torch.multinomial(probs, 1, generator=generator)
         out = torch.cat([out, next_ids], dim=1)
         if step + 1 < max_new_tokens:
-            logits = model(next_ids, cache=cache)[:, -1, :].float()
+            logits = _next_logits(model, out, cache)
     model.train(was_training)
     return out
 
@@ -79,13 +79,11 @@ def beam_search(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, num_bea
     symmetry). Beams share one KV cache of batch ``num_beams``, reordered each step."""
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"beam_search: argument 'prompt_ids' must be (1, T0), got {tuple(prompt_ids.shape)}")
-    total = prompt_ids.shape[1] + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"beam_search: prompt + max_new_tokens = {total} exceeds max_seq_len={model.config.max_seq_len}")
+    total = _check_prompt_fits("beam_search", model, prompt_ids, max_new_tokens)
     was_training = model.training
     model.eval()
     beams = prompt_ids.repeat(num_beams, 1)
-    cache = KVCache.for_model(model, num_beams, max_seq_len=total)
+    cache = KVCache.for_model(model, num_beams, max_seq_len=min(total, model.config.max_seq_len))
     log_probs = torch.log_softmax(model(beams, cache=cache)[:, -1, :].float(), dim=-1)
     # Only the first beam is live at the start, so the first step does not pick duplicates.
     scores = torch.full((num_beams,), float("-inf"), device=beams.device)
@@ -100,10 +98,29 @@ def beam_search(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, num_bea
             cache.keys[layer] = cache.keys[layer][origin]
             cache.values[layer] = cache.values[layer][origin]
         if step + 1 < max_new_tokens:
-            log_probs = torch.log_softmax(model(token[:, None], cache=cache)[:, -1, :].float(), dim=-1)
+            log_probs = torch.log_softmax(_next_logits(model, beams, cache), dim=-1)
     best = torch.argmax(scores / max(max_new_tokens, 1) ** length_penalty)
     model.train(was_training)
     return beams[best:best + 1]
+
+
+def _check_prompt_fits(caller: str, model, prompt_ids: torch.Tensor, max_new_tokens: int) -> int:
+    if prompt_ids.shape[1] > model.config.max_seq_len:
+        raise ValueError(f"{caller}: the prompt ({prompt_ids.shape[1]} tokens) is longer than the model's "
+                         f"max_seq_len={model.config.max_seq_len}")
+    if max_new_tokens < 0:
+        raise ValueError(f"{caller}: argument 'max_new_tokens' must be >= 0, got {max_new_tokens}")
+    return prompt_ids.shape[1] + max_new_tokens
+
+
+def _next_logits(model, sequences: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits after the last token of ``sequences`` (B, T), whose earlier tokens are cached.
+    A full cache restarts from the last half window: the model has no positions past
+    max_seq_len (a learned table), and sliding by one would cost a prefill per token."""
+    if cache.length < cache.max_seq_len:
+        return model(sequences[:, -1:], cache=cache)[:, -1, :].float()
+    cache.reset()
+    return model(sequences[:, -max(cache.max_seq_len // 2, 1):], cache=cache)[:, -1, :].float()
 
 
 def find_export(path: str | Path) -> Path:
@@ -139,7 +156,7 @@ def main(argv=None) -> None:
     vocab = vocab_from_dict(metadata["vocab"])
     prompt = vocab.encode(args.prompt) or [0]
     prompt_ids = torch.tensor([prompt], dtype=torch.long, device=args.device)
-    max_new = min(args.max_new_tokens, model.config.max_seq_len - len(prompt))
+    max_new = args.max_new_tokens
     if args.beams > 0:
         outputs = beam_search(model, prompt_ids, max_new, num_beams=args.beams)
     else:

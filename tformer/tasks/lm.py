@@ -133,8 +133,7 @@ class LanguageModelTask(Task):
         prompt = self.vocab.encode(sample.prompt) or [0]
         prompt_ids = torch.tensor([prompt] * sample.num_samples, dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(sample.seed)
-        limit = model.config.max_seq_len - len(prompt)
-        out = generate(model, prompt_ids, min(sample.max_new_tokens, limit), temperature=sample.temperature,
+        out = generate(model, prompt_ids, sample.max_new_tokens, temperature=sample.temperature,
                        top_k=sample.top_k, generator=generator, cache_dtype=self.compute_dtype)
         return [self.vocab.decode(row.tolist()) for row in out]
 
