@@ -99,3 +99,21 @@ def test_wandb_offline_logs_config_metrics_and_samples(tmp_path, monkeypatch):
     Trainer(config).fit()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_no_tformer_module_shadows_a_top_level_package():
+    # `python tformer/train.py` puts tformer/ first on sys.path (train.py swaps it for the
+    # repository root, but only once it runs): a tformer/config.py next to a real `config`
+    # package, or a tformer/tokenizers/, would be imported in its place.
+    import importlib.util
+    from pathlib import Path
+
+    import tformer
+
+    root = Path(tformer.__file__).parent
+    names = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    names |= {p.name.split(".")[0] for p in root.glob("*.so")}
+    names -= {"__init__"}
+    assert {"train", "config", "data", "tasks"} <= names
+    clashes = {name for name in names if importlib.util.find_spec(name) is not None}
+    assert not clashes, f"tformer modules named like importable top-level modules: {sorted(clashes)}"
