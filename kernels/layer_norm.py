@@ -48,7 +48,8 @@ def block_config(n_cols: int, max_block_n: int = MAX_BLOCK_N) -> tuple[int, int]
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 2-D ``(rows, N)`` view with unit column stride; copies only when no such view
     exists (e.g. a transposed tensor). A sliced tensor such as ``x[:, :N]`` is not copied."""
-    rows = t.reshape(-1, t.shape[-1])
+    # The row count is explicit: reshape(-1, 0) is ambiguous for an empty last dimension.
+    rows = t.reshape(t.shape[:-1].numel(), t.shape[-1])
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows

@@ -118,6 +118,30 @@ def test_fully_masked_rows_give_zeros(backend):
     assert_matches_reference(backend, q, k, v, "fully masked", causal=True, key_padding_mask=mask)
 
 
+@pytest.mark.parametrize("empty", ["no_keys", "no_queries", "no_batch"])
+def test_empty_dimensions(backend, empty):
+    # No keys at all is the limit of a fully masked row: zeros, lse -inf, zero dq; empty
+    # batches or queries give empty results and empty gradients, not an error.
+    shape = dict(no_keys=(1, 2, 2, 5, 0), no_queries=(1, 2, 2, 0, 5), no_batch=(0, 2, 2, 5, 5))[empty]
+    q, k, v = make_inputs(*shape, 16, torch.float32)
+    out, dq, dk, dv = forward_backward(backend, q, k, v, torch.ones(q.shape, device=DEVICE), causal=True)
+    assert out.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    if empty == "no_keys":
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(dq, torch.zeros_like(dq))
+        _, lse = call_or_skip(attention, q, k, v, return_lse=True, backend=backend)
+        assert lse.shape == q.shape[:3] and torch.isneginf(lse).all()
+
+
+def test_backward_is_deterministic(backend):
+    # No atomics whose order changes the result: the same inputs give bitwise the same gradients.
+    q, k, v, kwargs = _case_inputs("gqa", torch.float32)  # dk, dv summed over the query group
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    first = forward_backward(backend, q, k, v, grad_out, **kwargs)
+    second = forward_backward(backend, q, k, v, grad_out, **kwargs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
 def test_return_lse(backend):
     q, k, v, kwargs = _case_inputs("combined", torch.float32)
     q.requires_grad_()

@@ -98,6 +98,18 @@ def test_fused_residual(backend, norm, dtype, n_cols):
     check_against_reference(norm, inputs, backend, dtype, what=f"{norm}+residual N={n_cols}")
 
 
+@pytest.mark.parametrize("rows, n_cols", [(0, 8), (3, 0)], ids=["no_rows", "empty_rows"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_empty_inputs(backend, norm, rows, n_cols):
+    # Empty in, empty out (as torch.nn.functional.layer_norm), gradients of the right shapes.
+    outputs, grads = run(norm, make_case(rows, n_cols, torch.float32, bias=norm == "layer_norm", residual=True),
+                         backend)
+    assert [tuple(o.shape) for o in outputs] == [(rows, n_cols)] * 2
+    assert {name: tuple(g.shape) for name, g in grads.items()} == {
+        "x": (rows, n_cols), "residual": (rows, n_cols), "weight": (n_cols,),
+        **({"bias": (n_cols,)} if norm == "layer_norm" else {})}
+
+
 @pytest.mark.parametrize("affine", ["weight_bias", "weight_only", "bias_only", "neither"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_weight_and_bias_optional(backend, affine, residual):

@@ -79,6 +79,15 @@ def test_matches_reference(backend, mask_kind, dtype, n_cols):
     check_against_reference(x, mask, backend, what=f"{mask_kind} N={n_cols}")
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 5), (2, 2, 0)], ids=["no_rows", "empty_rows"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_empty_inputs(backend, mask_kind, shape):
+    # Empty in, empty out (as torch.softmax), gradients of the right shape.
+    x, mask = make_case(shape, torch.float32, mask_kind)
+    y, dx, _ = run(x, mask, backend, scale=0.5)
+    assert y.shape == shape and dx.shape == shape
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.125, 3.0], ids=lambda s: f"scale{s}")
 def test_scale(backend, scale):
     x, mask = make_case((2, 3, 40), torch.float32, "additive_mask")

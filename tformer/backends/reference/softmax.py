@@ -21,6 +21,8 @@ def safe_softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gradients. Its log-sum-exp is log(0) = -inf. Subtracting the (detached) row max changes
     no value, only keeps exp() in range.
     """
+    if scores.shape[-1] == 0:  # no entries at all (e.g. Sk = 0): nothing takes part
+        return scores, scores.detach().new_full(scores.shape[:-1], float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     exp = torch.exp(scores - row_max)
