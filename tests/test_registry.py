@@ -70,6 +70,32 @@ def test_auto_on_cpu_picks_reference_and_logs_once(caplog):
     assert chosen == ["backend='auto' chose 'reference' for layer_norm on cpu float32"]
 
 
+def test_auto_falls_back_past_backends_that_refuse_and_says_why(monkeypatch, caplog):
+    # Off the CPU, auto walks AUTO_ORDER. A meta tensor stands in for a device the kernel
+    # backends refuse (or are unavailable for); the reference is allowed it here, so auto
+    # falls back to it and logs each backend it passed over, with the reason.
+    registry._load("reference")
+    real = registry._backends["reference"].impls["softmax"]
+    monkeypatch.setitem(registry._backends["reference"].impls, "softmax",
+                        registry.Implementation(real.fn, real.devices | {"meta"}, real.dtypes))
+    registry._auto_logged.clear()
+    with caplog.at_level(logging.INFO, logger="tformer"):
+        out = tformer.ops.softmax(torch.empty(2, 3, device="meta"), backend="auto")
+    assert out.device.type == "meta"
+    (message,) = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
+    assert message.startswith("backend='auto' chose 'reference' for softmax on meta float32 (passed over: triton: ")
+    for name in ("triton", "cuda"):
+        reason = registry.unavailable_reason(name) or f"backend {name!r} runs 'softmax' on"
+        assert f"{name}: {reason}" in message, message
+
+
+def test_auto_with_no_backend_for_the_input_lists_every_reason():
+    with pytest.raises(tformer.BackendError, match=r"softmax: no backend can run this input: triton: .*; cuda: .*; "
+                                                   r"reference: backend 'reference' runs 'softmax' on \['cpu', "
+                                                   r"'cuda'\] tensors, got a meta tensor"):
+        tformer.ops.softmax(torch.empty(2, 3, device="meta"), backend="auto")
+
+
 def test_default_comes_from_context_then_environment_then_auto(monkeypatch):
     monkeypatch.delenv("TFORMER_BACKEND", raising=False)
     assert tformer.default_backend() == "auto"

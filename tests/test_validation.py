@@ -11,6 +11,12 @@ def qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=8, dtype=torch.float32):
             torch.randn(B, Hkv, Sk, D, dtype=dtype))
 
 
+def varlen(offsets_q, offsets_k, max_seqlen_q, max_seqlen_k):
+    packed = torch.randn(5, 2, 8)
+    return ops.attention_varlen(packed, packed, packed, torch.tensor(offsets_q, dtype=torch.int32),
+                                torch.tensor(offsets_k, dtype=torch.int32), max_seqlen_q, max_seqlen_k)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: ops.attention(*qkv()[:2], "v"), TypeError, "argument 'v' must be a torch.Tensor, got str"),
     (lambda: ops.attention(torch.randn(5, 8), *qkv()[1:]), ValueError, r"argument 'q' must have 4 dimensions, got shape \(5, 8\)"),
@@ -36,6 +42,12 @@ def qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=8, dtype=torch.float32):
     (lambda: ops.attention_varlen(torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8),
                                   torch.tensor([0, 5]), torch.tensor([0, 5], dtype=torch.int32), 5, 5),
      TypeError, "argument 'cu_seqlens_q' has dtype int64, expected one of int32"),
+    (lambda: varlen([0, 2, 7], [0, 2, 5], 3, 3), ValueError,
+     r"argument 'cu_seqlens_q' must start at 0, never decrease and end at most at q.shape\[0\] = 5, got \[0, 2, 7\]"),
+    (lambda: varlen([0, 2, 5], [1, 2, 5], 3, 3), ValueError, r"argument 'cu_seqlens_k' must start at 0"),
+    (lambda: varlen([0, 3, 2], [0, 2, 5], 3, 3), ValueError, r"argument 'cu_seqlens_q' must start at 0"),
+    (lambda: varlen([0, 2, 5], [0, 2, 5], 2, 3), ValueError,
+     "argument 'max_seqlen_q' must be at least the longest sequence, 3, got 2"),
 ])
 def test_bad_input_is_named(call, error, message):
     with pytest.raises(error, match=message):

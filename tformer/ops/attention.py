@@ -93,6 +93,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{op}: argument '{name}' must be a non-negative int, got {value!r}")
+    if not torch.compiler.is_compiling():
+        _check_offsets(op, "q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        _check_offsets(op, "k", cu_seqlens_k, total_k, max_seqlen_k)
     check_probability(op, "dropout_p", dropout_p)
     scale = _resolve_scale(op, scale, head_dim)
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -100,6 +103,20 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                 return_lse=bool(return_lse))
     impl = registry.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
+
+
+def _check_offsets(op: str, side: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """The offsets' values, at the cost of one tiny device-to-host copy (skipped under
+    torch.compile): an offset past the packed tensor makes the kernels read out of bounds,
+    and a ``max_seqlen`` below a real length sizes the grid too small, leaving rows unwritten."""
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] > total:
+        raise ValueError(f"{op}: argument 'cu_seqlens_{side}' must start at 0, never decrease and end at most at "
+                         f"{side}.shape[0] = {total}, got {offsets}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{op}: argument 'max_seqlen_{side}' must be at least the longest sequence, "
+                         f"{max(lengths)}, got {max_seqlen}")
 
 
 def _resolve_scale(op: str, scale, head_dim: int) -> float:
