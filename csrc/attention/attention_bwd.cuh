@@ -50,6 +50,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) key_grad_kernel(const AttentionBackwardArgs args) {
   using Shape = KeyGradShape<kD>;
   constexpr int kM = Shape::kBlockM, kN = Shape::kBlockN, kStride = smem_stride<kD>();
+  constexpr int kColumns = Shape::kColumns;  // of dK and dV, from column col0 on
   static_assert(kN == kWarps * kRowsPerWarp, "each warp owns 16 keys");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* k_tile = reinterpret_cast<T*>(shared_bytes);
@@ -60,9 +61,10 @@ __global__ void __launch_bounds__(kThreads) key_grad_kernel(const AttentionBackw
   float* delta_tile = lse_tile + kM;
 
   const AttentionProblem& p = args.problem;
-  const int n0 = blockIdx.x * kN, kv_head = blockIdx.y, seq = blockIdx.z;
+  const int n0 = (blockIdx.x / Shape::kColumnSplit) * kN, kv_head = blockIdx.y, seq = blockIdx.z;
+  const int col0 = (blockIdx.x % Shape::kColumnSplit) * kColumns;
   const SequenceBounds bounds = sequence_bounds(p, seq);
-  if (n0 >= bounds.k_len) return;
+  if (n0 >= bounds.k_len || col0 >= p.head_dim) return;
   const KeyMask mask = key_mask(p, seq, bounds);
   load_tile_async<T, kN, kD>(k_tile, slab(static_cast<const T*>(p.k), p.k_strides, seq, kv_head, bounds.k_start),
                              p.k_strides.token, n0, bounds.k_len, p.head_dim);
@@ -73,9 +75,11 @@ __global__ void __launch_bounds__(kThreads) key_grad_kernel(const AttentionBackw
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_key0 = n0 + warp * kRowsPerWarp;  // this warp's first key
   const float scale_log2 = p.scale * kLog2e;
-  float dk[kD / 8][4], dv[kD / 8][4];
+  float dk[kColumns / 8][4], dv[kColumns / 8][4];
   zero(dk);
   zero(dv);
+  // This lane's keys (warp_key0 + lane / 4 and + 8) are fixed for the whole kernel.
+  const bool key_ok[2] = {mask.key_ok(warp_key0 + lane / 4), mask.key_ok(warp_key0 + lane / 4 + 8)};
   // Causal: key j is seen only by rows i >= j, so query blocks above n0 are skipped.
   const int m_begin = p.causal ? (n0 / kM) * kM : 0;
 
@@ -105,12 +109,13 @@ __global__ void __launch_bounds__(kThreads) key_grad_kernel(const AttentionBackw
 #pragma unroll
       for (int j = 0; j < kM / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 4; ++e) {  // (key lane / 4 + 8 (e / 2), query 2 (lane % 4) + e % 2)
           const int key = warp_key0 + lane / 4 + (e / 2) * 8, i = j * 8 + 2 * (lane % 4) + (e % 2);
-          pt[j][e] = mask.allowed(m0 + i, key) ? exp2f(pt[j][e] * scale_log2 - lse_tile[i]) : 0.f;
+          pt[j][e] = key_ok[e / 2] && mask.query_sees(m0 + i, key) ? exp2f(pt[j][e] * scale_log2 - lse_tile[i])
+                                                                   : 0.f;
         }
       }
-      warp_gemm_pb<T, kM, kD>(dv, pt, dout_tile, kStride, lane);  // dV += P^T dO
+      warp_gemm_pb<T, kM, kColumns>(dv, pt, dout_tile + col0, kStride, lane);  // dV += P^T dO
 
       // dS^T = P^T * (dP^T - delta), dP^T = V dO^T.
       float dst[kM / 8][4];
@@ -124,17 +129,17 @@ __global__ void __launch_bounds__(kThreads) key_grad_kernel(const AttentionBackw
           dst[j][e] = pt[j][e] * (dst[j][e] - delta_tile[i]);
         }
       }
-      warp_gemm_pb<T, kM, kD>(dk, dst, q_tile, kStride, lane);  // dK += dS^T Q (scaled at the end)
+      warp_gemm_pb<T, kM, kColumns>(dk, dst, q_tile + col0, kStride, lane);  // dK += dS^T Q, scaled at the end
       __syncthreads();  // the next block's loads overwrite the tiles read here
     }
   }
   cp_async_wait<0>();  // nothing in flight at exit (no query block: the K and V tiles)
 
   // Every key of the block is written, zeros included (keys no query may see).
-  store_rows<T, kD>(slab(static_cast<T*>(args.dk), args.dk_strides, seq, kv_head, bounds.k_start),
-                    args.dk_strides.token, dk, p.scale, warp_key0, bounds.k_len, p.head_dim, lane);
-  store_rows<T, kD>(slab(static_cast<T*>(args.dv), args.dv_strides, seq, kv_head, bounds.k_start),
-                    args.dv_strides.token, dv, 1.f, warp_key0, bounds.k_len, p.head_dim, lane);
+  store_rows<T, kColumns>(slab(static_cast<T*>(args.dk), args.dk_strides, seq, kv_head, bounds.k_start) + col0,
+                          args.dk_strides.token, dk, p.scale, warp_key0, bounds.k_len, p.head_dim - col0, lane);
+  store_rows<T, kColumns>(slab(static_cast<T*>(args.dv), args.dv_strides, seq, kv_head, bounds.k_start) + col0,
+                          args.dv_strides.token, dv, 1.f, warp_key0, bounds.k_len, p.head_dim - col0, lane);
 }
 
 template <typename T, int kD>
@@ -210,11 +215,15 @@ __global__ void __launch_bounds__(kThreads) query_grad_kernel(const AttentionBac
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        const int row = warp_row0 + lane / 4 + r * 8, col = n0 + j * 8 + 2 * (lane % 4) + (e % 2);
-        const float prob = mask.allowed(row, col) ? exp2f(pr[j][e] * scale_log2 - row_lse[r]) : 0.f;
-        pr[j][e] = prob * (dp[j][e] - row_delta[r]);  // dS
+      for (int c = 0; c < 2; ++c) {  // element e = 2 r + c is (row lane / 4 + 8 r, column 2 (lane % 4) + c)
+        const int col = n0 + j * 8 + 2 * (lane % 4) + c;
+        const bool key_ok = mask.key_ok(col);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp_row0 + lane / 4 + r * 8, e = 2 * r + c;
+          const float prob = key_ok && mask.query_sees(row, col) ? exp2f(pr[j][e] * scale_log2 - row_lse[r]) : 0.f;
+          pr[j][e] = prob * (dp[j][e] - row_delta[r]);  // dS
+        }
       }
     }
     warp_gemm_pb<T, kN, kD>(dq, pr, k_tile, kStride, lane);  // dQ += dS K (scaled at the end)
@@ -242,7 +251,8 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, cudaStream_t stream)
     delta_kernel<T><<<delta_grid, 256, 0, stream>>>(args);
     if (cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
   }
-  const dim3 key_grid(static_cast<unsigned>(ceil_div(p.max_seqlen_k, KeyGradShape<kD>::kBlockN)),
+  const dim3 key_grid(static_cast<unsigned>(ceil_div(p.max_seqlen_k, KeyGradShape<kD>::kBlockN) *
+                                            KeyGradShape<kD>::kColumnSplit),
                       p.num_heads / p.group_size, p.num_seqs);
   if (cudaError_t error = launch(key_grad_kernel<T, kD>, key_grid, KeyGradShape<kD>::kSmemBytes, args, stream);
       error != cudaSuccess) {

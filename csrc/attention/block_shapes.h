@@ -17,9 +17,14 @@ template <int kD> struct ForwardShape {
 };
 
 // dK/dV pass: one block per kBlockN keys (16 per warp), stepping over kBlockM query rows.
+// At kD = 256 the dK and dV accumulators alone (kD floats a lane) would not fit the 255
+// registers of a thread: kColumnSplit blocks then share a key block, each accumulating
+// kD / kColumnSplit columns of dK and dV (recomputing P and dP, which need all kD).
 template <int kD> struct KeyGradShape {
   static constexpr int kBlockN = 64;
   static constexpr int kBlockM = kD <= 64 ? 64 : 32;
+  static constexpr int kColumnSplit = kD > 128 ? 2 : 1;
+  static constexpr int kColumns = kD / kColumnSplit;
   // K, V tiles + Q, dO tiles + lse and delta of kBlockM rows.
   static constexpr int kSmemBytes = (2 * kBlockN + 2 * kBlockM) * (kD + 8) * 2 + 2 * kBlockM * 4;
 };

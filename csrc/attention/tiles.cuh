@@ -42,16 +42,22 @@ __device__ __forceinline__ SequenceBounds sequence_bounds(const AttentionProblem
   return {0, p.max_seqlen_q, 0, p.max_seqlen_k};
 }
 
-// Whether query `row` may attend key `col` (both indices within the sequence).
+// Whether query `row` may attend key `col` (both indices within the sequence), in two parts
+// so the kernels evaluate the key part (a global load with padding) once per key, not once
+// per (row, key) pair.
 struct KeyMask {
   const uint8_t* padding;  // this sequence's row of the key padding mask, or nullptr
   int64_t padding_stride;
   int q_len, k_len;
   bool causal;
 
-  __device__ __forceinline__ bool allowed(int row, int col) const {
-    return row < q_len && col < k_len && (!causal || col <= row) &&  // causal: top-left aligned
-           (padding == nullptr || padding[col * padding_stride] == 0);
+  // Key `col` exists and is not padding.
+  __device__ __forceinline__ bool key_ok(int col) const {
+    return col < k_len && (padding == nullptr || padding[col * padding_stride] == 0);
+  }
+  // Query `row` exists and, under causal (top-left aligned), reaches key `col`.
+  __device__ __forceinline__ bool query_sees(int row, int col) const {
+    return row < q_len && (!causal || col <= row);
   }
 };
 
