@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
 #   bash bench/gpu_session.sh train-step  # DecoderLM training step vs plain PyTorch (eager, compiled)
 #   bash bench/gpu_session.sh shakespeare # the GPU recipe: val loss <= 1.40 within 3 minutes?
+#   IMDB=device_carry/aclImdb_labeled.tar.gz bash bench/gpu_session.sh imdb   # >= 90% test in 10 min?
+#     (copy the archive into the git-ignored device_carry/ and name it in the call's `carry`)
 #
 # Stages can be chained: `bash bench/gpu_session.sh tests kernels`.
 set -uo pipefail
@@ -45,7 +47,11 @@ for stage in "$@"; do
     shakespeare)
       timeout 540 python3 tformer/train.py --config shakespeare_gpu.json --set run.out_dir="$OUT/shakespeare" --set logging.wandb=false \
         2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -n 40 || status=1 ;;
-    *) echo "unknown stage $stage (tests, kernels, sweep, train-step, shakespeare)"; exit 2 ;;
+    imdb)
+      timeout 590 python3 tformer/train.py --config imdb.json --set data.path="${IMDB:?set IMDB to the archive}" \
+        --set run.out_dir="$OUT/imdb" --set logging.wandb=false 2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -n 40 \
+        || status=1 ;;
+    *) echo "unknown stage $stage (tests, kernels, sweep, train-step, shakespeare, imdb)"; exit 2 ;;
   esac
 done
 exit $status
