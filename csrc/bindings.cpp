@@ -405,6 +405,8 @@ AttentionInputs attention_inputs(const char* op, const Tensor& q_in, const Tenso
     in.cu_seqlens_k = in.cu_seqlens_k.contiguous();
     p.cu_seqlens_q = in.cu_seqlens_q.data_ptr<int32_t>();
     p.cu_seqlens_k = in.cu_seqlens_k.data_ptr<int32_t>();
+    TORCH_CHECK(in.cu_seqlens_q.numel() - 1 <= 65535, op, ": argument 'cu_seqlens_q' describes ",
+                in.cu_seqlens_q.numel() - 1, " sequences, at most 65535 are supported");
     p.num_seqs = static_cast<int>(in.cu_seqlens_q.numel() - 1);
     TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT32_MAX && max_seqlen_k <= INT32_MAX,
                 op, ": arguments 'max_seqlen_q' and 'max_seqlen_k' must be in [0, 2^31), got ", max_seqlen_q,
