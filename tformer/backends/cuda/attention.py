@@ -18,9 +18,9 @@ What they take:
   with Sq != Sk, grouped-query attention without repeating k and v;
 - strided q, k, v (e.g. views of a fused QKV projection) whose last dim is contiguous;
   others are refused with the reason, so "auto" passes over this backend for them.
-- packed sequences: as in FlashAttention, ``cu_seqlens_*`` are trusted (not read back to
-  the host): they must start at 0, not decrease, and ``max_seqlen_*`` must bound every
-  length (rows past ``max_seqlen_q`` would not be computed).
+- packed sequences: the kernels trust ``cu_seqlens_*`` and ``max_seqlen_*`` (offsets from 0,
+  never decreasing, lengths bounded by ``max_seqlen_*``); ``tformer.ops.attention_varlen``
+  checks them before dispatch (outside ``torch.compile``).
 - shared memory: head dims up to 128 take at most 87 KB a block; the 256 bucket takes 132 KB,
   within sm80/sm90 limits but above the 99 KB of sm86/sm89, where the op raises a clear error.
 - Dropout is not implemented yet: ``dropout_p > 0`` is refused (the registry's ``supports``
