@@ -38,7 +38,7 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       python3 -m pytest -q -x tests/test_layer_norm.py tests/test_softmax.py tests/test_attention.py \
-        tests/test_cuda_extension.py tests/test_registry.py 2>&1 | tee "$OUT/tests.log" | tail -n 25 || status=1
+        tests/test_cuda_extension.py tests/test_cuda_attention_extension.py tests/test_registry.py tests/test_nn.py 2>&1 | tee "$OUT/tests.log" | tail -n 25 || status=1
       (cmake -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-cmake -j16 >/dev/null \
         && ctest --test-dir build-cmake --output-on-failure) 2>&1 | tail -n 15 || status=1 ;;
     kernels) bench kernels -k "anchors and bfloat16" ;;

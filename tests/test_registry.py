@@ -55,7 +55,7 @@ def test_backend_refuses_dtype_it_cannot_run(monkeypatch):
     monkeypatch.setitem(registry._backends["triton"].impls, "softmax", fake)
     monkeypatch.setattr(registry._backends["triton"], "loaded", True)
     monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
-    with pytest.raises(tformer.BackendError, match=r"backend 'triton' runs 'softmax' on dtypes \['float32'\], "
+    with pytest.raises(tformer.UnsupportedInput, match=r"backend 'triton' runs 'softmax' on dtypes \['float32'\], "
                                                    r"got float64"):
         tformer.ops.softmax(torch.randn(2, 3, dtype=torch.float64), backend="triton")
 

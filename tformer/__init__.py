@@ -2,12 +2,12 @@
 op API with a pure-PyTorch reference, and the models and training system built on them."""
 
 from . import ops
-from .ops import BackendError, available_backends, backend, default_backend
+from .ops import BackendError, UnsupportedInput, available_backends, backend, default_backend
 from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "models", "available_backends", "backend", "default_backend", "BackendError", "patch",
+__all__ = ["ops", "nn", "models", "available_backends", "backend", "default_backend", "BackendError", "UnsupportedInput", "patch",
            "unpatch"]
 
 

@@ -39,6 +39,11 @@ class BackendError(RuntimeError):
     """A backend was asked for that does not exist, is not available, or cannot take the input."""
 
 
+class UnsupportedInput(BackendError):
+    """The backend asked for is available but does not take this input (an op it lacks, a
+    device, dtype or feature it does not handle)."""
+
+
 @dataclass
 class Implementation:
     fn: Callable
@@ -179,7 +184,7 @@ def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.d
         impl = _load(name).impls.get(op)
         reason = _refusal(impl, op, name, device, dtype, args)
         if reason is not None:
-            raise BackendError(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
+            raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
         return impl.fn
 
     # auto: the first backend in AUTO_ORDER that is available and takes the input.
