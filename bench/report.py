@@ -28,9 +28,13 @@ def _row_key(row: dict) -> tuple:
     return (row["suite"], tuple(row["shape"]), row["dtype"], row.get("causal"))
 
 
+def _shape_text(shape) -> str:
+    return "×".join(map(str, shape))
+
+
 def _format_key(key: tuple) -> list[str]:
     suite, shape, dtype, causal = key
-    cells = [suite, "×".join(map(str, shape)), dtype]
+    cells = [suite, _shape_text(shape), dtype]
     return cells + (["yes" if causal else "no"] if causal is not None else [])
 
 
@@ -116,12 +120,25 @@ def train_step_table(rows: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
-def plot_attention(rows: list[dict], out_dir: Path) -> list[Path]:
+def _pyplot():
+    # Imported on first plot: the tables need no matplotlib; Agg draws without a display.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_attention(rows: list[dict], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
     attention = [row for row in rows if row["op"] == "attention" and "tflops" in row]
     sweep = [row for row in attention if row["suite"] == "seq_sweep"] or attention
     written = []
@@ -145,20 +162,16 @@ def plot_attention(rows: list[dict], out_dir: Path) -> list[Path]:
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("TFLOP/s")
         axes[1].legend(fontsize=8)
-        figure.tight_layout()
-        path = out_dir / f"attention_{pass_name.replace('+', '_')}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(figure, out_dir / f"attention_{pass_name.replace('+', '_')}.png"))
     return written
 
 
+def _bar_label(row: dict) -> str:
+    return f"{_shape_text(row['shape'])}\n{row['dtype']}"
+
+
 def plot_bandwidth(rows: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     written = []
     for op in ("layer_norm", "softmax"):
         op_rows = [row for row in rows if row["op"] == op and "gbps" in row]
@@ -168,12 +181,11 @@ def plot_bandwidth(rows: list[dict], out_dir: Path) -> list[Path]:
         figure, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)
         for axis, pass_name in zip(axes[0], passes):
             pass_rows = [row for row in op_rows if row["pass"] == pass_name]
-            labels = sorted({f"{'×'.join(map(str, r['shape']))}\n{r['dtype']}" for r in pass_rows})
+            labels = sorted({_bar_label(r) for r in pass_rows})
             impls = sorted({r["impl"] for r in pass_rows})
             width = 0.8 / len(impls)
             for index, impl in enumerate(impls):
-                values = {f"{'×'.join(map(str, r['shape']))}\n{r['dtype']}": r["gbps"] for r in pass_rows
-                          if r["impl"] == impl}
+                values = {_bar_label(r): r["gbps"] for r in pass_rows if r["impl"] == impl}
                 axis.bar([i + index * width for i in range(len(labels))], [values.get(l, 0) for l in labels],
                          width, label=impl)
             ceiling = pass_rows[0]["ceiling_copy_gbps"]
@@ -184,11 +196,7 @@ def plot_bandwidth(rows: list[dict], out_dir: Path) -> list[Path]:
             axis.set_ylabel("GB/s (bytes read + written)")
             axis.set_title(f"{op} {pass_name}")
             axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = out_dir / f"{op}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(figure, out_dir / f"{op}.png"))
     return written
 
 
