@@ -40,6 +40,19 @@ def make_case(rows, n_cols, dtype, *, weight=True, bias=True, residual=False, ma
     )
 
 
+def norm_case(norm, rows, n_cols, dtype, **kwargs):
+    """:func:`make_case` for ``norm``: RMSNorm takes no bias."""
+    return make_case(rows, n_cols, dtype, bias=norm == "layer_norm", **kwargs)
+
+
+def call_norm(norm, tensors, **kwargs):
+    """ops.layer_norm or ops.rms_norm on a :func:`make_case` dict (RMSNorm ignores its bias)."""
+    if norm == "layer_norm":
+        return ops.layer_norm(tensors["x"], tensors["weight"], tensors["bias"], residual=tensors["residual"],
+                              **kwargs)
+    return ops.rms_norm(tensors["x"], tensors["weight"], residual=tensors["residual"], **kwargs)
+
+
 def run(norm, inputs, backend, grad_seed=1, eps=1e-5):
     """(outputs, grads) of ``norm`` on copies of ``inputs`` (grads keyed like inputs).
 
@@ -47,11 +60,7 @@ def run(norm, inputs, backend, grad_seed=1, eps=1e-5):
     "later use" and must be added to the gradients of x and residual.
     """
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    kwargs = dict(residual=leaves["residual"], eps=eps, backend=backend)
-    if norm == "layer_norm":
-        out = call_or_skip(ops.layer_norm, leaves["x"], leaves["weight"], leaves["bias"], **kwargs)
-    else:
-        out = call_or_skip(ops.rms_norm, leaves["x"], leaves["weight"], **kwargs)
+    out = call_or_skip(call_norm, norm, leaves, eps=eps, backend=backend)
     outputs = out if isinstance(out, tuple) else (out,)
     generator = torch.Generator().manual_seed(grad_seed)
     loss = sum((o.double() * torch.randn(o.shape, generator=generator).to(DEVICE, torch.float64)).sum()
@@ -86,7 +95,7 @@ def check_against_reference(norm, inputs, backend, dtype, grad_scale=1.0, what="
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_matches_reference(backend, norm, dtype, n_cols):
-    inputs = make_case(3, n_cols, dtype, bias=norm == "layer_norm")
+    inputs = norm_case(norm, 3, n_cols, dtype)
     check_against_reference(norm, inputs, backend, dtype, what=f"{norm} N={n_cols}")
 
 
@@ -94,7 +103,7 @@ def test_matches_reference(backend, norm, dtype, n_cols):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_fused_residual(backend, norm, dtype, n_cols):
-    inputs = make_case(3, n_cols, dtype, bias=norm == "layer_norm", residual=True)
+    inputs = norm_case(norm, 3, n_cols, dtype, residual=True)
     check_against_reference(norm, inputs, backend, dtype, what=f"{norm}+residual N={n_cols}")
 
 
@@ -102,8 +111,7 @@ def test_fused_residual(backend, norm, dtype, n_cols):
 @pytest.mark.parametrize("norm", NORMS)
 def test_empty_inputs(backend, norm, rows, n_cols):
     # Empty in, empty out (as torch.nn.functional.layer_norm), gradients of the right shapes.
-    outputs, grads = run(norm, make_case(rows, n_cols, torch.float32, bias=norm == "layer_norm", residual=True),
-                         backend)
+    outputs, grads = run(norm, norm_case(norm, rows, n_cols, torch.float32, residual=True), backend)
     assert [tuple(o.shape) for o in outputs] == [(rows, n_cols)] * 2
     assert {name: tuple(g.shape) for name, g in grads.items()} == {
         "x": (rows, n_cols), "residual": (rows, n_cols), "weight": (n_cols,),
@@ -126,8 +134,7 @@ def test_large_magnitudes(backend, norm, dtype):
     """Inputs of scale 1e4 with a 1e4 mean offset: y is O(1) and dx is O(1e-4)."""
     magnitude = 1e4
     # No residual in float16: x + residual could pass float16's 65504.
-    inputs = make_case(3, 1000, dtype, bias=norm == "layer_norm", residual=dtype != torch.float16,
-                       magnitude=magnitude)
+    inputs = norm_case(norm, 3, 1000, dtype, residual=dtype != torch.float16, magnitude=magnitude)
     check_against_reference(norm, inputs, backend, dtype, grad_scale=magnitude, what=f"{norm} 1e4")
 
 
@@ -149,7 +156,7 @@ def test_non_contiguous_inputs(backend, layout):
 @pytest.mark.parametrize("norm", NORMS)
 def test_weight_grads_deterministic(backend, norm):
     """dweight/dbias are bitwise the same run to run (two-stage reduction, no atomics)."""
-    inputs = make_case(13, 300, torch.float32, bias=norm == "layer_norm", residual=True)
+    inputs = norm_case(norm, 13, 300, torch.float32, residual=True)
     _, first = run(norm, inputs, backend)
     _, second = run(norm, inputs, backend)
     for name in ("weight", "bias", "x"):
@@ -195,7 +202,7 @@ def test_torch_compile_fullgraph(backend, compiler):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_wide_rows_gpu(backend, norm, dtype, n_cols):
-    inputs = make_case(64, n_cols, dtype, bias=norm == "layer_norm", residual=True)
+    inputs = norm_case(norm, 64, n_cols, dtype, residual=True)
     check_against_reference(norm, inputs, backend, dtype, what=f"{norm} N={n_cols}")
 
 
@@ -209,7 +216,7 @@ def test_triton_chunked_rows(norm, n_cols, max_block_n):
     from tformer.kernels import layer_norm as kernels
 
     is_rms = norm == "rms_norm"
-    inputs = make_case(2, n_cols, torch.float32, bias=not is_rms, residual=True, magnitude=100.0)
+    inputs = norm_case(norm, 2, n_cols, torch.float32, residual=True, magnitude=100.0)
     x, weight, bias, residual = inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"]
     y, residual_out, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, residual, 1e-5, is_rms=is_rms,
                                                          max_block_n=max_block_n)
@@ -220,11 +227,7 @@ def test_triton_chunked_rows(norm, n_cols, max_block_n):
                                                             max_block_n=max_block_n)
 
     leaves = {k: None if v is None else v.double().requires_grad_() for k, v in inputs.items()}
-    kwargs = dict(residual=leaves["residual"], eps=1e-5, backend="reference")
-    if is_rms:
-        y64, residual_out64 = ops.rms_norm(leaves["x"], leaves["weight"], **kwargs)
-    else:
-        y64, residual_out64 = ops.layer_norm(leaves["x"], leaves["weight"], leaves["bias"], **kwargs)
+    y64, residual_out64 = call_norm(norm, leaves, eps=1e-5, backend="reference")
     ((y64 * dy.double()).sum() + (residual_out64 * d_residual_out.double()).sum()).backward()
     f32 = torch.float32
     assert_close_to_reference(y, y64, f32, what="y")
