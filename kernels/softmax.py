@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import MAX_BLOCK_N, as_rows, block_config
+from .rows import MAX_BLOCK_N, as_rows, block_config
 
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
 
