@@ -8,9 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-TINY_SHAKESPEARE = "tinyshakespeare"
-
-
 class CharVocab:
     """Characters <-> ids, ids in sorted character order (nanoGPT's ``shakespeare_char``)."""
 
