@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .validation import dtype_name
+
 logger = logging.getLogger("tformer")
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
@@ -169,8 +171,8 @@ def _refusal(impl: Implementation | None, op: str, name: str, device: torch.devi
         hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" if name == "triton" else ""
         return f"backend {name!r} runs {op!r} on {sorted(impl.devices)} tensors, got a {device.type} tensor{hint}"
     if dtype not in impl.dtypes:
-        names = sorted(str(d).removeprefix("torch.") for d in impl.dtypes)
-        return f"backend {name!r} runs {op!r} on dtypes {names}, got {str(dtype).removeprefix('torch.')}"
+        names = sorted(dtype_name(d) for d in impl.dtypes)
+        return f"backend {name!r} runs {op!r} on dtypes {names}, got {dtype_name(dtype)}"
     if impl.supports is not None:
         return impl.supports(**args)
     return None
@@ -211,4 +213,4 @@ def _log_choice(op: str, name: str, device: torch.device, dtype: torch.dtype, sk
     _auto_logged.add(key)
     passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
     logger.info("backend='auto' chose %r for %s on %s %s%s", name, op, device.type,
-                str(dtype).removeprefix("torch."), passed_over)
+                dtype_name(dtype), passed_over)

@@ -8,7 +8,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -17,8 +17,8 @@ def check_tensor(op: str, name: str, value, *, ndim: int | tuple[int, ...] | Non
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
-        expected = ", ".join(_dtype_name(d) for d in dtypes)
-        raise TypeError(f"{op}: argument '{name}' has dtype {_dtype_name(value.dtype)}, expected one of {expected}")
+        expected = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{op}: argument '{name}' has dtype {dtype_name(value.dtype)}, expected one of {expected}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if value.dim() not in allowed:
@@ -35,8 +35,8 @@ def check_same(op: str, reference_name: str, reference: torch.Tensor, **others) 
             raise ValueError(f"{op}: argument '{name}' is on {value.device}, expected {reference.device} "
                              f"(the device of '{reference_name}')")
         if value.dtype != reference.dtype:
-            raise TypeError(f"{op}: argument '{name}' has dtype {_dtype_name(value.dtype)}, expected "
-                            f"{_dtype_name(reference.dtype)} (the dtype of '{reference_name}')")
+            raise TypeError(f"{op}: argument '{name}' has dtype {dtype_name(value.dtype)}, expected "
+                            f"{dtype_name(reference.dtype)} (the dtype of '{reference_name}')")
 
 
 def check_shape(op: str, name: str, value: torch.Tensor, expected: tuple, description: str) -> None:
