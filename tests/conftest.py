@@ -30,6 +30,12 @@ def backend_params(include_reference: bool = True):
     return params
 
 
+def requires_backend(name: str):
+    """Skips, with the registry's reason, unless backend ``name`` can run here."""
+    reason = tformer.available_backends()[name]
+    return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} is not available: {reason}")
+
+
 @pytest.fixture(params=backend_params())
 def backend(request) -> str:
     return request.param

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import tformer
 from tformer.ops import attention, attention_varlen
 
-from conftest import DEVICE, ON_GPU, call_or_skip, requires_cuda
+from conftest import DEVICE, ON_GPU, call_or_skip, requires_backend, requires_cuda
 from tolerances import assert_close_to_reference
 
 
@@ -412,9 +412,8 @@ def test_triton_kernels_compile_for_sm90():
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
+@requires_backend("triton")
 def test_triton_refuses_head_dim_over_256():
-    if tformer.available_backends()["triton"] is not None:
-        pytest.skip("the triton backend is not available here")
     q = torch.zeros(1, 1, 2, 264, device=DEVICE)
     with pytest.raises(tformer.BackendError, match="head dims up to 256"):
         attention(q, q, q, backend="triton")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import requires_backend
 from tolerances import tolerance
 
 import tformer
@@ -83,9 +84,8 @@ def test_matches_eager_reference_backend(name, padding, dtype, fused_only):
     _check_against_eager(name, padding, dtype, "reference", fused_only)
 
 
+@requires_backend("triton")
 def test_matches_eager_triton_backend(fused_only):
-    if tformer.available_backends()["triton"] is not None:
-        pytest.skip(f"backend 'triton' is not available: {tformer.available_backends()['triton']}")
     _check_against_eager("llama", "left", torch.float32, "triton", fused_only)
 
 

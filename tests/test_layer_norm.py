@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tformer
 from tformer import ops
 
-from conftest import DEVICE, call_or_skip, requires_cuda
+from conftest import DEVICE, call_or_skip, requires_backend, requires_cuda
 from tolerances import assert_close_to_reference
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
@@ -208,11 +207,10 @@ def test_wide_rows_gpu(backend, norm, dtype, n_cols):
 
 # ---- Triton: rows wider than one block (the chunked loop) on any device -------------------
 
+@requires_backend("triton")
 @pytest.mark.parametrize("n_cols,max_block_n", [(1000, 256), (4097, 1024)], ids=["N1000_4chunks", "N4097_5chunks"])
 @pytest.mark.parametrize("norm", NORMS)
 def test_triton_chunked_rows(norm, n_cols, max_block_n):
-    if tformer.available_backends()["triton"] is not None:
-        pytest.skip(f"backend 'triton' is not available: {tformer.available_backends()['triton']}")
     from tformer.kernels import layer_norm as kernels
 
     is_rms = norm == "rms_norm"

@@ -13,10 +13,9 @@ online softmax) are exercised there by calling the launchers with a small ``max_
 import pytest
 import torch
 
-import tformer
 from tformer import ops
 
-from conftest import DEVICE, call_or_skip, requires_cuda
+from conftest import DEVICE, call_or_skip, requires_backend, requires_cuda
 from tolerances import assert_close_to_reference
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
@@ -183,11 +182,10 @@ def test_long_rows_gpu(backend, mask_kind, dtype, n_cols):
 
 # ---- Triton: rows longer than one block (the online softmax) on any device ---------------
 
+@requires_backend("triton")
 @pytest.mark.parametrize("n_cols,max_block_n", [(1000, 256), (4097, 1024)], ids=["N1000_4chunks", "N4097_5chunks"])
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_triton_online_softmax(mask_kind, n_cols, max_block_n):
-    if tformer.available_backends()["triton"] is not None:
-        pytest.skip(f"backend 'triton' is not available: {tformer.available_backends()['triton']}")
     from tformer.kernels import softmax as kernels
 
     # Row 0 is masked out in its first chunks only: the running max must stay -inf there,
