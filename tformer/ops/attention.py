@@ -66,7 +66,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     q ``(total_q, Hq, D)``, k and v ``(total_k, Hkv, D)``; sequence ``i`` holds query tokens
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` and key tokens ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
-    (``cu_seqlens_*`` int32, ``(num_seqs + 1,)``, starting at 0). ``max_seqlen_*`` bound the
+    (``cu_seqlens_*`` int32, ``(num_seqs + 1,)``, starting at 0 and ending at the number of
+    packed tokens). ``max_seqlen_*`` bound the
     lengths. ``causal`` is top-left aligned within each sequence, as in :func:`attention`.
     Returns ``out`` ``(total_q, Hq, D)``, or ``(out, lse)`` with lse ``(Hq, total_q)`` float32.
     """
@@ -108,11 +109,13 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 def _check_offsets(op: str, side: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     """The offsets' values, at the cost of one tiny device-to-host copy (skipped under
     torch.compile): an offset past the packed tensor makes the kernels read out of bounds,
-    and a ``max_seqlen`` below a real length sizes the grid too small, leaving rows unwritten."""
+    tokens after the last offset would belong to no sequence (so no output is defined for
+    them), and a ``max_seqlen`` below a real length sizes the grid too small, leaving rows
+    unwritten."""
     offsets = cu_seqlens.tolist()
     lengths = [end - start for start, end in zip(offsets, offsets[1:])]
-    if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] > total:
-        raise ValueError(f"{op}: argument 'cu_seqlens_{side}' must start at 0, never decrease and end at most at "
+    if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] != total:
+        raise ValueError(f"{op}: argument 'cu_seqlens_{side}' must start at 0, never decrease and end at "
                          f"{side}.shape[0] = {total}, got {offsets}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{op}: argument 'max_seqlen_{side}' must be at least the longest sequence, "
