@@ -4,6 +4,7 @@
 # same run. Everything worth keeping is written under $OUT (default: bench/gpu_out).
 #
 #   bash bench/gpu_session.sh tests       # build + GPU correctness: kernel tests, cuda extension, ctest
+#   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck + racecheck over the CUDA kernels
 #   bash bench/gpu_session.sh kernels     # ANCHORS.md rows, bf16: attention, LayerNorm, softmax + report
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
 #   bash bench/gpu_session.sh train-step  # DecoderLM training step vs plain PyTorch (eager, compiled)
@@ -41,6 +42,11 @@ for stage in "$@"; do
         tests/test_cuda_extension.py tests/test_cuda_attention_extension.py tests/test_registry.py tests/test_nn.py 2>&1 | tee "$OUT/tests.log" | tail -n 25 || status=1
       (cmake -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-cmake -j16 >/dev/null \
         && ctest --test-dir build-cmake --output-on-failure) 2>&1 | tail -n 15 || status=1 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 1 python3 bench/sanitize_cuda_attention.py 2>&1 \
+          | tail -n 20 || status=1
+      done ;;
     kernels) bench kernels -k "anchors and bfloat16" ;;
     sweep) bench sweep -k "seq_sweep or (anchors and float16)" bench/bench_attention.py ;;
     train-step) bench train_step bench/bench_train_step.py ;;
@@ -51,7 +57,7 @@ for stage in "$@"; do
       timeout 590 python3 tformer/train.py --config imdb.json --set data.path="${IMDB:?set IMDB to the archive}" \
         --set run.out_dir="$OUT/imdb" --set logging.wandb=false 2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -n 40 \
         || status=1 ;;
-    *) echo "unknown stage $stage (tests, kernels, sweep, train-step, shakespeare, imdb)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, sanitize, kernels, sweep, train-step, shakespeare, imdb)"; exit 2 ;;
   esac
 done
 exit $status
