@@ -133,4 +133,33 @@ inline RowLaunch choose_row_launch(int64_t rows, int n) {
   return {block_per_row, blocks};
 }
 
+// Calls launch(warps, blocks) with the team size choose_row_launch picks: warps is an
+// std::integral_constant, kBlockThreads / kWarpSize for a block per row, 1 for a warp per row.
+template <typename Launch>
+cudaError_t launch_rows(int64_t rows, int n, Launch&& launch) {
+  const RowLaunch plan = choose_row_launch(rows, n);
+  if (plan.block_per_row) {
+    launch(std::integral_constant<int, kBlockThreads / kWarpSize>{}, plan.blocks);
+  } else {
+    launch(std::integral_constant<int, 1>{}, plan.blocks);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) with the element type that dtype names.
+template <typename Fn>
+cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(TypeTag<float>{});
+    case DType::kFloat16: return fn(TypeTag<__half>{});
+    case DType::kBFloat16: return fn(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace tformer

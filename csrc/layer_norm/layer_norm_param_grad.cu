@@ -3,6 +3,7 @@
 // of 32 columns by one chunk of rows and writes that chunk's partial sums; stage 2 adds the
 // chunks of each column in chunk order.
 #include <algorithm>
+#include <initializer_list>
 
 #include "common/row_kernels.cuh"
 #include "layer_norm/layer_norm.h"
@@ -94,21 +95,19 @@ cudaError_t launch_norm_backward_params(DType dtype, const NormParamGradArgs& ar
                                         cudaStream_t stream) {
   if (args.n == 0 || (args.dweight == nullptr && args.dbias == nullptr)) return cudaSuccess;
   if (args.rows == 0) {  // a sum over no rows
-    if (args.dweight != nullptr) cudaMemsetAsync(args.dweight, 0, sizeof(float) * args.n, stream);
-    if (args.dbias != nullptr) cudaMemsetAsync(args.dbias, 0, sizeof(float) * args.n, stream);
-    return cudaGetLastError();
+    for (float* grad : {args.dweight, args.dbias}) {
+      if (grad == nullptr) continue;
+      const cudaError_t error = cudaMemsetAsync(grad, 0, sizeof(float) * args.n, stream);
+      if (error != cudaSuccess) return error;
+    }
+    return cudaSuccess;
   }
   const ChunkPlan plan = plan_chunks(args.rows, args.n);
   float* partial_weight = args.dweight != nullptr ? workspace : nullptr;
   float* partial_bias = args.dbias != nullptr ? workspace + plan.chunks * args.n : nullptr;
-  cudaError_t error = cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32: error = launch_partials<float>(args, plan, partial_weight, partial_bias, stream); break;
-    case DType::kFloat16: error = launch_partials<__half>(args, plan, partial_weight, partial_bias, stream); break;
-    case DType::kBFloat16:
-      error = launch_partials<__nv_bfloat16>(args, plan, partial_weight, partial_bias, stream);
-      break;
-  }
+  const cudaError_t error = dispatch_dtype(dtype, [&](auto tag) {
+    return launch_partials<typename decltype(tag)::type>(args, plan, partial_weight, partial_bias, stream);
+  });
   if (error != cudaSuccess) return error;
   const unsigned blocks = static_cast<unsigned>(ceil_div(args.n, kBlockThreads));
   if (partial_weight != nullptr) {

@@ -109,27 +109,16 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_forward_kernel(SoftmaxF
   }
 }
 
-template <typename T>
-cudaError_t launch_forward(const SoftmaxForwardArgs& args, cudaStream_t stream) {
-  const RowLaunch launch = choose_row_launch(args.rows, args.n);
-  if (launch.block_per_row) {
-    softmax_forward_kernel<T, kBlockThreads / kWarpSize><<<launch.blocks, kBlockThreads, 0, stream>>>(args);
-  } else {
-    softmax_forward_kernel<T, 1><<<launch.blocks, kBlockThreads, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_softmax_forward(DType dtype, const SoftmaxForwardArgs& args, cudaStream_t stream) {
   if (args.rows == 0 || args.n == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32: return launch_forward<float>(args, stream);
-    case DType::kFloat16: return launch_forward<__half>(args, stream);
-    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_rows(args.rows, args.n, [&](auto warps, int64_t blocks) {
+      softmax_forward_kernel<T, decltype(warps)::value><<<blocks, kBlockThreads, 0, stream>>>(args);
+    });
+  });
 }
 
 }  // namespace tformer
