@@ -2,10 +2,10 @@
 download, verify, unzip, split 90M/5M/5M bytes (the customary split of Al-Rfou et al., 2018
 and Transformer-XL), memory-map.
 
-Verification: the unzipped file must be exactly ``expected_size`` bytes (10^8), and every
-byte is read through ``zipfile``, which checks the member's CRC-32 against the archive. (No
-SHA-256 of ``enwik8.zip`` is pinned here: the value could not be confirmed without network
-access, and a wrong constant would reject the real file.)
+Verification: the unzipped file must be exactly ``expected_size`` bytes (10^8) with the SHA-1
+``expected_sha1`` that Matt Mahoney publishes for it on http://mattmahoney.net/dc/textdata.html
+(the file, not the zip, is pinned: any faithful re-packaging of the same bytes is accepted);
+a zip's member is also read through ``zipfile``, which checks its CRC-32 against the archive.
 
 Every file is written to a temporary name in the target folder and moved into place with
 ``os.replace``; a ``READY`` marker is written last. A killed or failed preparation therefore
@@ -14,6 +14,7 @@ never leaves splits that look complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import numpy as np
 
 OFFICIAL_URL = "http://mattmahoney.net/dc/enwik8.zip"
 EXPECTED_SIZE = 100_000_000
+EXPECTED_SHA1 = "57b8363b814821dc9d47aa4d41f58733519076b2"  # of the unzipped file (mattmahoney.net)
 SPLIT_NAMES = ("train", "val", "test")
 READY_MARKER = "READY"
 
@@ -47,31 +49,50 @@ def split_sizes(total: int) -> tuple[int, int, int]:
     return total - 2 * val, val, val
 
 
-def _unzip_member(archive: Path, destination: Path, expected_size: int) -> None:
+def _copy_hashing(source, destination: Path) -> str:
+    """Copy the open binary file ``source`` to ``destination``; return the SHA-1 of the bytes."""
+    digest = hashlib.sha1()
+    with open(destination, "wb") as out:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def _verify(what: str, path: Path, sha1: str, expected_size: int, expected_sha1: str | None) -> None:
+    size = path.stat().st_size
+    if size != expected_size:
+        raise Enwik8Error(f"enwik8: {what} has {size} bytes, expected {expected_size}")
+    if expected_sha1 is not None and sha1 != expected_sha1.lower():
+        raise Enwik8Error(f"enwik8: {what} has SHA-1 {sha1}, expected {expected_sha1} (not the official enwik8; "
+                          f"delete it and download again)")
+
+
+def _unzip_member(archive: Path, destination: Path, expected_size: int, expected_sha1: str | None) -> None:
     try:
         with zipfile.ZipFile(archive) as zipped:
             names = [n for n in zipped.namelist() if not n.endswith("/")]
             if names != ["enwik8"]:
                 raise Enwik8Error(f"enwik8: {archive} should hold one member 'enwik8', holds {names}")
             # Reading through ZipFile.open checks the CRC-32 at the end of the member.
-            with zipped.open("enwik8") as member, open(destination, "wb") as out:
-                shutil.copyfileobj(member, out, length=1 << 20)
+            with zipped.open("enwik8") as member:
+                sha1 = _copy_hashing(member, destination)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as error:
         if isinstance(error, Enwik8Error):
             raise
         raise Enwik8Error(f"enwik8: {archive} is not a valid zip archive ({error}); delete it and download again") from None
-    size = destination.stat().st_size
-    if size != expected_size:
-        raise Enwik8Error(f"enwik8: unzipped file has {size} bytes, expected {expected_size}")
+    _verify(f"the file unzipped from {archive}", destination, sha1, expected_size, expected_sha1)
 
 
 def prepare_enwik8(data_dir: str | os.PathLike, source: str | os.PathLike | None = None, *,
-                   expected_size: int = EXPECTED_SIZE, fetcher=fetch) -> Path:
+                   expected_size: int = EXPECTED_SIZE, expected_sha1: str | None = EXPECTED_SHA1,
+                   fetcher=fetch) -> Path:
     """Make ``data_dir/{train,val,test}.bin`` (raw bytes) and return ``data_dir``.
 
     ``source``: None downloads ``OFFICIAL_URL``; a URL downloads it; a local path may be the
     zip or the unzipped ``enwik8`` file. Already prepared folders (``READY`` present) are reused.
-    ``expected_size`` exists so tests can use a small archive with the same structure.
+    ``expected_size`` and ``expected_sha1`` (None: size only) exist so tests can use a small
+    archive with the same structure.
     """
     data_dir = Path(data_dir).expanduser()
     if (data_dir / READY_MARKER).is_file():
@@ -87,17 +108,19 @@ def prepare_enwik8(data_dir: str | os.PathLike, source: str | os.PathLike | None
                 fetcher(source_text, archive)
             except OSError as error:
                 raise Enwik8Error(f"enwik8: could not download {source_text}: {error}") from None
-            _unzip_member(archive, raw, expected_size)
+            _unzip_member(archive, raw, expected_size, expected_sha1)
         else:
             path = Path(source_text).expanduser()
             if not path.is_file():
                 raise Enwik8Error(f"enwik8: argument 'source' must be a URL, the zip or the file, got {source_text!r}")
             if zipfile.is_zipfile(path):
-                _unzip_member(path, raw, expected_size)
+                _unzip_member(path, raw, expected_size, expected_sha1)
             else:
-                if path.stat().st_size != expected_size:
+                if path.stat().st_size != expected_size:  # before reading a wrong file through
                     raise Enwik8Error(f"enwik8: {path} has {path.stat().st_size} bytes, expected {expected_size}")
-                shutil.copyfile(path, raw)
+                with open(path, "rb") as source_file:
+                    sha1 = _copy_hashing(source_file, raw)
+                _verify(str(path), raw, sha1, expected_size, expected_sha1)
         sizes = split_sizes(expected_size)
         with open(raw, "rb") as whole:
             for name, size in zip(SPLIT_NAMES, sizes):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tformer.config import ConfigError
+from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
 from tformer.models import DecoderLM, ModelConfig
 from tformer.tasks.base import Task, cross_entropy_sum
@@ -22,6 +23,7 @@ class LMDataConfig:
     seq_len: int = 256
     val_fraction: float = 0.1  # text files: the last 10% is validation
     expected_size: int = 100_000_000  # enwik8's size; smaller only for tests on a small archive
+    expected_sha1: str | None = ENWIK8_SHA1  # of the unzipped file; null: size only
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -47,7 +49,8 @@ class LanguageModelTask(Task):
         if self.data_config.source == "enwik8":
             from tformer.data.enwik8 import prepare_enwik8
 
-            prepare_enwik8(self.data_config.data_dir, self.data_config.path, expected_size=self.data_config.expected_size)
+            prepare_enwik8(self.data_config.data_dir, self.data_config.path, expected_size=self.data_config.expected_size,
+                           expected_sha1=self.data_config.expected_sha1)
 
     def load_data(self) -> None:
         data = self.data_config
