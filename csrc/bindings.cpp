@@ -96,11 +96,11 @@ Tensor checked_like(const char* op, const char* name, const Tensor& t, const cha
 
 // Weight and bias are float32 (the Python layer converts them); statistics are float32.
 const float* checked_float_vector(const char* op, const char* name, const OptionalTensor& t, int64_t size,
-                                  const Tensor& x) {
+                                  const char* x_name, const Tensor& x) {
   if (!t.has_value()) return nullptr;
   check_cuda(op, name, *t);
   TORCH_CHECK(t->device() == x.device(), op, ": argument '", name, "' is on ", t->device(), ", expected ",
-              x.device(), " (the device of 'x')");
+              x.device(), " (the device of '", x_name, "')");
   TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": argument '", name, "' has dtype ", t->scalar_type(),
               ", expected Float (float32)");
   TORCH_CHECK(t->numel() == size && t->is_contiguous(), op, ": argument '", name, "' must be a contiguous tensor of ",
@@ -108,12 +108,22 @@ const float* checked_float_vector(const char* op, const char* name, const Option
   return t->data_ptr<float>();
 }
 
-int64_t row_count(const Tensor& x) { return x.size(-1) == 0 ? 0 : x.numel() / x.size(-1); }
+// The product of the leading sizes: mean and rstd have this many elements also when the rows
+// are empty (n = 0), where numel / n would give 0. The launchers skip n = 0 themselves.
+int64_t row_count(const Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// Per-row float32 statistic (mean, rstd). Rows of no elements get NaN, the mean of nothing,
+// as the Triton backend gives: the kernels skip them and would leave the memory unwritten.
 Tensor row_statistic(const Tensor& x) {
-  return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  const at::IntArrayRef shape = x.sizes().slice(0, x.dim() - 1);
+  const auto options = x.options().dtype(at::kFloat);
+  return x.size(-1) == 0 ? at::full(shape, NAN, options) : at::empty(shape, options);
 }
 
 // ---- LayerNorm / RMSNorm ------------------------------------------------------------------
@@ -128,8 +138,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(const char* op, const Te
   NormForwardArgs args{};
   args.x = x.data_ptr();
   args.residual = residual.defined() ? residual.data_ptr() : nullptr;
-  args.weight = checked_float_vector(op, "weight", weight, n, x);
-  args.bias = checked_float_vector(op, "bias", bias, n, x);
+  args.weight = checked_float_vector(op, "weight", weight, n, "x", x);
+  args.bias = checked_float_vector(op, "bias", bias, n, "x", x);
   Tensor y = at::empty_like(x);
   Tensor residual_out = residual.defined() ? at::empty_like(x) : at::empty({0}, x.options());
   Tensor mean = rms ? at::empty({0}, x.options().dtype(at::kFloat)) : row_statistic(x);
@@ -163,9 +173,9 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const char* op, const Tensor& d
   args.dy = dy.data_ptr();
   args.dresidual_out = dresidual_out.defined() ? dresidual_out.data_ptr() : nullptr;
   args.input = input.data_ptr();
-  args.weight = checked_float_vector(op, "weight", weight, n, input);
-  args.mean = rms ? nullptr : checked_float_vector(op, "mean", mean, rows, input);
-  args.rstd = checked_float_vector(op, "rstd", rstd, rows, input);
+  args.weight = checked_float_vector(op, "weight", weight, n, "input", input);
+  args.mean = rms ? nullptr : checked_float_vector(op, "mean", mean, rows, "input", input);
+  args.rstd = checked_float_vector(op, "rstd", rstd, rows, "input", input);
   Tensor dx = at::empty_like(input);
   args.dx = dx.data_ptr();
   args.rows = rows;
