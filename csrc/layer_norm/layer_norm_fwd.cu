@@ -12,7 +12,8 @@ namespace {
 __device__ __forceinline__ float3 welford_add(float3 s, float v) {
   s.z += 1.f;
   const float delta = v - s.x;
-  s.x += delta / s.z;
+  // The fast divide (2 ulp): the IEEE one's slow-path call cost a stack frame and spills here.
+  s.x += __fdividef(delta, s.z);
   s.y += delta * (v - s.x);
   return s;
 }
