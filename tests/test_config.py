@@ -41,6 +41,9 @@ def test_bare_name_resolves_with_and_without_suffix():
     ({"training": {"precision": "bf61"}}, "Did you mean 'bf16'"),
     ({"task": "langmodel"}, "unknown task"),
     ({"data": {"source": "enwik9"}}, "Did you mean 'enwik8'"),
+    ({"training": {"init_form": "runs/x"}}, "Did you mean 'init_from'"),
+    ({"training": {"init_from": 3}}, "training.init_from must be"),
+    ({"task": "mlm", "data": {"mask_probability": 1.5}}, "data.mask_probability must be in"),
 ])
 def test_errors_name_the_key_and_suggest(raw, message):
     with pytest.raises(ConfigError, match=message):

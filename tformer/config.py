@@ -62,6 +62,10 @@ class TrainingConfig:
     compile: bool = False
     device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
     threads: int | None = None  # torch.set_num_threads on CPU; None leaves torch's default
+    # Start from a pretrained run's weights (tformer.init_from): its out_dir, export/ or a checkpoint
+    # folder. Every parameter outside the model's `head` must be there; the head starts fresh.
+    # Ignored with --resume (the checkpoint holds the weights).
+    init_from: str | None = None
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch.distributed as dist  # noqa: E402
 
 from tformer import checkpoint as ckpt  # noqa: E402
 from tformer.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from tformer.init_from import load_trunk, resolve_init_source  # noqa: E402
 from tformer.logging_utils import MetricsLogger  # noqa: E402
 from tformer.optim import build_optimizer, learning_rate  # noqa: E402
 from tformer.parallelize import apply_activation_checkpointing, apply_fsdp2  # noqa: E402
@@ -102,6 +103,10 @@ class Trainer:
         self.out_dir = Path(config.run.out_dir)
         self.checkpoints_dir = self.out_dir / "checkpoints"
 
+        # A mistyped init_from fails here, before any data is read; --resume takes the checkpoint's weights.
+        init_source, self.init_from_summary = None, None
+        if config.training.init_from and not resume:
+            init_source = resolve_init_source(config.training.init_from)
         task_class = get_task_class(config.task)
         self.task = task_class(config, rank=self.rank, world_size=self.world_size, device=self.device)
         if self.rank == 0:
@@ -113,6 +118,8 @@ class Trainer:
         # Same seed on every rank: identical initial weights without a broadcast.
         torch.manual_seed(config.training.seed)
         model = self.task.build_model()
+        if init_source is not None:
+            self.init_from_summary = load_trunk(model, init_source, metadata=self.task.export_metadata())
         self.raw_model = model
         if config.training.activation_checkpointing:
             apply_activation_checkpointing(model, config.training.checkpoint_every)
@@ -364,6 +371,8 @@ class Trainer:
                      f"device={self.device} world_size={self.world_size} "
                      f"params={sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M "
                      f"start_step={self.step}")
+        if self.init_from_summary:
+            logger.write(self.init_from_summary)
         history = []
         tokens_timer, tokens_seen = time.time(), 0
         while self.step < run.steps:

@@ -15,9 +15,12 @@ import tempfile
 from pathlib import Path
 
 PAD_TOKEN = "<pad>"
-# Only padding: the encoder prepends its own learned CLS embedding (EncoderClassifier, pooling="cls").
-SPECIAL_TOKENS = (PAD_TOKEN,)  # the trainer adds specials first: <pad> is id 0
-_FORMAT_VERSION = 1  # bump when the tokenizer recipe below changes, to invalidate old caches
+MASK_TOKEN = "<mask>"  # the input of masked-LM pretraining (tformer.tasks.mlm) at the positions to predict
+# No CLS token: the encoder prepends its own learned CLS embedding (EncoderClassifier, pooling="cls").
+SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN)  # the trainer adds specials first: <pad> is id 0, <mask> id 1
+# Bump when the recipe below changes, to invalidate old caches. 2: <mask> added; a version-1 file
+# (no <mask>) is never found under a version-2 key, and load_bpe rejects it if named directly.
+_FORMAT_VERSION = 2
 
 
 def _require_tokenizers():
@@ -102,6 +105,15 @@ def load_bpe(path: str | os.PathLike):
 
 def pad_id(tokenizer) -> int:
     return tokenizer.token_to_id(PAD_TOKEN)
+
+
+def mask_id(tokenizer) -> int:
+    """The id of ``<mask>``; a tokenizer without it (made before version 2) is an error."""
+    found = tokenizer.token_to_id(MASK_TOKEN)
+    if found is None:
+        raise ValueError(f"bpe: the tokenizer has no {MASK_TOKEN!r} token; it was made by an older tformer "
+                         f"(delete the cached bpe-*.json so it is trained again)")
+    return found
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -1,8 +1,10 @@
-"""Models built on ``tformer.nn``: a causal byte/character LM and an encoder classifier."""
+"""Models built on ``tformer.nn``: a causal byte/character LM, an encoder classifier and its
+masked-LM twin for self-pretraining."""
 
 from .config import EncoderClassifierConfig, ModelConfig
 from .decoder_lm import DecoderLM
 from .encoder_classifier import EncoderClassifier
+from .encoder_mlm import EncoderMaskedLM
 from .kv_cache import KVCache
 
-__all__ = ["ModelConfig", "EncoderClassifierConfig", "DecoderLM", "EncoderClassifier", "KVCache"]
+__all__ = ["ModelConfig", "EncoderClassifierConfig", "DecoderLM", "EncoderClassifier", "EncoderMaskedLM", "KVCache"]

@@ -43,16 +43,25 @@ class EncoderClassifier(nn.Module):
     def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens ``(B, S)`` int64, key_padding_mask ``(B, S)`` bool (True = padding) -> logits
         ``(B, num_classes)``."""
+        hidden, key_padding_mask = self.encode(tokens, key_padding_mask)
+        return self.head(self._pool(hidden, key_padding_mask))
+
+    def encode(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+        """The trunk without the head: ``(hidden, key_padding_mask)``, the final-norm outputs
+        ``(B, S', d_model)`` and the mask over them; ``S' = S + 1`` with the CLS position first
+        when ``pooling="cls"``. Shared with :class:`~tformer.models.EncoderMaskedLM`."""
         if tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"EncoderClassifier: argument 'tokens' must be a (B, S) int64 tensor, got shape "
+            raise ValueError(f"{type(self).__name__}: argument 'tokens' must be a (B, S) int64 tensor, got shape "
                              f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
         batch, length = tokens.shape
         if length > self.config.max_seq_len:
-            raise ValueError(f"EncoderClassifier: {length} tokens exceed config.max_seq_len={self.config.max_seq_len}")
+            raise ValueError(f"{type(self).__name__}: {length} tokens exceed config.max_seq_len="
+                             f"{self.config.max_seq_len}")
         if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
                                              or tuple(key_padding_mask.shape) != (batch, length)):
-            raise ValueError(f"EncoderClassifier: argument 'key_padding_mask' must be a bool tensor of shape (B, S) = "
-                             f"{(batch, length)}, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            raise ValueError(f"{type(self).__name__}: argument 'key_padding_mask' must be a bool tensor of shape "
+                             f"(B, S) = {(batch, length)}, got {key_padding_mask.dtype} "
+                             f"{tuple(key_padding_mask.shape)}")
         hidden = self.token_embedding(tokens)
         if self.uses_cls:
             hidden = torch.cat([self.cls_embedding.to(hidden.dtype).expand(batch, 1, -1), hidden], dim=1)
@@ -63,7 +72,7 @@ class EncoderClassifier(nn.Module):
         for block in self.blocks:
             hidden, residual = block(hidden, residual, key_padding_mask=key_padding_mask, positional=self.positional)
         hidden, _ = add_and_norm(self.final_norm, hidden, residual)
-        return self.head(self._pool(hidden, key_padding_mask))
+        return hidden, key_padding_mask
 
     def _pool(self, hidden: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         if self.uses_cls:

@@ -12,6 +12,7 @@ from tformer.config import ConfigError
 TASKS = {
     "lm": "tformer.tasks.lm",
     "classify": "tformer.tasks.classify",
+    "mlm": "tformer.tasks.mlm",
 }
 
 
