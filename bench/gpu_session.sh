@@ -4,7 +4,7 @@
 # same run. Everything worth keeping is written under $OUT (default: bench/gpu_out).
 #
 #   bash bench/gpu_session.sh tests       # build + GPU correctness: kernel tests, cuda extension, ctest
-#   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck + racecheck over the CUDA kernels
+#   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck, racecheck, synccheck over the CUDA kernels
 #   bash bench/gpu_session.sh kernels     # ANCHORS.md rows, bf16: attention, LayerNorm, softmax + report
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
 #   bash bench/gpu_session.sh train-step  # DecoderLM training step vs plain PyTorch (eager, compiled)
@@ -80,7 +80,7 @@ for stage in "$@"; do
       (cmake -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-cmake -j16 >/dev/null \
         && ctest --test-dir build-cmake --output-on-failure) 2>&1 | tail -n 15 || status=1 ;;
     sanitize)
-      for tool in memcheck racecheck; do
+      for tool in memcheck racecheck synccheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 1 python3 bench/sanitize_cuda_attention.py 2>&1 \
           | tail -n 20 || status=1
       done ;;

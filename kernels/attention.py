@@ -164,39 +164,50 @@ def _attention_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Launch configuration. On a GPU a small autotune set per head-dim bucket, keyed by head dim
-# and causal (plus dtype, which Triton adds): at most 3 configs compile and run at the first
-# call of each key. Under TRITON_INTERPRET=1 (CPU tensors) one fixed small config, so that
-# tests with lengths 17 or 33 cross block boundaries.
+# Launch configuration. On a GPU a small autotune set per head-dim bucket and input precision,
+# keyed by head dim and causal (plus dtype, which Triton adds): at most 3 configs compile and
+# run at the first call of each key. Under TRITON_INTERPRET=1 (CPU tensors) one fixed small
+# config, so that tests with lengths 17 or 33 cross block boundaries.
+#
+# Every candidate lowers for sm_90 with Triton 3.6 (the GPU image's) without spilling a
+# register; `python -m bench.compile_audit` re-checks them after any kernel change. fp32
+# inputs use full-precision dots on the CUDA cores, whose operand tiles live in registers:
+# only small blocks fit there (larger ones spilled tens of KB per thread).
 # ---------------------------------------------------------------------------------------
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-FWD_CONFIGS = {  # BLOCK_D upper bound -> candidates
+FWD_CONFIGS = {  # 16-bit inputs: BLOCK_D upper bound -> candidates
     64: [_config(128, 64, 4, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3)],
-    128: [_config(128, 64, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3)],
-    256: [_config(64, 64, 8, 2), _config(64, 32, 4, 2), _config(128, 32, 8, 2)],
+    128: [_config(128, 64, 8, 3), _config(128, 32, 8, 3), _config(64, 64, 8, 3)],
+    256: [_config(64, 32, 8, 2), _config(32, 64, 8, 2), _config(32, 32, 8, 2)],
+}
+FWD_CONFIGS_FP32 = {
+    64: [_config(32, 32, 8, 1), _config(64, 16, 8, 1), _config(16, 64, 8, 1)],
+    128: [_config(32, 16, 8, 1), _config(16, 32, 8, 1), _config(16, 16, 8, 1)],
+    256: [_config(16, 16, 8, 1), _config(16, 32, 8, 1), _config(32, 16, 8, 1)],
 }
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def configs_for_head_dim(table: dict, configs, named_args, **kwargs):
-    """Autotune pruning: only the candidates of the bucket that holds this BLOCK_D run."""
-    return table[min(bound for bound in table if bound >= kwargs["BLOCK_D"])]
+def configs_for_call(table: dict, fp32_table: dict, configs, named_args, **kwargs):
+    """Autotune pruning: only the candidates of this precision's bucket that holds BLOCK_D run."""
+    chosen = fp32_table if kwargs["DOT_PRECISION"] == "ieee" else table
+    return chosen[min(bound for bound in chosen if bound >= kwargs["BLOCK_D"])]
 
 
-def autotuned(kernel, table: dict):
-    configs = [c for bucket in table.values() for c in bucket]
+def autotuned(kernel, table: dict, fp32_table: dict):
+    configs = [c for t in (table, fp32_table) for bucket in t.values() for c in bucket]
     # cache_results: the winning config is kept in Triton's disk cache, so a later process
     # with a warm cache neither recompiles nor re-times.
     return triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL"], cache_results=True,
-                           prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_head_dim(
-                               table, *a, **kw)})(kernel)
+                           prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
+                               table, fp32_table, *a, **kw)})(kernel)
 
 
-_attention_fwd_tuned = autotuned(_attention_fwd_kernel, FWD_CONFIGS)
+_attention_fwd_tuned = autotuned(_attention_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_FP32)
 
 
 def launch(kernel, tuned, grid_of, args: tuple, meta: dict, device: torch.device) -> None:

@@ -207,20 +207,31 @@ def _dq_kernel(
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Backward candidates: the dK/dV program holds k, v, dk, dv for BLOCK_N keys, so large head
-# dims take smaller blocks to stay within registers and shared memory.
+# Backward candidates (see the forward's launch notes): the dK/dV program holds k, v, dk, dv
+# for BLOCK_N keys in registers, so it takes 8 warps and smaller blocks than the forward
+# (a 128-key block at hd 128 already spilled 156 bytes).
 DKDV_CONFIGS = {
-    64: [_config(32, 128, 4, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)],
-    128: [_config(32, 128, 8, 2), _config(64, 64, 4, 2), _config(32, 64, 4, 2)],
-    256: [_config(32, 64, 8, 1), _config(16, 64, 4, 1), _config(32, 32, 4, 1)],
+    64: [_config(32, 128, 8, 3), _config(64, 64, 8, 3), _config(32, 64, 8, 3)],
+    128: [_config(32, 64, 8, 2), _config(32, 64, 8, 3), _config(32, 32, 8, 2)],
+    256: [_config(16, 32, 8, 1), _config(32, 16, 8, 1), _config(32, 32, 8, 1)],
+}
+DKDV_CONFIGS_FP32 = {
+    64: [_config(32, 32, 8, 1), _config(16, 64, 8, 1), _config(32, 16, 8, 1)],
+    128: [_config(32, 32, 8, 1), _config(32, 16, 8, 1), _config(16, 16, 4, 1)],
+    256: [_config(16, 32, 8, 1), _config(32, 16, 8, 1), _config(16, 16, 4, 1)],
 }
 DQ_CONFIGS = {
-    64: [_config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3)],
-    128: [_config(128, 32, 8, 2), _config(64, 64, 4, 2), _config(64, 32, 4, 2)],
-    256: [_config(64, 32, 8, 1), _config(64, 16, 4, 1), _config(32, 32, 4, 1)],
+    64: [_config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(128, 64, 8, 3)],
+    128: [_config(128, 32, 8, 2), _config(32, 64, 8, 2), _config(32, 32, 8, 2)],
+    256: [_config(32, 32, 8, 1), _config(32, 16, 8, 1), _config(16, 32, 8, 1)],
 }
-_dkdv_tuned = autotuned(_dkdv_kernel, DKDV_CONFIGS)
-_dq_tuned = autotuned(_dq_kernel, DQ_CONFIGS)
+DQ_CONFIGS_FP32 = {
+    64: [_config(64, 32, 8, 1), _config(32, 64, 8, 1), _config(32, 32, 8, 1)],
+    128: [_config(32, 16, 8, 1), _config(16, 32, 8, 1), _config(16, 64, 8, 1)],
+    256: [_config(16, 16, 8, 1), _config(16, 32, 8, 1), _config(32, 16, 8, 1)],
+}
+_dkdv_tuned = autotuned(_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_FP32)
+_dq_tuned = autotuned(_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_FP32)
 DELTA_BLOCK_M = 64
 
 

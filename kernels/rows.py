@@ -11,16 +11,18 @@ import triton
 MAX_BLOCK_N = 8192
 
 
-def block_config(n_cols: int, max_block_n: int = MAX_BLOCK_N) -> tuple[int, int]:
+def block_config(n_cols: int, max_block_n: int = MAX_BLOCK_N, per_thread: int = 16) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for rows of ``n_cols``: the heuristic that replaces autotuning.
 
     BLOCK_N is the next power of two of the row (at least 16), capped at ``max_block_n``;
-    the warps grow with the block so each thread holds at most ~16 elements per tensor.
+    the warps (4 to 32) grow with the block so each thread holds at most ``per_thread``
+    elements per tensor. Kernels with many row-long tensors live at once take a smaller
+    ``per_thread``: more threads, fewer registers each (``python -m bench.compile_audit``).
     """
     if max_block_n < 16 or max_block_n & (max_block_n - 1):
         raise ValueError(f"block_config: argument 'max_block_n' must be a power of two >= 16, got {max_block_n}")
     block_n = min(max(triton.next_power_of_2(n_cols), 16), max_block_n)
-    num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+    num_warps = min(32, max(4, block_n // (32 * per_thread)))
     return block_n, num_warps
 
 
