@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh kernels     # ANCHORS.md rows, bf16: attention, LayerNorm, softmax + report
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
 #   bash bench/gpu_session.sh train-step  # DecoderLM training step vs plain PyTorch (eager, compiled)
+#   bash bench/gpu_session.sh hf          # HF Llama-style training step, attn_implementation tformer vs sdpa
 #   bash bench/gpu_session.sh shakespeare # the GPU recipe: val loss <= 1.40 within 3 minutes?
 #   IMDB=device_carry/aclImdb_labeled.tar.gz bash bench/gpu_session.sh imdb-pretrain  # stage 1: MLM, ~6 min
 #   IMDB=... IMDB_MLM=device_carry/imdb_mlm bash bench/gpu_session.sh imdb-finetune   # stage 2: >= 90% test?
@@ -19,12 +20,20 @@
 #     into device_carry/ and carry them; IMDB_MLM and IMDB_CACHE name them.)
 #
 # Stages can be chained: `bash bench/gpu_session.sh tests kernels`.
+# Before the session, `bash bench/prepare_device_carry.sh` here fills device_carry/ (Liger-Kernel's
+# wheel, the LayerNorm anchor the image lacks, and the IMDb archive); carry device_carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" WANDB_MODE=disabled
 status=0
+
+# Wheels carried in device_carry/wheels (bench/prepare_device_carry.sh) go to /tmp/site.
+if ls device_carry/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    device_carry/wheels/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 build() {
   [ -n "$(ls tformer/_C*.so 2>/dev/null)" ] && return
@@ -87,6 +96,7 @@ for stage in "$@"; do
     kernels) bench kernels -k "anchors and bfloat16" ;;
     sweep) bench sweep -k "seq_sweep or (anchors and float16)" bench/bench_attention.py ;;
     train-step) bench train_step bench/bench_train_step.py ;;
+    hf) bench hf bench/bench_hf_attention.py ;;
     shakespeare)
       timeout 540 python3 tformer/train.py --config shakespeare_gpu.json --set run.out_dir="$OUT/shakespeare" --set logging.wandb=false \
         2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -n 40 || status=1 ;;
@@ -94,7 +104,7 @@ for stage in "$@"; do
     imdb-finetune) imdb_finetune || status=1 ;;
     imdb) imdb_pretrain || status=1; imdb_finetune || status=1 ;;
     imdb-scratch) imdb_train scratch imdb_scratch.json --set run.out_dir="$OUT/imdb_scratch" || status=1 ;;
-    *) echo "unknown stage $stage (tests, sanitize, kernels, sweep, train-step, shakespeare, imdb-pretrain," \
+    *) echo "unknown stage $stage (tests, sanitize, kernels, sweep, train-step, hf, shakespeare, imdb-pretrain," \
             "imdb-finetune, imdb, imdb-scratch)"; exit 2 ;;
   esac
 done

@@ -100,16 +100,26 @@ def op_tables(rows: list[dict]) -> list[str]:
     return sections
 
 
-def train_step_table(rows: list[dict]) -> str | None:
-    steps = [row for row in rows if row["op"] == "train_step" and "tokens_per_s" in row]
+# op -> (title, the anchor every row is divided by)
+TRAIN_STEPS = {
+    "train_step": ("training step (tokens/s; ratio to plain PyTorch + torch.compile, else plain eager)",
+                   "plain-torch"),
+    "hf_train_step": ("Hugging Face Llama-style training step, attn_implementation='tformer' (tokens/s; ratio "
+                      "to attn_implementation='sdpa')", "hf-sdpa"),
+}
+
+
+def train_step_table(rows: list[dict], op: str = "train_step") -> str | None:
+    title, anchor = TRAIN_STEPS[op]
+    steps = [row for row in rows if row["op"] == op and "tokens_per_s" in row]
     if not steps:
         return None
-    lines = ["### training step (tokens/s; ratio to plain PyTorch + torch.compile, else plain eager)", "",
+    lines = [f"### {title}", "",
              "| model | batch × T | impl | mode | tokens/s | MFU (989 TFLOP/s) | fraction of matmul ceiling | "
-             "peak GiB | ratio to plain |", "|" + " --- |" * 9]
+             f"peak GiB | ratio to {anchor} |", "|" + " --- |" * 9]
     for model in sorted({row["model"] for row in steps}):
         model_rows = [row for row in steps if row["model"] == model]
-        baseline = {row["mode"]: row["tokens_per_s"] for row in model_rows if row["impl"] == "plain-torch"}
+        baseline = {row["mode"]: row["tokens_per_s"] for row in model_rows if row["impl"] == anchor}
         base_mode = "compile" if "compile" in baseline else "eager"
         for row in sorted(model_rows, key=lambda r: (r["impl"], r["mode"])):
             ratio = row["tokens_per_s"] / baseline[base_mode] if base_mode in baseline else None
@@ -203,9 +213,10 @@ def plot_bandwidth(rows: list[dict], out_dir: Path) -> list[Path]:
 def build_report(data: dict, rows: list[dict], plots: list[Path]) -> str:
     parts = ["## Benchmark report", "", header(data, rows), ""]
     parts += [section + "\n" for section in op_tables(rows)]
-    steps = train_step_table(rows)
-    if steps:
-        parts += [steps, ""]
+    for op in TRAIN_STEPS:
+        steps = train_step_table(rows, op)
+        if steps:
+            parts += [steps, ""]
     if plots:
         parts += ["Plots: " + ", ".join(f"`{path.name}`" for path in plots), ""]
     return "\n".join(parts)

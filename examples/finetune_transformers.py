@@ -3,7 +3,8 @@
 A tiny randomly initialized Llama-style model (RoPE, grouped-query attention) learns to
 count (each token is the previous one plus one), on left-padded batches, with ``attn_implementation="tformer"``.
 Runs on the CPU in seconds (reference backend); on a GPU the same script runs tformer's
-Triton/CUDA kernels.
+Triton/CUDA kernels. ``build_model`` is shared with bench/bench_hf_attention.py, which times
+the training step of the same architecture at GPU size against ``attn_implementation="sdpa"``.
 
     pip install 'tformer[transformers]'
     python examples/finetune_transformers.py [--steps 30] [--backend reference|triton|cuda|auto]
@@ -21,6 +22,21 @@ import tformer
 import tformer.integrations.transformers  # noqa: F401  (registers attn_implementation="tformer")
 
 VOCAB = 32
+# Llama-style, grouped-query: the example's tiny model, and a GPU-sized one for the benchmark
+# (head dim 64, 16 query heads sharing 4 key/value heads, ~150M parameters with a 32k vocab).
+MODEL_SIZES = {
+    "tiny": dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "gpu": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096),
+}
+
+
+def build_model(size: str = "tiny", attn_implementation: str = "tformer") -> LlamaForCausalLM:
+    """A randomly initialized Llama-style causal LM of ``MODEL_SIZES[size]``."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"build_model: argument 'size' must be one of {sorted(MODEL_SIZES)}, got {size!r}")
+    return LlamaForCausalLM(LlamaConfig(**MODEL_SIZES[size], attn_implementation=attn_implementation))
 
 
 def make_batch(batch_size: int, seq_len: int, generator: torch.Generator):
@@ -45,10 +61,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attn_implementation="tformer")
-    model = LlamaForCausalLM(config).to(device)
+    model = build_model("tiny", "tformer").to(device)
     print(f"attn_implementation={model.config._attn_implementation!r} on {device}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -47,6 +47,10 @@ def test_ratio_to_the_best_anchor_per_row_and_plots(tmp_path, capsys):
         "tokens_per_s": 1000.0, "mfu_h100_bf16_989": 0.3, "fraction_of_matmul_ceiling": 0.4, "peak_memory_gib": 2.0}})
     benchmarks.append({"name": "test_train_step", "extra_info": {
         **benchmarks[-1]["extra_info"], "impl": "tformer-triton", "tokens_per_s": 1300.0}})
+    hf_row = {**benchmarks[-1]["extra_info"], "op": "hf_train_step", "model": "llama-gpu", "mode": "eager"}
+    benchmarks.append({"name": "test_hf_train_step", "extra_info": {**hf_row, "impl": "hf-sdpa", "tokens_per_s": 800.0}})
+    benchmarks.append({"name": "test_hf_train_step", "extra_info": {**hf_row, "impl": "tformer-cuda",
+                                                                    "tokens_per_s": 1000.0}})
     out_dir = tmp_path / "out"
     report.main([str(_write(tmp_path, benchmarks)), "--out-dir", str(out_dir)])
     text = (out_dir / "report.md").read_text()
@@ -65,6 +69,8 @@ def test_ratio_to_the_best_anchor_per_row_and_plots(tmp_path, capsys):
         assert "sdpa-flash" in row and row.rstrip(" |").endswith(ratio)
     train_row = next(line for line in lines if "| tformer-triton | compile |" in line)
     assert "1.30× (compile)" in train_row
+    hf_line = next(line for line in lines if line.startswith("| llama-gpu |") and "tformer-cuda" in line)
+    assert "1.25× (eager)" in hf_line and "ratio to hf-sdpa" in text
     assert (out_dir / "attention_fwd.png").stat().st_size > 0 and (out_dir / "layer_norm.png").stat().st_size > 0
 
 
