@@ -107,20 +107,27 @@ def attention_cases(dtypes: tuple[str, ...]):
     features = {"plain": dict(IS_CAUSAL=False, HAS_KEY_PADDING=False, IS_VARLEN=False, HAS_DROPOUT=False),
                 "causal": dict(IS_CAUSAL=True, HAS_KEY_PADDING=False, IS_VARLEN=False, HAS_DROPOUT=False),
                 "all-features": dict(IS_CAUSAL=True, HAS_KEY_PADDING=True, IS_VARLEN=True, HAS_DROPOUT=True)}
-    kernels = (("attention_fwd", fwd._attention_fwd_kernel, fwd.FWD_CONFIGS, fwd.FWD_CONFIGS_FP32),
-               ("attention_bwd_dkdv", bwd._dkdv_kernel, bwd.DKDV_CONFIGS, bwd.DKDV_CONFIGS_FP32),
-               ("attention_bwd_dq", bwd._dq_kernel, bwd.DQ_CONFIGS, bwd.DQ_CONFIGS_FP32))
-    for name, kernel, table, fp32_table in kernels:
+    # dK/dV runs two ways (see attention_bwd): grouped, programs_per_kv_head = 1 (an int argument
+    # equal to 1 is compiled as a constant, here as by Triton's launcher), and expanded, float32
+    # partials whatever the input dtype (its heads_per_program = 1 is not specialized).
+    expanded_pointers = dict(pointers, DK="*fp32", DV="*fp32")
+    kernels = (("attention_fwd", fwd._attention_fwd_kernel, fwd.FWD_CONFIGS, fwd.FWD_CONFIGS_FP32, {}, pointers),
+               ("attention_bwd_dkdv", bwd._dkdv_kernel, bwd.DKDV_CONFIGS, bwd.DKDV_CONFIGS_FP32,
+                dict(programs_per_kv_head=1), pointers),
+               ("attention_bwd_dkdv_expanded", bwd._dkdv_kernel, bwd.DKDV_CONFIGS, bwd.DKDV_CONFIGS_FP32,
+                {}, expanded_pointers),
+               ("attention_bwd_dq", bwd._dq_kernel, bwd.DQ_CONFIGS, bwd.DQ_CONFIGS_FP32, {}, pointers))
+    for name, kernel, table, fp32_table, constants, kernel_pointers in kernels:
         for data in dtypes:
             for block_d, configs in (fp32_table if data == "fp32" else table).items():
                 for feature_name, flags in features.items():
                     for config in configs:
                         meta = dict(flags, DOT_PRECISION="ieee" if data == "fp32" else "tf32", UPCAST=False,
-                                    BLOCK_D=block_d, **config.kwargs)
+                                    BLOCK_D=block_d, **constants, **config.kwargs)
                         label = (f"BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_N={config.kwargs['BLOCK_N']} "
                                  f"warps={config.num_warps} stages={config.num_stages}")
-                        yield (name, f"hd<={block_d} {data} {feature_name}", label, kernel, meta, data, pointers,
-                               config.num_warps, config.num_stages)
+                        yield (name, f"hd<={block_d} {data} {feature_name}", label, kernel, meta, data,
+                               kernel_pointers, config.num_warps, config.num_stages)
 
 
 def row_cases(dtypes: tuple[str, ...]):

@@ -6,9 +6,24 @@ Three kernels, all recomputing the probabilities from q, k and the saved log-sum
 
 1. ``_delta_kernel``: delta_i = sum_d dO_i * O_i, the row term of the softmax backward
    (equal to sum_j P_ij dP_ij, dropout included, because O is computed from the dropped P).
-2. ``_dkdv_kernel``: one program per key block and key/value head; it loops over the query
-   heads of its group (grouped-query attention) and their query blocks, so dK and dV are
-   summed over the group in a fixed order: the backward is deterministic.
+2. ``_dkdv_kernel``: one program per key block and output head, looping over
+   ``heads_per_program`` query heads and their query blocks. It runs one of two ways:
+
+   - grouped: one program per key/value head, looping over the ``group_size`` query heads of
+     its group (grouped-query attention), so dK and dV are summed over the group in registers
+     in a fixed order and stored once in the input dtype.
+   - expanded (FlashAttention-2's GQA/MQA backward): one program per query head, writing that
+     head's float32 partial dK/dV into (B, Hq, Sk, D) buffers ((total_k, Hq, D) packed); a
+     torch sum over the group, a fixed-order reduction, then gives dK/dV in the input dtype
+     (float32 partials round once, after the sum, as the grouped registers do; 16-bit ones
+     would round once per query head).
+     It launches ``group_size`` times more programs, for multi-query attention or small
+     batches where the grouped launch would leave most SMs idle (e.g. B=1, Hq=32, Hkv=1,
+     S=2048: 32 grouped programs on an H100's 132 SMs).
+
+   ``dkdv_expanded`` picks: expanded when group_size > 1, the grouped launch has fewer than
+   2 programs per SM and the two float32 buffers fit in 256 MiB; grouped otherwise, and always
+   on CPU tensors (the interpreter has no SMs). Both ways are deterministic.
 3. ``_dq_kernel``: one program per query block and query head, looping over key blocks.
 
 Dropout masks are regenerated from the same seed and element index as the forward
@@ -22,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (allowed_scores, autotuned, block_d, dot_meta, dropout_keep, launch, mma, lse_strides,
-                        problem, sequence_bounds, strides4, _config)
+from .attention import (allowed_scores, autotuned, block_d, configs_for_call, dot_meta, dropout_keep, launch, mma,
+                        lse_strides, problem, sequence_bounds, strides4, _config)
 
 
 @triton.jit
@@ -62,7 +77,7 @@ def _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls):
     return lse2, delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["heads_per_program"])
 def _dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, KeyPad, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -73,15 +88,25 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
-    num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
+    num_heads, heads_per_program, programs_per_kv_head, max_seqlen_q, max_seqlen_k, head_dim,
     scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dK, dV of key block ``program_id(0)`` summed over ``heads_per_program`` consecutive query
+    heads, stored at head index ``program_id(1)`` of DK and DV, whose key/value head is that
+    index // ``programs_per_kv_head``. Grouped: (group_size, 1), the output head is the key/value
+    head. Expanded: (1, group_size), it is the query head. Triton compiles an int argument equal
+    to 1 as a constant, so the grouped path drops the division; ``heads_per_program`` is kept a
+    runtime loop bound (``do_not_specialize``) even when 1 (expanded, or multi-head attention):
+    with the loop unrolled ptxas spilled 32 B (hd 64, fp32, causal, BLOCK_N=64; Triton 3.6,
+    sm_90), and the loop form is the one bench/compile_audit.py checks."""
     start_n = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1)
+    out_head = tl.program_id(1)
     batch = tl.program_id(2)
+    first_head = out_head * heads_per_program
+    kv_head = out_head // programs_per_kv_head
     q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k,
                                                      IS_VARLEN)
     if start_n >= k_len:
@@ -104,9 +129,9 @@ def _dkdv_kernel(
     lo = 0
     if IS_CAUSAL:  # key j is seen only by rows i >= j: skip the query blocks above the diagonal
         lo = (start_n // BLOCK_M) * BLOCK_M
-    # Fixed order over the group's query heads and their query blocks: deterministic sums.
-    for g in range(0, group_size):
-        head64 = (kv_head * group_size + g).to(tl.int64)
+    # Fixed order over the query heads and their query blocks: deterministic sums.
+    for g in range(0, heads_per_program):
+        head64 = (first_head + g).to(tl.int64)
         q_base = Q + batch64 * stride_qb + head64 * stride_qh + q_start64 * stride_qs
         do_base = DOut + batch64 * stride_gb + head64 * stride_gh + q_start64 * stride_gs
         l_offset = batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls
@@ -135,9 +160,10 @@ def _dkdv_kernel(
             dk = mma(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
 
     dk = dk * scale
-    tl.store(DK + batch64 * stride_dkb + kv_head64 * stride_dkh + (k_start64 + cols[:, None]) * stride_dks
+    out_head64 = out_head.to(tl.int64)
+    tl.store(DK + batch64 * stride_dkb + out_head64 * stride_dkh + (k_start64 + cols[:, None]) * stride_dks
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + batch64 * stride_dvb + kv_head64 * stride_dvh + (k_start64 + cols[:, None]) * stride_dvs
+    tl.store(DV + batch64 * stride_dvb + out_head64 * stride_dvh + (k_start64 + cols[:, None]) * stride_dvs
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -235,6 +261,29 @@ _dq_tuned = autotuned(_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_FP32)
 DELTA_BLOCK_M = 64
 
 
+# Expanded dK/dV (see the module docstring): worth its float32 buffers only when the grouped
+# launch leaves SMs idle. Below ~2 programs per SM an H100 cannot hide one program's latency
+# behind another's, and each of the few programs does group_size times the work.
+EXPANDED_PROGRAMS_PER_SM = 2
+# Cap on the two float32 buffers (dK and dV per query head): the backward should not surprise
+# a nearly full GPU with a large allocation. Problems small enough to qualify rarely come near
+# it: B=1, Hq=32, Hkv=1, Sk=2048, D=128 takes 64 MiB.
+EXPANDED_MAX_BYTES = 256 << 20
+
+
+def dkdv_expanded(grouped_programs: int, group_size: int, expanded_bytes: int, sm_count: int | None) -> bool:
+    """True to compute dK/dV per query head and sum over the group afterwards, False to sum
+    over the group inside one program per key/value head. ``sm_count`` is None on CPU tensors
+    (the interpreter has no SMs): grouped."""
+    if group_size == 1 or sm_count is None:
+        return False
+    return grouped_programs < EXPANDED_PROGRAMS_PER_SM * sm_count and expanded_bytes <= EXPANDED_MAX_BYTES
+
+
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
                        seed: int):
@@ -242,10 +291,9 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     alloc = torch.zeros if varlen else torch.empty  # packed tokens outside every sequence get 0
     dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing attends or nothing to attend: zero gradients
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return (dq.zero_(), torch.zeros(k.shape, dtype=k.dtype, device=k.device),
+                torch.zeros(v.shape, dtype=v.dtype, device=v.device))
     head_dim = q.shape[-1]
     num_kv_heads = num_heads // group_size
     has_pad = key_padding_mask is not None
@@ -265,10 +313,33 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     scalars = (num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed)
     meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
                 **dot_meta(q), BLOCK_D=bd)
+
+    # The grouped launch's fewest programs: at the largest BLOCK_N its autotuner may pick.
+    largest_block_n = max(c.kwargs["BLOCK_N"] for c in configs_for_call(DKDV_CONFIGS, DKDV_CONFIGS_FP32, None, None,
+                                                                         **meta))
+    grouped_programs = triton.cdiv(max_k, largest_block_n) * num_kv_heads * num_seqs
+    dk_shape, dv_shape = list(k.shape), list(v.shape)
+    expanded_bytes = 4 * num_heads * (k.numel() + v.numel()) // num_kv_heads
+    expanded = dkdv_expanded(grouped_programs, group_size, expanded_bytes, _sm_count(q.device))
+    if expanded:
+        # Per query head (axis 1 in both layouts), in float32: 16-bit partials would round
+        # group_size times before the sum instead of once after it, as the grouped registers do.
+        dk_shape[1] = dv_shape[1] = num_heads
+        dk = alloc(dk_shape, dtype=torch.float32, device=k.device)
+        dv = alloc(dv_shape, dtype=torch.float32, device=v.device)
+    else:
+        dk = alloc(dk_shape, dtype=k.dtype, device=k.device)
+        dv = alloc(dv_shape, dtype=v.dtype, device=v.device)
+    heads_per_program, programs_per_kv_head = (1, group_size) if expanded else (group_size, 1)
     dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, key_pad, cu_q, cu_k, *common, *strides4(dk, varlen),
-                 *strides4(dv, varlen), *lse_s, *pad_strides, *scalars)
-    launch(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), num_kv_heads, num_seqs),
+                 *strides4(dv, varlen), *lse_s, *pad_strides, num_heads, heads_per_program, programs_per_kv_head,
+                 max_q, max_k, head_dim, scale, dropout_p, seed)
+    launch(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), dk_shape[1], num_seqs),
            dkdv_args, meta, q.device)
+    if expanded:  # fixed-order sum over each group's query heads (head h = kv_head * group_size + g)
+        dk = dk.unflatten(1, (num_kv_heads, group_size)).sum(2).to(k.dtype)
+        dv = dv.unflatten(1, (num_kv_heads, group_size)).sum(2).to(v.dtype)
+
     dq_args = (q, k, v, grad_out, lse, delta, dq, key_pad, cu_q, cu_k, *common, *strides4(dq, varlen), *lse_s,
                *pad_strides, *scalars)
     launch(_dq_kernel, _dq_tuned, lambda b: (triton.cdiv(max_q, b["BLOCK_M"]), num_heads, num_seqs),

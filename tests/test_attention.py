@@ -426,3 +426,96 @@ def test_triton_refuses_head_dim_over_256():
     q = torch.zeros(1, 1, 2, 264, device=DEVICE)
     with pytest.raises(tformer.BackendError, match="head dims up to 256"):
         attention(q, q, q, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# Triton dK/dV for grouped-query attention, expanded: one program per query head writes float32
+# partials that are summed over the group afterwards. On a GPU ``dkdv_expanded`` picks it for
+# launches with few programs; on the CPU it never does, so these tests force it.
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def expanded_dkdv(monkeypatch):
+    """Forces the expanded path; returns the list of the heuristic's arguments, one per backward."""
+    from tformer.kernels import attention_bwd
+
+    asked = []
+
+    def always_expanded(grouped_programs, group_size, expanded_bytes, sm_count):
+        asked.append((grouped_programs, group_size, expanded_bytes, sm_count))
+        return True
+
+    monkeypatch.setattr(attention_bwd, "dkdv_expanded", always_expanded)
+    return asked
+
+
+def _assert_deterministic_and_close(first, second, expected, dtype, what):
+    """Two runs of the same backward are bitwise equal, and the first matches float64."""
+    for name, a, b, want in zip(("out", "dq", "dk", "dv"), first, second, expected):
+        assert torch.equal(a, b), f"{what} {name} differs between two identical runs"
+        assert_close_to_reference(a, want, dtype, kind="forward" if name == "out" else "grad",
+                                  scale=max(1.0, want.abs().max().item()), what=f"{what} {name}")
+
+
+# (Hq, Hkv, causal, key lengths or None, dtype); Sq = 17, Sk = 33; key length 0 pads a whole batch row.
+EXPANDED_CASES = {
+    "gqa_padding_all_padded_row": (4, 2, False, [20, 0], torch.float32),
+    "gqa_causal": (4, 2, True, None, torch.float32),
+    "mqa": (4, 1, False, None, torch.float32),
+    "mqa_causal_padding_all_padded_row": (4, 1, True, [33, 0], torch.float32),
+    "mqa_causal_fp16": (4, 1, True, None, torch.float16),
+}
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("case", list(EXPANDED_CASES))
+def test_triton_expanded_dkdv_matches_reference_deterministically(expanded_dkdv, case):
+    num_heads, num_kv_heads, causal, lengths, dtype = EXPANDED_CASES[case]
+    q, k, v = make_inputs(2, num_heads, num_kv_heads, 17, 33, 16, dtype)
+    kwargs = dict(causal=causal, key_padding_mask=padding_mask(lengths, 33) if lengths else None)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    first = forward_backward("triton", q, k, v, grad_out, **kwargs)
+    second = forward_backward("triton", q, k, v, grad_out, **kwargs)
+    expected = forward_backward("reference", q.double(), k.double(), v.double(), grad_out.double(), **kwargs)
+    _assert_deterministic_and_close(first, second, expected, dtype, f"expanded {case}")
+    # The launcher asked the heuristic (so the forced answer was used) with this problem's numbers:
+    # one 64-key block (the largest candidate BLOCK_N for hd 16) x Hkv x B grouped programs, and
+    # two float32 (B, Hq, Sk, D) buffers; no SM count on CPU tensors.
+    expected_bytes = 2 * 4 * 2 * num_heads * 33 * 16
+    assert expanded_dkdv == [(num_kv_heads * 2, num_heads // num_kv_heads, expected_bytes, None)] * 2
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("num_kv_heads, causal", [(2, False), (1, True)], ids=["gqa", "mqa_causal"])
+def test_triton_expanded_dkdv_varlen(expanded_dkdv, num_kv_heads, causal):
+    # The middle sequence has no keys: its queries see nothing and its (empty) key range gets no gradient.
+    lengths_q, lengths_k = [1, 17, 5], [3, 0, 33]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, num_kv_heads, 16, torch.float32)
+    kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k),
+                  causal=causal)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def run(backend, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = call_or_skip(attention_varlen, *leaves, backend=backend, **kwargs)
+        out.backward(grad_out.to(out.dtype))
+        return (out, *(t.grad for t in leaves))
+
+    first, second = run("triton", (q, k, v)), run("triton", (q, k, v))
+    expected = run("reference", (q.double(), k.double(), v.double()))
+    _assert_deterministic_and_close(first, second, expected, torch.float32, "expanded varlen")
+    assert len(expanded_dkdv) == 2
+
+
+def test_dkdv_expanded_heuristic():
+    from tformer.kernels.attention_bwd import EXPANDED_MAX_BYTES, dkdv_expanded
+
+    mib_64 = 64 << 20
+    # B=1, Hq=32, Hkv=1, S=2048, BLOCK_N=64: 32 grouped programs for an H100's 132 SMs.
+    assert dkdv_expanded(32, group_size=32, expanded_bytes=mib_64, sm_count=132)
+    assert dkdv_expanded(2 * 132 - 1, group_size=4, expanded_bytes=mib_64, sm_count=132)
+    assert not dkdv_expanded(2 * 132, group_size=4, expanded_bytes=mib_64, sm_count=132)  # SMs already busy
+    assert not dkdv_expanded(32, group_size=1, expanded_bytes=mib_64, sm_count=132)  # no group to expand
+    assert not dkdv_expanded(32, group_size=32, expanded_bytes=EXPANDED_MAX_BYTES + 1, sm_count=132)
+    assert dkdv_expanded(32, group_size=32, expanded_bytes=EXPANDED_MAX_BYTES, sm_count=132)
+    assert not dkdv_expanded(32, group_size=32, expanded_bytes=mib_64, sm_count=None)  # CPU: interpreter
