@@ -4,6 +4,7 @@
 # same run. Everything worth keeping is written under $OUT (default: bench/gpu_out).
 #
 #   bash bench/gpu_session.sh tests       # build + GPU correctness: kernel tests, cuda extension, ctest
+#     (= tests-rows then tests-attention: one call each when the build and both do not fit 10 minutes)
 #   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck, racecheck, synccheck over the CUDA kernels
 #   bash bench/gpu_session.sh kernels     # ANCHORS.md rows, bf16: attention, LayerNorm, softmax + report
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
@@ -27,6 +28,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" WANDB_MODE=disabled
+# Triton's compiled kernels and autotune results in the git-ignored build/: kept between the
+# calls of one session on the same warm machine, so later stages do not compile again.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/build/triton-cache}"
 status=0
 
 # Wheels carried in device_carry/wheels (bench/prepare_device_carry.sh) go to /tmp/site.
@@ -46,6 +50,22 @@ bench() {  # bench NAME PYTEST-ARGS...
   local name=$1; shift
   python3 -m pytest bench --benchmark-only -q --benchmark-json "$OUT/$name.json" "$@" 2>&1 | tail -n 30 || status=1
   python3 -m bench.report "$OUT/$name.json" --out-dir "$OUT/$name" && cat "$OUT/$name/report.md" || status=1
+}
+
+run_tests() {  # run_tests rows|attention: one group of the GPU correctness tests (+ ctest with the rows)
+  local files
+  case "$1" in
+    rows) files="tests/test_layer_norm.py tests/test_softmax.py tests/test_cuda_extension.py tests/test_registry.py tests/test_nn.py" ;;
+    attention) files="tests/test_attention.py tests/test_cuda_attention_extension.py" ;;
+  esac
+  # Autotuning off: each kernel variant compiles once, not three times (the benchmarks tune).
+  # --maxfail, not -x: one call should show every failing kernel, not the first.
+  TFORMER_AUTOTUNE=0 timeout 540 python3 -m pytest -q -rs --maxfail=15 $files 2>&1 | tee "$OUT/tests-$1.log" \
+    | tail -n 30 || status=1
+  if [ "$1" = rows ]; then
+    (cmake -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-cmake -j16 >/dev/null \
+      && ctest --test-dir build-cmake --output-on-failure) 2>&1 | tail -n 15 || status=1
+  fi
 }
 
 imdb_train() {  # imdb_train NAME CONFIG ARGS...: one tformer/train.py run on IMDb, its wall time printed
@@ -83,11 +103,9 @@ for stage in "$@"; do
   # The IMDb recipe runs on the Triton kernels: the CUDA build would take minutes of its 10.
   case "$stage" in imdb*) ;; *) build ;; esac
   case "$stage" in
-    tests)
-      python3 -m pytest -q -x tests/test_layer_norm.py tests/test_softmax.py tests/test_attention.py \
-        tests/test_cuda_extension.py tests/test_cuda_attention_extension.py tests/test_registry.py tests/test_nn.py 2>&1 | tee "$OUT/tests.log" | tail -n 25 || status=1
-      (cmake -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-cmake -j16 >/dev/null \
-        && ctest --test-dir build-cmake --output-on-failure) 2>&1 | tail -n 15 || status=1 ;;
+    tests) run_tests rows; run_tests attention ;;
+    tests-rows) run_tests rows ;;
+    tests-attention) run_tests attention ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 1 python3 bench/sanitize_cuda_attention.py 2>&1 \
@@ -104,7 +122,7 @@ for stage in "$@"; do
     imdb-finetune) imdb_finetune || status=1 ;;
     imdb) imdb_pretrain || status=1; imdb_finetune || status=1 ;;
     imdb-scratch) imdb_train scratch imdb_scratch.json --set run.out_dir="$OUT/imdb_scratch" || status=1 ;;
-    *) echo "unknown stage $stage (tests, sanitize, kernels, sweep, train-step, hf, shakespeare, imdb-pretrain," \
+    *) echo "unknown stage $stage (tests, tests-rows, tests-attention, sanitize, kernels, sweep, train-step, hf, shakespeare, imdb-pretrain," \
             "imdb-finetune, imdb, imdb-scratch)"; exit 2 ;;
   esac
 done

@@ -22,6 +22,9 @@ correctness over speed. Softmax state (running max, sum, accumulator) is float32
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -198,24 +201,49 @@ def configs_for_call(table: dict, fp32_table: dict, configs, named_args, **kwarg
     return chosen[min(bound for bound in chosen if bound >= kwargs["BLOCK_D"])]
 
 
-def autotuned(kernel, table: dict, fp32_table: dict):
+@dataclass(frozen=True)
+class Tuned:
+    """A kernel's autotuner and the candidate tables it prunes to."""
+
+    autotuner: triton.runtime.Autotuner
+    table: dict
+    fp32_table: dict
+
+    def first_config(self, meta: dict) -> triton.Config:
+        """The leading candidate for this call: what runs when autotuning is off."""
+        return configs_for_call(self.table, self.fp32_table, None, None, **meta)[0]
+
+
+def autotuned(kernel, table: dict, fp32_table: dict) -> Tuned:
     configs = [c for t in (table, fp32_table) for bucket in t.values() for c in bucket]
     # cache_results: the winning config is kept in Triton's disk cache, so a later process
     # with a warm cache neither recompiles nor re-times.
-    return triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL"], cache_results=True,
-                           prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
-                               table, fp32_table, *a, **kw)})(kernel)
+    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL"], cache_results=True,
+                            prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
+                                table, fp32_table, *a, **kw)})(kernel)
+    return Tuned(tuner, table, fp32_table)
 
 
 _attention_fwd_tuned = autotuned(_attention_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_FP32)
 
 
-def launch(kernel, tuned, grid_of, args: tuple, meta: dict, device: torch.device) -> None:
-    """Run ``kernel`` with the interpreter's fixed blocks on CPU tensors, else autotuned."""
+def autotune_enabled() -> bool:
+    """``TFORMER_AUTOTUNE=0`` runs each bucket's leading candidate untimed: one compile per
+    kernel variant instead of three, for test suites and quick starts."""
+    return os.environ.get("TFORMER_AUTOTUNE", "1") != "0"
+
+
+def launch(kernel, tuned: Tuned, grid_of, args: tuple, meta: dict, device: torch.device) -> None:
+    """Run ``kernel`` with the interpreter's fixed blocks on CPU tensors, else autotuned (or
+    with the leading candidate when autotuning is off)."""
     if device.type == "cpu":
         kernel[grid_of(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
+    elif autotune_enabled():
+        tuned.autotuner[grid_of](*args, **meta)
     else:
-        tuned[grid_of](*args, **meta)
+        config = tuned.first_config(meta)
+        kernel[grid_of(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                       num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------

@@ -408,6 +408,19 @@ def test_triton_kernels_compile_for_sm90():
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
+def test_autotune_off_runs_the_leading_candidate(monkeypatch):
+    from tformer.kernels import attention as fwd, attention_bwd as bwd
+
+    for tuned, table, fp32_table in ((fwd._attention_fwd_tuned, fwd.FWD_CONFIGS, fwd.FWD_CONFIGS_FP32),
+                                     (bwd._dq_tuned, bwd.DQ_CONFIGS, bwd.DQ_CONFIGS_FP32)):
+        assert tuned.first_config(dict(BLOCK_D=128, DOT_PRECISION="tf32")) is table[128][0]
+        assert tuned.first_config(dict(BLOCK_D=32, DOT_PRECISION="ieee")) is fp32_table[64][0]
+    monkeypatch.delenv("TFORMER_AUTOTUNE", raising=False)
+    assert fwd.autotune_enabled()
+    monkeypatch.setenv("TFORMER_AUTOTUNE", "0")
+    assert not fwd.autotune_enabled()
+
+
 def test_autotune_pruning_picks_the_bucket_and_precision():
     from tformer.kernels import attention as fwd, attention_bwd as bwd
 
