@@ -7,6 +7,7 @@
 #     (= tests-rows then tests-attention: one call each when the build and both do not fit 10 minutes)
 #   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck, racecheck, synccheck over the CUDA kernels
 #   bash bench/gpu_session.sh kernels     # ANCHORS.md rows, bf16: attention, LayerNorm, softmax + report
+#     (= kernels-attention + kernels-rows, one call each if together they pass 10 minutes)
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
 #   bash bench/gpu_session.sh train-step  # DecoderLM training step vs plain PyTorch (eager, compiled)
 #   bash bench/gpu_session.sh hf          # HF Llama-style training step, attn_implementation tformer vs sdpa
@@ -46,9 +47,9 @@ build() {
   TFORMER_BUILD_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
 }
 
-bench() {  # bench NAME PYTEST-ARGS...
+bench() {  # bench NAME PATHS-AND-PYTEST-ARGS... (name the files: "bench" is every benchmark)
   local name=$1; shift
-  python3 -m pytest bench --benchmark-only -q --benchmark-json "$OUT/$name.json" "$@" 2>&1 | tail -n 30 || status=1
+  python3 -m pytest --benchmark-only -q --benchmark-json "$OUT/$name.json" "$@" 2>&1 | tail -n 30 || status=1
   python3 -m bench.report "$OUT/$name.json" --out-dir "$OUT/$name" && cat "$OUT/$name/report.md" || status=1
 }
 
@@ -111,8 +112,11 @@ for stage in "$@"; do
         compute-sanitizer --tool "$tool" --error-exitcode 1 python3 bench/sanitize_cuda_attention.py 2>&1 \
           | tail -n 20 || status=1
       done ;;
-    kernels) bench kernels -k "anchors and bfloat16" ;;
-    sweep) bench sweep -k "seq_sweep or (anchors and float16)" bench/bench_attention.py ;;
+    kernels) bench kernels bench/bench_attention.py bench/bench_layer_norm.py bench/bench_softmax.py \
+      -k "anchors and bfloat16" ;;
+    kernels-attention) bench kernels_attention bench/bench_attention.py -k "anchors and bfloat16" ;;
+    kernels-rows) bench kernels_rows bench/bench_layer_norm.py bench/bench_softmax.py -k "anchors and bfloat16" ;;
+    sweep) bench sweep bench/bench_attention.py -k "seq_sweep or (anchors and float16)" ;;
     train-step) bench train_step bench/bench_train_step.py ;;
     hf) bench hf bench/bench_hf_attention.py ;;
     shakespeare)
@@ -122,8 +126,9 @@ for stage in "$@"; do
     imdb-finetune) imdb_finetune || status=1 ;;
     imdb) imdb_pretrain || status=1; imdb_finetune || status=1 ;;
     imdb-scratch) imdb_train scratch imdb_scratch.json --set run.out_dir="$OUT/imdb_scratch" || status=1 ;;
-    *) echo "unknown stage $stage (tests, tests-rows, tests-attention, sanitize, kernels, sweep, train-step, hf, shakespeare, imdb-pretrain," \
-            "imdb-finetune, imdb, imdb-scratch)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, tests-rows, tests-attention, sanitize, kernels, kernels-attention," \
+            "kernels-rows, sweep, train-step, hf, shakespeare, imdb-pretrain, imdb-finetune, imdb, imdb-scratch)"
+       exit 2 ;;
   esac
 done
 exit $status
