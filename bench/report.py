@@ -4,7 +4,8 @@
     python -m bench.report RESULTS.json [--out-dir DIR]
 
 Every tformer backend is shown as a ratio to the best anchor on the same row (> 1: tformer is
-faster), measured in the same run. Plots: attention TFLOP/s against sequence length per
+faster) and to each anchor the targets name (attention: SDPA's FA2 and cuDNN; LayerNorm and
+softmax: torch and Liger), all measured in the same run. Plots: attention TFLOP/s against sequence length per
 backend; LayerNorm and softmax GB/s against the measured copy ceiling.
 """
 
@@ -16,6 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 OPS = {"attention": ("tflops", "TFLOP/s"), "layer_norm": ("gbps", "GB/s"), "softmax": ("gbps", "GB/s")}
+# Anchors the targets name (ANCHORS.md): each tformer backend also gets its ratio to each of
+# these on every row, beside the ratio to the best anchor.
+NAMED_ANCHORS = {"attention": ("sdpa-flash", "sdpa-cudnn"), "layer_norm": ("torch", "liger"),
+                 "softmax": ("torch", "liger")}
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:
@@ -45,6 +50,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     if value != 0 and abs(value) < 10 ** (1 - digits):
         return f"{value:.3g}"
     return f"{value:,.{digits}f}"
+
+
+def _ratio(ours: float | None, anchor: float | None) -> str:
+    if ours is None or not anchor:
+        return "—"
+    return _fmt(ours / anchor, 2) + "×"
 
 
 def header(data: dict, rows: list[dict]) -> str:
@@ -82,8 +93,9 @@ def op_tables(rows: list[dict]) -> list[str]:
             for row in pass_rows:
                 table[_row_key(row)][row["impl"]] = row[metric]
             key_columns = ["suite", "shape", "dtype"] + (["causal"] if op == "attention" else [])
+            named = [anchor for anchor in NAMED_ANCHORS[op] if anchor in impls]
             columns = key_columns + [f"{name} {unit}" for name in impls] + ["best anchor"] + \
-                [f"{name} / best" for name in ours]
+                [f"{name} / best" for name in ours] + [f"{name} / {anchor}" for name in ours for anchor in named]
             lines = [f"### {op} {pass_name} ({unit})", "", "| " + " | ".join(columns) + " |",
                      "|" + " --- |" * len(columns)]
             for key in sorted(table, key=lambda k: (k[0], k[2], k[1], str(k[3]))):
@@ -93,8 +105,9 @@ def op_tables(rows: list[dict]) -> list[str]:
                 cells = _format_key(key) + [_fmt(values.get(name)) for name in impls]
                 cells.append(f"{best} ({_fmt(anchors[best])})" if best else "—")
                 for name in ours:
-                    ratio = values[name] / anchors[best] if best and name in values and anchors[best] > 0 else None
-                    cells.append(_fmt(ratio, 2) + ("×" if ratio is not None else ""))
+                    cells.append(_ratio(values.get(name), anchors.get(best)))
+                for name in ours:
+                    cells += [_ratio(values.get(name), anchors.get(anchor)) for anchor in named]
                 lines.append("| " + " | ".join(cells) + " |")
             sections.append("\n".join(lines))
     return sections

@@ -58,15 +58,19 @@ def test_ratio_to_the_best_anchor_per_row_and_plots(tmp_path, capsys):
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| suite") and "tformer-cuda" in line)
     columns = [cell.strip() for cell in header.strip("|").split("|")]
-    assert columns[-3:] == ["best anchor", "tformer-cuda / best", "tformer-triton / best"]
+    # Ratios to the best anchor, then to each anchor the targets name that ran (torch; no Liger here).
+    assert columns[-5:] == ["best anchor", "tformer-cuda / best", "tformer-triton / best", "tformer-cuda / torch",
+                            "tformer-triton / torch"]
     row = next(line for line in lines if line.startswith("| anchors | 4×8 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[-3:] == ["torch-compile (60.0)", "0.50×", "1.50×"]
+    assert cells[-5:] == ["torch-compile (60.0)", "0.50×", "1.50×", "0.75×", "2.25×"]
     lonely = next(line for line in lines if line.startswith("| anchors | 2×2 |"))
     assert lonely.rstrip(" |").endswith("—")
-    for seq_len, ratio in ((512, "1.50×"), (1024, "1.50×")):
+    attention_header = next(line for line in lines if line.startswith("| suite") and "sdpa-flash" in line)
+    assert attention_header.rstrip(" |").endswith("tformer-triton / best | tformer-triton / sdpa-flash")
+    for seq_len in (512, 1024):
         row = next(line for line in lines if f"×{seq_len}×64" in line)
-        assert "sdpa-flash" in row and row.rstrip(" |").endswith(ratio)
+        assert "sdpa-flash (" in row and row.rstrip(" |").endswith("1.50× | 1.50×")
     train_row = next(line for line in lines if "| tformer-triton | compile |" in line)
     assert "1.30× (compile)" in train_row
     hf_line = next(line for line in lines if line.startswith("| llama-gpu |") and "tformer-cuda" in line)
