@@ -102,7 +102,8 @@ setup(
     package_dir={"tformer.kernels": "kernels", "tformer.configs": "configs"},
     # Tiny Shakespeare is the default training data; the ready configs resolve by bare name
     # (`--config ds.json`) from an installed package too (tformer.config.configs_dir).
-    package_data={"tformer": ["assets/*.txt"], "tformer.configs": ["*.json", "*.yaml"]},
+    # ops/measured_auto.json: backend="auto"'s per-shape order from GPU measurements.
+    package_data={"tformer": ["assets/*.txt", "ops/measured_auto.json"], "tformer.configs": ["*.json", "*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -21,7 +21,9 @@
 #     pretraining stage's $OUT/imdb_mlm (its export, a few tens of MB) and $OUT/imdb_cache (the BPE) back
 #     into device_carry/ and carry them; IMDB_MLM and IMDB_CACHE name them.)
 #
-# Stages can be chained: `bash bench/gpu_session.sh tests kernels`.
+# Stages can be chained: `bash bench/gpu_session.sh tests kernels`. Back here, the kernels* JSONs
+# set backend="auto"'s per-shape order: `python -m bench.report FETCHED/kernels_attention.json
+# --auto-table tformer/ops/measured_auto.json` (then kernels_rows.json; entries merge by op).
 # Before the session, `bash bench/prepare_device_carry.sh` here fills device_carry/ (Liger-Kernel's
 # wheel, the LayerNorm anchor the image lacks, and the IMDb archive); carry device_carry.
 set -uo pipefail

@@ -16,6 +16,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from .auto_table import AutoTableError, write_auto_table
+
 OPS = {"attention": ("tflops", "TFLOP/s"), "layer_norm": ("gbps", "GB/s"), "softmax": ("gbps", "GB/s")}
 # Anchors the targets name (ANCHORS.md): each tformer backend also gets its ratio to each of
 # these on every row, beside the ratio to the best anchor.
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where report.md and the PNGs go (default: beside the JSON, <name>-report/)")
+    parser.add_argument("--auto-table", type=Path, default=None,
+                        help="also write (merge into) backend='auto''s per-shape table, e.g. "
+                             "tformer/ops/measured_auto.json (GPU runs only)")
     args = parser.parse_args(argv)
     if not args.results.is_file():
         parser.error(f"argument 'results': {args.results} is not a file")
@@ -254,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / "report.md").write_text(report)
     print(report)
     print(f"[wrote {out_dir / 'report.md'} and {len(plots)} plots]")
+    if args.auto_table is not None:
+        try:
+            table = write_auto_table(args.auto_table, data, rows)
+        except AutoTableError as error:
+            parser.error(str(error))
+        print(f"[wrote {args.auto_table}: {len(table['entries'])} entries measured on {table['measured']['device']}]")
 
 
 if __name__ == "__main__":

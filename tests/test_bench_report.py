@@ -83,3 +83,51 @@ def test_a_file_without_rows_is_an_error(tmp_path):
         report.main([str(_write(tmp_path, [{"name": "x"}]))])
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "missing.json")])
+
+
+def _timed(op, impl, seconds, *, shape, pass_name, causal=None, kind="tformer"):
+    row = _row(op, impl, 1.0, shape=shape, causal=causal, pass_name=pass_name)
+    row["extra_info"].update(median_s=seconds, kind=kind)
+    return row
+
+
+def test_auto_table_orders_backends_by_training_time_and_merges(tmp_path):
+    attention = (4, 16, 4096, 128)
+    benchmarks = [
+        # fwd+bwd decides where measured: cuda wins it although triton's forward is faster.
+        _timed("attention", "tformer-triton", 1.0, shape=attention, pass_name="fwd", causal=True),
+        _timed("attention", "tformer-cuda", 2.0, shape=attention, pass_name="fwd", causal=True),
+        _timed("attention", "tformer-triton", 5.0, shape=attention, pass_name="fwd+bwd", causal=True),
+        _timed("attention", "tformer-cuda", 4.0, shape=attention, pass_name="fwd+bwd", causal=True),
+        _timed("attention", "sdpa-flash", 0.5, shape=attention, pass_name="fwd+bwd", causal=True, kind="anchor"),
+        # Rows: no fwd+bwd pass, so fwd + bwd are summed (triton 1 + 3 = 4 > cuda 2 + 1 = 3).
+        _timed("layer_norm", "tformer-triton", 1.0, shape=(65536, 512), pass_name="fwd"),
+        _timed("layer_norm", "tformer-triton", 3.0, shape=(65536, 512), pass_name="bwd"),
+        _timed("layer_norm", "tformer-cuda", 2.0, shape=(65536, 512), pass_name="fwd"),
+        _timed("layer_norm", "tformer-cuda", 1.0, shape=(65536, 512), pass_name="bwd"),
+    ]
+    table_path = tmp_path / "measured_auto.json"
+    table_path.write_text(json.dumps({"measured": {}, "entries": [
+        {"op": "softmax", "dtype": "bfloat16", "n": 512, "order": ["triton"]},  # not re-measured: kept
+        {"op": "attention", "dtype": "bfloat16", "head_dim": 64, "seq": 512, "causal": False,
+         "order": ["triton"]}]}))  # re-measured op: replaced
+    report.main([str(_write(tmp_path, benchmarks)), "--out-dir", str(tmp_path / "out"), "--auto-table",
+                 str(table_path)])
+    table = json.loads(table_path.read_text())
+    assert table["measured"]["device"] == "H100" and table["measured"]["date"] == "2026-01-01"
+    by_op = {entry["op"]: entry for entry in table["entries"]}
+    assert len(table["entries"]) == 3
+    assert by_op["softmax"]["order"] == ["triton"]
+    assert {k: by_op["attention"][k] for k in ("head_dim", "seq", "causal", "order")} == {
+        "head_dim": 128, "seq": 4096, "causal": True, "order": ["cuda", "triton"]}
+    assert by_op["layer_norm"]["n"] == 512 and by_op["layer_norm"]["order"] == ["cuda", "triton"]
+
+
+def test_auto_table_refuses_cpu_results(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"datetime": "2026-01-01", "machine_info": {"tformer": {"device": "CPU (x86_64)"}},
+                                "benchmarks": [_timed("softmax", "tformer-triton", 1.0, shape=(4, 8), pass_name="fwd")]}))
+    with pytest.raises(SystemExit):
+        report.main([str(path), "--out-dir", str(tmp_path / "out"), "--auto-table", str(tmp_path / "t.json")])
+    assert "only a GPU run can order the GPU backends" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()

@@ -151,3 +151,63 @@ def test_triton_backend_loads_wherever_triton_can_run():
         pytest.skip("triton is not installed")
     if torch.cuda.is_available() or interpreting():
         assert tformer.available_backends()["triton"] is None
+
+
+def _attention_args(head_dim, seq, causal):
+    q = torch.empty(1, 2, seq, head_dim, device="meta")
+    return dict(q=q, k=q, v=q, causal=causal)
+
+
+MEASURED = {"measured": {"device": "H100"}, "entries": [
+    {"op": "attention", "dtype": "bfloat16", "head_dim": 64, "seq": 1024, "causal": True, "order": ["cuda", "triton"]},
+    {"op": "attention", "dtype": "bfloat16", "head_dim": 64, "seq": 4096, "causal": True, "order": ["triton", "cuda"]},
+    {"op": "attention", "dtype": "bfloat16", "head_dim": 128, "seq": 1024, "causal": True, "order": ["triton"]},
+    {"op": "attention", "dtype": "bfloat16", "head_dim": 64, "seq": 1024, "causal": False, "order": ["reference"]},
+    {"op": "layer_norm", "dtype": "bfloat16", "n": 512, "order": ["cuda", "triton"]},
+    {"op": "layer_norm", "dtype": "bfloat16", "n": 8192, "order": ["triton", "cuda"]},
+]}
+
+
+def test_measured_order_takes_the_nearest_shape_of_the_same_kind():
+    from tformer.ops.measured_order import measured_order
+
+    def order(op, args, dtype="bfloat16"):
+        found = measured_order(op, dtype, args, table=MEASURED)
+        return found and found[0]
+
+    assert order("attention", _attention_args(64, 1500, True)) == ("cuda", "triton")  # log2: nearer 1024
+    assert order("attention", _attention_args(64, 3000, True)) == ("triton", "cuda")  # nearer 4096
+    assert order("attention", _attention_args(96, 1024, True)) == ("triton",)  # log2: 96 is nearer 128 than 64
+    assert order("attention", _attention_args(128, 8192, True)) == ("triton",)  # head dim first
+    assert order("attention", _attention_args(64, 1024, False)) == ("reference",)  # causal must match
+    assert order("attention", _attention_args(64, 1024, True), dtype="float16") is None  # no fp16 entry
+    varlen = dict(_attention_args(64, 1, True), max_seqlen_k=4000)
+    assert order("attention_varlen", varlen) == ("triton", "cuda")  # the padded op's measurements
+    x = torch.empty(3, 600, device="meta")
+    assert order("layer_norm", dict(x=x)) == ("cuda", "triton")
+    assert order("rms_norm", dict(x=torch.empty(3, 7000, device="meta"))) == ("triton", "cuda")
+    assert order("softmax", dict(x=x)) is None
+
+
+def test_auto_puts_the_measured_order_first_on_cuda_only(monkeypatch):
+    from tformer.ops import measured_order
+
+    monkeypatch.setattr(measured_order, "load_table", lambda path=None: MEASURED)
+    monkeypatch.setattr(measured_order, "_memo", {})
+    monkeypatch.setattr(registry, "measured_order", measured_order.measured_order)
+    args = _attention_args(64, 1024, True)
+    order, entry = registry.auto_order("attention", torch.device("cuda"), torch.bfloat16, args)
+    assert order == ("cuda", "triton", "reference") and entry["seq"] == 1024
+    assert registry.auto_order("attention", torch.device("cpu"), torch.bfloat16, args) == (
+        registry.AUTO_ORDER["attention"], None)
+    assert registry.auto_order("attention", torch.device("cuda"), torch.float16, args) == (
+        registry.AUTO_ORDER["attention"], None)
+
+
+def test_the_shipped_measured_table_is_well_formed():
+    from tformer.ops.measured_order import TABLE_PATH, load_table
+
+    assert TABLE_PATH.is_file(), "the package ships its table (empty until a GPU run writes it)"
+    table = load_table(TABLE_PATH)
+    for entry in table["entries"]:
+        assert entry["op"] in ("attention", "layer_norm", "softmax") and set(entry["order"]) <= set(registry.BACKENDS)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .measured_order import load_table, measured_order
 from .validation import dtype_name
 
 logger = logging.getLogger("tformer")
@@ -32,8 +33,9 @@ BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
 OPS: tuple[str, ...] = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
 
 # "auto" tries backends in this order per op and takes the first one that is available and
-# takes the input; the reference comes last. The order should follow bench/RESULTS.md: until
-# the CUDA kernels have been measured against Triton on a GPU, Triton goes first.
+# takes the input; the reference comes last. On a GPU, the order measured at the nearest shape
+# (measured_order.py, written from a benchmark run by `bench.report --auto-table`) goes first;
+# without measurements, Triton goes first.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "reference") for op in OPS}
 
 
@@ -189,10 +191,11 @@ def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.d
             raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
         return impl.fn
 
-    # auto: the first backend in AUTO_ORDER that is available and takes the input.
+    # auto: the first backend in auto_order that is available and takes the input.
     # On the CPU the interpreted Triton kernels are a correctness tool, never a fast path.
     skipped = []
-    for candidate in AUTO_ORDER[op]:
+    order, measured = auto_order(op, device, dtype, args)
+    for candidate in order:
         if device.type == "cpu" and candidate != "reference":
             continue
         why = unavailable_reason(candidate)
@@ -200,17 +203,36 @@ def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.d
             impl = _load(candidate).impls.get(op)
             why = _refusal(impl, op, candidate, device, dtype, args)
         if why is None:
-            _log_choice(op, candidate, device, dtype, skipped)
+            _log_choice(op, candidate, device, dtype, skipped, measured)
             return impl.fn
         skipped.append(f"{candidate}: {why}")
     raise BackendError(f"{op}: no backend can run this input: " + "; ".join(skipped))
 
 
-def _log_choice(op: str, name: str, device: torch.device, dtype: torch.dtype, skipped: list[str]) -> None:
+def auto_order(op: str, device: torch.device, dtype: torch.dtype, args: dict) -> tuple[tuple[str, ...], dict | None]:
+    """The backends ``auto`` tries for this call, in order, and the measurement behind the
+    order (None: the static AUTO_ORDER)."""
+    if device.type != "cuda":
+        return AUTO_ORDER[op], None
+    found = measured_order(op, dtype_name(dtype), args)
+    if found is None:
+        return AUTO_ORDER[op], None
+    order, entry = found
+    return tuple(dict.fromkeys((*order, *AUTO_ORDER[op]))), entry
+
+
+def _log_choice(op: str, name: str, device: torch.device, dtype: torch.dtype, skipped: list[str],
+                measured: dict | None) -> None:
     key = (op, name, device.type, dtype)
     if key in _auto_logged or torch.compiler.is_compiling():
         return
     _auto_logged.add(key)
     passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
-    logger.info("backend='auto' chose %r for %s on %s %s%s", name, op, device.type,
-                dtype_name(dtype), passed_over)
+    why = ""
+    if measured is not None:
+        source = load_table()["measured"]
+        shape = {k: v for k, v in measured.items() if k not in ("op", "dtype", "order")}
+        why = (f", fastest measured at the nearest shape {shape} on {source.get('device', '?')} "
+               f"({source.get('date', '?')})")
+    logger.info("backend='auto' chose %r for %s on %s %s%s%s", name, op, device.type,
+                dtype_name(dtype), why, passed_over)
