@@ -11,6 +11,8 @@
 #   bash bench/gpu_session.sh sweep       # attention sequence-length sweep 512..16k, fp16 rows
 #   bash bench/gpu_session.sh train-step  # DecoderLM training step vs plain PyTorch (eager, compiled)
 #   bash bench/gpu_session.sh hf          # HF Llama-style training step, attn_implementation tformer vs sdpa
+#   PROFILE="--shape 4,16,4096,128 --causal --backend triton --pass bwd" bash bench/gpu_session.sh profile
+#                                         # Nsight Compute (full set) on one attention row: the worst one
 #   bash bench/gpu_session.sh shakespeare # the GPU recipe: val loss <= 1.40 within 3 minutes?
 #   IMDB=device_carry/aclImdb_labeled.tar.gz bash bench/gpu_session.sh imdb-pretrain  # stage 1: MLM, ~6 min
 #   IMDB=... IMDB_MLM=device_carry/imdb_mlm bash bench/gpu_session.sh imdb-finetune   # stage 2: >= 90% test?
@@ -121,6 +123,13 @@ for stage in "$@"; do
     sweep) bench sweep bench/bench_attention.py -k "seq_sweep or (anchors and float16)" ;;
     train-step) bench train_step bench/bench_train_step.py ;;
     hf) bench hf bench/bench_hf_attention.py ;;
+    profile)
+      ncu --set full --profile-from-start off --launch-count 8 -f -o "$OUT/profile" \
+        python3 -m bench.profile_attention ${PROFILE:---shape 4,16,4096,128 --causal --backend triton --pass bwd} \
+        2>&1 | tail -n 15 || status=1
+      ncu --import "$OUT/profile.ncu-rep" --page details > "$OUT/profile.txt" 2>&1 || status=1
+      grep -E "^  [a-z_]|Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Shared Memory Config" \
+        "$OUT/profile.txt" | head -n 80 ;;
     shakespeare)
       timeout 540 python3 tformer/train.py --config shakespeare_gpu.json --set run.out_dir="$OUT/shakespeare" --set logging.wandb=false \
         2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -n 40 || status=1 ;;
@@ -129,7 +138,7 @@ for stage in "$@"; do
     imdb) imdb_pretrain || status=1; imdb_finetune || status=1 ;;
     imdb-scratch) imdb_train scratch imdb_scratch.json --set run.out_dir="$OUT/imdb_scratch" || status=1 ;;
     *) echo "unknown stage $stage (tests, tests-rows, tests-attention, sanitize, kernels, kernels-attention," \
-            "kernels-rows, sweep, train-step, hf, shakespeare, imdb-pretrain, imdb-finetune, imdb, imdb-scratch)"
+            "kernels-rows, sweep, train-step, hf, profile, shakespeare, imdb-pretrain, imdb-finetune, imdb, imdb-scratch)"
        exit 2 ;;
   esac
 done
