@@ -168,9 +168,9 @@ def _attention_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration. On a GPU a small autotune set per head-dim bucket and input precision,
-# keyed by head dim and causal (plus dtype, which Triton adds): at most 3 configs compile and
-# run at the first call of each key. Under TRITON_INTERPRET=1 (CPU tensors) one fixed small
-# config, so that tests with lengths 17 or 33 cross block boundaries.
+# keyed by head dim, causal and dropout (plus dtype, which Triton adds): at most 3 configs
+# compile and run at the first call of each key. Under TRITON_INTERPRET=1 (CPU tensors) one
+# fixed small config, so that tests with lengths 17 or 33 cross block boundaries.
 #
 # Every candidate lowers for sm_90 with Triton 3.6 (the GPU image's) without spilling a
 # register; `python -m bench.compile_audit` re-checks them after any kernel change. fp32
@@ -218,7 +218,9 @@ def autotuned(kernel, table: dict, fp32_table: dict) -> Tuned:
     configs = [c for t in (table, fp32_table) for bucket in t.values() for c in bucket]
     # cache_results: the winning config is kept in Triton's disk cache, so a later process
     # with a warm cache neither recompiles nor re-times.
-    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL"], cache_results=True,
+    # HAS_DROPOUT in the key: the dropout path holds more registers (its best block may differ;
+    # bench.compile_audit shows some candidates spilling only there), so it is tuned on its own.
+    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT"], cache_results=True,
                             prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
                                 table, fp32_table, *a, **kw)})(kernel)
     return Tuned(tuner, table, fp32_table)
