@@ -77,6 +77,8 @@ def test_single_process_loss_falls_and_logs(tmp_path):
     losses = [h["train/loss"] for h in history]
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5
     assert "val/loss" in history[14] and "val/bpc" in history[-1] and "grad_norm/block_1" in history[-1]
+    # Each evaluation carries the wall time since the loop began ("val loss X within N minutes").
+    assert 0 < history[14]["time/elapsed_s"] < history[-1]["time/elapsed_s"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any('"samples"' in line for line in lines) and len(lines) >= 30
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
