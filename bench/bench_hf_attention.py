@@ -16,7 +16,7 @@ import torch
 import tformer
 
 from .candidates import Candidate, candidate_params
-from .metrics import describe
+from .metrics import check_training_works, describe, record_train_step
 from .shapes import DEVICE, ON_GPU
 from .timing import run_benchmark
 
@@ -28,7 +28,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_transform
 SIZE, BATCH, SEQ_LEN = ("gpu", 8, 2048) if ON_GPU else ("tiny", 2, 24)
 WARMUP_STEPS = 3
 LEARNING_RATE = 3e-4
-H100_BF16_DENSE_FLOPS = 989e12
 # How far tformer's loss may be from "sdpa"'s on the same weights and batch.
 LOSS_TOLERANCE = 2e-2 if ON_GPU else 1e-4
 
@@ -97,8 +96,7 @@ def test_hf_train_step(benchmark, candidate, device, ceilings, device_info):
 
         # Correctness gate 2: training works: finite losses that go down on the fixed batch.
         losses = [float(step()) for _ in range(WARMUP_STEPS)]
-        assert all(map(torch.isfinite, map(torch.tensor, losses))), f"{candidate.name}: non-finite loss {losses}"
-        assert losses[-1] < losses[0], f"{candidate.name}: loss did not decrease over {WARMUP_STEPS} steps: {losses}"
+        check_training_works(candidate.name, losses)
 
         gc.collect()
         if device.type == "cuda":
@@ -109,10 +107,4 @@ def test_hf_train_step(benchmark, candidate, device, ceilings, device_info):
                  "decreases", max_abs_error=0.0, model=f"llama-{SIZE}", mode="eager", batch=BATCH, seq_len=SEQ_LEN,
                  params=sum(p.numel() for p in model.parameters()), warmup_losses=losses)
         seconds = run_benchmark(benchmark, step, device)
-    tokens_per_s = BATCH * SEQ_LEN / seconds
-    achieved_flops = tokens_per_s * flops_per_token(model, SEQ_LEN)
-    benchmark.extra_info.update(
-        median_s=seconds, tokens_per_s=tokens_per_s, tflops=achieved_flops / 1e12,
-        mfu_h100_bf16_989=achieved_flops / H100_BF16_DENSE_FLOPS,
-        fraction_of_matmul_ceiling=achieved_flops / 1e12 / ceilings.matmul_tflops,
-        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    record_train_step(benchmark, seconds, BATCH * SEQ_LEN, flops_per_token(model, SEQ_LEN), ceilings, device)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tformer
 
 from .candidates import Candidate, candidate_params
-from .metrics import describe
+from .metrics import check_training_works, describe, record_train_step
 from .plain_gpt import PlainGPT, PlainGPTConfig
 from .shapes import DEVICE, ON_GPU
 from .timing import run_benchmark
@@ -31,7 +31,6 @@ else:
     MODEL_SIZES = [("tiny-d64-L2-H4", dict(d_model=64, n_layers=2, n_heads=4), 2)]
 WARMUP_STEPS = 3  # the first compiled step compiles; later ones may recompile once
 LEARNING_RATE = 1e-3
-H100_BF16_DENSE_FLOPS = 989e12  # the peak ANCHORS.md's MFU divides by
 # How far the loss of a tformer backend may be from the reference backend's on the same weights.
 LOSS_TOLERANCE = 2e-2 if ON_GPU else 1e-4
 
@@ -124,8 +123,7 @@ def test_train_step(benchmark, candidate, size, mode, device, ceilings, device_i
         torch.cuda.empty_cache()
         pytest.skip(f"{candidate.name} {name} batch {batch}: out of memory ({out_of_memory})")
     # Correctness gate 3: training works: finite losses that go down on the fixed batch.
-    assert all(map(torch.isfinite, map(torch.tensor, losses))), f"{candidate.name}: non-finite loss {losses}"
-    assert losses[-1] < losses[0], f"{candidate.name}: loss did not decrease over {WARMUP_STEPS} steps: {losses}"
+    check_training_works(candidate.name, losses)
 
     gc.collect()
     if device.type == "cuda":
@@ -136,10 +134,4 @@ def test_train_step(benchmark, candidate, size, mode, device, ceilings, device_i
              "backend's; loss decreases", max_abs_error=0.0, model=name, mode=mode, batch=batch,
              seq_len=SEQ_LEN, params=params, warmup_losses=losses)
     seconds = run_benchmark(benchmark, step, device)
-    tokens_per_s = batch * SEQ_LEN / seconds
-    achieved_flops = tokens_per_s * flops_per_token
-    benchmark.extra_info.update(
-        median_s=seconds, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
-        tflops=achieved_flops / 1e12, mfu_h100_bf16_989=achieved_flops / H100_BF16_DENSE_FLOPS,
-        fraction_of_matmul_ceiling=achieved_flops / 1e12 / ceilings.matmul_tflops,
-        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    record_train_step(benchmark, seconds, batch * SEQ_LEN, flops_per_token, ceilings, device)

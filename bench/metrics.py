@@ -51,3 +51,27 @@ def record_throughput(benchmark, seconds: float, ceilings: Ceilings, *, flops: f
         info["bytes"] = bytes_moved
         info["gbps"] = bytes_moved / seconds / 1e9
         info["fraction_of_copy_ceiling"] = info["gbps"] / ceilings.copy_gbps
+
+
+# Training steps: MFU divides by the H100's dense bf16 peak, as ANCHORS.md does.
+H100_BF16_DENSE_FLOPS = 989e12
+
+
+def check_training_works(name: str, losses: list[float]) -> None:
+    """The correctness gate of a timed training step: finite warm-up losses that go down on
+    the fixed batch."""
+    assert all(map(math.isfinite, losses)), f"{name}: non-finite loss {losses}"
+    assert losses[-1] < losses[0], f"{name}: loss did not decrease over {len(losses)} steps: {losses}"
+
+
+def record_train_step(benchmark, seconds: float, tokens: int, flops_per_token: float, ceilings: Ceilings,
+                      device: torch.device) -> None:
+    """tokens/s, TFLOP/s, MFU, fraction of the matmul ceiling and peak memory of a step that
+    took ``seconds`` for ``tokens`` tokens."""
+    tokens_per_s = tokens / seconds
+    achieved_flops = tokens_per_s * flops_per_token
+    benchmark.extra_info.update(
+        median_s=seconds, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
+        tflops=achieved_flops / 1e12, mfu_h100_bf16_989=achieved_flops / H100_BF16_DENSE_FLOPS,
+        fraction_of_matmul_ceiling=achieved_flops / 1e12 / ceilings.matmul_tflops,
+        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)

@@ -172,6 +172,12 @@ class ClassificationTask(Task):
 
     # --- training ---------------------------------------------------------------------------------
     def next_train_batch(self) -> dict:
+        return self._batch(self.splits["train"], self._next_train_indices()[0])
+
+    def _next_train_indices(self) -> tuple[list[int], int]:
+        """This rank's next batch of training indices, and the batch's place in the epoch's
+        global order (rank r's p-th batch is batch r + p * world_size); moves to the next
+        epoch when this one is used up."""
         while True:
             if self._epoch_batches is None:
                 batches = self.train_batches.batches(self.epoch)
@@ -180,9 +186,9 @@ class ClassificationTask(Task):
             if self.position < len(self._epoch_batches):
                 break
             self.epoch, self.position, self._epoch_batches = self.epoch + 1, 0, None
-        indices = self._epoch_batches[self.position]
+        indices, place = self._epoch_batches[self.position], self.rank + self.position * self.world_size
         self.position += 1
-        return self._batch(self.splits["train"], indices)
+        return indices, place
 
     def num_items(self, batch: dict) -> int:
         return int(batch["weights"].sum().item())

@@ -181,19 +181,10 @@ class MaskedLanguageModelTask(ClassificationTask):
 
     # --- training ---------------------------------------------------------------------------------
     def next_train_batch(self) -> dict:
-        while True:
-            if self._epoch_batches is None:
-                batches = self.train_batches.batches(self.epoch)
-                usable = len(batches) - len(batches) % self.world_size or len(batches)
-                self._epoch_batches = batches[self.rank:usable:self.world_size]
-            if self.position < len(self._epoch_batches):
-                break
-            self.epoch, self.position, self._epoch_batches = self.epoch + 1, 0, None
-        indices = self._epoch_batches[self.position]
-        # The batch's place in the global order (rank r's p-th is batch r + p * world_size), not the
-        # rank: the masks do not depend on how many ranks share the epoch.
-        seed = batch_seed("train", self.config.training.seed, self.epoch, self.rank + self.position * self.world_size)
-        self.position += 1
+        indices, place = self._next_train_indices()
+        # Seeded by the batch's place in the global order, not the rank: the masks do not depend
+        # on how many ranks share the epoch.
+        seed = batch_seed("train", self.config.training.seed, self.epoch, place)
         return self._batch(self.splits["train"], indices, seed=seed)
 
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
