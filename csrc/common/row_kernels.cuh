@@ -76,6 +76,24 @@ __device__ __forceinline__ void for_each_column(int64_t row_start, int n, int la
   for (int col = head + body * kVec + lane; col < n; col += lanes) fn(Width<1>{}, col);
 }
 
+// ---- which rows a thread works on ---------------------------------------------------------
+// A row's team is kWarps warps (kTeamLanes<kWarps> threads); a block holds kBlockThreads /
+// kTeamLanes teams, and the grid strides over the rows beyond its size.
+template <int kWarps> constexpr int kTeamLanes = kWarps * kWarpSize;
+
+// Calls body(row, lane) for every row of this thread's team, lane being the thread's index
+// within the team. A team's threads see the same rows, so a body may reduce over the team.
+template <int kWarps, typename Body>
+__device__ __forceinline__ void for_each_team_row(int64_t rows, Body&& body) {
+  constexpr int kLanes = kTeamLanes<kWarps>;
+  constexpr int kTeams = kBlockThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+    body(row, lane);
+  }
+}
+
 // ---- reductions over a row's team of kWarps warps ------------------------------------------
 // Values are combined in a fixed order and the result is taken from one place, so every
 // thread of the team sees the same bits and reruns give the same bits.

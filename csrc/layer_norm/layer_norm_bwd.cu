@@ -11,18 +11,15 @@ namespace {
 template <typename T, int kWarps>
 __global__ void __launch_bounds__(kBlockThreads) norm_backward_input_kernel(NormBackwardArgs args) {
   constexpr int kVec = kVectorWidth<T>;
-  constexpr int kLanes = kWarps * kWarpSize;
-  constexpr int kTeams = kBlockThreads / kLanes;
+  constexpr int kLanes = kTeamLanes<kWarps>;
   __shared__ float2 shared[kWarps];
   const T* dy = static_cast<const T*>(args.dy);
   const T* dresidual_out = static_cast<const T*>(args.dresidual_out);
   const T* input = static_cast<const T*>(args.input);
   T* dx = static_cast<T*>(args.dx);
   const int n = args.n;
-  const int lane = threadIdx.x % kLanes;
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < args.rows;
-       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+  for_each_team_row<kWarps>(args.rows, [&](int64_t row, int lane) {
     const int64_t start = row * n;
     const float mean = args.mean != nullptr ? args.mean[row] : 0.f;
     const float rstd = args.rstd[row];
@@ -70,7 +67,7 @@ __global__ void __launch_bounds__(kBlockThreads) norm_backward_input_kernel(Norm
       }
       store_floats<W>(dx + start + col, out);
     });
-  }
+  });
 }
 
 }  // namespace

@@ -33,8 +33,7 @@ struct WelfordMerge {
 template <typename T, int kWarps>
 __global__ void __launch_bounds__(kBlockThreads) norm_forward_kernel(NormForwardArgs args) {
   constexpr int kVec = kVectorWidth<T>;
-  constexpr int kLanes = kWarps * kWarpSize;
-  constexpr int kTeams = kBlockThreads / kLanes;
+  constexpr int kLanes = kTeamLanes<kWarps>;
   __shared__ float3 shared[kWarps];
   const T* x = static_cast<const T*>(args.x);
   const T* residual = static_cast<const T*>(args.residual);
@@ -43,10 +42,8 @@ __global__ void __launch_bounds__(kBlockThreads) norm_forward_kernel(NormForward
   // Pass 2 reads the summed row back from residual_out, written by this same thread.
   const T* input = residual != nullptr ? residual_out : x;
   const int n = args.n;
-  const int lane = threadIdx.x % kLanes;
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < args.rows;
-       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+  for_each_team_row<kWarps>(args.rows, [&](int64_t row, int lane) {
     const int64_t start = row * n;
     float3 stats = make_float3(0.f, 0.f, 0.f);  // RMSNorm keeps its sum of squares in .y
     for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
@@ -94,7 +91,7 @@ __global__ void __launch_bounds__(kBlockThreads) norm_forward_kernel(NormForward
       }
       store_floats<W>(y + start + col, v);
     });
-  }
+  });
 }
 
 }  // namespace

@@ -9,17 +9,14 @@ namespace {
 template <typename T, int kWarps>
 __global__ void __launch_bounds__(kBlockThreads) softmax_backward_kernel(SoftmaxBackwardArgs args) {
   constexpr int kVec = kVectorWidth<T>;
-  constexpr int kLanes = kWarps * kWarpSize;
-  constexpr int kTeams = kBlockThreads / kLanes;
+  constexpr int kLanes = kTeamLanes<kWarps>;
   __shared__ float shared[kWarps];
   const T* dy = static_cast<const T*>(args.dy);
   const T* y = static_cast<const T*>(args.y);
   T* dx = static_cast<T*>(args.dx);
   const int n = args.n;
-  const int lane = threadIdx.x % kLanes;
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < args.rows;
-       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+  for_each_team_row<kWarps>(args.rows, [&](int64_t row, int lane) {
     const int64_t start = row * n;
     float dot = 0.f;
     for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
@@ -41,7 +38,7 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_backward_kernel(Softmax
       for (int i = 0; i < W; ++i) g[i] = args.scale * p[i] * (g[i] - dot);
       store_floats<W>(dx + start + col, g);
     });
-  }
+  });
 }
 
 }  // namespace

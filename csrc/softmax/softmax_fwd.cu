@@ -61,17 +61,14 @@ struct OnlineMerge {
 template <typename T, int kWarps>
 __global__ void __launch_bounds__(kBlockThreads) softmax_forward_kernel(SoftmaxForwardArgs args) {
   constexpr int kVec = kVectorWidth<T>;
-  constexpr int kLanes = kWarps * kWarpSize;
-  constexpr int kTeams = kBlockThreads / kLanes;
+  constexpr int kLanes = kTeamLanes<kWarps>;
   __shared__ float2 shared[kWarps];
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   const MaskLayout& mask = args.mask;
   const int n = args.n;
-  const int lane = threadIdx.x % kLanes;
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes; row < args.rows;
-       row += static_cast<int64_t>(gridDim.x) * kTeams) {
+  for_each_team_row<kWarps>(args.rows, [&](int64_t row, int lane) {
     const int64_t start = row * n;
     const int64_t mask_start = mask.kind == MaskKind::kNone ? 0 : mask_row_offset(mask, row);
 
@@ -106,7 +103,7 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_forward_kernel(SoftmaxF
       for (int i = 0; i < W; ++i) scores[i] = expf(scores[i] - row_max) * inv_sum;
       store_floats<W>(y + start + col, scores);
     });
-  }
+  });
 }
 
 }  // namespace
