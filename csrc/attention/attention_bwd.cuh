@@ -211,21 +211,10 @@ __global__ void __launch_bounds__(kThreads) query_grad_kernel(const AttentionBac
     float dp[kN / 8][4];
     zero(dp);
     warp_gemm_abt<T, kN, kD>(dp, dout_tile + warp * kRowsPerWarp * kStride, v_tile, kStride, lane);
-    const int n0 = step * kN;
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {  // element e = 2 r + c is (row lane / 4 + 8 r, column 2 (lane % 4) + c)
-        const int col = n0 + j * 8 + 2 * (lane % 4) + c;
-        const bool key_ok = mask.key_ok(col);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = warp_row0 + lane / 4 + r * 8, e = 2 * r + c;
-          const float prob = key_ok && mask.query_sees(row, col) ? exp2f(pr[j][e] * scale_log2 - row_lse[r]) : 0.f;
-          pr[j][e] = prob * (dp[j][e] - row_delta[r]);  // dS
-        }
-      }
-    }
+    for_each_score<kN>(mask, warp_row0, step * kN, lane, [&](int j, int e, int r, bool allowed) {
+      const float prob = allowed ? exp2f(pr[j][e] * scale_log2 - row_lse[r]) : 0.f;
+      pr[j][e] = prob * (dp[j][e] - row_delta[r]);  // dS
+    });
     warp_gemm_pb<T, kN, kD>(dq, pr, k_tile, kStride, lane);  // dQ += dS K (scaled at the end)
     __syncthreads();
   }

@@ -72,20 +72,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionForwar
     zero(s);
     warp_gemm_abt<T, kN, kD>(s, q_tile + warp * kRowsPerWarp * kStride, k_tiles + buffer * kN * kStride, kStride,
                              lane);
-    const int n0 = step * kN;
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {  // element e = 2 r + c is (row lane / 4 + 8 r, column 2 (lane % 4) + c)
-        const int col = n0 + j * 8 + 2 * (lane % 4) + c;
-        const bool key_ok = mask.key_ok(col);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = warp_row0 + lane / 4 + r * 8;
-          s[j][2 * r + c] = key_ok && mask.query_sees(row, col) ? s[j][2 * r + c] * scale_log2 : -INFINITY;
-        }
-      }
-    }
+    for_each_score<kN>(mask, warp_row0, step * kN, lane, [&](int j, int e, int, bool allowed) {
+      s[j][e] = allowed ? s[j][e] * scale_log2 : -INFINITY;
+    });
     // Online softmax (FA2 Algorithm 1, lines 8-10). A row with no allowed key so far keeps
     // max -inf; exponentiating against 0 instead keeps exp2(-inf - -inf) = NaN out.
 #pragma unroll

@@ -61,6 +61,24 @@ struct KeyMask {
   }
 };
 
+// Calls fn(j, e, r, allowed) for each element of a warp's 16 x kN score fragment (mma
+// m16n8 accumulators: element e = 2 r + c of block j is query row0 + lane / 4 + 8 r, key
+// n0 + 8 j + 2 (lane % 4) + c), `allowed` saying whether that query attends that key. The
+// key part of the mask is evaluated once per key.
+template <int kN, typename Fn>
+__device__ __forceinline__ void for_each_score(const KeyMask& mask, int row0, int n0, int lane, Fn&& fn) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = n0 + j * 8 + 2 * (lane % 4) + c;
+      const bool key_ok = mask.key_ok(col);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) fn(j, 2 * r + c, r, key_ok && mask.query_sees(row0 + lane / 4 + r * 8, col));
+    }
+  }
+}
+
 __device__ __forceinline__ KeyMask key_mask(const AttentionProblem& p, int seq, const SequenceBounds& b) {
   const uint8_t* padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
   return {padding, p.key_padding_token_stride, b.q_len, b.k_len, p.causal};
