@@ -40,8 +40,9 @@ def build_entries(rows: list[dict]) -> list[dict]:
     entries = []
     for (op, dtype, *fields), backends in sorted(times.items(), key=str):
         total = {name: passes.get("fwd+bwd", sum(passes.values())) for name, passes in backends.items()}
-        entries.append({"op": op, "dtype": dtype, **dict(fields), "order": sorted(total, key=total.get),
-                        "seconds": {name: total[name] for name in sorted(total, key=total.get)}})
+        order = sorted(total, key=total.get)
+        entries.append({"op": op, "dtype": dtype, **dict(fields), "order": order,
+                        "seconds": {name: total[name] for name in order}})
     return entries
 
 

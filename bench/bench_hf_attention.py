@@ -6,6 +6,7 @@ tokens/s, MFU and peak memory. Only the attention differs between the rows."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
 from pathlib import Path
@@ -32,6 +33,7 @@ LEARNING_RATE = 3e-4
 LOSS_TOLERANCE = 2e-2 if ON_GPU else 1e-4
 
 
+@functools.cache
 def _example():
     spec = importlib.util.spec_from_file_location("finetune_transformers", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
