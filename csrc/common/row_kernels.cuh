@@ -180,4 +180,17 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
+// Launches a row kernel over args.rows rows of args.n elements (nothing when either is 0):
+// kernel_for(TypeTag<T>{}, warps) names the instance for dtype's element type and the team
+// size launch_rows picks; every row kernel takes its argument struct by value.
+template <typename Args, typename KernelFor>
+cudaError_t launch_row_kernel(DType dtype, const Args& args, cudaStream_t stream, KernelFor&& kernel_for) {
+  if (args.rows == 0 || args.n == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return launch_rows(args.rows, args.n, [&](auto warps, int64_t blocks) {
+      kernel_for(tag, warps)<<<blocks, kBlockThreads, 0, stream>>>(args);
+    });
+  });
+}
+
 }  // namespace tformer

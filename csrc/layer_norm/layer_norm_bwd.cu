@@ -73,12 +73,8 @@ __global__ void __launch_bounds__(kBlockThreads) norm_backward_input_kernel(Norm
 }  // namespace
 
 cudaError_t launch_norm_backward_input(DType dtype, const NormBackwardArgs& args, cudaStream_t stream) {
-  if (args.rows == 0 || args.n == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return launch_rows(args.rows, args.n, [&](auto warps, int64_t blocks) {
-      norm_backward_input_kernel<T, decltype(warps)::value><<<blocks, kBlockThreads, 0, stream>>>(args);
-    });
+  return launch_row_kernel(dtype, args, stream, [](auto tag, auto warps) {
+    return norm_backward_input_kernel<typename decltype(tag)::type, decltype(warps)::value>;
   });
 }
 

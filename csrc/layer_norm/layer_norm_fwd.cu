@@ -97,12 +97,8 @@ __global__ void __launch_bounds__(kBlockThreads) norm_forward_kernel(NormForward
 }  // namespace
 
 cudaError_t launch_norm_forward(DType dtype, const NormForwardArgs& args, cudaStream_t stream) {
-  if (args.rows == 0 || args.n == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return launch_rows(args.rows, args.n, [&](auto warps, int64_t blocks) {
-      norm_forward_kernel<T, decltype(warps)::value><<<blocks, kBlockThreads, 0, stream>>>(args);
-    });
+  return launch_row_kernel(dtype, args, stream, [](auto tag, auto warps) {
+    return norm_forward_kernel<typename decltype(tag)::type, decltype(warps)::value>;
   });
 }
 

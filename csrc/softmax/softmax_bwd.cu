@@ -44,12 +44,8 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_backward_kernel(Softmax
 }  // namespace
 
 cudaError_t launch_softmax_backward(DType dtype, const SoftmaxBackwardArgs& args, cudaStream_t stream) {
-  if (args.rows == 0 || args.n == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return launch_rows(args.rows, args.n, [&](auto warps, int64_t blocks) {
-      softmax_backward_kernel<T, decltype(warps)::value><<<blocks, kBlockThreads, 0, stream>>>(args);
-    });
+  return launch_row_kernel(dtype, args, stream, [](auto tag, auto warps) {
+    return softmax_backward_kernel<typename decltype(tag)::type, decltype(warps)::value>;
   });
 }
 
