@@ -111,7 +111,7 @@ setup(
     extras_require={
         "train": ["deepspeed", "pyyaml", "tqdm", "safetensors", "tokenizers", "wandb", "matplotlib"],
         # transformers is in dev so the tests of the Hugging Face integration run in CI.
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter"],
         "transformers": ["transformers>=5.0"],
         "bench": ["liger-kernel"],
     },

@@ -5,10 +5,10 @@ import json
 
 import torch
 
-from tformer import checkpoint as ckpt
-from tformer.config import load_config
-from tformer.export import load_pretrained
-from tformer.train import Trainer
+from tformer.training import checkpoint as ckpt
+from tformer.training.config import load_config
+from tformer.models.pretrained import load_pretrained
+from tformer.training.trainer import Trainer
 
 from train_helpers import tiny_config
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tformer.metrics import classification_metrics, confusion_matrix, format_confusion
+from tformer.tasks.metrics import classification_metrics, confusion_matrix, format_confusion
 
 
 def test_binary_metrics_by_hand():

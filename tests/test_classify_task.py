@@ -10,10 +10,10 @@ import pytest
 import torch
 from imdb_synthetic import make_imdb_archive
 
-from tformer.classify import TextClassifier, main as classify_main
-from tformer.config import ConfigError, load_config
+from tformer.generation.classify import TextClassifier, main as classify_main
+from tformer.training.config import ConfigError, load_config
 from tformer.tasks import get_task_class
-from tformer.train import Trainer
+from tformer.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
 def test_accumulated_gradient_equals_one_big_batch(archive, tmp_path):
     """Two micro-batches of different padding widths give the gradient of the joint batch:
     loss sums over the global count (tformer/train.py), and padding changes no logit."""
-    from tformer.train import accumulated_backward
+    from tformer.training.trainer import accumulated_backward
 
     task = make_task(classify_config(archive, tmp_path))
     torch.manual_seed(0)

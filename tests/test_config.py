@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from tformer.config import ConfigError, configs_dir, load_config, resolve_config_path
+from tformer.training.config import ConfigError, configs_dir, load_config, resolve_config_path
 from tformer.tasks import TASKS
-from tformer.optim import learning_rate
-from tformer.strategy import deepspeed_config
-from tformer.train import parse_args
+from tformer.training.optim import learning_rate
+from tformer.training.strategy import deepspeed_config
+from tformer.training.cli import parse_args
 
 SHIPPED = sorted(p.name for p in configs_dir().glob("*.json"))
 

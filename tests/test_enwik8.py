@@ -111,8 +111,8 @@ def test_the_official_sha1_is_pinned_by_default():
 
 
 def test_trainer_on_enwik8_reports_the_test_split(tmp_path):
-    from tformer.config import load_config
-    from tformer.train import Trainer
+    from tformer.training.config import load_config
+    from tformer.training.trainer import Trainer
 
     from train_helpers import tiny_config
 

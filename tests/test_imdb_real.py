@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tformer.config import load_config
-from tformer.train import Trainer
+from tformer.training.config import load_config
+from tformer.training.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "aclImdb_labeled.tar.gz"

@@ -12,14 +12,14 @@ import pytest
 import torch
 from imdb_synthetic import make_imdb_archive
 
-from tformer.config import load_config, resolve_config_path
+from tformer.training.config import load_config, resolve_config_path
 from tformer.data import bpe
 from tformer.models import EncoderClassifier, EncoderClassifierConfig, EncoderMaskedLM
 from tformer.tasks import get_task_class
 from tformer.tasks import mlm as mlm_module
 from tformer.tasks.base import cross_entropy_sum
 from tformer.tasks.mlm import mask_tokens, split_into_chunks
-from tformer.train import Trainer
+from tformer.training.trainer import Trainer
 
 TEST_MARKER = "zyzzyvatestonly"  # in every test review of the archive below, nowhere else
 

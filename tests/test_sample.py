@@ -4,9 +4,9 @@ top-k / top-p filtering, beam search, the command line."""
 import pytest
 import torch
 
-from tformer.export import save_pretrained
+from tformer.models.pretrained import save_pretrained
 from tformer.models import DecoderLM, ModelConfig
-from tformer.sample import beam_search, filter_logits, generate, main
+from tformer.generation.sampling import beam_search, filter_logits, generate, main
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-from tformer.config import load_config
+from tformer.training.config import load_config
 from tformer.models import DecoderLM, ModelConfig
-from tformer.parallelize import apply_activation_checkpointing
+from tformer.training.parallelize import apply_activation_checkpointing
 from tformer.tasks.lm import LanguageModelTask
-from tformer.optim import parameter_groups
-from tformer.train import Trainer, accumulated_backward
+from tformer.training.optim import parameter_groups
+from tformer.training.trainer import Trainer, accumulated_backward
 
 from train_helpers import tiny_config
 
@@ -105,7 +105,7 @@ def test_wandb_offline_logs_config_metrics_and_samples(tmp_path, monkeypatch):
 
 def test_no_tformer_module_shadows_a_top_level_package():
     # `python tformer/train.py` puts tformer/ first on sys.path (train.py swaps it for the
-    # repository root, but only once it runs): a tformer/config.py next to a real `config`
+    # repository root, but only once it runs): a tformer/schema.py next to a real `schema`
     # package, or a tformer/tokenizers/, would be imported in its place.
     import importlib.util
     from pathlib import Path
@@ -116,6 +116,6 @@ def test_no_tformer_module_shadows_a_top_level_package():
     names = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
     names |= {p.name.split(".")[0] for p in root.glob("*.so")}
     names -= {"__init__"}
-    assert {"train", "config", "data", "tasks"} <= names
+    assert {"train", "training", "data", "tasks"} <= names
     clashes = {name for name in names if importlib.util.find_spec(name) is not None}
     assert not clashes, f"tformer modules named like importable top-level modules: {sorted(clashes)}"

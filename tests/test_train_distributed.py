@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tformer.config import load_config
-from tformer.train import Trainer
+from tformer.training.config import load_config
+from tformer.training.trainer import Trainer
 
 from train_helpers import tiny_config
 
@@ -68,7 +68,7 @@ def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
     losses = _losses(run_dir)
     assert len(losses) == STEPS and losses[-1] < losses[0]
     assert max(abs(a - b) for a, b in zip(losses, reference)) < 0.01, (losses, reference)
-    from tformer.export import load_pretrained
+    from tformer.models.pretrained import load_pretrained
 
     exported, _ = load_pretrained(run_dir / "export")  # the fp32 master weights, gathered from the partitions
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in exported.parameters())

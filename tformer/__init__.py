@@ -3,7 +3,6 @@ op API with a pure-PyTorch reference, and the models and training system built o
 
 from . import ops
 from .ops import BackendError, UnsupportedInput, available_backends, backend, default_backend
-from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -12,8 +11,14 @@ __all__ = ["ops", "nn", "models", "available_backends", "backend", "default_back
 
 
 def __getattr__(name):
-    # Submodules that pull in more than the ops load on first use.
-    if name in ("nn", "models"):
+    # Submodules that pull in more than the ops load on first use; so does tformer.patch, which
+    # keeps `import tformer` (which every backend does to load tformer._C) free of tformer.nn.
+    if name in ("patch", "unpatch"):
+        from .integrations import patch as patch_module
+
+        return getattr(patch_module, name)
+    if name in ("nn", "models", "data", "tasks", "training", "generation", "integrations", "visualization",
+                "experiments"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

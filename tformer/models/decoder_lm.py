@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tformer.export import PretrainedMixin
+from tformer.models.pretrained import PretrainedMixin
 from tformer.nn import LearnedPositionalEncoding, add_and_norm, make_norm, positional_encoding
 
 from .config import ModelConfig
@@ -21,6 +21,8 @@ class DecoderLM(PretrainedMixin, nn.Module):
     The model knows nothing about parallelism: ``blocks`` is an ``nn.ModuleList`` that a
     trainer may wrap per block (activation checkpointing, FSDP ``fully_shard``).
     """
+
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig):
         super().__init__()

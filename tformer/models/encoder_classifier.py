@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tformer.models.pretrained import PretrainedMixin
 from tformer.nn import add_and_norm, make_norm, positional_encoding
 
 from .config import EncoderClassifierConfig
 from .trunk import build_blocks, init_gpt2
 
 
-class EncoderClassifier(nn.Module):
+class EncoderClassifier(PretrainedMixin, nn.Module):
     """Token embedding, positional encoding, ``config.n_layers`` bidirectional pre-LN blocks that
     ignore padding keys, a final norm, pooling and a linear head.
 
@@ -19,6 +20,8 @@ class EncoderClassifier(nn.Module):
     output; ``"mean"`` averages the outputs of the non-padding tokens. Padding never changes
     the logits: padding keys are masked in every layer and excluded from the pooling.
     """
+
+    config_class = EncoderClassifierConfig
 
     def __init__(self, config: EncoderClassifierConfig):
         super().__init__()

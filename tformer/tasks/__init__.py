@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from tformer.config import ConfigError
+from tformer.schema import ConfigError
 
 TASKS = {
     "lm": "tformer.tasks.lm",

@@ -1,4 +1,4 @@
-"""The interface between the trainer (``tformer/train.py``) and what is being learned.
+"""The interface between the trainer (:mod:`tformer.training`) and what is being learned.
 
 The trainer owns the loop: devices, precision, DeepSpeed / FSDP2, accumulation, optimizer,
 schedule, checkpoints, logging. A task owns the rest: the model, the data and the loss. To add
@@ -32,11 +32,15 @@ Contract (``B`` = ``config.training.micro_batch_size``):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from tformer.config import TrainConfig, from_dict
+from tformer.schema import from_dict
+
+if TYPE_CHECKING:  # tasks sit below training: the config type is for readers only
+    from tformer.training.config import TrainConfig
 
 
 class Task:

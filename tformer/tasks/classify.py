@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from tformer.config import ConfigError
+from tformer.schema import ConfigError
 from tformer.data import bpe
 from tformer.data.buckets import LengthBucketBatches, pad_batch, truncate_head_tail
 from tformer.data.imdb import (LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, OFFICIAL_URL, ReviewSet,
                                balanced_subset, download_imdb, load_imdb, split_validation, texts_digest)
-from tformer.metrics import classification_metrics, confusion_matrix, format_confusion
+from tformer.tasks.metrics import classification_metrics, confusion_matrix, format_confusion
 from tformer.models import EncoderClassifier, EncoderClassifierConfig
 from tformer.tasks.base import Task, cross_entropy_sum
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tformer.config import ConfigError
+from tformer.schema import ConfigError
 from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
 from tformer.models import DecoderLM, ModelConfig
@@ -130,7 +130,7 @@ class LanguageModelTask(Task):
         self.sampler.load_state_dict(state["sampler"])
 
     def samples(self, model) -> list[str]:
-        from tformer.sample import generate
+        from tformer.generation.sampling import generate
 
         sample = self.config.sample
         prompt = self.vocab.encode(sample.prompt) or [0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tformer.config import ConfigError
+from tformer.schema import ConfigError
 from tformer.data import bpe
 from tformer.data.buckets import LengthBucketBatches, pad_batch
 from tformer.data.imdb import ReviewSet, balanced_subset, load_imdb, split_validation

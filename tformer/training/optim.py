@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tformer.config import TrainConfig
+from tformer.training.config import TrainConfig
 
 
 def learning_rate(step: int, config) -> float:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tformer.checkpoint import latest_checkpoint
-from tformer.export import CONFIG_NAME, WEIGHTS_NAME
+from tformer.training.checkpoint import latest_checkpoint
+from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 HEAD = "head"  # the task-specific output module, left freshly initialised
 # Model config fields that change what the trunk's weights mean, even where shapes would agree.

@@ -1,6 +1,5 @@
 """Where metrics go: a tqdm bar on rank 0, a JSONL file in the run folder, Weights & Biases
-(offline unless configured online). Named ``logging_utils`` so it never shadows stdlib ``logging``
-when ``tformer/train.py`` runs with ``tformer/`` as ``sys.path[0]``."""
+(offline unless configured online)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from tformer.config import LoggingConfig
+from tformer.training.config import LoggingConfig
 
 
 def _jsonable(value):

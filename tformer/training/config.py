@@ -14,13 +14,12 @@ file before it is checked, so an override is held to the same rules as the file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tformer.schema import ConfigError, check_choice, from_dict
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("auto", "single", "deepspeed", "fsdp2")
@@ -128,87 +127,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the dataclasses."""
-
-
-# ----------------------------------------------------------------------------- generic checking
-
-def unknown_key_error(where: str, key: str, valid) -> ConfigError:
-    valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"config: unknown key {where}{key!r}.{hint} Valid keys: {valid}")
-
-
-def _type_matches(value, annotation) -> bool:
-    if annotation is typing.Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin in (tuple, list):
-        args = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_type_matches(v, a) for v, a in zip(value, args))
-        return all(_type_matches(v, args[0]) for v in value) if args else True
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def from_dict(cls, values, where: str = ""):
-    """Build dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys and
-    values of the wrong type raise :class:`ConfigError` naming the key."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config: section {where or cls.__name__!r} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise unknown_key_error(where, key, fields)
-        annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = from_dict(annotation, value, f"{where}{key}.")
-            continue
-        if not _type_matches(value, annotation):
-            raise ConfigError(f"config: {where}{key} must be {_describe(annotation)}, got {value!r}")
-        if typing.get_origin(annotation) is tuple or (isinstance(value, list) and "tuple" in str(annotation)):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _describe(annotation) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def _check_choice(where: str, value, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"config: {where} must be one of {choices}, got {value!r}.{hint}")
-
-
 # ----------------------------------------------------------------------------- files and overrides
 
 def configs_dir() -> Path:
     """The ready configs: ``configs/`` at the repository root in a source checkout, else the
     copy shipped inside the package (``tformer/configs``)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "configs", here / "configs"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package.parent / "configs", package / "configs"):
         if candidate.is_dir():
             return candidate
-    return here.parent / "configs"
+    return package.parent / "configs"
 
 
 def resolve_config_path(name: str) -> Path:
@@ -302,10 +230,10 @@ def check_config(config: TrainConfig) -> None:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config: {error}") from None
-    _check_choice("training.strategy", config.training.strategy, STRATEGIES)
-    _check_choice("training.precision", config.training.precision, PRECISIONS)
-    _check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
-    _check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+    check_choice("training.strategy", config.training.strategy, STRATEGIES)
+    check_choice("training.precision", config.training.precision, PRECISIONS)
+    check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
+    check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     positives = {"training.micro_batch_size": config.training.micro_batch_size,
                  "training.grad_accum_steps": config.training.grad_accum_steps,
                  "training.checkpoint_every": config.training.checkpoint_every,

@@ -1,4 +1,4 @@
-"""Export a trained model as ``model.safetensors`` + ``config.json``, and load it back.
+"""Export a model as ``model.safetensors`` + ``config.json``, and load it back.
 
 ``config.json`` holds ``{"task", "model_class", "model": <model config>, "metadata": {...}}``;
 ``metadata`` is the task's (for the LM: the vocabulary). Written atomically: a temporary
@@ -19,10 +19,9 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def _model_classes():
-    from tformer.models import DecoderLM, EncoderClassifier, EncoderClassifierConfig, ModelConfig
-
-    return {"DecoderLM": (DecoderLM, ModelConfig), "EncoderClassifier": (EncoderClassifier, EncoderClassifierConfig)}
+# model class name -> class; filled by PretrainedMixin subclasses as they are defined, so this
+# module never imports the models (they import it).
+MODEL_CLASSES: dict[str, type] = {}
 
 
 def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task: str = "lm",
@@ -56,18 +55,25 @@ def load_pretrained(path: str | os.PathLike, *, device="cpu"):
         raise FileNotFoundError(f"load_pretrained: argument 'path' must hold {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                 f"got {str(path)!r}")
     config = json.loads((path / CONFIG_NAME).read_text())
-    classes = _model_classes()
+    classes = MODEL_CLASSES
     if config.get("model_class") not in classes:
         raise ValueError(f"load_pretrained: {path / CONFIG_NAME} names model_class {config.get('model_class')!r}, "
                          f"expected one of {sorted(classes)}")
-    model_class, config_class = classes[config["model_class"]]
-    model = model_class(config_class.from_dict(config["model"]))
+    model_class = classes[config["model_class"]]
+    model = model_class(model_class.config_class.from_dict(config["model"]))
     load_model(model, str(path / WEIGHTS_NAME), device=str(device))
     return model.to(device).eval(), config.get("metadata", {})
 
 
 class PretrainedMixin:
-    """Adds ``Model.from_pretrained(dir)`` to a model class."""
+    """Adds ``Model.from_pretrained(dir)`` to a model class and registers it for
+    :func:`load_pretrained`; the class names its config dataclass as ``config_class``."""
+
+    config_class = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MODEL_CLASSES[cls.__name__] = cls
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device="cpu"):

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from tformer.config import ConfigError, TrainConfig
+from tformer.training.config import ConfigError, TrainConfig
 
 
 def resolve_strategy(config: TrainConfig) -> str:

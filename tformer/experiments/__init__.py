@@ -1,0 +1,2 @@
+"""Experiments over many runs: ablation grids of config overrides, run one after another,
+compared in one report."""

@@ -1,0 +1,7 @@
+"""Using trained models: sampling, greedy decoding and beam search with the KV cache
+(:mod:`.sampling`, behind ``python -m tformer.sample``) and the classifier's prediction path
+(:mod:`.classify`, behind ``python -m tformer.classify``)."""
+
+from .sampling import beam_search, filter_logits, generate
+
+__all__ = ["beam_search", "filter_logits", "generate"]
