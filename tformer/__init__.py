@@ -1,25 +1,30 @@
 """tformer: fused attention, LayerNorm and softmax kernels (Triton and CUDA C++) behind one
 op API with a pure-PyTorch reference, and the models and training system built on them."""
 
-from . import ops
-from .ops import BackendError, UnsupportedInput, available_backends, backend, default_backend
+from ._extension_guard import install as _install_extension_guard
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "nn", "models", "available_backends", "backend", "default_backend", "BackendError", "UnsupportedInput", "patch",
            "unpatch"]
 
+# `import tformer._C` checks first that the extension was built against the running torch.
+_install_extension_guard()
+
+_FROM_OPS = ("available_backends", "backend", "default_backend", "BackendError", "UnsupportedInput")
+_SUBPACKAGES = ("ops", "nn", "models", "data", "tasks", "training", "generation", "integrations", "visualization",
+                "experiments")
+
 
 def __getattr__(name):
-    # Submodules that pull in more than the ops load on first use; so does tformer.patch, which
-    # keeps `import tformer` (which every backend does to load tformer._C) free of tformer.nn.
+    # Everything loads on first use, so `import tformer` (and the `tformer` command's --help) does
+    # not pay for torch; tformer.patch keeps tformer.nn out of what the backends load.
+    import importlib
+
     if name in ("patch", "unpatch"):
-        from .integrations import patch as patch_module
-
-        return getattr(patch_module, name)
-    if name in ("nn", "models", "data", "tasks", "training", "generation", "integrations", "visualization",
-                "experiments"):
-        import importlib
-
+        return getattr(importlib.import_module(f"{__name__}.integrations.patch"), name)
+    if name in _FROM_OPS:
+        return getattr(importlib.import_module(f"{__name__}.ops"), name)
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'tformer' has no attribute {name!r}")

@@ -66,12 +66,17 @@ def resolve_export_dir(checkpoint: str | Path) -> Path:
                             f"export/config.json); expected the export folder written at the end of a training run")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tformer.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="export folder (config.json + model.safetensors) or "
                                                             "the run folder holding export/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("texts", nargs="*", help="texts to classify; none: one text per line on stdin")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     texts = args.texts or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:

@@ -133,7 +133,7 @@ def find_export(path: str | Path) -> Path:
                             f"(an export, or a run/checkpoint folder with export/), got {str(path)!r}")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="export, run or checkpoint folder")
     parser.add_argument("--prompt", default="\n")
@@ -146,7 +146,11 @@ def main(argv=None) -> None:
     parser.add_argument("--beams", type=int, default=0, help="beam search with this many beams (one output)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
 
     from tformer.models.pretrained import load_pretrained
 

@@ -20,7 +20,7 @@ from tformer.training.config import ConfigError, load_config
 from tformer.training.trainer import Trainer
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ds.json",
                         help="config file (JSON or YAML): a path, or a bare name such as ds.json or zero2 resolved "
@@ -31,7 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from the latest complete checkpoint in run.out_dir (or this checkpoint folder)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:

@@ -6,6 +6,8 @@ import importlib
 
 import torch
 
+from tformer._extension_guard import ExtensionMismatch
+
 OP_MODULES: tuple[str, ...] = ("attention", "layer_norm", "softmax")
 
 BUILD_HINT = ("install a CUDA toolkit, set CUDA_HOME (e.g. /usr/local/cuda) and reinstall with "
@@ -16,6 +18,8 @@ def extension_error() -> str | None:
     """None when tformer._C imports, else why it does not."""
     try:
         importlib.import_module("tformer._C")
+    except ExtensionMismatch as error:  # built for another torch: the message says how to rebuild
+        return str(error)
     except ImportError as error:
         return f"the CUDA extension tformer._C was not built or does not load ({error}); {BUILD_HINT}"
     return None

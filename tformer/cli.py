@@ -1,0 +1,86 @@
+"""The ``tformer`` command: one subcommand per user-facing job.
+
+    tformer --help                       # every subcommand, one line each
+    tformer train --config ds.json       # = python tformer/train.py --config ds.json
+    tformer sample --help                # the subcommand's own options
+
+Each subcommand is a module exposing ``build_parser()`` and ``main(argv)``; it is imported only
+when its subcommand runs, so ``tformer --help`` stays fast (no torch import). Everything after the
+subcommand's name goes to that module's own parser, so ``tformer X --help`` prints all of X's
+options and ``tformer X ...`` behaves exactly like ``python -m tformer.X ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import sys
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    module: str
+    summary: str
+
+
+# The agreed command-line modules (see README "Command line"). A module another branch has not
+# landed yet fails with a one-line error naming it.
+COMMANDS: dict[str, Command] = {
+    "train": Command("tformer.training.cli", "train a model from a config (plain, DeepSpeed or torchrun)"),
+    "sample": Command("tformer.generation.sampling", "generate text from a trained DecoderLM"),
+    "classify": Command("tformer.generation.classify", "label texts with a trained classifier"),
+    "embed": Command("tformer.generation.embed", "sentence embeddings from a trained encoder"),
+    "transcribe": Command("tformer.generation.transcribe", "speech to text with a trained model"),
+    "ablate": Command("tformer.experiments.ablate", "run an ablation grid of training runs"),
+    "visualize": Command("tformer.visualization.cli", "plot training runs and attention maps"),
+    "env": Command("tformer.env_report", "report versions, GPUs, backends and the CUDA build (--json)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tformer", description="tformer: fused attention kernels and a transformer training system.",
+        epilog="Run 'tformer COMMAND --help' for a command's options.",
+        # Wide enough that every command and its summary share one line.
+        formatter_class=functools.partial(argparse.HelpFormatter, max_help_position=24, width=120))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        # No options here: the command's own parser (imported only when it runs) reads the rest,
+        # --help included.
+        subparsers.add_parser(name, help=command.summary, description=command.summary, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    import tformer
+
+    return tformer.__version__
+
+
+def load_command(name: str):
+    """The module behind subcommand ``name``; SystemExit(2) with one line when it cannot import."""
+    module_name = COMMANDS[name].module
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        # Only a missing command module is "not installed"; a missing dependency inside it is named as such.
+        if error.name is not None and module_name.startswith(error.name) and error.name.startswith("tformer"):
+            print(f"error: 'tformer {name}' is not available in this install: its module {module_name} does not "
+                  f"exist (it comes with a newer tformer)", file=sys.stderr)
+        else:
+            print(f"error: 'tformer {name}' needs {error.name!r}, which is not installed ({error})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    result = load_command(args.command).main(rest)
+    # Commands return an exit status, None or data (train returns its metrics); only ints are statuses.
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
