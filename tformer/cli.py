@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="tformer: fused attention kernels and a transformer training system.",
         epilog="Run 'tformer COMMAND --help' for a command's options.",
-        # Wide enough that every command and its summary share one line.
-        formatter_class=functools.partial(argparse.HelpFormatter, max_help_position=24, width=120))
+        formatter_class=functools.partial(argparse.HelpFormatter, width=120))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # argparse sizes the summary column by the metavar and the names at one indent less than it
+    # prints them; a metavar this long keeps every command and its summary on one line.
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND [ARGS]", required=True)
     for name, command in COMMANDS.items():
         # No options here: the command's own parser (imported only when it runs) reads the rest,
         # --help included.

@@ -25,6 +25,8 @@ Contract (``B`` = ``config.training.micro_batch_size``):
   every rank (sharded models need every rank in each forward); ``all_reduce(tensor)`` sums a
   tensor over ranks. The default evaluates ``loss_sum`` over ``eval_batches(split, final)``.
 * ``samples(model)`` returns text samples to print and log at each evaluation (may be []).
+* ``steps_per_epoch()`` (optional) is how many optimizer steps one pass over the training
+  data takes at this global batch (``run.epochs`` needs it); the default refuses.
 * ``export_metadata()`` returns what a reader of an exported model needs (e.g. the vocabulary);
   it is stored in ``config.json`` next to ``model.safetensors``.
 """
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from tformer.schema import from_dict
+from tformer.schema import ConfigError, from_dict
 
 if TYPE_CHECKING:  # tasks sit below training: the config type is for readers only
     from tformer.training.config import TrainConfig
@@ -100,6 +102,17 @@ class Task:
 
     def export_metadata(self) -> dict:
         return {}
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per pass over the training data, for ``run.epochs``; called after
+        :meth:`load_data`. Tasks whose training data has no size (a stream) keep this refusal."""
+        raise ConfigError(f"config: run.epochs: task {self.name!r} cannot count the steps in an epoch of its data; "
+                          f"set run.steps instead")
+
+    def sequences_per_step(self) -> int:
+        """The global batch: ``micro_batch_size * grad_accum_steps * world_size`` items."""
+        training = self.config.training
+        return training.micro_batch_size * training.grad_accum_steps * self.world_size
 
     def model_config_dict(self) -> dict:
         """The full model configuration as built (stored with checkpoints and exports)."""

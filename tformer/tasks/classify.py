@@ -193,6 +193,12 @@ class ClassificationTask(Task):
     def num_items(self, batch: dict) -> int:
         return int(batch["weights"].sum().item())
 
+    def steps_per_epoch(self) -> int:
+        # Each rank takes every world_size-th length-bucketed batch of an epoch (as _next_train_indices).
+        batches = len(self.train_batches.batches(0))
+        per_rank = (batches - batches % self.world_size or batches) // self.world_size
+        return max(1, -(-per_rank // self.config.training.grad_accum_steps))
+
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])
         loss = cross_entropy_sum(logits, batch["labels"], label_smoothing=label_smoothing, weights=batch["weights"])

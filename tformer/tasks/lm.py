@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,11 @@ class LanguageModelTask(Task):
             self.splits, self.vocab = load_text_splits(path, data.val_fraction)
         self.sampler = RandomWindowSampler(self.splits["train"], data.seq_len, self.config.training.micro_batch_size,
                                            seed=self.config.training.seed, rank=self.rank, world_size=self.world_size)
+
+    def steps_per_epoch(self) -> int:
+        # Windows are drawn at random, so an epoch is as many windows as tile the training tokens once.
+        windows = len(self.splits["train"]) / self.data_config.seq_len
+        return max(1, math.ceil(windows / self.sequences_per_step()))
 
     def model_config_dict(self) -> dict:
         values = {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}

@@ -67,11 +67,17 @@ class TrainingConfig:
     init_from: str | None = None
 
 
+DEFAULT_STEPS = 1000
+
+
 @dataclass
 class RunConfig:
-    """How long to train and what to write."""
+    """How long to train and what to write. Set ``steps`` or ``epochs``, not both (neither: 1000 steps)."""
 
-    steps: int = 1000
+    steps: int | None = None  # optimizer steps
+    # Passes over the training data (may be fractional), converted to steps by the task
+    # (Task.steps_per_epoch: data size / global batch); the progress bar and schedule follow it.
+    epochs: float | None = None
     eval_interval: int = 250  # 0: evaluate only at the end
     eval_batches: int = 20  # batches of micro_batch_size windows per evaluation; final eval uses final_eval_batches
     final_eval_batches: int | None = None  # None: the whole validation (and test) split
@@ -80,6 +86,15 @@ class RunConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     export: bool = True  # write model.safetensors + config.json into out_dir/export at the end
+
+    def __post_init__(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"config: set exactly one of run.steps and run.epochs, got steps={self.steps} and "
+                              f"epochs={self.epochs} (override one with null, e.g. --set run.steps=null)")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"config: run.epochs must be > 0, got {self.epochs}")
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
 
 
 @dataclass
@@ -237,7 +252,7 @@ def check_config(config: TrainConfig) -> None:
     positives = {"training.micro_batch_size": config.training.micro_batch_size,
                  "training.grad_accum_steps": config.training.grad_accum_steps,
                  "training.checkpoint_every": config.training.checkpoint_every,
-                 "run.steps": config.run.steps, "run.log_interval": config.run.log_interval,
+                 "run.steps": 1 if config.run.steps is None else config.run.steps, "run.log_interval": config.run.log_interval,
                  "run.eval_batches": config.run.eval_batches, "sample.num_samples": config.sample.num_samples}
     for name, value in positives.items():
         if value < 1:

@@ -9,16 +9,17 @@ import torch
 from tformer.training.config import TrainConfig
 
 
-def learning_rate(step: int, config) -> float:
+def learning_rate(step: int, config, total_steps: int | None = None) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``decay_steps`` (Loshchilov and Hutter, 2017), then ``min_lr``. The schedule is a pure
-    function of the step, so resuming the step resumes the schedule."""
+    ``decay_steps`` (default: ``total_steps``, the run's length, else ``run.steps``) (Loshchilov and
+    Hutter, 2017), then ``min_lr``. The schedule is a pure function of the step, so resuming the
+    step resumes the schedule."""
     opt = config.optimizer
     if step < opt.warmup_steps:
         return opt.lr * (step + 1) / opt.warmup_steps
     if opt.schedule == "constant":
         return opt.lr
-    decay_steps = opt.decay_steps if opt.decay_steps is not None else config.run.steps
+    decay_steps = opt.decay_steps if opt.decay_steps is not None else (total_steps or config.run.steps)
     if step >= decay_steps:
         return opt.min_lr
     progress = (step - opt.warmup_steps) / max(1, decay_steps - opt.warmup_steps)

@@ -24,6 +24,7 @@ from tformer.training.init_from import load_trunk, resolve_init_source
 from tformer.training.metrics_logger import MetricsLogger
 from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.parallelize import apply_activation_checkpointing, apply_fsdp2
+from tformer.training.run_length import planned_steps
 from tformer.training.strategy import deepspeed_config, resolve_precision, resolve_strategy
 from tformer.tasks import get_task_class
 
@@ -98,6 +99,7 @@ class Trainer:
             self.task.prepare_data()
         self.barrier()
         self.task.load_data()
+        self.total_steps = planned_steps(config.run, self.task)  # run.steps, or run.epochs in steps
         self.task.compute_dtype = DTYPES[self.precision]
 
         # Same seed on every rank: identical initial weights without a broadcast.
@@ -194,7 +196,7 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------------
     def train_step(self, want_layer_norms: bool) -> dict:
         config = self.config
-        lr = learning_rate(self.step, config)
+        lr = learning_rate(self.step, config, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self.task.next_train_batch() for _ in range(config.training.grad_accum_steps)]
@@ -350,7 +352,7 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         config, run = self.config, self.config.run
-        logger = MetricsLogger(config.logging, self.out_dir, enabled=self.rank == 0, total_steps=run.steps,
+        logger = MetricsLogger(config.logging, self.out_dir, enabled=self.rank == 0, total_steps=self.total_steps,
                                start_step=self.step, full_config=config.to_dict(), resume=self.step > 0)
         logger.write(f"tformer: task={config.task} strategy={self.strategy} precision={self.precision} "
                      f"device={self.device} world_size={self.world_size} "
@@ -361,8 +363,8 @@ class Trainer:
         history = []
         run_start = tokens_timer = time.time()
         tokens_seen = 0
-        while self.step < run.steps:
-            log_now = (self.step + 1) % run.log_interval == 0 or self.step + 1 == run.steps
+        while self.step < self.total_steps:
+            log_now = (self.step + 1) % run.log_interval == 0 or self.step + 1 == self.total_steps
             metrics = self.train_step(want_layer_norms=log_now and config.logging.layer_grad_norms)
             history.append(metrics)
             tokens_seen += metrics["train/items"]
@@ -370,7 +372,7 @@ class Trainer:
             logger.progress(1, {"loss": f"{metrics['train/loss']:.4f}", "tok/s": f"{tokens_seen / elapsed:,.0f}"})
             if log_now:
                 logger.log(self.step, {**metrics, "train/items_per_s": tokens_seen / elapsed})
-            is_last = self.step == run.steps
+            is_last = self.step == self.total_steps
             if (run.eval_interval and self.step % run.eval_interval == 0) or is_last:
                 eval_metrics, samples = self.evaluate(final=is_last)
                 # Wall time since the loop began (compiles and evaluations included): the
@@ -384,7 +386,7 @@ class Trainer:
             if (run.checkpoint_interval and self.step % run.checkpoint_interval == 0) or is_last:
                 path = self.save_checkpoint()
                 logger.write(f"checkpoint: {path}")
-        if run.export and self.step == run.steps:
+        if run.export and self.step == self.total_steps:
             self.export(self.out_dir / "export")
             logger.write(f"export: {self.out_dir / 'export'}")
         logger.close()
