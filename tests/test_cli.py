@@ -1,0 +1,108 @@
+"""The ``tformer`` command: every subcommand listed on one line, each importable subcommand's
+--help showing all of its module's options, missing ones refused in one line, and nothing
+heavy imported for ``tformer --help``.
+
+The subcommand list comes from tformer.cli.COMMANDS, so a command module that lands later is
+tested here without editing this file.
+"""
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tformer import cli
+
+from train_helpers import tiny_config
+
+
+def _module_exists(module_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+PRESENT = [name for name, command in cli.COMMANDS.items() if _module_exists(command.module)]
+MISSING = [name for name in cli.COMMANDS if name not in PRESENT]
+
+
+def test_the_commands_every_engineer_agreed_on_are_wired():
+    assert {"train", "sample", "classify", "env", "ablate", "visualize", "embed", "transcribe"} <= set(cli.COMMANDS)
+    assert {"train", "sample", "classify", "env"} <= set(PRESENT)
+
+
+def test_top_level_help_lists_every_command_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, command in cli.COMMANDS.items():
+        assert any(line.split()[:1] == [name] and line.rstrip().endswith(command.summary) for line in lines), \
+            f"no line '{name}  {command.summary}' in:\n" + "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_command_help_shows_every_option_of_its_module(name, capsys):
+    module = importlib.import_module(cli.COMMANDS[name].module)
+    parser = module.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown == parser.format_help()
+    options = [o for action in parser._actions if action.help != "==SUPPRESS==" for o in action.option_strings]
+    assert options and all(option in shown for option in options)
+
+
+@pytest.mark.parametrize("name", MISSING or [pytest.param("none", marks=pytest.mark.skip("every command module exists"))])
+def test_command_whose_module_is_missing_fails_in_one_line(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: 'tformer {name}' is not available")
+    assert cli.COMMANDS[name].module in err
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["trian"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_arguments_reach_the_command_unchanged(monkeypatch):
+    seen = {}
+    fake = type(sys)("fake_command")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
+    monkeypatch.setitem(sys.modules, "tformer.generation.classify", fake)
+    argv = ["--checkpoint", "runs/x", "a review", "--", "-dashed text", "--help"]
+    assert cli.main(["classify", *argv]) == 3
+    assert seen["argv"] == argv
+
+
+def test_help_does_not_import_torch_and_the_console_script_is_installed():
+    probe = ("import sys\nfrom tformer import cli\n"
+             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.splitlines()[-1] == "False"
+    script = Path(sys.executable).with_name("tformer")
+    assert script.is_file(), f"the console script is missing next to {sys.executable}; reinstall tformer"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "transcribe" in result.stdout
+
+
+def test_tformer_train_runs_a_tiny_job(tmp_path):
+    config = tiny_config(tmp_path, run={"steps": 2})
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    assert cli.main(["train", "--config", str(path), "--set", "run.export=true"]) == 0
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
