@@ -120,6 +120,7 @@ cmdclass["build_py"] = BuildPyWithRecord
 setup(
     name="tformer",
     version="0.1.0",
+    license="MIT",
     description="Fused Triton and CUDA C++ attention, LayerNorm and softmax kernels and a transformer training system",
     packages=find_packages(include=["tformer", "tformer.*"]) + ["tformer.kernels", "tformer.configs"],
     # The Triton kernels live in kernels/ at the top of the repository but install as
