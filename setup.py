@@ -108,7 +108,8 @@ class BuildPyWithRecord(build_py):
 
     def run(self):
         super().run()
-        folder = "tformer" if getattr(self, "editable_mode", False) else os.path.join(self.build_lib, "tformer")
+        editable = getattr(self, "editable_mode", False)
+        folder = os.path.join(ROOT if editable else self.build_lib, "tformer")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "_build_info.json"), "w") as handle:
             json.dump(BUILD_RECORD, handle, indent=1)
