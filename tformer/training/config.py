@@ -249,10 +249,11 @@ def check_config(config: TrainConfig) -> None:
     check_choice("training.precision", config.training.precision, PRECISIONS)
     check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
     check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+    steps = 1 if config.run.steps is None else config.run.steps  # None: run.epochs sets the length
     positives = {"training.micro_batch_size": config.training.micro_batch_size,
                  "training.grad_accum_steps": config.training.grad_accum_steps,
                  "training.checkpoint_every": config.training.checkpoint_every,
-                 "run.steps": 1 if config.run.steps is None else config.run.steps, "run.log_interval": config.run.log_interval,
+                 "run.steps": steps, "run.log_interval": config.run.log_interval,
                  "run.eval_batches": config.run.eval_batches, "sample.num_samples": config.sample.num_samples}
     for name, value in positives.items():
         if value < 1:
