@@ -33,7 +33,8 @@ def test_text_report_has_every_line_with_the_right_reasons(report):
     _line(lines, "CUDA toolkit: ")
     _line(lines, "NVIDIA driver: ")
     for name, why in tformer.available_backends().items():
-        assert _line(lines, f"backend {name}: ") == f"backend {name}: {'available' if why is None else 'unavailable: ' + why}"
+        shown = "available" if why is None else f"unavailable: {why}"
+        assert _line(lines, f"backend {name}: ") == f"backend {name}: {shown}"
     assert _line(lines, "backend reference: ") == "backend reference: available"
     record = build_info.load_record()
     extension = _line(lines, "CUDA extension: ")

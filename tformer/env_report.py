@@ -171,13 +171,14 @@ def format_report(report: dict) -> list[str]:
     """The report as ``name: value`` lines, in a fixed order."""
     torch_info, build = report["torch"], report["build"]
     toolkit, driver = report["cuda_toolkit"], report["driver"]
+    toolkit_text = f"{toolkit['nvcc']} ({toolkit['cuda_home']})" if toolkit["nvcc"] else toolkit["why_not"]
     lines = [
         f"tformer: {report['tformer']['version']} ({report['tformer']['location']})",
         f"Python: {report['python']['version']} ({report['python']['platform']})",
         f"torch: {torch_info['version']} (CUDA {torch_info['cuda'] or 'none: CPU-only build'}, "
         f"cuDNN {torch_info['cudnn'] or 'none'})",
         f"Triton: {report['triton']['version'] or report['triton']['why_not']}",
-        f"CUDA toolkit: {toolkit['nvcc'] + ' (' + toolkit['cuda_home'] + ')' if toolkit['nvcc'] else toolkit['why_not']}",
+        f"CUDA toolkit: {toolkit_text}",
         f"NVIDIA driver: {driver['version'] or driver['why_not']}",
     ]
     if report["gpus"]:
