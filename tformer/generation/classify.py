@@ -66,12 +66,18 @@ def resolve_export_dir(checkpoint: str | Path) -> Path:
                             f"export/config.json); expected the export folder written at the end of a training run")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tformer.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="export folder (config.json + model.safetensors) or "
                                                             "the run folder holding export/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("texts", nargs="*", help="texts to classify; none: one text per line on stdin")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Classify; user errors raise ``ValueError``/``OSError`` (wrap with :func:`tformer.cli_errors.run_cli`)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     texts = args.texts or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:
@@ -84,4 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tformer.cli_errors import run_cli
+
+    sys.exit(run_cli(main))
