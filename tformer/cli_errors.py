@@ -34,7 +34,8 @@ def debug_requested(argv: list[str]) -> bool:
 
 def error_line(error: BaseException) -> str:
     """The one line printed for ``error``: its message, newlines folded."""
-    message = " ".join(str(error).split()) or type(error).__name__
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)  # no "[Errno 28]"
+    message = " ".join(text.split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
         message = f"{message}: {error.filename}"
     return message if message.startswith("error: ") else f"error: {message}"

@@ -1,0 +1,281 @@
+"""Fault injection: runs killed with SIGKILL at random moments resume to the same losses as an
+uninterrupted run, bitwise (fp32); damaged checkpoints (truncated, a flipped byte, a missing
+file) are detected and skipped for the newest one that verifies; a full disk while saving leaves
+the previous checkpoint intact; one run per out_dir (a stale lock is taken over); bad data files
+are clear errors naming the file."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tformer.cli_errors import run_cli
+from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_verify
+from tformer.training.config import ConfigError, load_config
+from tformer.training.run_lock import LOCK_NAME, RunLock, RunLocked
+from tformer.training.trainer import Trainer
+
+from train_helpers import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+DROPOUT = dict(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1, "backend": "reference"},
+               optimizer={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "decay_steps": 40})
+
+
+def _train_subprocess(config_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, str(REPO / "tformer" / "train.py"), "--config", str(config_path), *extra],
+                            cwd=config_path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _logged_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert len(steps) == len(set(steps)), f"metrics.jsonl repeats steps: {steps}"
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
+    steps = 40
+    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "keep_checkpoints": 2}, **DROPOUT)
+    reference = [h["train/loss"] for h in Trainer(load_config(
+        {**config, "run": {**config["run"], "out_dir": str(tmp_path / "reference")}})).fit()]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    run_dir = Path(config["run"]["out_dir"])
+    rng = random.Random(24)
+    kills = 0
+    while kills < 3:
+        resume = ("--resume",) if ckpt.latest_checkpoint(run_dir / "checkpoints") else ()
+        process = _train_subprocess(path, *resume)
+        # Wait until this attempt trains (past imports), then kill at a random moment.
+        deadline = time.time() + 120
+        start = len((run_dir / "metrics.jsonl").read_text()) if (run_dir / "metrics.jsonl").exists() else 0
+        while time.time() < deadline and process.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text()) > start:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if process.poll() is not None:
+            break  # finished before the kill
+        process.kill()
+        process.wait()
+        kills += 1
+    final = _train_subprocess(path, "--resume")
+    out, err = final.communicate(timeout=240)
+    assert final.returncode == 0, err[-3000:]
+    assert kills == 3, "the run finished before it could be killed three times; make it longer"
+    losses = _logged_losses(run_dir)
+    assert [losses[step] for step in range(1, steps + 1)] == reference
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run with complete checkpoints at steps 2, 4 and 6."""
+    tmp = tmp_path_factory.mktemp("finished")
+    config = tiny_config(tmp, run={"steps": 6, "checkpoint_interval": 2, "keep_checkpoints": 3, "export": True})
+    Trainer(load_config(config)).fit()
+    return tmp, config
+
+
+def _copy_run(finished_run, tmp_path):
+    source, config = finished_run
+    shutil.copytree(source / "run", tmp_path / "run")
+    config = json.loads(json.dumps(config))
+    config["run"]["out_dir"] = str(tmp_path / "run")
+    config["run"]["steps"] = 8
+    return config, tmp_path / "run" / "checkpoints"
+
+
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"truncated": ("dcp", _truncate), "flipped_byte": ("trainer_rank0.pt", _flip_byte),
+          "missing_file": ("export/model.safetensors", lambda p: p.unlink())}
+
+
+def _damage(newest: Path, kind: str) -> Path:
+    relative, action = DAMAGE[kind]
+    target = newest / relative
+    if target.is_dir():  # the largest shard of the DCP folder
+        target = max((p for p in target.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    action(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(finished_run, tmp_path, kind):
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    newest = checkpoints / ckpt.step_dir_name(6)
+    damaged = _damage(newest, kind)
+    with pytest.warns(UserWarning, match=rf"skipping damaged checkpoint .*step_0000006.*{damaged.name}"):
+        trainer = Trainer(load_config(config), resume=True)
+    assert trainer.step == 4 and trainer.resumed_from.name == ckpt.step_dir_name(4)
+    with pytest.raises(checkpoint_verify.CheckpointDamaged, match=rf"--resume=strict: .*{damaged.name}"):
+        Trainer(load_config(config), resume="strict")
+    with pytest.raises(checkpoint_verify.CheckpointDamaged, match=damaged.name):
+        Trainer(load_config(config), resume=str(newest))  # named explicitly: no fallback
+
+
+def test_verify_command_reports_damage(finished_run, tmp_path, capsys):
+    from tformer.training.checkpoint_verify import main
+
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    assert run_cli(main, ["verify", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.count(": ok") == 4  # three checkpoints and the export
+    _damage(checkpoints / ckpt.step_dir_name(4), "flipped_byte")
+    _flip_byte(tmp_path / "run" / "export" / "model.safetensors")
+    assert run_cli(main, ["verify", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "step_0000004: DAMAGED" in out and "trainer_rank0.pt" in out and "export: DAMAGED" in out
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["verify", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: verify:")
+
+
+def test_altered_export_is_refused_on_load(finished_run, tmp_path):
+    from tformer.models.pretrained import load_pretrained
+
+    _copy_run(finished_run, tmp_path)
+    export = tmp_path / "run" / "export"
+    load_pretrained(export)
+    _flip_byte(export / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors does not match the SHA-256"):
+        load_pretrained(export)
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(finished_run, tmp_path):
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    for folder in checkpoints.iterdir():
+        _damage(folder, "flipped_byte")
+    with pytest.warns(UserWarning), pytest.raises(checkpoint_verify.CheckpointDamaged, match="every checkpoint"):
+        Trainer(load_config(config), resume=True)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    config = load_config(tiny_config(tmp_path, run={"steps": 4, "checkpoint_interval": 2}))
+    trainer = Trainer(config)
+    saves = {"count": 0}
+    original = ckpt.save_trainer_state
+
+    def disk_fills_up(folder, rank, state):
+        saves["count"] += 1
+        if saves["count"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(folder, rank, state)
+
+    monkeypatch.setattr(ckpt, "save_trainer_state", disk_fills_up)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda argv: trainer.fit(), [])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: checkpoint: writing step 4") and "No space left on device" in message
+    assert "step_0000002 is intact" in message and "\n" not in message
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [ckpt.step_dir_name(2)]  # no half-written folder
+    assert checkpoint_verify.verify_checkpoint(checkpoints / ckpt.step_dir_name(2)) == []
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_second_run_on_the_same_out_dir_refuses(tmp_path):
+    config = tiny_config(tmp_path, run={"steps": 4})
+    first = Trainer(load_config(config))  # this process runs (holds the lock) while a second one starts
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    second = _train_subprocess(path)
+    out, err = second.communicate(timeout=120)
+    lock = Path(config["run"]["out_dir"]) / LOCK_NAME
+    assert second.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: run.out_dir {lock.parent} is in use by another run "
+                                                   f"(pid {os.getpid()}")
+    assert "Traceback" not in err and not (lock.parent / "checkpoints").exists()
+    first.fit()  # the first run is undisturbed
+    assert not lock.exists()
+
+
+def test_lock_of_a_live_run_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    config = load_config(tiny_config(tmp_path, run={"steps": 2}))
+    out_dir = Path(config.run.out_dir)
+    out_dir.mkdir(parents=True)
+    import socket
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out_dir / LOCK_NAME).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLocked, match=rf"in use by another run \(pid {alive.pid}"):
+            Trainer(config)
+    finally:
+        alive.kill()
+        alive.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the stale lock .*pid {alive.pid}"):
+        trainer = Trainer(config)  # its owner is gone (killed): taken over
+    assert json.loads((out_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
+    trainer.fit()
+    assert not (out_dir / LOCK_NAME).exists()  # released at the end
+    (out_dir / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(RunLocked, match="host 'elsewhere'.*delete the lock file"):
+        RunLock(out_dir).acquire()
+
+
+# ----------------------------------------------------------------------------- bad data files
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is empty"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00" * 50, r"looks binary"),
+    ("caf\u00e9 cr\u00e8me ".encode("latin-1") * 100, r"is not UTF-8 text \(byte 0xe9 at offset 3\)"),
+    (b"Too short.\n", r"has \d+ (characters|tokens)"),
+])
+def test_bad_text_file_is_a_clear_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    config = load_config(tiny_config(tmp_path, data={"path": str(path)}))
+    with pytest.raises(ValueError, match=rf"(?s){path}.*{message}|{message}.*{path}") as error:
+        Trainer(config)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["empty_archive", "binary_archive", "empty_review", "latin1_review", "binary_review"])
+def test_bad_imdb_input_is_a_clear_error_naming_it(tmp_path, kind):
+    from imdb_synthetic import make_imdb_archive
+    from tformer.data.imdb import ImdbDataError, load_imdb
+
+    if kind.endswith("archive"):
+        path = tmp_path / "aclImdb_v1.tar.gz"
+        path.write_bytes(b"" if kind == "empty_archive" else os.urandom(4096))
+        expected = str(path)
+    else:
+        root = make_imdb_archive(tmp_path / "imdb", 2, directory=True)
+        review = next((tmp_path / "imdb").rglob("train/pos/*.txt"))
+        review.write_bytes({"empty_review": b"", "latin1_review": "tr\u00e8s bien".encode("latin-1"),
+                            "binary_review": b"\x00\x01\x02 great"}[kind])
+        path, expected = root, review.name
+    with pytest.raises(ImdbDataError, match=expected.replace(".", r"\.")):
+        load_imdb(path, expected_per_class=None)
