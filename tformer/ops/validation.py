@@ -58,5 +58,7 @@ def check_probability(op: str, name: str, value) -> None:
 
 
 def check_positive(op: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{op}: argument '{name}' must be a positive finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{op}: argument '{name}' must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: argument '{name}' must be finite, got {value!r}")
