@@ -47,6 +47,21 @@ def _logged_losses(run_dir: Path) -> dict[int, float]:
 
 # ----------------------------------------------------------------------------- kill -9 and resume
 
+def _last_logged_step(run_dir: Path) -> int:
+    """The highest step in metrics.jsonl so far (a line being written is skipped)."""
+    last = 0
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in text.splitlines():
+        try:
+            last = max(last, json.loads(line).get("step", 0))
+        except ValueError:
+            pass
+    return last
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
@@ -60,18 +75,19 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     rng = random.Random(24)
     kills = 0
     while kills < 3:
-        resume = ("--resume",) if ckpt.latest_checkpoint(run_dir / "checkpoints") else ()
-        process = _train_subprocess(path, *resume)
-        # Wait until this attempt trains (past imports), then kill at a random moment.
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        start_step = int(latest.name.split("_")[1]) if latest else 0
+        process = _train_subprocess(path, *(("--resume",) if latest else ()))
+        # Kill at a random moment a few steps into this attempt (possibly mid-save: every 2nd
+        # step saves), counted from the log so the test holds on fast and slow machines alike.
+        # (metrics.jsonl may still hold the killed attempt's later steps until the resume truncates it)
+        target = max(start_step, _last_logged_step(run_dir)) + rng.randint(1, 5)
         deadline = time.time() + 120
-        start = len((run_dir / "metrics.jsonl").read_text()) if (run_dir / "metrics.jsonl").exists() else 0
-        while time.time() < deadline and process.poll() is None:
-            if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text()) > start:
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))
+        while time.time() < deadline and process.poll() is None and _last_logged_step(run_dir) < target:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
         if process.poll() is not None:
-            break  # finished before the kill
+            break  # finished (or failed) before the kill
         process.kill()
         process.wait()
         kills += 1
