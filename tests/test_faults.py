@@ -183,6 +183,18 @@ def test_altered_export_is_refused_on_load(finished_run, tmp_path):
         load_pretrained(export)
 
 
+def test_altered_export_is_refused_by_init_from(finished_run, tmp_path):
+    from tformer.models.pretrained import load_pretrained
+    from tformer.training.init_from import load_trunk
+
+    _copy_run(finished_run, tmp_path)
+    export = tmp_path / "run" / "export"
+    model, _ = load_pretrained(export)
+    _flip_byte(export / "model.safetensors")
+    with pytest.raises(ValueError, match=r"init_from: .*export is damaged: .*model.safetensors"):
+        load_trunk(model, export)
+
+
 def test_every_checkpoint_damaged_is_a_clear_error(finished_run, tmp_path):
     config, checkpoints = _copy_run(finished_run, tmp_path)
     for folder in checkpoints.iterdir():
