@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,43 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     assert kills == 3, "the run finished before it could be killed three times; make it longer"
     losses = _logged_losses(run_dir)
     assert [losses[step] for step in range(1, steps + 1)] == reference
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp2_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path):
+    """Both ranks killed at once (the whole process group, as a node failure) mid-run; the
+    resumed run's losses equal an uninterrupted two-rank run's bitwise (fp32, gloo)."""
+    steps = 12
+    config = tiny_config(tmp_path, training={"strategy": "fsdp2", "micro_batch_size": 2, "grad_accum_steps": 2},
+                         run={"steps": steps, "checkpoint_interval": 2}, **DROPOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def torchrun(name: str, *extra: str) -> subprocess.Popen:
+        config["run"]["out_dir"] = str(tmp_path / name)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
+                   str(REPO / "tformer" / "train.py"), "--config", str(path), *extra]
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    reference = torchrun("reference")
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    killed = torchrun("killed")
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None and _last_logged_step(tmp_path / "killed") < 5:
+        time.sleep(0.005)
+    time.sleep(random.Random(2).uniform(0.0, 0.05))
+    assert killed.poll() is None, "the run finished before the kill"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = torchrun("killed", "--resume")
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-3000:]
+    want = _logged_losses(tmp_path / "reference")
+    assert _logged_losses(tmp_path / "killed") == want and len(want) == steps
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
