@@ -49,6 +49,7 @@ def test_values_out_of_range_name_the_key(overrides, message):
     (["training.compile=true"], r"training.compile has no effect under DeepSpeed"),
     (["training.device=cuda", "training.threads=2"], r"training.threads only applies on the CPU"),
     (["optimizer.schedule=constant"], r"optimizer.min_lr has no effect with optimizer.schedule='constant'"),
+    (["sample.temperature=0"], r"sample.top_k has no effect with sample.temperature=0 \(greedy"),
     (["logging.wandb=false"], r"logging.wandb_mode has no effect with logging.wandb=false"),
 ])
 def test_keys_without_effect_are_errors(overrides, message):
@@ -63,7 +64,8 @@ def test_keys_without_effect_other_task():
 
 
 def test_effective_settings_load():
-    config = load_config("ds.json", ["data.source=text", "data.path=my_corpus.txt", "sample.temperature=0"])
+    config = load_config("ds.json", ["data.source=text", "data.path=my_corpus.txt", "sample.temperature=0",
+                                    "sample.top_k=null"])
     assert config.data["path"] == "my_corpus.txt" and config.sample.temperature == 0
     load_config("ds.json", ["training.activation_checkpointing=true", "training.checkpoint_every=2"])
 

@@ -7,6 +7,10 @@ checked: an unknown or mistyped one is an error that names it and suggests the n
 name. ``model`` and ``data`` are checked against the dataclasses of the chosen task (see
 :mod:`tformer.tasks.base`), since a classifier and a language model take different keys.
 
+Values are range-checked, NaN/inf refused, the ``deepspeed`` section validated by DeepSpeed's
+own config model, and a key set without effect under the other settings refused
+(:mod:`tformer.training.config_checks`); YAML errors name the file and line.
+
 ``--set section.key=value`` overrides (see :func:`apply_override`) are applied to the parsed
 file before it is checked, so an override is held to the same rules as the file.
 """

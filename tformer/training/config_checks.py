@@ -96,6 +96,11 @@ def check_effective(config: TrainConfig, raw: dict) -> None:
         elif _set(raw, "data", "val_fraction"):
             raise ConfigError("config: data.val_fraction has no effect with data.source='enwik8' (its splits are "
                               "fixed: 90M/5M/5M bytes); remove it")
+        if config.sample.temperature == 0:
+            for key in ("top_k", "seed"):
+                if _set(raw, "sample", key):
+                    raise ConfigError(f"config: sample.{key} has no effect with sample.temperature=0 (greedy "
+                                      f"decoding); remove it or set a temperature > 0")
     elif isinstance(raw.get("sample"), dict):
         extra = sorted(k for k in raw["sample"] if k != "num_samples")
         if extra:
