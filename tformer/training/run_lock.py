@@ -1,16 +1,17 @@
-"""One run per ``run.out_dir``: a lock file holding the owner's pid and host.
+"""One run per ``run.out_dir``: ``run.lock``, an exclusive ``flock`` plus the owner's pid and host.
 
 Two runs writing one folder overwrite each other's checkpoints and export and interleave
-``metrics.jsonl``. The lock is created with ``O_CREAT | O_EXCL`` (atomic on local and NFSv3+
-filesystems), so of two runs started at once exactly one gets it; the other stops with a
-message naming the owner. A lock whose owner is gone (a run killed with ``kill -9`` leaves
-its lock behind) is stale: on the same host a dead pid is detected and the lock taken over,
-with a warning. A lock from another host cannot be checked from here; the message says to
-delete the file if that run is over.
+``metrics.jsonl``. The kernel holds the lock (``fcntl.flock``) for as long as the owning
+process lives, so of two runs started at once exactly one gets it, and the other stops with a
+message naming the owner (pid and host, read from the file). A run killed with ``kill -9``
+cannot remove its lock file, but the kernel drops its ``flock`` with the process: the next run
+finds a file that names an owner yet is not locked, reports the stale lock of that pid and
+takes it over. (Checking a pid instead would mistake a recycled pid for a live run.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -22,81 +23,80 @@ from tformer.cli_errors import UsageError
 
 LOCK_NAME = "run.lock"
 
+# Locks this process holds, by path: a second Trainer on the same out_dir in one process (a
+# first one that was never closed) takes the lock over instead of refusing itself.
+_HELD: dict[str, "RunLock"] = {}
+
 
 class RunLocked(UsageError):
     """Another live run holds the lock on this out_dir."""
 
 
-def _alive(pid: int) -> bool:
+def _read_owner(fd: int) -> dict | None:
+    """The owner record in the open lock file: None when empty, {} when unreadable."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 4096)
+    if not raw.strip():
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    # A zombie (killed, not yet reaped by its parent) still answers kill(0): it runs no more.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+        owner = json.loads(raw)
+    except ValueError:
+        return {}  # half-written by a run killed while taking the lock
+    return owner if isinstance(owner, dict) else {}
 
 
 class RunLock:
-    """Hold ``out_dir/run.lock`` from :meth:`acquire` to :meth:`release`."""
+    """Hold ``out_dir/run.lock`` from :meth:`acquire` to :meth:`release` (or process exit)."""
 
     def __init__(self, out_dir: str | os.PathLike):
         self.path = Path(out_dir) / LOCK_NAME
-        self.held = False
+        self.fd: int | None = None
         self.took_over: dict | None = None
-
-    def owner(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # a lock half-written by a killed run: no owner to respect
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
+        key = str(self.path.resolve())
+        if key in _HELD:
+            _HELD[key].release()
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None:
-                    continue  # released in between: try again
-                self._check_stale(owner, me)
-                self.path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_owner(fd) or {}
+                os.close(fd)
+                raise RunLocked(f"run.out_dir {self.path.parent} is in use by another run (pid {owner.get('pid', '?')} "
+                                f"on {owner.get('host', '?')}, lock {self.path}); wait for it to finish or set a "
+                                f"different run.out_dir") from None
+            # The holder before us may have removed the file after we opened it: then we hold a
+            # lock on a deleted file, and must lock the path's current file instead.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(handle, "w") as file:
-                json.dump(me, file)
-            self.held = True
+            previous = _read_owner(fd)
+            if previous is not None:
+                self.took_over = previous
+                warnings.warn(f"run.out_dir {self.path.parent}: taking over the stale lock of a run that is gone "
+                              f"(pid {previous.get('pid', '?')} on {previous.get('host', '?')}); it was killed "
+                              f"or crashed", stacklevel=2)
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+            self.fd = fd
+            _HELD[key] = self
             return self
-        raise RunLocked(f"run.out_dir {self.path.parent}: could not take the lock {self.path} (another run keeps "
-                        f"taking it)")
-
-    def _check_stale(self, owner: dict, me: dict) -> None:
-        """Return when ``owner``'s lock may be taken over, else raise :class:`RunLocked`."""
-        pid, host = owner.get("pid"), owner.get("host")
-        if isinstance(pid, int) and host == me["host"]:
-            if pid == me["pid"]:
-                return  # this process's own lock (a trainer that was not closed): reuse it
-            if _alive(pid):
-                raise RunLocked(f"run.out_dir {self.path.parent} is in use by another run (pid {pid} on {host}, "
-                                f"lock {self.path}); wait for it to finish or set a different run.out_dir")
-        elif isinstance(pid, int):
-            raise RunLocked(f"run.out_dir {self.path.parent} is locked by pid {pid} on host {host!r} ({self.path}); "
-                            f"if that run is over, delete the lock file, else set a different run.out_dir")
-        self.took_over = owner
-        warnings.warn(f"run.out_dir {self.path.parent}: taking over the stale lock of a run that is gone "
-                      f"(pid {pid} on {host})", stacklevel=3)
+        raise RunLocked(f"run.out_dir {self.path.parent}: could not take the lock {self.path} (it keeps changing)")
 
     def release(self) -> None:
-        if self.held:
-            owner = self.owner()
-            if owner and owner.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is None:
+            return
+        # Remove the file while still holding the lock (a run that opened it meanwhile sees the
+        # inode change and retries), then let go.
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        _HELD.pop(str(self.path.resolve()), None)
