@@ -48,6 +48,23 @@ def _launch(command: list[str], config: dict, tmp_path: Path, name: str, extra: 
     return run_dir
 
 
+def _check_verification_covers_layout(run_dir: Path, shard_folder: str) -> None:
+    """Every file of a distributed checkpoint is hashed: a flipped byte in one shard of the
+    newest checkpoint is named by verify, and --resume falls back to the older one."""
+    from tformer.training import checkpoint_verify
+
+    checkpoints = run_dir / "checkpoints"
+    newest, older = checkpoint_verify.complete_checkpoints(checkpoints)[:2]
+    assert checkpoint_verify.verify_checkpoint(newest) == [] == checkpoint_verify.verify_checkpoint(older)
+    shard = max((p for p in (newest / shard_folder).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert shard.name in " ".join(checkpoint_verify.verify_checkpoint(newest))
+    with pytest.warns(UserWarning, match=shard.name):
+        assert checkpoint_verify.choose_resume_checkpoint(checkpoints) == older
+
+
 def _deepspeed_launcher() -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731"]
 
@@ -77,6 +94,7 @@ def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
         assert (checkpoint / "COMPLETE").is_file()
         resumed = _launch(_deepspeed_launcher(), config, tmp_path, "zero2_resumed", extra=("--resume", str(checkpoint)))
         assert _losses(resumed) == pytest.approx(losses[3:], abs=1e-6)
+        _check_verification_covers_layout(run_dir, "deepspeed")
 
 
 @pytest.mark.slow
@@ -97,3 +115,4 @@ def test_fsdp2_two_ranks_matches_single_process_and_resumes(tmp_path):
     assert (checkpoint / "COMPLETE").is_file()
     resumed_dir = _launch(torchrun, config, tmp_path, "fsdp2_resumed", extra=("--resume", str(checkpoint)))
     assert _losses(resumed_dir) == losses[3:]
+    _check_verification_covers_layout(run_dir, "dcp")

@@ -16,9 +16,10 @@ import sys
 if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from tformer.training.cli import main, parse_args  # noqa: E402
+from tformer.cli_errors import run_cli  # noqa: E402
+from tformer.training.cli import build_parser, main, parse_args  # noqa: E402
 
-__all__ = ["main", "parse_args"]
+__all__ = ["build_parser", "main", "parse_args"]
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -208,6 +208,10 @@ def _parse_name(name: str):
 
 
 def _decode(raw: bytes, name: str) -> str:
+    if not raw.strip():
+        raise ImdbDataError(f"load_imdb: review {name} is empty")
+    if b"\x00" in raw:
+        raise ImdbDataError(f"load_imdb: review {name} looks binary (it holds NUL bytes); expected UTF-8 text")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -70,6 +70,22 @@ def tiny_shakespeare_path() -> Path:
     return Path(str(resources.files("tformer") / "assets" / "tinyshakespeare.txt"))
 
 
+def read_text_file(path: Path, caller: str) -> str:
+    """The UTF-8 text of ``path``; an empty, binary (NUL bytes) or non-UTF-8 file is a
+    ``ValueError`` naming the file and what is wrong with it."""
+    raw = Path(path).read_bytes()
+    if not raw:
+        raise ValueError(f"{caller}: {path} is empty; expected UTF-8 text")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{caller}: {path} looks binary (it holds a NUL byte at offset {nul}); expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{caller}: {path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset "
+                         f"{error.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def load_text_splits(path: str | Path | None = None, val_fraction: float = 0.1):
     """``(splits, vocab)`` for a text file (None: Tiny Shakespeare): ``splits`` maps "train" and
     "val" to uint8/uint16 id arrays, the first ``1 - val_fraction`` of the characters and the rest."""
@@ -78,7 +94,7 @@ def load_text_splits(path: str | Path | None = None, val_fraction: float = 0.1):
         raise FileNotFoundError(f"load_text_splits: argument 'path' must be a text file, got {str(path)!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"load_text_splits: argument 'val_fraction' must be in (0, 1), got {val_fraction}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "load_text_splits")
     vocab = CharVocab.from_text(text)
     dtype = np.uint8 if vocab.size <= 256 else np.uint16
     ids = np.array(vocab.encode(text), dtype=dtype)

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Classify; user errors raise ``ValueError``/``OSError`` (wrap with :func:`tformer.cli_errors.run_cli`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     texts = args.texts or [line for line in sys.stdin.read().splitlines() if line.strip()]
@@ -89,4 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tformer.cli_errors import run_cli
+
+    sys.exit(run_cli(main))

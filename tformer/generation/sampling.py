@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -20,6 +21,10 @@ from tformer.models import KVCache
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top ``top_k`` and outside the smallest set whose
     probability reaches ``top_p``; logits ``(B, V)``."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"filter_logits: argument 'top_k' must be >= 1 (or None), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"filter_logits: argument 'top_p' must be in (0, 1] (or None), got {top_p}")
     if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -49,7 +54,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperatur
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"generate: argument 'prompt_ids' must be (B, T0) with T0 >= 1, got {tuple(prompt_ids.shape)}")
     total = _check_prompt_fits("generate", model, prompt_ids, max_new_tokens)
-    if not greedy and temperature <= 0:
+    if not greedy and not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"generate: argument 'temperature' must be > 0 (or use greedy=True), got {temperature}")
     was_training = model.training
     model.eval()
@@ -77,6 +82,8 @@ def beam_search(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, num_bea
     ``(1, T0 + N)``. Score = sum of log-probabilities / N**length_penalty (all beams have the
     same length here, so the penalty only matters when comparing across lengths; kept for API
     symmetry). Beams share one KV cache of batch ``num_beams``, reordered each step."""
+    if num_beams < 1:
+        raise ValueError(f"beam_search: argument 'num_beams' must be >= 1, got {num_beams}")
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"beam_search: argument 'prompt_ids' must be (1, T0), got {tuple(prompt_ids.shape)}")
     total = _check_prompt_fits("beam_search", model, prompt_ids, max_new_tokens)
@@ -134,23 +141,60 @@ def find_export(path: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tformer.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="export, run or checkpoint folder")
     parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=200, help=">= 0")
+    parser.add_argument("--num-samples", type=int, default=None, help=">= 1 (default 1)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="finite, >= 0; 0 means greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help=">= 1: keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="in (0, 1]: nucleus sampling")
     parser.add_argument("--greedy", action="store_true", help="argmax at every step")
-    parser.add_argument("--beams", type=int, default=0, help="beam search with this many beams (one output)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beams", type=int, default=None, help=">= 1: beam search with this many beams (one output)")
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag values generation cannot honour, and flags that another flag makes ineffective."""
+    def bad(flag, value, expected):
+        parser.error(f"argument {flag}: must be {expected}, got {value}")
+
+    if args.max_new_tokens < 0:
+        bad("--max-new-tokens", args.max_new_tokens, ">= 0")
+    if args.num_samples is not None and args.num_samples < 1:
+        bad("--num-samples", args.num_samples, ">= 1")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        bad("--temperature", args.temperature, "a finite number >= 0 (0 means greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        bad("--top-k", args.top_k, ">= 1")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        bad("--top-p", args.top_p, "in (0, 1]")
+    if args.beams is not None:
+        if args.beams < 1:
+            bad("--beams", args.beams, ">= 1")
+        sampling = [flag for flag, value in (("--num-samples", args.num_samples), ("--temperature", args.temperature),
+                                             ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+                    if value is not None] + (["--greedy"] if args.greedy else [])
+        if sampling:
+            parser.error(f"argument --beams: beam search is deterministic and returns one output; "
+                         f"{', '.join(sampling)} would have no effect")
+    elif args.greedy or args.temperature == 0:
+        ignored = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+                   if value is not None]
+        if ignored:
+            parser.error(f"argument {'--greedy' if args.greedy else '--temperature 0'}: greedy decoding takes the "
+                         f"argmax; {', '.join(ignored)} would have no effect")
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    """Sample; user errors raise ``ValueError``/``OSError`` (wrap with :func:`tformer.cli_errors.run_cli`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
 
     from tformer.models.pretrained import load_pretrained
 
@@ -158,15 +202,20 @@ def main(argv=None) -> None:
     from tformer.data.text import vocab_from_dict
 
     vocab = vocab_from_dict(metadata["vocab"])
-    prompt = vocab.encode(args.prompt) or [0]
+    try:
+        prompt = vocab.encode(args.prompt) or [0]
+    except ValueError as error:
+        raise ValueError(f"sample: argument --prompt={args.prompt!r} cannot be encoded: {error}") from None
     prompt_ids = torch.tensor([prompt], dtype=torch.long, device=args.device)
     max_new = args.max_new_tokens
-    if args.beams > 0:
+    if args.beams is not None:
         outputs = beam_search(model, prompt_ids, max_new, num_beams=args.beams)
     else:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        outputs = generate(model, prompt_ids.repeat(args.num_samples, 1), max_new, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, generator=generator)
+        temperature = 0.8 if args.temperature is None else args.temperature
+        generator = torch.Generator(device=args.device).manual_seed(args.seed or 0)
+        outputs = generate(model, prompt_ids.repeat(args.num_samples or 1, 1), max_new,
+                           temperature=temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                           greedy=args.greedy or temperature == 0, generator=generator)
     for index, row in enumerate(outputs):
         if index:
             print("-" * 40)
@@ -174,4 +223,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tformer.cli_errors import run_cli
+
+    run_cli(main)

@@ -1,12 +1,15 @@
 """Export a model as ``model.safetensors`` + ``config.json``, and load it back.
 
 ``config.json`` holds ``{"task", "model_class", "model": <model config>, "metadata": {...}}``;
-``metadata`` is the task's (for the LM: the vocabulary). Written atomically: a temporary
+``metadata`` is the task's (for the LM: the vocabulary); ``weights_sha256`` is the SHA-256 of
+``model.safetensors``, checked on load, so a weights file altered after the export is an error
+instead of a silently wrong model (exports without it load unchecked). Written atomically: a temporary
 folder renamed into place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +38,7 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task:
     try:
         save_model(model, str(scratch / WEIGHTS_NAME))
         config = {"task": task, "model_class": type(model).__name__, "model": model.config.to_dict(),
-                  "metadata": metadata or {}}
+                  "metadata": metadata or {}, "weights_sha256": _sha256(scratch / WEIGHTS_NAME)}
         (scratch / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -54,6 +57,9 @@ def load_pretrained(path: str | os.PathLike, *, device="cpu"):
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"load_pretrained: argument 'path' must hold {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                 f"got {str(path)!r}")
+    problems = verify_export(path)
+    if problems:
+        raise ValueError(f"load_pretrained: export {str(path)!r} is damaged: {'; '.join(problems)}")
     config = json.loads((path / CONFIG_NAME).read_text())
     classes = MODEL_CLASSES
     if config.get("model_class") not in classes:
@@ -63,6 +69,32 @@ def load_pretrained(path: str | os.PathLike, *, device="cpu"):
     model = model_class(model_class.config_class.from_dict(config["model"]))
     load_model(model, str(path / WEIGHTS_NAME), device=str(device))
     return model.to(device).eval(), config.get("metadata", {})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_export(path: str | os.PathLike) -> list[str]:
+    """Problems with an export folder (empty: fine): an unreadable config.json, or weights that
+    do not match the SHA-256 recorded in it (none recorded: not checked)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as error:
+        return [f"{path / CONFIG_NAME} is unreadable ({type(error).__name__}: {error})"]
+    expected = config.get("weights_sha256") if isinstance(config, dict) else None
+    if expected is None:
+        return []
+    if not (path / WEIGHTS_NAME).is_file():
+        return [f"{path / WEIGHTS_NAME} is missing"]
+    if _sha256(path / WEIGHTS_NAME) != expected:
+        return [f"{path / WEIGHTS_NAME} does not match the SHA-256 recorded in {CONFIG_NAME} (altered or truncated)"]
+    return []
 
 
 class PretrainedMixin:

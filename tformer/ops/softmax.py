@@ -24,6 +24,8 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, mask: torch.T
     check_tensor(op, "x", x)
     if x.dim() == 0:
         raise ValueError(f"{op}: argument 'x' must have at least 1 dimension, got a 0-d tensor")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"{op}: argument 'dim' must be an int, got {dim!r}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"{op}: argument 'dim' must be in [{-x.dim()}, {x.dim() - 1}] for x of shape "
                          f"{tuple(x.shape)}, got {dim}")

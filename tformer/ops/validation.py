@@ -3,6 +3,8 @@ what it got and what it expects."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -56,5 +58,7 @@ def check_probability(op: str, name: str, value) -> None:
 
 
 def check_positive(op: str, name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{op}: argument '{name}' must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: argument '{name}' must be finite, got {value!r}")

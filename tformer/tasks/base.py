@@ -24,6 +24,9 @@ Contract (``B`` = ``config.training.micro_batch_size``):
 * ``evaluate(model, final, all_reduce)`` returns ``{"<split>/<metric>": float}``. It runs on
   every rank (sharded models need every rank in each forward); ``all_reduce(tensor)`` sums a
   tensor over ranks. The default evaluates ``loss_sum`` over ``eval_batches(split, final)``.
+* ``check_ready()`` runs after ``load_data()``, before the first step: it raises on anything the
+  run will need later (sample settings against the vocabulary, a split shorter than one window),
+  so no run is lost to an error found only at its end.
 * ``samples(model)`` returns text samples to print and log at each evaluation (may be []).
 * ``steps_per_epoch()`` (optional) is how many optimizer steps one pass over the training
   data takes at this global batch (``run.epochs`` needs it); the default refuses.
@@ -96,6 +99,9 @@ class Task:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def check_ready(self) -> None:
+        """Raise (``ConfigError``/``ValueError`` naming the setting) on what would fail later."""
 
     def samples(self, model) -> list[str]:
         return []

@@ -37,6 +37,10 @@ class LMDataConfig:
             raise ConfigError("config: data.source='text' needs data.path, the text file")
         if self.seq_len < 1:
             raise ConfigError(f"config: data.seq_len must be >= 1, got {self.seq_len}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"config: data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.expected_size < 1:
+            raise ConfigError(f"config: data.expected_size must be >= 1, got {self.expected_size}")
 
 
 class LanguageModelTask(Task):
@@ -65,6 +69,7 @@ class LanguageModelTask(Task):
 
             path = data.path if data.source == "text" else None
             self.splits, self.vocab = load_text_splits(path, data.val_fraction)
+        self._check_windows()
         self.sampler = RandomWindowSampler(self.splits["train"], data.seq_len, self.config.training.micro_batch_size,
                                            seed=self.config.training.seed, rank=self.rank, world_size=self.world_size)
 
@@ -72,6 +77,32 @@ class LanguageModelTask(Task):
         # Windows are drawn at random, so an epoch is as many windows as tile the training tokens once.
         windows = len(self.splits["train"]) / self.data_config.seq_len
         return max(1, math.ceil(windows / self.sequences_per_step()))
+
+    def check_ready(self) -> None:
+        """Every split holds at least one window, and the sample prompt encodes (the default
+        prompt is a newline, which a file without one cannot encode)."""
+        self._check_windows()
+        if self.config.sample.num_samples:
+            try:
+                self.vocab.encode(self.config.sample.prompt)
+            except ValueError as error:
+                raise ConfigError(f"config: sample.prompt={self.config.sample.prompt!r} cannot be encoded with the "
+                                  f"vocabulary of {self._data_name()}: {error}; set sample.prompt to text from the "
+                                  f"data") from None
+
+    def _check_windows(self) -> None:
+        seq_len = self.data_config.seq_len
+        for split, tokens in self.splits.items():
+            # Training draws starts in [0, len - seq_len - 1): one more token than a window.
+            needed = seq_len + (2 if split == "train" else 1)
+            if len(tokens) < needed:
+                raise ConfigError(f"config: the {split} split of {self._data_name()} has {len(tokens)} tokens, fewer "
+                                  f"than the {needed} one window of data.seq_len={seq_len} needs; lower data.seq_len"
+                                  + (" or raise data.val_fraction" if split == "val" else "") + " or use more text")
+
+    def _data_name(self) -> str:
+        data = self.data_config
+        return data.path if data.source == "text" else data.source
 
     def model_config_dict(self) -> dict:
         values = {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}
@@ -142,8 +173,9 @@ class LanguageModelTask(Task):
         prompt = self.vocab.encode(sample.prompt) or [0]
         prompt_ids = torch.tensor([prompt] * sample.num_samples, dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(sample.seed)
-        out = generate(model, prompt_ids, sample.max_new_tokens, temperature=sample.temperature,
-                       top_k=sample.top_k, generator=generator, cache_dtype=self.compute_dtype)
+        greedy = sample.temperature == 0  # sample.temperature=0 means greedy, as in tformer.sample
+        out = generate(model, prompt_ids, sample.max_new_tokens, temperature=sample.temperature or 1.0,
+                       top_k=sample.top_k, greedy=greedy, generator=generator, cache_dtype=self.compute_dtype)
         return [self.vocab.decode(row.tolist()) for row in out]
 
     def export_metadata(self) -> dict:

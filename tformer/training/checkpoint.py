@@ -6,7 +6,8 @@ Layout of ``<out_dir>/checkpoints/step_<N>/``::
     deepspeed/            engine.save_checkpoint (model, ZeRO optimizer partitions, loss scaler)
     trainer_rank<r>.pt    step, data position, loss scaler (non-DeepSpeed fp16), every RNG state
     export/               model.safetensors + config.json (what tformer.sample reads)
-    COMPLETE              written last
+    COMPLETE              written last: JSON with the step and the SHA-256 and size of every
+                          other file (``files``), checked by :mod:`tformer.training.checkpoint_verify`
 
 Atomicity: every rank writes into ``.step_<N>.tmp``; after a barrier rank 0 writes
 ``COMPLETE`` and renames the folder into place (``os.replace``). A killed run leaves at most a
@@ -16,6 +17,7 @@ Atomicity: every rank writes into ``.step_<N>.tmp``; after a barrier rank 0 writ
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -77,13 +79,46 @@ class CheckpointWriter:
     def commit(self, info: dict, keep: int) -> Path:
         self.barrier()
         if self.rank == 0:
-            (self.tmp / COMPLETE).write_text(json.dumps(info))
+            # Every rank's files are in place (barrier above): hash them all, so a file damaged
+            # after the commit is caught before it is loaded.
+            (self.tmp / COMPLETE).write_text(json.dumps({**info, "files": file_digests(self.tmp)}))
             if self.final.exists():
                 remove_checkpoint(self.final)
             os.replace(self.tmp, self.final)
             prune(self.final.parent, keep)
         self.barrier()
         return self.final
+
+
+    def abandon(self) -> None:
+        """Remove the half-written folder of a failed save (rank 0); the previous checkpoints stay."""
+        if self.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """``{relative path: {"sha256", "bytes"}}`` for every file under ``folder`` except COMPLETE."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != COMPLETE}
+
+
+def complete_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Folders with a COMPLETE marker, newest (highest step) first."""
+    folder = Path(checkpoints_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file()]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def prune(checkpoints_dir: Path, keep: int) -> None:

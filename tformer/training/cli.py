@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from tformer.training.config import ConfigError, load_config
+from tformer.cli_errors import run_cli
+from tformer.training.config import load_config
 from tformer.training.trainer import Trainer
 
 
@@ -28,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (JSON-parsed), e.g. --set run.steps=100 "
                              "--set deepspeed.zero_optimization.stage=3; repeatable")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue from the latest complete checkpoint in run.out_dir (or this checkpoint folder)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT|strict",
+                        help="continue from the newest checkpoint in run.out_dir whose files verify (a damaged newer "
+                             "one is skipped with a warning); --resume=strict refuses a damaged one instead; or "
+                             "continue from this checkpoint folder")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -39,13 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> list[dict]:
+    """Train; user errors raise (``ConfigError``, ``UsageError``, ``OSError``): run it through
+    :func:`tformer.cli_errors.run_cli` for one ``error: ...`` line and exit status 2."""
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        config = load_config(args.config, args.set)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    config = load_config(args.config, args.set)
     trainer = Trainer(config, resume=args.resume)
     try:
         return trainer.fit()
@@ -54,4 +56,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,6 +7,10 @@ checked: an unknown or mistyped one is an error that names it and suggests the n
 name. ``model`` and ``data`` are checked against the dataclasses of the chosen task (see
 :mod:`tformer.tasks.base`), since a classifier and a language model take different keys.
 
+Values are range-checked, NaN/inf refused, the ``deepspeed`` section validated by DeepSpeed's
+own config model, and a key set without effect under the other settings refused
+(:mod:`tformer.training.config_checks`); YAML errors name the file and line.
+
 ``--set section.key=value`` overrides (see :func:`apply_override`) are applied to the parsed
 file before it is checked, so an override is held to the same rules as the file.
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tformer.schema import ConfigError, check_choice, from_dict
+from tformer.training.config_checks import check_deepspeed_section, check_effective, check_finite, check_ranges
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("auto", "single", "deepspeed", "fsdp2")
@@ -103,7 +108,7 @@ class SampleConfig:
 
     num_samples: int = 1
     max_new_tokens: int = 200
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0: greedy (argmax)
     top_k: int | None = 40
     prompt: str = "\n"
     seed: int = 0
@@ -176,7 +181,13 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        raw = yaml.safe_load(text)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(error, "problem", None) or str(error)
+            raise ConfigError(f"config: {where}: not valid YAML: {' '.join(str(problem).split())}") from None
     else:
         try:
             raw = json.loads(text)
@@ -228,8 +239,11 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
         raw = read_config_file(resolve_config_path(str(source)))
     for assignment in overrides:
         apply_override(raw, assignment)
+    check_finite(raw)
     config = from_dict(TrainConfig, raw)
     check_config(config)
+    check_effective(config, raw)
+    check_deepspeed_section(config)
     return config
 
 
@@ -245,6 +259,7 @@ def check_config(config: TrainConfig) -> None:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config: {error}") from None
+    check_ranges(config)
     check_choice("training.strategy", config.training.strategy, STRATEGIES)
     check_choice("training.precision", config.training.precision, PRECISIONS)
     check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)

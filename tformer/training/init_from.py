@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tformer.training.checkpoint import latest_checkpoint
-from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
+from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, verify_export
 
 HEAD = "head"  # the task-specific output module, left freshly initialised
 # Model config fields that change what the trunk's weights mean, even where shapes would agree.
@@ -59,6 +59,9 @@ def load_trunk(model: torch.nn.Module, source: Path, *, metadata: dict | None = 
     from safetensors.torch import load_file
 
     weights_file = source / WEIGHTS_NAME
+    problems = verify_export(source)  # the SHA-256 recorded at export time, when there is one
+    if problems:
+        raise ValueError(f"init_from: {source} is damaged: {'; '.join(problems)}")
     _check_source_config(model, source / CONFIG_NAME, metadata or {})
     stored = load_file(str(weights_file))
     state = model.state_dict()

@@ -18,6 +18,28 @@ def _jsonable(value):
     return value
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of steps ``<= last_step`` (the checkpoint a run resumes from).
+
+    The steps a killed run logged after its last checkpoint are run again on resume; they
+    are dropped here, so ``metrics.jsonl`` holds each step once, from the run that continued.
+    A line cut short by the kill is dropped too. Rewritten atomically (temporary file, rename).
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line + "\n")
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text("".join(kept))
+    os.replace(scratch, path)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks get a logger that does nothing."""
 
@@ -33,6 +55,8 @@ class MetricsLogger:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if config.jsonl:
+            if resume:
+                truncate_metrics(out_dir / "metrics.jsonl", start_step)
             self.jsonl = open(out_dir / "metrics.jsonl", "a" if resume else "w")
         if config.progress_bar:
             from tqdm import tqdm

@@ -19,12 +19,14 @@ import torch
 import torch.distributed as dist
 
 from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_verify
 from tformer.training.config import ConfigError, TrainConfig
 from tformer.training.init_from import load_trunk, resolve_init_source
 from tformer.training.metrics_logger import MetricsLogger
 from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.parallelize import apply_activation_checkpointing, apply_fsdp2
 from tformer.training.run_length import planned_steps
+from tformer.training.run_lock import RunLock
 from tformer.training.strategy import deepspeed_config, resolve_precision, resolve_strategy
 from tformer.tasks import get_task_class
 
@@ -70,6 +72,16 @@ def layer_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.P
 
 class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool | str = False):
+        """``resume``: True continues the newest checkpoint in run.out_dir that verifies (older
+        ones after damage, with a warning); "strict" refuses a damaged one; a path, that folder."""
+        self.lock = None
+        try:
+            self._setup(config, resume)
+        except BaseException:
+            self.release_lock()  # a run that never started must not leave its out_dir locked
+            raise
+
+    def _setup(self, config: TrainConfig, resume: bool | str) -> None:
         self.config = config
         self.strategy = resolve_strategy(config)
         self._init_distributed()
@@ -88,6 +100,8 @@ class Trainer:
                 torch.set_num_threads(threads)
         self.out_dir = Path(config.run.out_dir)
         self.checkpoints_dir = self.out_dir / "checkpoints"
+        # One run per out_dir (rank 0 holds the lock for all ranks); taken before anything is written.
+        self.lock = RunLock(self.out_dir).acquire() if self.rank == 0 else None
 
         # A mistyped init_from fails here, before any data is read; --resume takes the checkpoint's weights.
         init_source, self.init_from_summary = None, None
@@ -100,6 +114,7 @@ class Trainer:
         self.barrier()
         self.task.load_data()
         self.total_steps = planned_steps(config.run, self.task)  # run.steps, or run.epochs in steps
+        self.task.check_ready()  # what the final evaluation and samples need, checked before step 1
         self.task.compute_dtype = DTYPES[self.precision]
 
         # Same seed on every rank: identical initial weights without a broadcast.
@@ -288,6 +303,17 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         writer = ckpt.CheckpointWriter(self.checkpoints_dir, self.step, rank=self.rank, barrier=self.barrier)
+        try:
+            return self._write_checkpoint(writer)
+        except OSError as error:  # a full disk, a quota: the previous checkpoints are untouched
+            writer.abandon()
+            previous = ckpt.latest_checkpoint(self.checkpoints_dir)
+            raise OSError(error.errno, f"checkpoint: writing step {self.step} into {writer.tmp} failed "
+                                       f"({error.strerror or error}); the half-written folder was removed and "
+                                       f"{previous or 'no earlier checkpoint'} is intact; free space and "
+                                       f"--resume") from error
+
+    def _write_checkpoint(self, writer) -> Path:
         if self.engine is not None:
             self.engine.save_checkpoint(str(writer.tmp / "deepspeed"), tag="state")
         else:
@@ -310,7 +336,10 @@ class Trainer:
         else:
             state = self.model.state_dict()
         if self.rank == 0:
-            fresh = self.task.build_model()
+            # Building the model draws initial weights: under a forked RNG, so exporting never
+            # moves the training RNG (dropout) and a run with checkpoints equals one without.
+            with torch.random.fork_rng(devices=[]):
+                fresh = self.task.build_model()
             missing, unexpected = fresh.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
             # A tied weight appears under one name only (named_parameters drops duplicates).
             aliases = _tied_names(fresh)
@@ -331,11 +360,12 @@ class Trainer:
         return state
 
     def _resume(self, resume) -> None:
-        folder = Path(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(self.checkpoints_dir)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints_dir}")
-        if not (folder / ckpt.COMPLETE).is_file():
-            raise FileNotFoundError(f"--resume: {folder} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
+        # Files are re-hashed against the COMPLETE marker before anything is loaded; a damaged
+        # newest checkpoint falls back to an older one (with a warning) unless resume == "strict".
+        if isinstance(resume, str) and resume != "strict":
+            folder = checkpoint_verify.check_chosen_checkpoint(resume)
+        else:
+            folder = checkpoint_verify.choose_resume_checkpoint(self.checkpoints_dir, strict=resume == "strict")
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
                                         load_lr_scheduler_states=False)
@@ -373,6 +403,13 @@ class Trainer:
             if log_now:
                 logger.log(self.step, {**metrics, "train/items_per_s": tokens_seen / elapsed})
             is_last = self.step == self.total_steps
+            # Checkpoint and export before evaluating, so a failure there loses nothing.
+            if (run.checkpoint_interval and self.step % run.checkpoint_interval == 0) or is_last:
+                path = self.save_checkpoint()
+                logger.write(f"checkpoint: {path}")
+            if is_last and run.export:
+                self.export(self.out_dir / "export")
+                logger.write(f"export: {self.out_dir / 'export'}")
             if (run.eval_interval and self.step % run.eval_interval == 0) or is_last:
                 eval_metrics, samples = self.evaluate(final=is_last)
                 # Wall time since the loop began (compiles and evaluations included): the
@@ -383,16 +420,19 @@ class Trainer:
                 if samples:
                     logger.text(self.step, "samples", samples)
                 history[-1] = {**history[-1], **eval_metrics}
-            if (run.checkpoint_interval and self.step % run.checkpoint_interval == 0) or is_last:
-                path = self.save_checkpoint()
-                logger.write(f"checkpoint: {path}")
-        if run.export and self.step == self.total_steps:
+        if run.export and not history and self.step == self.total_steps:  # resumed at the end: export again
             self.export(self.out_dir / "export")
             logger.write(f"export: {self.out_dir / 'export'}")
         logger.close()
+        self.release_lock()
         return history
 
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
     def close(self) -> None:
+        self.release_lock()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
