@@ -75,12 +75,20 @@ def load_command(name: str):
         raise SystemExit(2) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     result = load_command(args.command).main(rest)
     # Commands return an exit status, None or data (train returns its metrics); only ints are statuses.
     return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: user errors of any subcommand print one ``error: ...`` line, exit 2
+    (``--debug`` or ``TFORMER_DEBUG=1`` shows the traceback)."""
+    from tformer.cli_errors import run_cli
+
+    return run_cli(dispatch, argv)
 
 
 if __name__ == "__main__":
