@@ -6,8 +6,9 @@ from .decoder_lm import DecoderLM
 from .encoder_classifier import EncoderClassifier
 from .encoder_mlm import EncoderMaskedLM
 from .kv_cache import KVCache
+from .sentence_classifier import SentenceClassifier, SentenceClassifierConfig
 from .sentence_encoder import SentenceEncoder, pool
 from .sentence_trunks import HFTrunk, TformerTrunk
 
 __all__ = ["ModelConfig", "EncoderClassifierConfig", "DecoderLM", "EncoderClassifier", "EncoderMaskedLM", "KVCache",
-           "SentenceEncoder", "TformerTrunk", "HFTrunk", "pool"]
+           "SentenceEncoder", "SentenceClassifier", "SentenceClassifierConfig", "TformerTrunk", "HFTrunk", "pool"]
