@@ -150,3 +150,33 @@ def test_embed_cli_user_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         embed_main(["--query", "x", str(empty)])
     assert exited.value.code == 2 and "no non-empty lines" in capsys.readouterr().err
+
+
+def test_from_pretrained_reads_a_tformer_export(tmp_path):
+    from tformer.models.pretrained import save_pretrained
+
+    from tformer.models import EncoderClassifier
+
+    torch.manual_seed(0)
+    model = EncoderClassifier(EncoderClassifierConfig(vocab_size=50, max_seq_len=16, d_model=32, n_layers=2,
+                                                      n_heads=2, pooling="mean", backend="reference")).eval()
+    save_pretrained(model, tmp_path / "export", task="classify")
+    encoder = SentenceEncoder(TformerTrunk(model), pooling="max")
+    loaded = SentenceEncoder.from_pretrained(tmp_path / "export", pooling="max", backend="reference")
+    assert isinstance(loaded.trunk, TformerTrunk) and loaded.dim == 32
+    ids, mask = torch.tensor([[3, 4, 5, 0]]), torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(loaded(ids, mask), encoder(ids, mask), rtol=0, atol=0)
+
+
+@needs_pretrained
+def test_sentence_classifier_export_round_trips(tmp_path):
+    from tformer.models import SentenceClassifier, SentenceClassifierConfig
+    from tformer.models.pretrained import load_pretrained, save_pretrained
+
+    model = SentenceClassifier(SentenceClassifierConfig(max_seq_len=16, backend="reference")).eval()
+    torch.nn.init.normal_(model.head.weight)
+    save_pretrained(model, tmp_path / "export", task="classify_hf")
+    loaded, _ = load_pretrained(tmp_path / "export")
+    tokens = torch.tensor([[101, 2023, 3185, 2003, 2307, 102, 0, 0]])
+    padding = tokens == 0
+    torch.testing.assert_close(loaded(tokens, padding), model(tokens, padding), rtol=0, atol=0)
