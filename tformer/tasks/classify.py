@@ -111,13 +111,16 @@ class ClassificationTask(Task):
         return bpe.load_or_train_bpe(train.texts, data.bpe_vocab_size, data.cache_dir,
                                      data_digest=texts_digest(train.texts), min_frequency=data.bpe_min_frequency)[0]
 
+    def _pad_id(self) -> int:
+        return bpe.pad_id(self.tokenizer)
+
     def prepare_data(self) -> None:
         self._tokenizer()  # download, read and train the tokenizer once, on rank 0
 
     def load_data(self) -> None:
         data = self.data_config
         self.tokenizer = self._tokenizer()
-        self.pad_id = bpe.pad_id(self.tokenizer)
+        self.pad_id = self._pad_id()
         raw = self._read()
         self.splits: dict[str, EncodedSplit] = {split: self.encode(raw[split]) for split in ("train", "val")}
         # Every rank takes every world_size-th batch of the same epoch order.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tformer.schema import ConfigError, check_choice, from_dict
 from tformer.training.config_checks import check_deepspeed_section, check_effective, check_finite, check_ranges
+from tformer.training.transfer import TransferConfig, check_transfer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("auto", "single", "deepspeed", "fsdp2")
@@ -141,6 +142,7 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # freezing, unfreezing, layer-wise LRs
     deepspeed: dict | None = None  # passed to deepspeed.initialize (batch, precision, clipping filled in)
 
     def to_dict(self) -> dict:
@@ -278,5 +280,6 @@ def check_config(config: TrainConfig) -> None:
     if config.optimizer.lr <= 0 or config.optimizer.min_lr < 0 or config.optimizer.min_lr > config.optimizer.lr:
         raise ConfigError(f"config: need 0 <= optimizer.min_lr <= optimizer.lr and lr > 0, got lr="
                           f"{config.optimizer.lr}, min_lr={config.optimizer.min_lr}")
+    check_transfer(config)
     if config.training.strategy == "deepspeed" and config.deepspeed is None:
         raise ConfigError("config: training.strategy='deepspeed' needs a 'deepspeed' section (it may be {})")

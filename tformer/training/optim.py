@@ -29,19 +29,33 @@ def learning_rate(step: int, config, total_steps: int | None = None) -> float:
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay only matmul weights (``nn.Linear.weight``, including an LM head tied to the token
     embedding); never norms, biases or untied embedding tables (nanoGPT / GPT-2 practice)."""
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decayed = decayed_parameter_ids(model)
     decay, no_decay, seen = [], [], set()
     for parameter in model.parameters():
         if id(parameter) in seen or not parameter.requires_grad:
             continue
         seen.add(id(parameter))
-        (decay if id(parameter) in linear_weights and parameter.dim() >= 2 else no_decay).append(parameter)
+        (decay if id(parameter) in decayed else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def decayed_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters weight decay applies to: ``nn.Linear`` weights."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() >= 2}
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's ``lr`` on every group, times the group's ``lr_scale`` (layer-wise decay, a
+    head LR: tformer.training.transfer) where it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (default: :func:`parameter_groups`)."""
     opt = config.optimizer
     fused = opt.fused if opt.fused is not None else device.type == "cuda"
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas),
-                             eps=opt.eps, **kwargs)
+    groups = groups if groups is not None else parameter_groups(model, opt.weight_decay)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, **kwargs)

@@ -23,11 +23,12 @@ from tformer.training import checkpoint_verify
 from tformer.training.config import ConfigError, TrainConfig
 from tformer.training.init_from import load_trunk, resolve_init_source
 from tformer.training.metrics_logger import MetricsLogger
-from tformer.training.optim import build_optimizer, learning_rate
+from tformer.training.optim import build_optimizer, decayed_parameter_ids, learning_rate, set_learning_rates
 from tformer.training.parallelize import apply_activation_checkpointing, apply_fsdp2
 from tformer.training.run_length import planned_steps
 from tformer.training.run_lock import RunLock
 from tformer.training.strategy import deepspeed_config, resolve_precision, resolve_strategy
+from tformer.training.transfer import Transfer
 from tformer.tasks import get_task_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,6 +124,10 @@ class Trainer:
         if init_source is not None:
             self.init_from_summary = load_trunk(model, init_source, metadata=self.task.export_metadata())
         self.raw_model = model
+        # Freezing / layer-wise LRs (transfer section): param groups now, requires_grad per step.
+        self.transfer = Transfer(config.transfer, model, config.optimizer.lr) if config.transfer.active else None
+        if self.transfer is not None:
+            self.init_from_summary = "\n".join(filter(None, [self.init_from_summary, self.transfer.summary()]))
         if config.training.activation_checkpointing:
             apply_activation_checkpointing(model, config.training.checkpoint_every)
         self._wrap(model)
@@ -172,7 +177,8 @@ class Trainer:
         if self.strategy == "deepspeed":
             import deepspeed
 
-            optimizer = build_optimizer(model, config, torch.device("cpu") if self.device.type == "cpu" else self.device)
+            optimizer = build_optimizer(model, config, torch.device("cpu") if self.device.type == "cpu" else self.device,
+                                        groups=self._transfer_groups(model))
             self.ds_config = deepspeed_config(config, self.precision, self.world_size)
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                                      config=self.ds_config)
@@ -193,8 +199,13 @@ class Trainer:
             # Dynamic loss scaling (Micikevicius et al., 2018): fp16 gradients underflow otherwise.
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.model = model
-        self.optimizer = build_optimizer(model, config, self.device)
+        self.optimizer = build_optimizer(model, config, self.device, groups=self._transfer_groups(model))
         self.train_callable = torch.compile(model) if config.training.compile else model
+
+    def _transfer_groups(self, model):
+        if self.transfer is None:
+            return None
+        return self.transfer.parameter_groups(model, self.config.optimizer.weight_decay, decayed_parameter_ids(model))
 
     def barrier(self) -> None:
         if dist.is_initialized():
@@ -212,8 +223,9 @@ class Trainer:
     def train_step(self, want_layer_norms: bool) -> dict:
         config = self.config
         lr = learning_rate(self.step, config, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.optimizer, lr)
+        if self.transfer is not None:
+            self.transfer.apply(self.raw_model, self.step)
         batches = [self.task.next_train_batch() for _ in range(config.training.grad_accum_steps)]
         local_count = sum(self.task.num_items(b) for b in batches)
         global_count = int(self.all_reduce(torch.tensor(float(local_count), dtype=torch.float64)).item())
@@ -366,12 +378,15 @@ class Trainer:
             folder = checkpoint_verify.check_chosen_checkpoint(resume)
         else:
             folder = checkpoint_verify.choose_resume_checkpoint(self.checkpoints_dir, strict=resume == "strict")
+        state = ckpt.load_trainer_state(folder, self.rank)
+        if self.transfer is not None and state["step"] > 0:
+            # The units trained before the checkpoint, so the optimizer state expected matches the saved one.
+            self.transfer.apply(self.raw_model, state["step"] - 1)
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
                                         load_lr_scheduler_states=False)
         else:
             ckpt.load_model_and_optimizer(folder, self.model, self.optimizer)
-        state = ckpt.load_trainer_state(folder, self.rank)
         self.step = state["step"]
         self.task.load_state_dict(state["task"])
         if self.scaler is not None and state["scaler"] is not None:

@@ -1,0 +1,6 @@
+"""``python -m tformer.embed``: rank a file's lines by similarity to a query (see :mod:`tformer.generation.embed`)."""
+
+from tformer.generation.embed import main
+
+if __name__ == "__main__":
+    main()
