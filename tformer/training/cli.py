@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--set deepspeed.zero_optimization.stage=3; repeatable")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from the latest complete checkpoint in run.out_dir (or this checkpoint folder)")
+    parser.add_argument("--visualize", action="store_true",
+                        help="draw training curves and gradient flow into run.out_dir/plots at every evaluation "
+                             "(and log them to W&B as images when W&B is on); same as --set logging.visualize=true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -39,7 +42,7 @@ def main(argv=None) -> list[dict]:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, args.set + (["logging.visualize=true"] if args.visualize else []))
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     trainer = Trainer(config, resume=args.resume)

@@ -26,6 +26,8 @@ from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.parallelize import apply_activation_checkpointing, apply_fsdp2
 from tformer.training.strategy import deepspeed_config, resolve_precision, resolve_strategy
 from tformer.tasks import get_task_class
+from tformer.visualization.gradients import gradient_warnings
+from tformer.visualization.run_plots import write_run_plots
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -361,7 +363,8 @@ class Trainer:
         history = []
         run_start = tokens_timer = time.time()
         tokens_seen = 0
-        while self.step < run.steps:
+        out_of_time = False
+        while self.step < run.steps and not out_of_time:
             log_now = (self.step + 1) % run.log_interval == 0 or self.step + 1 == run.steps
             metrics = self.train_step(want_layer_norms=log_now and config.logging.layer_grad_norms)
             history.append(metrics)
@@ -370,7 +373,11 @@ class Trainer:
             logger.progress(1, {"loss": f"{metrics['train/loss']:.4f}", "tok/s": f"{tokens_seen / elapsed:,.0f}"})
             if log_now:
                 logger.log(self.step, {**metrics, "train/items_per_s": tokens_seen / elapsed})
-            is_last = self.step == run.steps
+                for warning in gradient_warnings(metrics, config.logging.grad_vanish_below,
+                                                 config.logging.grad_explode_above):
+                    logger.warn(f"step {self.step}: {warning}")
+            out_of_time = run.time_limit_s is not None and time.time() - run_start >= run.time_limit_s
+            is_last = self.step == run.steps or out_of_time
             if (run.eval_interval and self.step % run.eval_interval == 0) or is_last:
                 eval_metrics, samples = self.evaluate(final=is_last)
                 # Wall time since the loop began (compiles and evaluations included): the
@@ -381,10 +388,12 @@ class Trainer:
                 if samples:
                     logger.text(self.step, "samples", samples)
                 history[-1] = {**history[-1], **eval_metrics}
+                if config.logging.visualize and self.rank == 0:
+                    logger.images(self.step, write_run_plots(self.out_dir))
             if (run.checkpoint_interval and self.step % run.checkpoint_interval == 0) or is_last:
                 path = self.save_checkpoint()
                 logger.write(f"checkpoint: {path}")
-        if run.export and self.step == run.steps:
+        if run.export and (self.step == run.steps or out_of_time):
             self.export(self.out_dir / "export")
             logger.write(f"export: {self.out_dir / 'export'}")
         logger.close()
