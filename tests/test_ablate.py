@@ -82,7 +82,7 @@ def test_grid_runs_resumes_and_reports_every_variant(tmp_path, monkeypatch):
     assert [(r["variant"], r["seed"]) for r in rows] == [
         (v, s) for v in ("norm=pre", "norm=post", "heads=1", "heads=2") for s in ("1", "2")]
     # norm=pre and heads=2 are the base config: trained once per seed, reused for the second.
-    assert [r["status"] for r in rows] == ["done"] * 6 + ["reused"] * 2
+    assert [r["status"] for r in rows] == ["done"] * 6 + ["shared"] * 2
     assert len({r["run_dir"] for r in rows}) == 6
     assert all(float(r["val/loss"]) > 0 and float(r["tokens_per_s"]) > 0 and int(r["params"]) > 0 for r in rows)
     report = (out / "report.md").read_text()

@@ -63,7 +63,7 @@ def vocab_from_dict(values: dict):
     if kind == "byte":
         return ByteVocab()
     if kind == "word":
-        from .wikitext import WordVocab
+        from .word_vocab import WordVocab
 
         return WordVocab(values["words"])
     raise ValueError(f"vocab_from_dict: unknown vocabulary kind {kind!r}, expected 'char', 'byte' or 'word'")

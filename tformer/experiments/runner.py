@@ -71,7 +71,8 @@ def train_one(grid: Grid, variant: Variant, seed: int, folder: Path) -> dict:
 def run_grid(grid: Grid, *, log=print) -> list[dict]:
     """Every variant x seed, skipping finished runs and variants that cannot run here.
     Returns one record per (variant, seed): the run's result, with ``status`` ``"done"``,
-    ``"reused"`` (already finished), ``"skipped"`` (with ``reason``)."""
+    ``"shared"`` (trained this time for an equal variant), ``"reused"`` (finished by an earlier
+    invocation), ``"skipped"`` (with ``reason``)."""
     records, trained_now = [], set()
     for variant in grid.variants:
         reason = missing_requirement(variant)
@@ -85,7 +86,7 @@ def run_grid(grid: Grid, *, log=print) -> list[dict]:
             folder = run_folder(grid, variant, seed, key)
             result = read_result(folder)
             if result is not None:
-                status = "done" if folder in trained_now else "reused"
+                status = "shared" if folder in trained_now else "reused"
                 log(f"ablate: {variant.name} seed {seed}: finished before ({folder}), not retrained")
             else:
                 log(f"ablate: {variant.name} seed {seed}: training in {folder}")
