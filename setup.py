@@ -113,6 +113,8 @@ setup(
         # transformers is in dev so the tests of the Hugging Face integration run in CI.
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter"],
         "transformers": ["transformers>=5.0"],
+        # tformer.visualize / tformer.ablate: plots (matplotlib, headless) and t-SNE (scikit-learn).
+        "viz": ["matplotlib", "scikit-learn"],
         "bench": ["liger-kernel"],
     },
 )

@@ -63,10 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     if args.report_only:
-        from .runner import read_result, run_folder
+        from .runner import missing_requirement, read_result, run_folder
 
         records = []
         for variant in grid.variants:
+            reason = missing_requirement(variant)
+            if reason:
+                records += [{"variant": variant.name, "axis": variant.axis, "label": variant.label, "seed": seed,
+                             "status": "skipped", "reason": reason} for seed in grid.seeds]
+                continue
             key = grid.config_key(variant)
             for seed in grid.seeds:
                 result = read_result(run_folder(grid, variant, seed, key))

@@ -70,9 +70,8 @@ def plot_training_curves(runs: dict[str, list[dict]], path: str | os.PathLike, *
         axis.grid(True, alpha=0.3)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        figure.legend(handles, labels, loc="lower right", fontsize="small", ncol=max(1, len(labels) // 8))
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize="small", ncol=max(1, len(runs) // 8))
     if title:
         figure.suptitle(title)
     figure.tight_layout()
