@@ -157,3 +157,15 @@ def test_post_ln_model_trains_with_the_config_key():
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="norm_position"):
         ModelConfig(norm_position="middle")
+
+
+def test_wall_time_budget_stops_the_run_and_still_evaluates(tmp_path):
+    from tformer.training.config import load_config
+    from tformer.training.trainer import Trainer
+
+    config = load_config(tiny_config(tmp_path, run={"steps": 100000, "time_limit_s": 0.5, "log_interval": 50}))
+    history = Trainer(config).fit()
+    assert 1 <= len(history) < 100000
+    assert "val/loss" in history[-1] and (tmp_path / "run" / "checkpoints").is_dir()
+    with pytest.raises(ConfigError, match="run.time_limit_s must be > 0"):
+        load_config(tiny_config(tmp_path, run={"time_limit_s": 0}))
