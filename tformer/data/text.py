@@ -62,7 +62,11 @@ def vocab_from_dict(values: dict):
         return CharVocab(values["chars"])
     if kind == "byte":
         return ByteVocab()
-    raise ValueError(f"vocab_from_dict: unknown vocabulary kind {kind!r}, expected 'char' or 'byte'")
+    if kind == "word":
+        from .word_vocab import WordVocab
+
+        return WordVocab(values["words"])
+    raise ValueError(f"vocab_from_dict: unknown vocabulary kind {kind!r}, expected 'char', 'byte' or 'word'")
 
 
 def tiny_shakespeare_path() -> Path:

@@ -42,12 +42,18 @@ class TextClassifier:
         self.max_tokens, self.head_tokens = int(metadata["max_tokens"]), int(metadata["head_tokens"])
         self.device = torch.device(device)
 
+    @property
+    def pad_id(self) -> int:
+        return pad_id(self.tokenizer)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text as in training: cleaned, BPE-encoded, truncated head+tail."""
+        encodings = self.tokenizer.encode_batch([clean_review(t) for t in texts], add_special_tokens=False)
+        return [truncate_head_tail(e.ids, self.max_tokens, self.head_tokens) or [self.pad_id] for e in encodings]
+
     @torch.no_grad()
     def predict(self, texts: list[str]) -> list[tuple[str, float, list[float]]]:
-        encodings = self.tokenizer.encode_batch([clean_review(t) for t in texts], add_special_tokens=False)
-        pad = pad_id(self.tokenizer)
-        ids = [truncate_head_tail(e.ids, self.max_tokens, self.head_tokens) or [pad] for e in encodings]
-        tokens, key_padding_mask = pad_batch(ids, pad, device=self.device)
+        tokens, key_padding_mask = pad_batch(self.encode(texts), self.pad_id, device=self.device)
         probabilities = self.model(tokens, key_padding_mask=key_padding_mask).float().softmax(dim=-1).cpu()
         results = []
         for row in probabilities.tolist():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tformer.nn.choices import check_choice
 from tformer.nn.normalization import NORMS
 from tformer.nn.positional import POSITIONAL_ENCODINGS
+from tformer.nn.transformer_block import NORM_POSITIONS
 from tformer.ops.registry import BACKENDS
 
 
@@ -29,6 +30,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     positional: str = "learned"
     norm: str = "layernorm"
+    norm_position: str = "pre"  # pre: norm before each sublayer (GPT-2); post: after each residual add (Vaswani et al.)
     bias: bool = True
     tie_embeddings: bool = True
     backend: str | None = None
@@ -53,6 +55,7 @@ class ModelConfig:
                 raise ValueError(f"{owner}: argument '{name}' must be a float in [0, 1), got {value!r}")
         check_choice(owner, "positional", self.positional, POSITIONAL_ENCODINGS)
         check_choice(owner, "norm", self.norm, NORMS)
+        check_choice(owner, "norm_position", self.norm_position, NORM_POSITIONS)
         if self.backend is not None:
             check_choice(owner, "backend", self.backend, (*BACKENDS, "auto"))
         if self.positional == "rope" and self.head_dim % 2 != 0:

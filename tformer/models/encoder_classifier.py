@@ -46,8 +46,12 @@ class EncoderClassifier(PretrainedMixin, nn.Module):
     def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens ``(B, S)`` int64, key_padding_mask ``(B, S)`` bool (True = padding) -> logits
         ``(B, num_classes)``."""
+        return self.head(self.pooled(tokens, key_padding_mask))
+
+    def pooled(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled state the head reads, ``(B, d_model)`` (t-SNE plots, embeddings)."""
         hidden, key_padding_mask = self.encode(tokens, key_padding_mask)
-        return self.head(self._pool(hidden, key_padding_mask))
+        return self._pool(hidden, key_padding_mask)
 
     def encode(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
         """The trunk without the head: ``(hidden, key_padding_mask)``, the final-norm outputs

@@ -17,7 +17,8 @@ def build_blocks(config: ModelConfig, *, causal: bool) -> nn.ModuleList:
     return nn.ModuleList(
         TransformerBlock(config.d_model, config.n_heads, num_kv_heads=config.n_kv_heads, d_ff=config.d_ff,
                          dropout=config.dropout, attn_dropout=config.attn_dropout, norm=config.norm, bias=config.bias,
-                         causal=causal, layer_index=index, backend=config.backend)
+                         causal=causal, layer_index=index, norm_position=config.norm_position,
+                         backend=config.backend)
         for index in range(config.n_layers))
 
 

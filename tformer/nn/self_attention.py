@@ -50,13 +50,7 @@ class SelfAttention(nn.Module):
         applied (the identity except for RoPE); ``kv_cache`` an object with
         ``update(layer_index, k, v, start) -> (k_all, v_all)`` (see ``tformer.models.KVCache``)."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        # (B, T, H * D) -> (B, H, T, D)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if positional is not None:
-            q, k = positional.rotate_queries_keys(q, k, position_offset)
+        q, k, v = self.project_qkv(x, positional=positional, position_offset=position_offset)
         dropout_p = self.attn_dropout if self.training else 0.0
 
         if kv_cache is not None:
@@ -76,6 +70,19 @@ class SelfAttention(nn.Module):
             out = self._attention_after_prefix(q, k, v, dropout_p)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.proj(out)
+
+    def project_qkv(self, x: torch.Tensor, *, positional=None, position_offset: int = 0):
+        """x ``(B, T, d_model)`` -> q ``(B, H, T, D)``, k and v ``(B, Hkv, T, D)``, rotated by
+        ``positional`` (RoPE) as the attention op receives them."""
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        # (B, T, H * D) -> (B, H, T, D)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if positional is not None:
+            q, k = positional.rotate_queries_keys(q, k, position_offset)
+        return q, k, v
 
     def _attention_after_prefix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 dropout_p: float) -> torch.Tensor:

@@ -1,12 +1,17 @@
-"""``TransformerBlock``: a pre-LN block (attention, then MLP) on the fused residual-add norm."""
+"""``TransformerBlock``: a pre-LN (or post-LN) block (attention, then MLP) on the fused residual-add norm."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .choices import check_choice
 from .normalization import make_norm
 from .self_attention import SelfAttention
+
+# "pre": norm before each sublayer (GPT-2, Xiong et al. 2020); "post": norm after each residual
+# add (the original Transformer, Vaswani et al. 2017).
+NORM_POSITIONS: tuple[str, ...] = ("pre", "post")
 
 
 def add_and_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None):
@@ -44,12 +49,20 @@ class TransformerBlock(nn.Module):
     residual-add norm ``norm(hidden, residual=residual) -> (norm(sum), sum)``, one kernel that
     reads both and writes both, instead of an add followed by a norm. The model finishes with
     ``final_norm(hidden, residual=residual)``.
+
+    ``norm_position="post"`` is the original Transformer's post-LN block,
+    ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``: the stream is normalized after every add,
+    so the block returns ``(x, None)`` (its output is the whole stream) and the same fused
+    kernel computes each ``norm(sublayer + x)``.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, d_ff: int | None = None,
                  dropout: float = 0.0, attn_dropout: float = 0.0, norm: str = "layernorm", bias: bool = True,
-                 causal: bool = True, layer_index: int = 0, backend: str | None = None, device=None, dtype=None):
+                 causal: bool = True, layer_index: int = 0, norm_position: str = "pre", backend: str | None = None,
+                 device=None, dtype=None):
         super().__init__()
+        check_choice("TransformerBlock", "norm_position", norm_position, NORM_POSITIONS)
+        self.norm_position = norm_position
         factory = dict(device=device, dtype=dtype)
         self.attention_norm = make_norm(norm, d_model, bias=bias, backend=backend, **factory)
         self.attention = SelfAttention(d_model, num_heads, num_kv_heads=num_kv_heads, bias=bias,
@@ -68,6 +81,10 @@ class TransformerBlock(nn.Module):
                 kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual ``(B, T, d_model)``; the keyword arguments go to
         :meth:`SelfAttention.forward`."""
+        attention_kwargs = dict(key_padding_mask=key_padding_mask, positional=positional,
+                                position_offset=position_offset, kv_cache=kv_cache)
+        if self.norm_position == "post":
+            return self._post_norm_forward(hidden, residual, attention_kwargs)
         normed, residual = add_and_norm(self.attention_norm, hidden, residual)
         hidden = self.residual_dropout(self.attention(normed, key_padding_mask=key_padding_mask,
                                                       positional=positional, position_offset=position_offset,
@@ -75,3 +92,12 @@ class TransformerBlock(nn.Module):
         normed, residual = add_and_norm(self.mlp_norm, hidden, residual)
         hidden = self.residual_dropout(self.mlp(normed))
         return hidden, residual
+
+    def _post_norm_forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                           attention_kwargs: dict) -> tuple[torch.Tensor, None]:
+        stream = hidden if residual is None else hidden.to(residual.dtype) + residual
+        attended = self.residual_dropout(self.attention(stream, **attention_kwargs))
+        stream, _ = add_and_norm(self.attention_norm, attended, stream)  # norm1(x + attn(x))
+        transformed = self.residual_dropout(self.mlp(stream))
+        stream, _ = add_and_norm(self.mlp_norm, transformed, stream)  # norm2(x + mlp(x))
+        return stream, None

@@ -1,4 +1,5 @@
-"""Character / byte language modelling: Tiny Shakespeare (default), any text file, enwik8."""
+"""Character / byte / word language modelling: Tiny Shakespeare (default), any text file, enwik8,
+WikiText-2."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tformer.data.sampler import RandomWindowSampler, evaluation_windows
 from tformer.models import DecoderLM, ModelConfig
 from tformer.tasks.base import Task, cross_entropy_sum
 
-SOURCES = ("tinyshakespeare", "text", "enwik8")
+SOURCES = ("tinyshakespeare", "text", "enwik8", "wikitext2")
 
 
 @dataclass
@@ -25,6 +26,8 @@ class LMDataConfig:
     val_fraction: float = 0.1  # text files: the last 10% is validation
     expected_size: int = 100_000_000  # enwik8's size; smaller only for tests on a small archive
     expected_sha1: str | None = ENWIK8_SHA1  # of the unzipped file; null: size only
+    level: str = "char"  # wikitext2: "word" (perplexity per word) or "char" (bits per character)
+    min_count: int = 1  # wikitext2 words: rarer training words become <unk>
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -33,6 +36,11 @@ class LMDataConfig:
             close = difflib.get_close_matches(self.source, SOURCES, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"config: data.source must be one of {SOURCES}, got {self.source!r}.{hint}")
+        if self.source == "wikitext2" and not self.path:
+            raise ConfigError("config: data.source='wikitext2' needs data.path, the folder holding wiki.train.raw, "
+                              "wiki.valid.raw and wiki.test.raw (wikitext-2-raw-v1)")
+        if self.level not in ("word", "char"):
+            raise ConfigError(f"config: data.level must be 'word' or 'char', got {self.level!r}")
         if self.source == "text" and not self.path:
             raise ConfigError("config: data.source='text' needs data.path, the text file")
         if self.seq_len < 1:
@@ -64,6 +72,10 @@ class LanguageModelTask(Task):
             from tformer.data.text import ByteVocab
 
             self.splits, self.vocab = load_enwik8(data.data_dir), ByteVocab()
+        elif data.source == "wikitext2":
+            from tformer.data.wikitext import load_wikitext
+
+            self.splits, self.vocab = load_wikitext(data.path, data.level, min_count=data.min_count)
         else:
             from tformer.data.text import load_text_splits
 
@@ -132,8 +144,15 @@ class LanguageModelTask(Task):
         loss = cross_entropy_sum(logits, batch["targets"], label_smoothing=label_smoothing, weights=weights)
         return loss, self.num_items(batch)
 
+    def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:
+        metrics = super().evaluate(model, final, all_reduce)
+        if getattr(self.vocab, "kind", None) == "word":
+            # Per-word loss: perplexity is the figure; "bits per character" would mislabel it.
+            metrics = {k: v for k, v in metrics.items() if not k.endswith("/bpc")}
+        return metrics
+
     def eval_splits(self, final: bool) -> list[str]:
-        # enwik8 reports the test split at the end, as the literature does.
+        # enwik8 and WikiText report the test split at the end, as the literature does.
         return ["val", "test"] if final and "test" in self.splits else ["val"]
 
     def eval_batches(self, split: str, final: bool):

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from the newest checkpoint in run.out_dir whose files verify (a damaged newer "
                              "one is skipped with a warning); --resume=strict refuses a damaged one instead; or "
                              "continue from this checkpoint folder")
+    parser.add_argument("--visualize", action="store_true",
+                        help="draw training curves and gradient flow into run.out_dir/plots at every evaluation "
+                             "(and log them to W&B as images when W&B is on); same as --set logging.visualize=true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -47,7 +50,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set + (["logging.visualize=true"] if args.visualize else []))
     trainer = Trainer(config, resume=args.resume)
     try:
         return trainer.fit()

@@ -91,6 +91,9 @@ class RunConfig:
     checkpoint_interval: int = 0  # 0: checkpoint only at the end
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
+    # Wall-time budget: stop after the step that crosses it (then evaluate, checkpoint, export as
+    # at run.steps). The schedule still decays over run.steps. None: steps only.
+    time_limit_s: float | None = None
     export: bool = True  # write model.safetensors + config.json into out_dir/export at the end
 
     def __post_init__(self):
@@ -124,6 +127,11 @@ class LoggingConfig:
     wandb_project: str = "tformer"
     wandb_run_name: str | None = None
     layer_grad_norms: bool = True  # per-layer gradient norms at every log step
+    # A warning in the log when a layer's gradient norm (grad_norm/<layer>) falls below / rises
+    # above these at a log step; null turns that check off.
+    grad_vanish_below: float | None = 1e-7
+    grad_explode_above: float | None = 1e3
+    visualize: bool = False  # training curves and gradient flow as PNGs in out_dir/plots (and W&B images)
 
 
 @dataclass
@@ -281,5 +289,7 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"config: need 0 <= optimizer.min_lr <= optimizer.lr and lr > 0, got lr="
                           f"{config.optimizer.lr}, min_lr={config.optimizer.min_lr}")
     check_transfer(config)
+    if config.run.time_limit_s is not None and config.run.time_limit_s <= 0:
+        raise ConfigError(f"config: run.time_limit_s must be > 0 or null, got {config.run.time_limit_s}")
     if config.training.strategy == "deepspeed" and config.deepspeed is None:
         raise ConfigError("config: training.strategy='deepspeed' needs a 'deepspeed' section (it may be {})")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -98,6 +99,20 @@ class MetricsLogger:
             import wandb
 
             self.wandb_run.log({key: wandb.Table(columns=["step", "text"], data=[[step, t] for t in texts])}, step=step)
+
+    def images(self, step: int, paths: dict) -> None:
+        """PNG files already written (``{name: path}``), logged to W&B as images."""
+        if self.enabled and self.wandb_run is not None and paths:
+            import wandb
+
+            self.wandb_run.log({f"plots/{name}": wandb.Image(str(path)) for name, path in paths.items()}, step=step)
+
+    def warn(self, message: str) -> None:
+        """A warning: printed like :meth:`write` and sent to the ``tformer`` logger."""
+        if not self.enabled:
+            return
+        logging.getLogger("tformer").warning(message)
+        self.write(f"warning: {message}")
 
     def write(self, message: str) -> None:
         if not self.enabled:

@@ -30,6 +30,8 @@ from tformer.training.run_lock import RunLock
 from tformer.training.strategy import deepspeed_config, resolve_precision, resolve_strategy
 from tformer.training.transfer import Transfer
 from tformer.tasks import get_task_class
+from tformer.visualization.gradients import gradient_warnings
+from tformer.visualization.run_plots import write_run_plots
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -408,7 +410,8 @@ class Trainer:
         history = []
         run_start = tokens_timer = time.time()
         tokens_seen = 0
-        while self.step < self.total_steps:
+        out_of_time = False
+        while self.step < self.total_steps and not out_of_time:
             log_now = (self.step + 1) % run.log_interval == 0 or self.step + 1 == self.total_steps
             metrics = self.train_step(want_layer_norms=log_now and config.logging.layer_grad_norms)
             history.append(metrics)
@@ -417,7 +420,11 @@ class Trainer:
             logger.progress(1, {"loss": f"{metrics['train/loss']:.4f}", "tok/s": f"{tokens_seen / elapsed:,.0f}"})
             if log_now:
                 logger.log(self.step, {**metrics, "train/items_per_s": tokens_seen / elapsed})
-            is_last = self.step == self.total_steps
+                for warning in gradient_warnings(metrics, config.logging.grad_vanish_below,
+                                                 config.logging.grad_explode_above):
+                    logger.warn(f"step {self.step}: {warning}")
+            out_of_time = self._out_of_time(run_start)
+            is_last = self.step == self.total_steps or out_of_time
             # Checkpoint and export before evaluating, so a failure there loses nothing.
             if (run.checkpoint_interval and self.step % run.checkpoint_interval == 0) or is_last:
                 path = self.save_checkpoint()
@@ -435,12 +442,23 @@ class Trainer:
                 if samples:
                     logger.text(self.step, "samples", samples)
                 history[-1] = {**history[-1], **eval_metrics}
+                if config.logging.visualize and self.rank == 0:
+                    logger.images(self.step, write_run_plots(self.out_dir))
         if run.export and not history and self.step == self.total_steps:  # resumed at the end: export again
             self.export(self.out_dir / "export")
             logger.write(f"export: {self.out_dir / 'export'}")
         logger.close()
         self.release_lock()
         return history
+
+    def _out_of_time(self, run_start: float) -> bool:
+        """Whether run.time_limit_s has passed; every rank takes rank 0's answer, so all stop at
+        the same step (clocks differ, and a rank that stopped alone would hang the others)."""
+        limit = self.config.run.time_limit_s
+        if limit is None:
+            return False
+        flag = torch.tensor(float(self.rank == 0 and time.time() - run_start >= limit), dtype=torch.float64)
+        return bool(self.all_reduce(flag).item() > 0)
 
     def release_lock(self) -> None:
         if self.lock is not None:

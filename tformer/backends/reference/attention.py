@@ -18,16 +18,27 @@ def allowed_keys(seq_q: int, seq_k: int, causal: bool, key_padding_mask, device)
     return allowed
 
 
+def attention_probabilities(q, k, *, causal: bool, key_padding_mask, scale: float):
+    """The attention weights and log-sum-exp the reference attention uses (before dropout).
+
+    q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)`` -> probabilities ``(B, Hq, Sq, Sk)`` in the
+    compute dtype (float32, or float64 for float64 input) and lse ``(B, Hq, Sq)``. Exposed so
+    that tools looking inside a model (``tformer.visualization``) read exactly these numbers.
+    """
+    dtype = compute_dtype(q.dtype)
+    # Grouped-query: query head h reads key/value head h // group.
+    keys = k.to(dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = torch.matmul(q.to(dtype), keys.transpose(-1, -2)) * scale
+    scores = apply_mask(scores, allowed_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
+    return safe_softmax(scores)
+
+
 @register("attention", "reference", devices=ALL_DEVICES, dtypes=ALL_DTYPES)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool):
     dtype = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
-    # Grouped-query: query head h reads key/value head h // group.
-    keys = k.to(dtype).repeat_interleave(group, dim=1)
     values = v.to(dtype).repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.to(dtype), keys.transpose(-1, -2)) * scale
-    scores = apply_mask(scores, allowed_keys(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
-    probs, lse = safe_softmax(scores)
+    probs, lse = attention_probabilities(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if dropout_p > 0.0:
         keep = torch.rand_like(probs) >= dropout_p
         probs = probs * keep / (1.0 - dropout_p)
