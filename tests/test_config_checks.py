@@ -50,7 +50,6 @@ def test_values_out_of_range_name_the_key(overrides, message):
     (["training.device=cuda", "training.threads=2"], r"training.threads only applies on the CPU"),
     (["optimizer.schedule=constant"], r"optimizer.min_lr has no effect with optimizer.schedule='constant'"),
     (["sample.temperature=0"], r"sample.top_k has no effect with sample.temperature=0 \(greedy"),
-    (["logging.wandb=false"], r"logging.wandb_mode has no effect with logging.wandb=false"),
 ])
 def test_keys_without_effect_are_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -90,3 +89,15 @@ def test_yaml_error_names_file_and_line(tmp_path):
     path.write_text("run:\n  steps: 10\n   bad_indent: 1\n")
     with pytest.raises(ConfigError, match=rf"{path}:3:\d+: not valid YAML"):
         load_config(str(path))
+
+
+def test_switching_a_feature_off_is_not_an_ineffective_key():
+    # ds.json sets logging.wandb_mode; turning W&B off from the command line must still load.
+    assert load_config("ds.json", ["logging.wandb=false"]).logging.wandb is False
+    # deepspeed=null drops the section, so a DeepSpeed config runs as a plain single-process job.
+    config = load_config("ds.json", ["deepspeed=null", "training.strategy=single"])
+    assert config.deepspeed is None and config.training.strategy == "single"
+    with pytest.raises(ConfigError, match=r"deepspeed=null"):
+        load_config("ds.json", ["training.strategy=single"])
+    with pytest.raises(ConfigError, match=r"task=NAME, deepspeed=null"):
+        load_config("ds.json", ["model=null"])

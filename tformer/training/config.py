@@ -224,9 +224,11 @@ def apply_override(raw: dict, assignment: str) -> None:
     dotted, text = assignment.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) == 1:
-        if parts[0] != "task":
-            raise ConfigError(f"--set: expected section.key=value, got {assignment!r}")
-        raw["task"] = parse_value(text)
+        # Whole-value keys: the task name, and the deepspeed section (null drops it: a DeepSpeed
+        # config such as ds.json run as a plain single-process job).
+        if parts[0] not in ("task", "deepspeed"):
+            raise ConfigError(f"--set: expected section.key=value (or task=NAME, deepspeed=null), got {assignment!r}")
+        raw[parts[0]] = parse_value(text)
         return
     node = raw
     for part in parts[:-1]:

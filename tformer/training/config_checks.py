@@ -108,7 +108,7 @@ def check_effective(config: TrainConfig, raw: dict) -> None:
                               f"misclassified reviews, not generated text); remove sample.{', sample.'.join(extra)}")
     if config.deepspeed is not None and strategy in ("single", "fsdp2"):
         raise ConfigError(f"config: the deepspeed section has no effect with training.strategy={strategy!r}; remove it "
-                          f"or set training.strategy='deepspeed' (or 'auto')")
+                          f"(--set deepspeed=null) or set training.strategy='deepspeed' (or 'auto')")
     if raw.get("fsdp") and (deepspeed_on or strategy == "single"):
         raise ConfigError(f"config: the fsdp section has no effect with training.strategy="
                           f"{'deepspeed' if deepspeed_on else strategy!r}; remove it or set training.strategy='fsdp2'")
@@ -125,11 +125,8 @@ def check_effective(config: TrainConfig, raw: dict) -> None:
             if _set(raw, "optimizer", key):
                 raise ConfigError(f"config: optimizer.{key} has no effect with optimizer.schedule='constant'; "
                                   f"remove it or set optimizer.schedule='cosine'")
-    if not config.logging.wandb:
-        for key in ("wandb_mode", "wandb_project", "wandb_run_name"):
-            if _set(raw, "logging", key):
-                raise ConfigError(f"config: logging.{key} has no effect with logging.wandb=false; set logging.wandb="
-                                  f"true or remove logging.{key}")
+    # Not refused: logging.wandb=false beside wandb_* settings. Switching a feature off with its
+    # settings still in the file is the usual way to turn it off (--set logging.wandb=false).
 
 
 class _ReadKeys(dict):
