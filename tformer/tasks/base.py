@@ -24,6 +24,8 @@ Contract (``B`` = ``config.training.micro_batch_size``):
 * ``evaluate(model, final, all_reduce)`` returns ``{"<split>/<metric>": float}``. It runs on
   every rank (sharded models need every rank in each forward); ``all_reduce(tensor)`` sums a
   tensor over ranks. The default evaluates ``loss_sum`` over ``eval_batches(split, final)``.
+* ``train_metrics()`` returns extra ``{"train/...": float}`` gathered since its last call,
+  logged at each log step (may be {}).
 * ``samples(model)`` returns text samples to print and log at each evaluation (may be []).
 * ``export_metadata()`` returns what a reader of an exported model needs (e.g. the vocabulary);
   it is stored in ``config.json`` next to ``model.safetensors``.
@@ -97,6 +99,11 @@ class Task:
 
     def samples(self, model) -> list[str]:
         return []
+
+    def train_metrics(self) -> dict[str, float]:
+        """Extra training metrics gathered since the last call (e.g. per-task losses); the
+        trainer logs them with its own at every log step."""
+        return {}
 
     def export_metadata(self) -> dict:
         return {}

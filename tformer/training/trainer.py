@@ -369,7 +369,8 @@ class Trainer:
             elapsed = max(time.time() - tokens_timer, 1e-9)
             logger.progress(1, {"loss": f"{metrics['train/loss']:.4f}", "tok/s": f"{tokens_seen / elapsed:,.0f}"})
             if log_now:
-                logger.log(self.step, {**metrics, "train/items_per_s": tokens_seen / elapsed})
+                logger.log(self.step, {**metrics, **self.task.train_metrics(),
+                                       "train/items_per_s": tokens_seen / elapsed})
             is_last = self.step == run.steps
             if (run.eval_interval and self.step % run.eval_interval == 0) or is_last:
                 eval_metrics, samples = self.evaluate(final=is_last)
