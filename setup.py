@@ -114,5 +114,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter"],
         "transformers": ["transformers>=5.0"],
         "bench": ["liger-kernel"],
+        # The multitask task's metrics: entity-level NER F1 (seqeval, an sdist that builds fine with
+        # --no-build-isolation once setuptools is installed) and Spearman's rho (scipy).
+        "multitask": ["seqeval", "scipy"],
     },
 )
