@@ -256,12 +256,13 @@ def test_bad_multitask_settings_are_rejected(archive, tmp_path):
 
 def test_resume_through_the_trainer_is_exact(archive, tmp_path):
     heads = {"sentiment": HEADS["sentiment"], "ner": HEADS["ner"]}
+    cache = {"cache_dir": str(tmp_path / "cache")}  # one tokenizer for both runs
     straight = Trainer(load_config(multitask_config(
-        archive, tmp_path / "a", heads=heads, data={"schedule": "proportional", "test_at_end": False},
+        archive, tmp_path / "a", heads=heads, data={"schedule": "proportional", "test_at_end": False, **cache},
         model={"uncertainty_weighting": True}, optimizer={"decay_steps": 8},
         run={"steps": 8, "log_interval": 1, "export": False, "final_eval_batches": 1}))).fit()
-    config = multitask_config(archive, tmp_path / "b", heads=heads, data={"schedule": "proportional",
-                                                                          "test_at_end": False},
+    config = multitask_config(archive, tmp_path / "b", heads=heads,
+                              data={"schedule": "proportional", "test_at_end": False, **cache},
                               model={"uncertainty_weighting": True}, optimizer={"decay_steps": 8},
                               run={"steps": 4, "log_interval": 1, "export": False, "final_eval_batches": 1})
     Trainer(load_config(config)).fit()

@@ -67,8 +67,8 @@ class MultiTaskConfig(EncoderClassifierConfig):
         if not self.heads:
             raise ConfigError("config: model.heads is empty; declare at least one task head, e.g. "
                               "{\"sentiment\": {\"kind\": \"classification\"}}")
-        self.heads = {name: head if isinstance(head, HeadConfig) else from_dict(HeadConfig, head, f"model.heads.{name}.")
-                      for name, head in self.heads.items()}
+        self.heads = {name: head if isinstance(head, HeadConfig)
+                      else from_dict(HeadConfig, head, f"model.heads.{name}.") for name, head in self.heads.items()}
         for name in self.heads:
             if not name.isidentifier():
                 raise ConfigError(f"config: head name {name!r} must be an identifier (it names modules and metrics)")

@@ -61,7 +61,8 @@ def train_tokenizer(texts: list[str], data_config):
 
 
 def encode_reviews(tokenizer, reviews: ReviewSet, max_tokens: int, head_tokens: int, pad_id: int) -> list[list[int]]:
-    return [truncate_head_tail(row, max_tokens, head_tokens) or [pad_id] for row in bpe.encode(tokenizer, reviews.texts)]
+    return [truncate_head_tail(row, max_tokens, head_tokens) or [pad_id]
+            for row in bpe.encode(tokenizer, reviews.texts)]
 
 
 def encode_sentences(tokenizer, sentences: list[Sentence], tag_ids: dict[str, int], max_tokens: int) -> EncodedSplit:
