@@ -42,7 +42,10 @@ def main(argv=None) -> list[dict]:
         config = load_config(args.config, args.set)
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
-    trainer = Trainer(config, resume=args.resume)
+    try:  # a task checks what needs its data (e.g. the multitask heads' sources) when it is built
+        trainer = Trainer(config, resume=args.resume)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     try:
         return trainer.fit()
     finally:
