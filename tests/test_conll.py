@@ -12,7 +12,7 @@ from tformer.data.conll import IGNORE_INDEX, ConllFormatError, align_labels, rea
 from tformer.data.synthetic_ner import synthetic_ner_corpus
 from tformer.tasks.multitask_metrics import entity_metrics
 
-SAMPLE = Path(__file__).parent / "data" / "conll_sample.txt"
+SAMPLE = Path(__file__).parent / "samples" / "conll_sample.txt"
 TYPES = ("PER", "LOC", "ORG", "MISC")
 
 
