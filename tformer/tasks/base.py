@@ -27,6 +27,8 @@ Contract (``B`` = ``config.training.micro_batch_size``):
 * ``check_ready()`` runs after ``load_data()``, before the first step: it raises on anything the
   run will need later (sample settings against the vocabulary, a split shorter than one window),
   so no run is lost to an error found only at its end.
+* ``train_metrics()`` returns extra ``{"train/...": float}`` gathered since its last call,
+  logged at each log step (may be {}).
 * ``samples(model)`` returns text samples to print and log at each evaluation (may be []).
 * ``steps_per_epoch()`` (optional) is how many optimizer steps one pass over the training
   data takes at this global batch (``run.epochs`` needs it); the default refuses.
@@ -105,6 +107,11 @@ class Task:
 
     def samples(self, model) -> list[str]:
         return []
+
+    def train_metrics(self) -> dict[str, float]:
+        """Extra training metrics gathered since the last call (e.g. per-task losses); the
+        trainer logs them with its own at every log step."""
+        return {}
 
     def export_metadata(self) -> dict:
         return {}

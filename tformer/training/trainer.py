@@ -419,7 +419,8 @@ class Trainer:
             elapsed = max(time.time() - tokens_timer, 1e-9)
             logger.progress(1, {"loss": f"{metrics['train/loss']:.4f}", "tok/s": f"{tokens_seen / elapsed:,.0f}"})
             if log_now:
-                logger.log(self.step, {**metrics, "train/items_per_s": tokens_seen / elapsed})
+                logger.log(self.step, {**metrics, **self.task.train_metrics(),
+                                       "train/items_per_s": tokens_seen / elapsed})
                 for warning in gradient_warnings(metrics, config.logging.grad_vanish_below,
                                                  config.logging.grad_explode_above):
                     logger.warn(f"step {self.step}: {warning}")

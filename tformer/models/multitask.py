@@ -1,0 +1,209 @@
+"""``MultiTaskModel``: one shared encoder trunk (the :class:`EncoderClassifier`'s, by
+inheritance) and named task heads declared in the config: sentence classification, token
+classification (tagging, e.g. NER) and a regression score."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tformer.nn.choices import check_choice
+from tformer.schema import ConfigError, from_dict
+
+from .config import EncoderClassifierConfig
+from .encoder_classifier import EncoderClassifier
+from .multitask_loss import MultiTaskLoss
+
+HEAD_KINDS = ("classification", "token_classification", "regression")
+REGRESSION_LOSSES = ("mse", "huber")
+IGNORE_INDEX = -100  # token labels the loss and the metrics skip: padding, non-first sub-tokens
+
+
+@dataclass
+class HeadConfig:
+    """One task head and its loss."""
+
+    kind: str  # classification | token_classification | regression
+    num_labels: int = 2  # classes (classification) or tags (token_classification); unused for regression
+    dropout: float = 0.1  # before the head's linear layer
+    weight: float = 1.0  # fixed loss weight w_t
+    label_smoothing: float = 0.0  # cross-entropy heads; training only
+    loss: str = "mse"  # regression: mse | huber
+    huber_delta: float = 1.0
+    # Regression output range: (lo, hi) maps the linear output through lo + (hi - lo) * sigmoid(x);
+    # None leaves it unbounded.
+    bounds: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        check_choice("HeadConfig", "kind", self.kind, HEAD_KINDS)
+        check_choice("HeadConfig", "loss", self.loss, REGRESSION_LOSSES)
+        if self.kind != "regression" and self.num_labels < 2:
+            raise ConfigError(f"config: a {self.kind} head needs num_labels >= 2, got {self.num_labels}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"config: head dropout and label_smoothing must be in [0, 1), got {self.dropout} and "
+                              f"{self.label_smoothing}")
+        if self.weight < 0 or self.huber_delta <= 0:
+            raise ConfigError(f"config: head weight must be >= 0 and huber_delta > 0, got {self.weight} and "
+                              f"{self.huber_delta}")
+        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
+            raise ConfigError(f"config: head bounds must be (lo, hi) with lo < hi, got {self.bounds}")
+
+
+@dataclass
+class MultiTaskConfig(EncoderClassifierConfig):
+    """The encoder's shape (see :class:`EncoderClassifierConfig`; ``num_classes`` is unused)
+    plus the heads, ``{task name: HeadConfig fields}``, and the loss weighting."""
+
+    pooling: str = "mean"
+    heads: dict = field(default_factory=dict)  # task name -> HeadConfig (or its dict)
+    uncertainty_weighting: bool = False  # learn per-task weights (Kendall et al. 2018)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.heads:
+            raise ConfigError("config: model.heads is empty; declare at least one task head, e.g. "
+                              "{\"sentiment\": {\"kind\": \"classification\"}}")
+        self.heads = {name: head if isinstance(head, HeadConfig)
+                      else from_dict(HeadConfig, head, f"model.heads.{name}.") for name, head in self.heads.items()}
+        for name in self.heads:
+            if not name.isidentifier():
+                raise ConfigError(f"config: head name {name!r} must be an identifier (it names modules and metrics)")
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        for head in values["heads"].values():
+            if head["bounds"] is not None:
+                head["bounds"] = list(head["bounds"])
+        return values
+
+
+class TaskHead(nn.Module):
+    """dropout -> linear: ``(..., d_model)`` -> ``(..., num_outputs)``; a bounded regression
+    head squashes its output into ``bounds``."""
+
+    def __init__(self, config: HeadConfig, d_model: int):
+        super().__init__()
+        self.kind = config.kind
+        self.bounds = config.bounds
+        self.dropout = nn.Dropout(config.dropout)
+        self.linear = nn.Linear(d_model, 1 if config.kind == "regression" else config.num_labels)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.linear(self.dropout(hidden))
+        if self.kind != "regression":
+            return out
+        out = out.squeeze(-1)
+        if self.bounds is not None:
+            low, high = self.bounds
+            out = low + (high - low) * torch.sigmoid(out)
+        return out
+
+
+class MultiTaskHeads(nn.Module):
+    """Everything task-specific, under one name (``head``, what ``training.init_from`` leaves
+    fresh when it loads a pretrained trunk): the heads and the loss weighting."""
+
+    def __init__(self, config: MultiTaskConfig):
+        super().__init__()
+        self.tasks = nn.ModuleDict({name: TaskHead(head, config.d_model) for name, head in config.heads.items()})
+        self.weighting = MultiTaskLoss({name: head.kind for name, head in config.heads.items()},
+                                       {name: head.weight for name, head in config.heads.items()},
+                                       uncertainty=config.uncertainty_weighting)
+
+
+class MultiTaskModel(EncoderClassifier):
+    """A shared :class:`EncoderClassifier` trunk with one head per task.
+
+    ``model(batch, task=name)`` runs the trunk and that task's head on ``batch``, a dict with
+    ``tokens`` ``(B, S)`` int64 and optionally ``key_padding_mask`` ``(B, S)`` bool (True =
+    padding). It returns ``{"output": ...}``: logits ``(B, num_labels)`` (classification),
+    ``(B, S, num_labels)`` (token classification) or scores ``(B,)`` (regression). When the
+    batch holds ``labels`` (``(B,)`` int64, ``(B, S)`` int64 with :data:`IGNORE_INDEX` where no
+    tag counts, or ``(B,)`` float), it also returns ``loss`` (the task's mean loss, float32),
+    ``weighted_loss`` (what :class:`MultiTaskLoss` makes of it), ``task_weight`` (the factor
+    on ``loss`` now, detached) and ``count`` (the items the
+    mean is over: examples, or labelled tokens). Padding positions never enter a token loss:
+    their labels must be :data:`IGNORE_INDEX`, which :meth:`forward` checks.
+    """
+
+    config_class = MultiTaskConfig
+
+    def __init__(self, config: MultiTaskConfig):
+        if not isinstance(config, MultiTaskConfig):
+            raise TypeError(f"MultiTaskModel: argument 'config' must be a MultiTaskConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self.head = MultiTaskHeads(config)  # replaces the classifier's single linear head
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.config.heads)
+
+    def forward(self, batch: dict, task: str, label_smoothing: float | None = None) -> dict:
+        """See the class docstring. ``label_smoothing`` None takes the head's config value
+        (pass 0.0 for evaluation losses)."""
+        if task not in self.config.heads:
+            raise ValueError(f"MultiTaskModel: argument 'task' must be one of {self.task_names}, got {task!r}")
+        head_config = self.config.heads[task]
+        key_padding_mask = batch.get("key_padding_mask")
+        hidden, mask = self.encode(batch["tokens"], key_padding_mask)
+        if head_config.kind == "token_classification":
+            if self.uses_cls:
+                hidden = hidden[:, 1:]  # the CLS position is not a token
+            output = self.head.tasks[task](hidden)
+        else:
+            output = self.head.tasks[task](self._pool(hidden, mask))
+        result = {"output": output}
+        if "labels" in batch:
+            smoothing = head_config.label_smoothing if label_smoothing is None else label_smoothing
+            loss, count = task_loss(head_config, output, batch["labels"], key_padding_mask, smoothing)
+            result.update(loss=loss, count=count, weighted_loss=self.head.weighting(task, loss),
+                          task_weight=self.head.weighting.effective_weight(task))
+        return result
+
+    @torch.no_grad()
+    def predict(self, batch: dict, task: str) -> dict:
+        """Classification: ``probs`` ``(B, C)`` and ``labels`` ``(B,)``; token classification:
+        ``probs`` ``(B, S, C)`` and ``tags`` ``(B, S)`` (:data:`IGNORE_INDEX` at padding);
+        regression: ``scores`` ``(B,)``."""
+        output = self.forward({k: v for k, v in batch.items() if k != "labels"}, task)["output"].float()
+        kind = self.config.heads[task].kind
+        if kind == "regression":
+            return {"scores": output}
+        probs = output.softmax(dim=-1)
+        if kind == "classification":
+            return {"probs": probs, "labels": probs.argmax(dim=-1)}
+        tags = probs.argmax(dim=-1)
+        if batch.get("key_padding_mask") is not None:
+            tags = tags.masked_fill(batch["key_padding_mask"], IGNORE_INDEX)
+        return {"probs": probs, "tags": tags}
+
+
+def task_loss(head: HeadConfig, output: torch.Tensor, labels: torch.Tensor, key_padding_mask: torch.Tensor | None,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean loss of one head (float32) and the number of items it averages, as a tensor."""
+    output = output.float()
+    if head.kind == "regression":
+        labels = labels.to(output.dtype)
+        if head.loss == "huber":
+            loss = F.huber_loss(output, labels, delta=head.huber_delta)
+        else:
+            loss = F.mse_loss(output, labels)
+        return loss, torch.tensor(labels.numel(), device=output.device)
+    if head.kind == "token_classification":
+        if tuple(labels.shape) != tuple(output.shape[:2]):
+            raise ValueError(f"MultiTaskModel: token labels must have shape (B, S) = {tuple(output.shape[:2])}, got "
+                             f"{tuple(labels.shape)}")
+        if key_padding_mask is not None and bool((labels[key_padding_mask] != IGNORE_INDEX).any()):
+            raise ValueError(f"MultiTaskModel: token labels at padding positions must be {IGNORE_INDEX}")
+        labels = labels.reshape(-1)
+        output = output.reshape(-1, output.shape[-1])
+    count = (labels != IGNORE_INDEX).sum()
+    losses = F.cross_entropy(output, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                             reduction="sum")
+    return losses / count.clamp(min=1), count
