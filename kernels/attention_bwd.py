@@ -103,8 +103,8 @@ def _dkdv_kernel(
     head. Expanded: (1, group_size), it is the query head. Triton compiles an int argument equal
     to 1 as a constant, so the grouped path drops the division; ``heads_per_program`` is kept a
     runtime loop bound (``do_not_specialize``) even when 1 (expanded, or multi-head attention):
-    unrolled, the loop spilled registers (bench/compile_audit.py). The bucket arguments only key
-    the autotuner."""
+    a loop of one trip, fully unrolled, holds more registers than the loop. The bucket arguments
+    only key the autotuner."""
     start_n = tl.program_id(0) * BLOCK_N
     out_head = tl.program_id(1)
     batch = tl.program_id(2)

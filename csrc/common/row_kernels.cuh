@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/convert.cuh"
 #include "common/dtype.h"
 
 namespace tformer {
@@ -24,19 +25,7 @@ constexpr int kMaxWarpRowLength = 1024;
 // Cap on the grid; the kernels loop over rows with a grid stride beyond it.
 constexpr int64_t kMaxGridBlocks = 1 << 20;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---- dtype conversion (fp32 arithmetic everywhere) -------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// fp32 arithmetic everywhere: to_float / from_float (common/convert.cuh) at loads and stores.
 
 // Elements per 128-bit access.
 template <typename T> constexpr int kVectorWidth = static_cast<int>(16 / sizeof(T));
