@@ -85,6 +85,45 @@ def dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, 
     return tl.rand(seed, offsets) >= dropout_p
 
 
+@triton.jit
+def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, key_pad_row, stride_ps, scale_log2,
+                     seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k,
+                     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the online softmax (FA2 Alg. 1, lines 8-10) over the key block ``cols``:
+    returns the updated (acc, l_i, m_i). ``MASKED=False`` for blocks every row of the query
+    block may attend in full (below the causal diagonal, inside the key length, no padding):
+    no column mask on the loads, no score mask, and the scale folded into the exponent's FMA.
+    ``scale_log2`` >= 0 (the launcher's q carries the sign of a negative scale)."""
+    if MASKED:
+        col_ok = cols < k_len
+        k_t = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST) * scale_log2
+        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+        # A row with no allowed key so far has m = -inf; exponentiating against 0 instead
+        # keeps exp2(-inf - -inf) = NaN out.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST)
+        # Every score is finite here, so m_new is too; max(qk) * c == max(qk * c) for c >= 0.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        m_safe = m_new
+        p = tl.exp2(qk * scale_log2 - m_safe[:, None])  # one FMA per score
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
+        keep = dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, cols)
+        p = tl.where(keep, p, 0.0)
+    acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    return acc, l_i, m_new
+
+
 @triton.jit(do_not_specialize=["seqlen_q_bucket", "seqlen_k_bucket"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, KeyPad, CuSeqlensQ, CuSeqlensK,
@@ -130,36 +169,37 @@ def _attention_fwd_kernel(
 
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # Scores kept in log2 units: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - m2).
-    scale_log2 = scale * 1.4426950408889634
+    # Scores kept in log2 units: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - m2). A
+    # negative scale moves its sign onto q (exact), so the multiplier is >= 0 (attend_key_block).
+    q = tl.where(scale < 0, -q, q)
+    scale_log2 = tl.abs(scale) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    batch_head = batch * num_heads + head
 
+    # Keys [0, full_end) are attended by every row of the block: no masks there (the diagonal
+    # block, the last partial block and padded keys go through the masked loop).
     hi = k_len
+    full_end = k_len
     if IS_CAUSAL:  # key blocks entirely right of the diagonal contribute nothing
         hi = tl.minimum(k_len, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
+        full_end = tl.minimum(k_len, start_m + 1)  # key j <= start_m is seen by every row
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    if HAS_KEY_PADDING:
+        full_end = 0
+    for start_n in range(0, full_end, BLOCK_N):
         first_col = k_start64 + start_n
-        k_t = tl.load(k_base + first_col * stride_ks + k_tile, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST) * scale_log2
-        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
-        # Online softmax (FA2 Alg. 1, lines 8-10). A row with no allowed key so far has
-        # m = -inf; exponentiating against 0 instead keeps exp2(-inf - -inf) = NaN out.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
-            keep = dropout_keep(seed, dropout_p, batch * num_heads + head, max_seqlen_q, max_seqlen_k, rows, cols)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + first_col * stride_vs + v_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
-        m_i = m_new
+        acc, l_i, m_i = attend_key_block(
+            acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
+            max_seqlen_q, max_seqlen_k, IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        first_col = k_start64 + start_n
+        acc, l_i, m_i = attend_key_block(
+            acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
+            max_seqlen_q, max_seqlen_k, IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
 
     # Fully masked rows have l = 0: output 0 and lse = -inf, as the reference's safe_softmax.
     empty = l_i == 0.0
@@ -179,9 +219,9 @@ def _attention_fwd_kernel(
 # inputs use full-precision dots on the CUDA cores, whose operand tiles live in registers:
 # only small blocks fit there.
 FWD_CONFIGS = {  # 16-bit inputs: BLOCK_D upper bound -> candidates
-    64: [config(128, 64, 4, 3), config(128, 32, 4, 3), config(64, 64, 4, 3)],
-    128: [config(128, 64, 8, 3), config(128, 32, 8, 3), config(64, 64, 8, 3)],
-    256: [config(64, 32, 8, 2), config(32, 64, 8, 2), config(32, 32, 8, 2)],
+    64: [config(128, 64, 8, 3), config(128, 128, 8, 3), config(64, 64, 4, 3)],
+    128: [config(128, 64, 8, 3), config(64, 128, 8, 3), config(128, 32, 8, 3)],
+    256: [config(64, 32, 8, 2), config(64, 64, 8, 2), config(64, 32, 8, 3)],
 }
 FWD_CONFIGS_FP32 = {
     64: [config(32, 32, 8, 1), config(64, 16, 8, 1), config(16, 64, 8, 1)],

@@ -252,8 +252,8 @@ def _dq_kernel(
 # keys in registers, so it takes 8 warps and smaller blocks than the forward.
 DKDV_CONFIGS = {
     64: [config(32, 128, 8, 3), config(64, 64, 8, 3), config(32, 64, 8, 3)],
-    128: [config(32, 64, 8, 2), config(32, 64, 8, 3), config(32, 32, 8, 2)],
-    256: [config(16, 32, 8, 1), config(32, 16, 8, 1), config(32, 32, 8, 1)],
+    128: [config(32, 64, 8, 2), config(32, 64, 8, 3), config(32, 32, 8, 3)],
+    256: [config(16, 32, 8, 2), config(32, 32, 8, 2), config(16, 64, 8, 2)],
 }
 DKDV_CONFIGS_FP32 = {
     64: [config(32, 32, 8, 1), config(16, 64, 8, 1), config(32, 16, 8, 1)],
@@ -262,8 +262,8 @@ DKDV_CONFIGS_FP32 = {
 }
 DQ_CONFIGS = {
     64: [config(128, 32, 4, 3), config(64, 64, 4, 3), config(128, 64, 8, 3)],
-    128: [config(128, 32, 8, 2), config(32, 64, 8, 2), config(32, 32, 8, 2)],
-    256: [config(32, 32, 8, 1), config(32, 16, 8, 1), config(16, 32, 8, 1)],
+    128: [config(128, 32, 8, 2), config(64, 64, 8, 2), config(128, 64, 8, 2)],
+    256: [config(64, 32, 8, 2), config(32, 32, 8, 2), config(32, 64, 8, 2)],
 }
 DQ_CONFIGS_FP32 = {
     64: [config(64, 32, 8, 1), config(32, 64, 8, 1), config(32, 32, 8, 1)],

@@ -92,7 +92,7 @@ def test_matches_reference_half_precision(backend, dtype):
     assert_matches_reference(backend, q, k, v, "combined", **kwargs)
 
 
-@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("scale", [None, 0.3, -0.3])
 def test_explicit_scale_and_large_scores(backend, scale):
     # Scores of magnitude ~100: the online softmax must rescale, not overflow.
     q, k, v = make_inputs(1, 2, 1, 17, 33, 16, torch.float32)
@@ -389,7 +389,7 @@ cases = [case for case in attention_cases(("bf16",))
          or case.variant == "hd 128 bf16 padding-gqa-dropout"]
 rows = audit(None, ("bf16",), cases=cases + list(row_cases(("bf16",))))
 failed = [row for row in rows if row.error or row.shared_bytes > H100_SHARED_BYTES]
-assert len(rows) > 90 and not failed, failed
+assert len(rows) >= 88 and not failed, failed
 unpipelined = [row for row in rows if row.kernel == "attention_fwd" and not row.cp_async]
 assert not unpipelined, unpipelined
 print("compiled", len(rows))
