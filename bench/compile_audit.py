@@ -8,9 +8,13 @@ autotuner; this finds it before GPU time is spent.
     python -m bench.compile_audit --json audit.json  # the rows, for diffing two Triton versions
 
 The configs are the autotune tables (attention) and the ``block_config`` heuristic (rows), so
-the audit follows any change to either. It needs no GPU; ``TRITON_INTERPRET`` must be unset.
-Exit status 1 when a config fails to compile, overflows shared memory, or spills on a path the
-speed targets cover (attention with every feature on, dropout included, may spill: reported).
+the audit follows any change to either. Attention kernels are compiled as they launch: the real
+launchers run on meta tensors with a recording launcher, and Triton's own binder specializes
+the recorded arguments (16-divisible pointers and integers, integers equal to 1 as constants),
+so unit strides become constants and loads vectorize and pipeline as on the GPU. It needs no
+GPU; ``TRITON_INTERPRET`` must be unset. Exit status 1 when a config fails to compile,
+overflows shared memory, or spills on a path the speed targets cover (dropout with padding or
+varlen may spill: reported).
 
 Register allocation differs between Triton releases: audit with the Triton the GPU runs, e.g.
 ``pip install --target /tmp/triton36 --no-deps triton==3.6.0`` and then
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -42,6 +47,17 @@ INT64_ARGS = {"seed"}
 
 
 @dataclass
+class Case:
+    """One kernel configuration to lower: ``compile`` returns Triton's compiled kernel."""
+
+    kernel: str
+    variant: str
+    config: str
+    compile: Callable
+    spills_allowed: bool = False  # rarely used paths (dropout with padding or varlen): reported only
+
+
+@dataclass
 class Row:
     kernel: str
     variant: str
@@ -49,8 +65,10 @@ class Row:
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
+    cp_async: int | None = None  # cp.async instructions in the PTX (0: loads not pipelined)
+    wgmma: int | None = None  # wgmma.mma_async instructions (0: the dots use mma.sync or FMA)
     error: str | None = None
-    spills_allowed: bool = False  # rarely used paths (dropout + varlen + padding): reported only
+    spills_allowed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -92,45 +110,114 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
     return registers, spills
 
 
-def lower(kernel, meta: dict, data: str, pointers: dict, num_warps: int, num_stages: int) -> tuple[int, int, int]:
-    compiled = triton.compile(ASTSource(kernel, signature(kernel, meta, data, pointers),
-                                        {name: meta[name] for name in kernel.arg_names if name in meta}),
-                              target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
-    registers, spills = ptxas_report(compiled.asm["ptx"])
-    return registers, spills, compiled.metadata.shared
+def lower(kernel, meta: dict, data: str, pointers: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` from a declared signature, with every pointer 16-byte aligned (as any
+    torch allocation) and no integer specialized: for kernels audited without a real launch."""
+    signature_types = signature(kernel, meta, data, pointers)
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, kind in signature_types.items() if kind.startswith("*")}
+    return triton.compile(ASTSource(kernel, signature_types,
+                                    {name: meta[name] for name in kernel.arg_names if name in meta}, attrs),
+                          target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def lower_launch(kernel, args: tuple, meta: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` as Triton's launcher would for these arguments: its own binder gives
+    the specialization (pointers and integers divisible by 16 marked so, integers equal to 1
+    made constants), the same signature, constants and attributes a launch compiles with."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(H100)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(meta, num_warps=num_warps, num_stages=num_stages)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature_types, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization,
+                                                                    options)
+    return triton.compile(ASTSource(kernel, signature_types, constexprs, attrs), target=H100,
+                          options=options.__dict__)
+
+
+def measure(compiled) -> dict:
+    """ptxas's registers and spills, shared memory, and the PTX's async copies and wgmma."""
+    ptx = compiled.asm["ptx"]
+    registers, spills = ptxas_report(ptx)
+    return dict(registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+                cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)), wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
+
+
+# Representative launches, built by the real launchers on meta tensors (no memory, data_ptr 0):
+# B=2, S=2048 (tokens and sequence counts divisible by 16, as the anchors' shapes are).
+# (name, causal, key padding, varlen, dropout, Hq, Hkv). Rarely used paths (dropout with
+# padding or varlen) may spill: reported, not gated.
+ATTENTION_FEATURES = (("plain", False, False, False, False, 16, 16),
+                      ("causal", True, False, False, False, 16, 16),
+                      ("gqa-causal", True, False, False, False, 16, 4),
+                      ("padding-gqa-dropout", True, True, False, True, 16, 4),
+                      ("varlen-dropout", True, False, True, True, 16, 16))
+SPILLS_ALLOWED = ("padding-gqa-dropout", "varlen-dropout")
+AUDIT_BATCH, AUDIT_SEQLEN = 2, 2048
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def attention_launches(data: str, head_dim: int, feature: tuple) -> list[tuple]:
+    """(kernel name, kernel, tuned, args, meta) of every tuned launch of one forward + backward."""
+    import torch
+
+    from tformer.kernels.attention import attention_forward
+    from tformer.kernels.attention_bwd import attention_backward
+
+    _, causal, padding, varlen, dropout, num_heads, num_kv_heads = feature
+    dtype, device = getattr(torch, TORCH_DTYPES[data]), torch.device("meta")
+    tokens = (AUDIT_BATCH * AUDIT_SEQLEN,) if varlen else (AUDIT_BATCH,)
+    layout = (lambda heads: (*tokens, heads, head_dim)) if varlen else (
+        lambda heads: (AUDIT_BATCH, heads, AUDIT_SEQLEN, head_dim))
+    q = torch.empty(layout(num_heads), dtype=dtype, device=device)
+    k, v = (torch.empty(layout(num_kv_heads), dtype=dtype, device=device) for _ in range(2))
+    cu_seqlens = torch.empty(AUDIT_BATCH + 1, dtype=torch.int32, device=device) if varlen else None
+    key_padding = torch.empty(AUDIT_BATCH, AUDIT_SEQLEN, dtype=torch.bool, device=device) if padding else None
+    # A launch's seed is drawn below 2^62 (an int64 argument); 0 without dropout.
+    dropout_p, seed = (0.1, 2**61 + 5) if dropout else (0.0, 0)
+    recorded = []
+
+    def record(kernel, tuned, grid_of, args, meta, launch_device):
+        if tuned is not None:
+            recorded.append((kernel, tuned, args, meta))
+
+    common = (cu_seqlens, cu_seqlens, AUDIT_SEQLEN, AUDIT_SEQLEN, causal, head_dim ** -0.5, dropout_p, seed)
+    out, lse = attention_forward(q, k, v, key_padding, *common, launcher=record)
+    launches = [("attention_fwd", *recorded.pop())]
+    for expanded in (False, True) if num_heads != num_kv_heads else (False,):
+        attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=expanded)
+        dq_launch, dkdv_launch = recorded.pop(), recorded.pop()
+        launches.append(("attention_bwd_dkdv_expanded" if expanded else "attention_bwd_dkdv", *dkdv_launch))
+        if not expanded:
+            launches.append(("attention_bwd_dq", *dq_launch))
+    return launches
 
 
 def attention_cases(dtypes: tuple[str, ...]):
-    from tformer.kernels import attention as fwd, attention_bwd as bwd
-
-    pointers = {"Lse": "*fp32", "Delta": "*fp32", "KeyPad": "*u8", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"}
-    features = {"plain": dict(IS_CAUSAL=False, HAS_KEY_PADDING=False, IS_VARLEN=False, HAS_DROPOUT=False),
-                "causal": dict(IS_CAUSAL=True, HAS_KEY_PADDING=False, IS_VARLEN=False, HAS_DROPOUT=False),
-                "all-features": dict(IS_CAUSAL=True, HAS_KEY_PADDING=True, IS_VARLEN=True, HAS_DROPOUT=True)}
-    # dK/dV runs two ways (see attention_bwd): grouped, programs_per_kv_head = 1 (an int argument
-    # equal to 1 is compiled as a constant, here as by Triton's launcher), and expanded, float32
-    # partials whatever the input dtype (its heads_per_program = 1 is not specialized).
-    expanded_pointers = dict(pointers, DK="*fp32", DV="*fp32")
-    kernels = (("attention_fwd", fwd._attention_fwd_kernel, fwd.FWD_CONFIGS, fwd.FWD_CONFIGS_FP32, {}, pointers),
-               ("attention_bwd_dkdv", bwd._dkdv_kernel, bwd.DKDV_CONFIGS, bwd.DKDV_CONFIGS_FP32,
-                dict(programs_per_kv_head=1), pointers),
-               ("attention_bwd_dkdv_expanded", bwd._dkdv_kernel, bwd.DKDV_CONFIGS, bwd.DKDV_CONFIGS_FP32,
-                {}, expanded_pointers),
-               ("attention_bwd_dq", bwd._dq_kernel, bwd.DQ_CONFIGS, bwd.DQ_CONFIGS_FP32, {}, pointers))
-    for name, kernel, table, fp32_table, constants, kernel_pointers in kernels:
-        for data in dtypes:
-            for block_d, configs in (fp32_table if data == "fp32" else table).items():
-                for feature_name, flags in features.items():
-                    for config in configs:
-                        meta = dict(flags, DOT_PRECISION="ieee" if data == "fp32" else "tf32", UPCAST=False,
-                                    BLOCK_D=block_d, **constants, **config.kwargs)
+    for data in dtypes:
+        for bucket in (64, 128, 256):
+            for feature in ATTENTION_FEATURES:
+                for name, kernel, tuned, args, meta in attention_launches(data, bucket, feature):
+                    for config in (tuned.fp32_table if data == "fp32" else tuned.table)[bucket]:
                         label = (f"BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_N={config.kwargs['BLOCK_N']} "
                                  f"warps={config.num_warps} stages={config.num_stages}")
-                        yield (name, f"hd<={block_d} {data} {feature_name}", label, kernel, meta, data,
-                               kernel_pointers, config.num_warps, config.num_stages)
+                        yield Case(name, f"hd {bucket} {data} {feature[0]}", label,
+                                   lambda kernel=kernel, args=args, meta=dict(meta, **config.kwargs), config=config:
+                                   lower_launch(kernel, args, meta, config.num_warps, config.num_stages),
+                                   spills_allowed=feature[0] in SPILLS_ALLOWED)
 
 
 def row_cases(dtypes: tuple[str, ...]):
+    """The row kernels from declared signatures (pointers aligned, integers unspecialized)."""
+    for name, variant, label, kernel, meta, data, pointers, warps, stages in _row_kernel_configs(dtypes):
+        yield Case(name, variant, label, lambda kernel=kernel, meta=meta, data=data, pointers=pointers, warps=warps,
+                   stages=stages: lower(kernel, meta, data, pointers, warps, stages))
+
+
+def _row_kernel_configs(dtypes: tuple[str, ...]):
     from tformer.kernels import layer_norm, softmax
     from tformer.kernels.rows import block_config
 
@@ -165,12 +252,12 @@ def all_cases(dtypes: tuple[str, ...]):
 def audit(only: str | None, dtypes: tuple[str, ...], cases=None) -> list[Row]:
     rows = []
     for case in cases if cases is not None else all_cases(dtypes):
-        name, variant, label, kernel, meta, data, pointers, warps, stages = case
-        if only and only not in name:
+        if only and only not in case.kernel:
             continue
-        row = Row(name, variant, label, spills_allowed=variant.endswith("all-features"))
+        row = Row(case.kernel, case.variant, case.config, spills_allowed=case.spills_allowed)
         try:
-            row.registers, row.spill_bytes, row.shared_bytes = lower(kernel, meta, data, pointers, warps, stages)
+            for name, value in measure(case.compile()).items():
+                setattr(row, name, value)
         except Exception as error:  # a config that does not lower is a finding, not a crash
             row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
         rows.append(row)
@@ -180,12 +267,12 @@ def audit(only: str | None, dtypes: tuple[str, ...], cases=None) -> list[Row]:
 
 def format_row(row: Row) -> str:
     if row.error:
-        return f"| {row.kernel} | {row.variant} | {row.config} | - | - | - | FAILED: {row.error} |"
+        return f"| {row.kernel} | {row.variant} | {row.config} | - | - | - | - | - | FAILED: {row.error} |"
     verdict = ("OVER SHARED MEMORY" if row.shared_bytes > H100_SHARED_BYTES
                else "SPILLS" if row.spill_bytes > SPILL_TOLERANCE_BYTES else "ok")
     verdict += " (allowed)" if row.ok and verdict != "ok" else ""
     return (f"| {row.kernel} | {row.variant} | {row.config} | {row.registers} | {row.spill_bytes} | "
-            f"{row.shared_bytes / 1024:.1f} | {verdict} |")
+            f"{row.shared_bytes / 1024:.1f} | {row.cp_async} | {row.wgmma} | {verdict} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the audit lowers kernels to GPU code")
     rows = audit(args.only, tuple(args.dtypes.split(",")))
     print(f"Triton {triton.__version__}, target sm_90 (H100), {len(rows)} configs\n")
-    print("| kernel | variant | config | registers | spill bytes | shared KiB | verdict |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | variant | config | registers | spill bytes | shared KiB | cp.async | wgmma | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(format_row(row))
     if args.json:

@@ -22,12 +22,13 @@ correctness over speed. Softmax state (running max, sum, accumulator) is float32
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import autotuned, check_grid_yz, check_tile_strides, config, launch, seqlen_bucket
 
 MAX_HEAD_DIM = 256
 # Inside kernels, exp(x) is computed as exp2(x * log2(e)) (the cheaper instruction) and the
@@ -58,16 +59,16 @@ def allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL: tl.c
     if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
         allowed = allowed & (cols[None, :] <= rows[:, None])
     if HAS_KEY_PADDING:
-        pad = tl.load(key_pad_row + cols * stride_ps, mask=cols < k_len, other=1)
+        pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=cols < k_len, other=1)
         allowed = allowed & (pad == 0)[None, :]
     return tl.where(allowed, s, float("-inf"))
 
 
 @triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b (+ acc) with float32 accumulation. ``UPCAST`` converts the operands to float32
-    first: only under TRITON_INTERPRET=1 with bf16, whose interpreted tl.dot returns garbage
-    (Triton 3.8); the conversion is exact, so the math is unchanged."""
+    first: only under TRITON_INTERPRET=1 with bf16, which the interpreter's tl.dot gets wrong;
+    the conversion is exact, so the math is unchanged."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -85,6 +86,45 @@ def dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, 
 
 
 @triton.jit
+def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, key_pad_row, stride_ps, scale_log2,
+                     seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k,
+                     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the online softmax (FA2 Alg. 1, lines 8-10) over the key block ``cols``:
+    returns the updated (acc, l_i, m_i). ``MASKED=False`` for blocks every row of the query
+    block may attend in full (below the causal diagonal, inside the key length, no padding):
+    no column mask on the loads, no score mask, and the scale folded into the exponent's FMA.
+    ``scale_log2`` >= 0 (the launcher's q carries the sign of a negative scale)."""
+    if MASKED:
+        col_ok = cols < k_len
+        k_t = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST) * scale_log2
+        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+        # A row with no allowed key so far has m = -inf; exponentiating against 0 instead
+        # keeps exp2(-inf - -inf) = NaN out.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST)
+        # Every score is finite here, so m_new is too; max(qk) * c == max(qk * c) for c >= 0.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        m_safe = m_new
+        p = tl.exp2(qk * scale_log2 - m_safe[:, None])  # one FMA per score
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
+        keep = dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, cols)
+        p = tl.where(keep, p, 0.0)
+    acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["seqlen_q_bucket", "seqlen_k_bucket"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, KeyPad, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -94,11 +134,12 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
-    scale, dropout_p, seed,
+    scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """``seqlen_q_bucket`` / ``seqlen_k_bucket`` are unused here: they key the autotuner."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -108,144 +149,86 @@ def _attention_fwd_kernel(
     if start_m >= q_len:  # varlen: this sequence is shorter than max_seqlen_q
         return
 
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     d_ok = offs_d < head_dim
+    # Token indices times strides are 64-bit (a 12,288-element fused-QKV token stride passes
+    # 2^31 after 174,762 tokens); offsets inside a tile are 32-bit (launch.MAX_STRIDE).
     batch64 = batch.to(tl.int64)
-    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
-    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    first_row = q_start.to(tl.int64) + start_m
+    k_start64 = k_start.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + first_row * stride_qs
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh
     key_pad_row = KeyPad + batch64 * stride_pb
+    k_tile = offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # (D, N): k transposed
+    v_tile = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
 
-    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # Scores kept in log2 units: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - m2).
-    scale_log2 = scale * 1.4426950408889634
+    # Scores kept in log2 units: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - m2). A
+    # negative scale moves its sign onto q (exact), so the multiplier is >= 0 (attend_key_block).
+    q = tl.where(scale < 0, -q, q)
+    scale_log2 = tl.abs(scale) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    batch_head = batch * num_heads + head
 
+    # Keys [0, full_end) are attended by every row of the block: no masks there (the diagonal
+    # block, the last partial block and padded keys go through the masked loop).
     hi = k_len
+    full_end = k_len
     if IS_CAUSAL:  # key blocks entirely right of the diagonal contribute nothing
         hi = tl.minimum(k_len, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
-        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = mma(q, k_t, None, DOT_PRECISION, UPCAST) * scale_log2
-        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
-        # Online softmax (FA2 Alg. 1, lines 8-10). A row with no allowed key so far has
-        # m = -inf; exponentiating against 0 instead keeps exp2(-inf - -inf) = NaN out.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
-            keep = dropout_keep(seed, dropout_p, batch * num_heads + head, max_seqlen_q, max_seqlen_k, rows, cols)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
-        m_i = m_new
+        full_end = tl.minimum(k_len, start_m + 1)  # key j <= start_m is seen by every row
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    if HAS_KEY_PADDING:
+        full_end = 0
+    for start_n in range(0, full_end, BLOCK_N):
+        first_col = k_start64 + start_n
+        acc, l_i, m_i = attend_key_block(
+            acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
+            max_seqlen_q, max_seqlen_k, IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        first_col = k_start64 + start_n
+        acc, l_i, m_i = attend_key_block(
+            acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
+            max_seqlen_q, max_seqlen_k, IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
 
     # Fully masked rows have l = 0: output 0 and lse = -inf, as the reference's safe_softmax.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
-    tl.store(o_base + rows[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + first_row * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    l_base = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
-    tl.store(l_base + rows * stride_ls, lse, mask=row_ok)
+    l_base = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + first_row * stride_ls
+    tl.store(l_base + offs_m * stride_ls, lse, mask=row_ok)
 
 
-# ---------------------------------------------------------------------------------------
-# Launch configuration. On a GPU a small autotune set per head-dim bucket and input precision,
-# keyed by head dim, causal and dropout (plus dtype, which Triton adds): at most 3 configs
-# compile and run at the first call of each key. Under TRITON_INTERPRET=1 (CPU tensors) one
-# fixed small config, so that tests with lengths 17 or 33 cross block boundaries.
-#
-# Every candidate lowers for sm_90 with Triton 3.6 (the GPU image's) without spilling a
-# register; `python -m bench.compile_audit` re-checks them after any kernel change. fp32
+# Candidates per head-dim bucket (kernels/launch.py tunes among them). Chosen from
+# `python -m bench.compile_audit`, which lowers them for sm_90 specialized as a launch is. fp32
 # inputs use full-precision dots on the CUDA cores, whose operand tiles live in registers:
-# only small blocks fit there (larger ones spilled tens of KB per thread).
-# ---------------------------------------------------------------------------------------
-
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
+# only small blocks fit there.
 FWD_CONFIGS = {  # 16-bit inputs: BLOCK_D upper bound -> candidates
-    64: [_config(128, 64, 4, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3)],
-    128: [_config(128, 64, 8, 3), _config(128, 32, 8, 3), _config(64, 64, 8, 3)],
-    256: [_config(64, 32, 8, 2), _config(32, 64, 8, 2), _config(32, 32, 8, 2)],
+    64: [config(128, 64, 8, 3), config(128, 128, 8, 3), config(64, 64, 4, 3)],
+    128: [config(128, 64, 8, 3), config(64, 128, 8, 3), config(128, 32, 8, 3)],
+    256: [config(64, 32, 8, 2), config(64, 64, 8, 2), config(64, 32, 8, 3)],
 }
 FWD_CONFIGS_FP32 = {
-    64: [_config(32, 32, 8, 1), _config(64, 16, 8, 1), _config(16, 64, 8, 1)],
-    128: [_config(32, 16, 8, 1), _config(16, 32, 8, 1), _config(16, 16, 8, 1)],
-    256: [_config(16, 16, 8, 1), _config(16, 32, 8, 1), _config(32, 16, 8, 1)],
+    64: [config(32, 32, 8, 1), config(64, 16, 8, 1), config(16, 64, 8, 1)],
+    128: [config(32, 16, 8, 1), config(16, 32, 8, 1), config(16, 16, 8, 1)],
+    256: [config(16, 16, 8, 1), config(16, 32, 8, 1), config(32, 16, 8, 1)],
 }
-INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
-
-
-def configs_for_call(table: dict, fp32_table: dict, configs, named_args, **kwargs):
-    """Autotune pruning: only the candidates of this precision's bucket that holds BLOCK_D run."""
-    chosen = fp32_table if kwargs["DOT_PRECISION"] == "ieee" else table
-    return chosen[min(bound for bound in chosen if bound >= kwargs["BLOCK_D"])]
-
-
-@dataclass(frozen=True)
-class Tuned:
-    """A kernel's autotuner and the candidate tables it prunes to."""
-
-    autotuner: triton.runtime.Autotuner
-    table: dict
-    fp32_table: dict
-
-    def first_config(self, meta: dict) -> triton.Config:
-        """The leading candidate for this call: what runs when autotuning is off."""
-        return configs_for_call(self.table, self.fp32_table, None, None, **meta)[0]
-
-
-def autotuned(kernel, table: dict, fp32_table: dict) -> Tuned:
-    configs = [c for t in (table, fp32_table) for bucket in t.values() for c in bucket]
-    # cache_results: the winning config is kept in Triton's disk cache, so a later process
-    # with a warm cache neither recompiles nor re-times.
-    # HAS_DROPOUT in the key: the dropout path holds more registers (its best block may differ;
-    # bench.compile_audit shows some candidates spilling only there), so it is tuned on its own.
-    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT"], cache_results=True,
-                            prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
-                                table, fp32_table, *a, **kw)})(kernel)
-    return Tuned(tuner, table, fp32_table)
-
-
 _attention_fwd_tuned = autotuned(_attention_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_FP32)
-
-
-def autotune_enabled() -> bool:
-    """``TFORMER_AUTOTUNE=0`` runs each bucket's leading candidate untimed: one compile per
-    kernel variant instead of three, for test suites and quick starts."""
-    return os.environ.get("TFORMER_AUTOTUNE", "1") != "0"
-
-
-def launch(kernel, tuned: Tuned, grid_of, args: tuple, meta: dict, device: torch.device) -> None:
-    """Run ``kernel`` with the interpreter's fixed blocks on CPU tensors, else autotuned (or
-    with the leading candidate when autotuning is off)."""
-    if device.type == "cpu":
-        kernel[grid_of(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
-    elif autotune_enabled():
-        tuned.autotuner[grid_of](*args, **meta)
-    else:
-        config = tuned.first_config(meta)
-        kernel[grid_of(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                       num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,24 +255,42 @@ def block_d(head_dim: int) -> int:
 
 
 def dot_meta(t: torch.Tensor) -> dict:
-    """Constexprs of every tl.dot (see ``mma``). "tf32" is ignored for fp16/bf16 operands."""
+    """Constexprs of every tl.dot (see ``tile_dot``). "tf32" is ignored for fp16/bf16 operands."""
     return dict(DOT_PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
                 UPCAST=t.device.type == "cpu" and t.dtype == torch.bfloat16)
 
 
 def problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """(varlen, num_seqs, num_heads, group_size, max_seqlen_q, max_seqlen_k) of a call."""
+    """(varlen, num_seqs, num_heads, group_size, max_seqlen_q, max_seqlen_k) of a call.
+
+    Raises:
+        ValueError: more heads or sequences than a launch grid holds (``check_grid_yz``).
+    """
     varlen = cu_seqlens_q is not None
     head_axis = 1
     num_seqs = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     num_heads, num_kv_heads = q.shape[head_axis], k.shape[head_axis]
+    check_grid_yz(num_heads, num_seqs, varlen)
     return varlen, num_seqs, num_heads, num_heads // num_kv_heads, max_seqlen_q, max_seqlen_k
 
 
+def seqlen_buckets(max_seqlen_q: int, max_seqlen_k: int) -> tuple[int, int]:
+    """The autotune key's sequence-length buckets: the last two arguments of tuned kernels."""
+    return seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k)
+
+
 def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      causal: bool, scale: float, dropout_p: float, seed: int):
-    """Returns (out like q but contiguous, lse float32 (B, Hq, Sq) or (Hq, total_q) when packed)."""
+                      causal: bool, scale: float, dropout_p: float, seed: int, launcher: Callable = launch):
+    """Returns (out like q but contiguous, lse float32 (B, Hq, Sq) or (Hq, total_q) when packed).
+
+    ``launcher`` runs the kernel (``launch.launch``'s signature); bench.compile_audit passes one
+    that records the launch, to compile exactly what would run.
+
+    Raises:
+        ValueError: too many heads or sequences for a grid, or a token or head-dim stride above 2^23 elements.
+    """
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    check_tile_strides(**{name: strides4(t, varlen)[2:] for name, t in dict(q=q, k=k, v=v).items()})
     # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
     out = (torch.zeros if varlen else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (num_heads, q.shape[0]) if varlen else (q.shape[0], num_heads, q.shape[2])
@@ -307,12 +308,12 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max
     args = (q, k, v, out, lse, key_pad, cu_q, cu_k,
             *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(out, varlen),
             *lse_strides(lse, varlen), *pad_strides,
-            num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed)
+            num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed, *seqlen_buckets(max_q, max_k))
     meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
                 **dot_meta(q), BLOCK_D=block_d(head_dim))
 
     def grid_of(blocks):
         return (triton.cdiv(max_q, blocks["BLOCK_M"]), num_heads, num_seqs)
 
-    launch(_attention_fwd_kernel, _attention_fwd_tuned, grid_of, args, meta, q.device)
+    launcher(_attention_fwd_kernel, _attention_fwd_tuned, grid_of, args, meta, q.device)
     return out, lse

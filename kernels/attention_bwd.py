@@ -37,8 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (allowed_scores, autotuned, block_d, configs_for_call, dot_meta, dropout_keep, launch, mma,
-                        lse_strides, problem, sequence_bounds, strides4, _config)
+from typing import Callable
+
+from .attention import (allowed_scores, block_d, dot_meta, dropout_keep, lse_strides, problem, seqlen_buckets,
+                        sequence_bounds, strides4, tile_dot)
+from .launch import autotuned, check_tile_strides, config, configs_for_call, launch
 
 
 @triton.jit
@@ -77,7 +80,7 @@ def _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls):
     return lse2, delta
 
 
-@triton.jit(do_not_specialize=["heads_per_program"])
+@triton.jit(do_not_specialize=["heads_per_program", "seqlen_q_bucket", "seqlen_k_bucket"])
 def _dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, KeyPad, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -89,7 +92,7 @@ def _dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, heads_per_program, programs_per_kv_head, max_seqlen_q, max_seqlen_k, head_dim,
-    scale, dropout_p, seed,
+    scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -100,8 +103,8 @@ def _dkdv_kernel(
     head. Expanded: (1, group_size), it is the query head. Triton compiles an int argument equal
     to 1 as a constant, so the grouped path drops the division; ``heads_per_program`` is kept a
     runtime loop bound (``do_not_specialize``) even when 1 (expanded, or multi-head attention):
-    with the loop unrolled ptxas spilled 32 B (hd 64, fp32, causal, BLOCK_N=64; Triton 3.6,
-    sm_90), and the loop form is the one bench/compile_audit.py checks."""
+    a loop of one trip, fully unrolled, holds more registers than the loop. The bucket arguments
+    only key the autotuner."""
     start_n = tl.program_id(0) * BLOCK_N
     out_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -111,16 +114,19 @@ def _dkdv_kernel(
                                                      IS_VARLEN)
     if start_n >= k_len:
         return
-    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = start_n + offs_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < k_len)[:, None] & (offs_d < head_dim)[None, :]
-    batch64, q_start64, k_start64 = batch.to(tl.int64), q_start.to(tl.int64), k_start.to(tl.int64)
+    # Token indices times strides are 64-bit, offsets inside a tile 32-bit (see the forward).
+    batch64, q_start64 = batch.to(tl.int64), q_start.to(tl.int64)
+    first_col = k_start.to(tl.int64) + start_n
     kv_head64 = kv_head.to(tl.int64)
-    k = tl.load(K + batch64 * stride_kb + kv_head64 * stride_kh + (k_start64 + cols[:, None]) * stride_ks
-                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + batch64 * stride_vb + kv_head64 * stride_vh + (k_start64 + cols[:, None]) * stride_vs
-                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(K + batch64 * stride_kb + kv_head64 * stride_kh + first_col * stride_ks
+                + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + batch64 * stride_vb + kv_head64 * stride_vh + first_col * stride_vs
+                + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     scale_log2 = scale * 1.4426950408889634
@@ -132,21 +138,24 @@ def _dkdv_kernel(
     # Fixed order over the query heads and their query blocks: deterministic sums.
     for g in range(0, heads_per_program):
         head64 = (first_head + g).to(tl.int64)
-        q_base = Q + batch64 * stride_qb + head64 * stride_qh + q_start64 * stride_qs
-        do_base = DOut + batch64 * stride_gb + head64 * stride_gh + q_start64 * stride_gs
+        q_base = Q + batch64 * stride_qb + head64 * stride_qh
+        do_base = DOut + batch64 * stride_gb + head64 * stride_gh
         l_offset = batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls
         for start_m in range(lo, q_len, BLOCK_M):
             rows = start_m + offs_m
+            first_row = q_start64 + start_m
             q_mask = (rows < q_len)[:, None] & (offs_d < head_dim)[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=q_mask, other=0.0)
+            q = tl.load(q_base + first_row * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                        mask=q_mask, other=0.0)
+            do = tl.load(do_base + first_row * stride_gs + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+                         mask=q_mask, other=0.0)
             lse2, delta = _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls)
             # Rows past q_len are masked like disallowed keys: their p is 0.
-            s = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
+            s = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
             s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
             s = tl.where((rows < q_len)[:, None], s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])  # (M, N) probabilities, recomputed
-            dp = mma(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
+            dp = tile_dot(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, dropout_p, batch * num_heads + head64, max_seqlen_q, max_seqlen_k, rows,
                                     cols)
@@ -155,19 +164,19 @@ def _dkdv_kernel(
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             else:
                 p_dropped = p
-            dv = mma(tl.trans(p_dropped.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
+            dv = tile_dot(tl.trans(p_dropped.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-            dk = mma(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
+            dk = tile_dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
 
     dk = dk * scale
     out_head64 = out_head.to(tl.int64)
-    tl.store(DK + batch64 * stride_dkb + out_head64 * stride_dkh + (k_start64 + cols[:, None]) * stride_dks
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + batch64 * stride_dvb + out_head64 * stride_dvh + (k_start64 + cols[:, None]) * stride_dvs
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + batch64 * stride_dkb + out_head64 * stride_dkh + first_col * stride_dks
+             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch64 * stride_dvb + out_head64 * stride_dvh + first_col * stride_dvs
+             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q_bucket", "seqlen_k_bucket"])
 def _dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, KeyPad, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -178,7 +187,7 @@ def _dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
-    scale, dropout_p, seed,
+    scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -191,21 +200,26 @@ def _dq_kernel(
                                                      IS_VARLEN)
     if start_m >= q_len:
         return
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     q_mask = (rows < q_len)[:, None] & d_ok[None, :]
+    # Token indices times strides are 64-bit, offsets inside a tile 32-bit (see the forward).
     batch64, head64 = batch.to(tl.int64), head.to(tl.int64)
     q_start64, k_start64 = q_start.to(tl.int64), k_start.to(tl.int64)
-    q = tl.load(Q + batch64 * stride_qb + head64 * stride_qh + (q_start64 + rows[:, None]) * stride_qs
-                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    do = tl.load(DOut + batch64 * stride_gb + head64 * stride_gh + (q_start64 + rows[:, None]) * stride_gs
-                 + offs_d[None, :] * stride_gd, mask=q_mask, other=0.0)
+    first_row = q_start64 + start_m
+    q = tl.load(Q + batch64 * stride_qb + head64 * stride_qh + first_row * stride_qs
+                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DOut + batch64 * stride_gb + head64 * stride_gh + first_row * stride_gs
+                 + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=q_mask, other=0.0)
     lse2, delta = _row_stats(Lse, Delta, batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls, rows,
                              q_len, stride_ls)
-    k_base = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start64 * stride_ks
-    v_base = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start64 * stride_vs
+    k_base = K + batch64 * stride_kb + kv_head64 * stride_kh
+    v_base = V + batch64 * stride_vb + kv_head64 * stride_vh
+    k_tile = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_tile = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     key_pad_row = KeyPad + batch64 * stride_pb
     scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -216,45 +230,45 @@ def _dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
+        first_col = k_start64 + start_n
+        k = tl.load(k_base + first_col * stride_ks + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + first_col * stride_vs + v_tile, mask=kv_mask, other=0.0)
+        s = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
         s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
         p = tl.exp2(s - lse2[:, None])
-        dp = mma(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
+        dp = tile_dot(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, dropout_p, batch * num_heads + head, max_seqlen_q, max_seqlen_k, rows, cols)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+        dq = tile_dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
 
     dq = dq * scale
-    tl.store(DQ + batch64 * stride_dqb + head64 * stride_dqh + (q_start64 + rows[:, None]) * stride_dqs
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + batch64 * stride_dqb + head64 * stride_dqh + first_row * stride_dqs
+             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Backward candidates (see the forward's launch notes): the dK/dV program holds k, v, dk, dv
-# for BLOCK_N keys in registers, so it takes 8 warps and smaller blocks than the forward
-# (a 128-key block at hd 128 already spilled 156 bytes).
+# Backward candidates (see the forward's): the dK/dV program holds k, v, dk, dv for BLOCK_N
+# keys in registers, so it takes 8 warps and smaller blocks than the forward.
 DKDV_CONFIGS = {
-    64: [_config(32, 128, 8, 3), _config(64, 64, 8, 3), _config(32, 64, 8, 3)],
-    128: [_config(32, 64, 8, 2), _config(32, 64, 8, 3), _config(32, 32, 8, 2)],
-    256: [_config(16, 32, 8, 1), _config(32, 16, 8, 1), _config(32, 32, 8, 1)],
+    64: [config(32, 128, 8, 3), config(64, 64, 8, 3), config(32, 64, 8, 3)],
+    128: [config(32, 64, 8, 2), config(32, 64, 8, 3), config(32, 32, 8, 3)],
+    256: [config(16, 32, 8, 2), config(32, 32, 8, 2), config(16, 64, 8, 2)],
 }
 DKDV_CONFIGS_FP32 = {
-    64: [_config(32, 32, 8, 1), _config(16, 64, 8, 1), _config(32, 16, 8, 1)],
-    128: [_config(32, 32, 8, 1), _config(32, 16, 8, 1), _config(16, 16, 4, 1)],
-    256: [_config(16, 32, 8, 1), _config(32, 16, 8, 1), _config(16, 16, 4, 1)],
+    64: [config(32, 32, 8, 1), config(16, 64, 8, 1), config(32, 16, 8, 1)],
+    128: [config(32, 32, 8, 1), config(32, 16, 8, 1), config(16, 16, 8, 1)],
+    256: [config(16, 16, 8, 1), config(32, 16, 8, 1), config(16, 16, 4, 1)],
 }
 DQ_CONFIGS = {
-    64: [_config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(128, 64, 8, 3)],
-    128: [_config(128, 32, 8, 2), _config(32, 64, 8, 2), _config(32, 32, 8, 2)],
-    256: [_config(32, 32, 8, 1), _config(32, 16, 8, 1), _config(16, 32, 8, 1)],
+    64: [config(128, 32, 4, 3), config(64, 64, 4, 3), config(128, 64, 8, 3)],
+    128: [config(128, 32, 8, 2), config(64, 64, 8, 2), config(128, 64, 8, 2)],
+    256: [config(64, 32, 8, 2), config(32, 32, 8, 2), config(32, 64, 8, 2)],
 }
 DQ_CONFIGS_FP32 = {
-    64: [_config(64, 32, 8, 1), _config(32, 64, 8, 1), _config(32, 32, 8, 1)],
-    128: [_config(32, 16, 8, 1), _config(16, 32, 8, 1), _config(16, 64, 8, 1)],
-    256: [_config(16, 16, 8, 1), _config(16, 32, 8, 1), _config(32, 16, 8, 1)],
+    64: [config(64, 32, 8, 1), config(32, 64, 8, 1), config(32, 32, 8, 1)],
+    128: [config(32, 16, 8, 1), config(16, 32, 8, 1), config(16, 64, 8, 1)],
+    256: [config(16, 16, 8, 1), config(16, 32, 8, 1), config(32, 16, 8, 1)],
 }
 _dkdv_tuned = autotuned(_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_FP32)
 _dq_tuned = autotuned(_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_FP32)
@@ -286,9 +300,18 @@ def _sm_count(device: torch.device) -> int | None:
 
 def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
-                       seed: int):
-    """Returns (dq, dk, dv), contiguous, in the dtypes of q, k and v."""
+                       seed: int, launcher: Callable = launch, expanded: bool | None = None):
+    """Returns (dq, dk, dv), contiguous, in the dtypes of q, k and v.
+
+    ``launcher`` runs each kernel (see ``attention_forward``); ``expanded`` forces one dK/dV
+    way (None: ``dkdv_expanded`` picks).
+
+    Raises:
+        ValueError: too many heads or sequences for a grid, or a token or head-dim stride above 2^23 elements.
+    """
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    check_tile_strides(**{name: strides4(t, varlen)[2:]
+                          for name, t in dict(grad_out=grad_out, q=q, k=k, v=v, out=out).items()})
     alloc = torch.zeros if varlen else torch.empty  # packed tokens outside every sequence get 0
     dq = alloc(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing attends or nothing to attend: zero gradients
@@ -305,12 +328,13 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     lse_s = lse_strides(lse, varlen)
 
     delta = torch.empty_like(lse)
-    delta_grid = (triton.cdiv(max_q, DELTA_BLOCK_M), num_heads, num_seqs)
-    _delta_kernel[delta_grid](out, grad_out, delta, cu_q, *strides4(out, varlen), *strides4(grad_out, varlen),
-                              *lse_s, max_q, head_dim, IS_VARLEN=varlen, BLOCK_D=bd, BLOCK_M=DELTA_BLOCK_M)
+    launcher(_delta_kernel, None, lambda b: (triton.cdiv(max_q, b["BLOCK_M"]), num_heads, num_seqs),
+             (out, grad_out, delta, cu_q, *strides4(out, varlen), *strides4(grad_out, varlen), *lse_s, max_q, head_dim),
+             dict(IS_VARLEN=varlen, BLOCK_D=bd, BLOCK_M=DELTA_BLOCK_M), q.device)
 
     common = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(grad_out, varlen))
-    scalars = (num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed)
+    buckets = seqlen_buckets(max_q, max_k)
+    scalars = (num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed, *buckets)
     meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
                 **dot_meta(q), BLOCK_D=bd)
 
@@ -320,7 +344,8 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     grouped_programs = triton.cdiv(max_k, largest_block_n) * num_kv_heads * num_seqs
     dk_shape, dv_shape = list(k.shape), list(v.shape)
     expanded_bytes = 4 * num_heads * (k.numel() + v.numel()) // num_kv_heads
-    expanded = dkdv_expanded(grouped_programs, group_size, expanded_bytes, _sm_count(q.device))
+    if expanded is None:
+        expanded = dkdv_expanded(grouped_programs, group_size, expanded_bytes, _sm_count(q.device))
     if expanded:
         # Per query head (axis 1 in both layouts), in float32: 16-bit partials would round
         # group_size times before the sum instead of once after it, as the grouped registers do.
@@ -333,15 +358,15 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     heads_per_program, programs_per_kv_head = (1, group_size) if expanded else (group_size, 1)
     dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, key_pad, cu_q, cu_k, *common, *strides4(dk, varlen),
                  *strides4(dv, varlen), *lse_s, *pad_strides, num_heads, heads_per_program, programs_per_kv_head,
-                 max_q, max_k, head_dim, scale, dropout_p, seed)
-    launch(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), dk_shape[1], num_seqs),
-           dkdv_args, meta, q.device)
+                 max_q, max_k, head_dim, scale, dropout_p, seed, *buckets)
+    launcher(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), dk_shape[1], num_seqs),
+             dkdv_args, meta, q.device)
     if expanded:  # fixed-order sum over each group's query heads (head h = kv_head * group_size + g)
         dk = dk.unflatten(1, (num_kv_heads, group_size)).sum(2).to(k.dtype)
         dv = dv.unflatten(1, (num_kv_heads, group_size)).sum(2).to(v.dtype)
 
     dq_args = (q, k, v, grad_out, lse, delta, dq, key_pad, cu_q, cu_k, *common, *strides4(dq, varlen), *lse_s,
                *pad_strides, *scalars)
-    launch(_dq_kernel, _dq_tuned, lambda b: (triton.cdiv(max_q, b["BLOCK_M"]), num_heads, num_seqs),
-           dq_args, meta, q.device)
+    launcher(_dq_kernel, _dq_tuned, lambda b: (triton.cdiv(max_q, b["BLOCK_M"]), num_heads, num_seqs),
+             dq_args, meta, q.device)
     return dq, dk, dv

@@ -13,12 +13,10 @@
 
 #include <cstdint>
 
+#include "common/convert.cuh"
+
 namespace tformer {
 namespace attention {
-
-// Explicit conversions: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ (and the bf16 one).
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Two floats rounded to T and packed into one register, `lo` in the low half.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);

@@ -28,8 +28,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 // 16 bytes apart modulo 128, so the 8 row addresses of one ldmatrix fall in distinct banks.
 template <int kD> constexpr int smem_stride() { return kD + 8; }
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 struct SequenceBounds {
   int q_start, q_len, k_start, k_len;
 };

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/convert.cuh"
 #include "common/dtype.h"
 
 namespace tformer {
@@ -24,19 +25,7 @@ constexpr int kMaxWarpRowLength = 1024;
 // Cap on the grid; the kernels loop over rows with a grid stride beyond it.
 constexpr int64_t kMaxGridBlocks = 1 << 20;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---- dtype conversion (fp32 arithmetic everywhere) -------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// fp32 arithmetic everywhere: to_float / from_float (common/convert.cuh) at loads and stores.
 
 // Elements per 128-bit access.
 template <typename T> constexpr int kVectorWidth = static_cast<int>(16 / sizeof(T));
@@ -51,12 +40,61 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
   for (int i = 0; i < V; ++i) out[i] = to_float(pack.v[i]);
 }
 
+// 32-bit word `w` of `in` rounded to T: one float, or two 16-bit values with in[2w] low.
+template <typename T, int V>
+__device__ __forceinline__ uint32_t pack_word(const float (&in)[V], int w) {
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(in[w]);
+  } else {
+    const T lo = from_float<T>(in[2 * w]), hi = from_float<T>(in[2 * w + 1]);
+    return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&lo)) |
+           (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+  }
+}
+
+// One 16-byte (or 8-byte) global store of 32-bit words, p aligned to its size. Inline PTX:
+// a plain store of a Pack or a uint4 may be split by the compiler into one store per element
+// or per word, and the __stwb intrinsic is a strong store. "memory": later loads of the same
+// row (LayerNorm's pass 2 re-reads residual_out) must not move above it.
+__device__ __forceinline__ void store_words(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+__device__ __forceinline__ void store_words(void* p, uint32_t a, uint32_t b) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
+
+// p must be aligned to V elements; V elements of T are one 128-bit store (or 64-bit for V = 2
+// floats), assembled in 32-bit words.
 template <int V, typename T>
 __device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
-  Pack<T, V> pack;
+  constexpr int kWords = V * static_cast<int>(sizeof(T)) / 4;
+  if constexpr (kWords == 4) {
+    store_words(p, pack_word<T>(in, 0), pack_word<T>(in, 1), pack_word<T>(in, 2), pack_word<T>(in, 3));
+  } else if constexpr (kWords == 2) {
+    store_words(p, pack_word<T>(in, 0), pack_word<T>(in, 1));
+  } else {
 #pragma unroll
-  for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+    for (int i = 0; i < V; ++i) p[i] = from_float<T>(in[i]);
+  }
+}
+
+// W consecutive values of a float32 parameter vector (weight, bias) from p[col]: 128-bit loads
+// when p + col is 16-byte aligned (always, for rows whose length is a multiple of the vector
+// width), scalar loads otherwise. The branch is the same for a whole row.
+template <int W>
+__device__ __forceinline__ void load_params(const float* p, int col, float (&out)[W]) {
+  if constexpr (W % 4 == 0) {
+    if ((reinterpret_cast<uintptr_t>(p + col) & 15) == 0) {
+#pragma unroll
+      for (int i = 0; i < W; i += 4) {
+        const float4 f = *reinterpret_cast<const float4*>(p + col + i);
+        out[i] = f.x, out[i + 1] = f.y, out[i + 2] = f.z, out[i + 3] = f.w;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < W; ++i) out[i] = p[col + i];
 }
 
 template <int V>

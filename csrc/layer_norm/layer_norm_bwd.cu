@@ -27,13 +27,14 @@ __global__ void __launch_bounds__(kBlockThreads) norm_backward_input_kernel(Norm
     // Loads one chunk of the row and forms xhat and g in place.
     auto load_chunk = [&](auto width, int col, float* xhat, float* g) {
       constexpr int W = decltype(width)::value;
-      float v[W], d[W];
+      float v[W], d[W], w[W];
       load_floats<W>(input + start + col, v);
       load_floats<W>(dy + start + col, d);
+      if (args.weight != nullptr) load_params<W>(args.weight, col, w);
 #pragma unroll
       for (int i = 0; i < W; ++i) {
         xhat[i] = (v[i] - mean) * rstd;
-        g[i] = args.weight != nullptr ? d[i] * args.weight[col + i] : d[i];
+        g[i] = args.weight != nullptr ? d[i] * w[i] : d[i];
       }
     };
 

@@ -84,10 +84,18 @@ __global__ void __launch_bounds__(kBlockThreads) norm_forward_kernel(NormForward
       float v[W];
       load_floats<W>(input + start + col, v);
 #pragma unroll
-      for (int i = 0; i < W; ++i) {
-        v[i] = (v[i] - mean) * rstd;
-        if (args.weight != nullptr) v[i] *= args.weight[col + i];
-        if (args.bias != nullptr) v[i] += args.bias[col + i];
+      for (int i = 0; i < W; ++i) v[i] = (v[i] - mean) * rstd;
+      if (args.weight != nullptr) {
+        float w[W];
+        load_params<W>(args.weight, col, w);
+#pragma unroll
+        for (int i = 0; i < W; ++i) v[i] *= w[i];
+      }
+      if (args.bias != nullptr) {
+        float b[W];
+        load_params<W>(args.bias, col, b);
+#pragma unroll
+        for (int i = 0; i < W; ++i) v[i] += b[i];
       }
       store_floats<W>(y + start + col, v);
     });

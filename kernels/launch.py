@@ -1,0 +1,139 @@
+"""How the attention kernels (forward and both backward passes) are launched: their autotune
+tables and tuner, the sequence-length bucket in the tuning key, the CUDA-graph capture guard,
+the grid limits and the stride limit that keeps in-tile offsets in 32 bits.
+
+On a GPU each kernel has a small autotune set per head-dim bucket and input precision; at
+most 3 configs compile and run at the first call of each key (head dim bucket, causal,
+dropout, sequence-length buckets, and the tensors' dtypes, which Triton adds). Under
+TRITON_INTERPRET=1 (CPU tensors) one fixed small config runs, so that tests with lengths 17 or
+33 cross block boundaries. ``python -m bench.compile_audit`` lowers every candidate for sm_90
+as Triton specializes it at launch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import triton
+
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+# CUDA limits grid y and z (here heads and sequences) to 65,535 blocks each.
+MAX_GRID_YZ = 65_535
+# Offsets inside a tile (a row, column or head-dim index < 256 times a stride) are 32-bit for
+# speed; every token, head or sequence start is 64-bit. A token or head-dim stride above
+# 2^31 / 256 elements could push an in-tile offset past 2^31, so such tensors are refused.
+MAX_TILE_EXTENT = 256
+MAX_STRIDE = (2**31 - 1) // MAX_TILE_EXTENT
+# Leading kernel arguments that carry the sequence-length buckets: in the tuning key only.
+BUCKET_ARGS = ("seqlen_q_bucket", "seqlen_k_bucket")
+
+
+def config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def configs_for_call(table: dict, fp32_table: dict, configs, named_args, **kwargs):
+    """Autotune pruning: only the candidates of this precision's bucket that holds BLOCK_D run."""
+    chosen = fp32_table if kwargs["DOT_PRECISION"] == "ieee" else table
+    return chosen[min(bound for bound in chosen if bound >= kwargs["BLOCK_D"])]
+
+
+def seqlen_bucket(seqlen: int) -> int:
+    """The power of two at or above ``seqlen`` (at least 16): the best blocks change with the
+    length (few long rows vs many short ones), not with every length."""
+    return max(16, triton.next_power_of_2(seqlen))
+
+
+@dataclass
+class Tuned:
+    """A kernel's autotuner, the candidate tables it prunes to, and the keys tuned so far."""
+
+    autotuner: triton.runtime.Autotuner
+    table: dict
+    fp32_table: dict
+    tuned_keys: set = field(default_factory=set)
+
+    def first_config(self, meta: dict) -> triton.Config:
+        """The leading candidate for this call: what runs when autotuning is off."""
+        return configs_for_call(self.table, self.fp32_table, None, None, **meta)[0]
+
+    @staticmethod
+    def key(args: tuple, meta: dict) -> tuple:
+        """Everything Triton's tuning key can hold for this call (it keys on a subset of the
+        constexprs, the bucket arguments and the tensors' dtypes), so a key seen here means
+        Triton's cache has the call's config."""
+        dtypes = tuple(str(arg.dtype) for arg in args if hasattr(arg, "dtype"))
+        return tuple(sorted(meta.items())), args[-2:], dtypes
+
+
+def autotuned(kernel, table: dict, fp32_table: dict) -> Tuned:
+    configs = [c for t in (table, fp32_table) for bucket in t.values() for c in bucket]
+    # cache_results: the winning config is kept in Triton's disk cache, so a later process
+    # with a warm cache neither recompiles nor re-times.
+    # HAS_DROPOUT in the key: the dropout path holds more registers (its best block may differ),
+    # so it is tuned on its own.
+    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT", *BUCKET_ARGS], cache_results=True,
+                            prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
+                                table, fp32_table, *a, **kw)})(kernel)
+    return Tuned(tuner, table, fp32_table)
+
+
+def autotune_enabled() -> bool:
+    """``TFORMER_AUTOTUNE=0`` runs each bucket's leading candidate untimed: one compile per
+    kernel variant instead of three, for test suites and quick starts."""
+    return os.environ.get("TFORMER_AUTOTUNE", "1") != "0"
+
+
+def capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def launch(kernel, tuned: Tuned | None, grid_of: Callable[[dict], tuple], args: tuple, meta: dict,
+           device: torch.device) -> None:
+    """Run ``kernel`` with the interpreter's fixed blocks on CPU tensors, else autotuned (or
+    with the leading candidate when autotuning is off, or with ``meta`` alone when the kernel
+    has no tuner). ``args`` ends with the two sequence-length buckets of tuned kernels.
+
+    Raises:
+        RuntimeError: a CUDA graph is being captured and this call's key has not been tuned:
+            tuning times the candidates by launching them, which a capture would record.
+    """
+    if tuned is None:
+        kernel[grid_of(meta)](*args, **meta)
+    elif device.type == "cpu":
+        kernel[grid_of(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
+    elif autotune_enabled():
+        key = tuned.key(args, meta)
+        if key not in tuned.tuned_keys and capturing(device):
+            raise RuntimeError(
+                f"{kernel.__name__}: this call would autotune while a CUDA graph is being captured "
+                f"(head-dim bucket {meta['BLOCK_D']}, sequence-length buckets {args[-2]}/{args[-1]}); run the same "
+                "shapes once eagerly before capturing, or set TFORMER_AUTOTUNE=0")
+        tuned.autotuner[grid_of](*args, **meta)
+        tuned.tuned_keys.add(key)
+    else:
+        chosen = tuned.first_config(meta)
+        kernel[grid_of(chosen.kwargs)](*args, **meta, **chosen.kwargs, num_warps=chosen.num_warps,
+                                       num_stages=chosen.num_stages)
+
+
+def check_grid_yz(num_heads: int, num_seqs: int, varlen: bool) -> None:
+    """Refuse a launch whose heads (grid y) or sequences (grid z) exceed CUDA's 65,535."""
+    if num_heads > MAX_GRID_YZ:
+        raise ValueError(f"attention: argument 'q' has {num_heads} heads, at most {MAX_GRID_YZ} are supported")
+    if num_seqs > MAX_GRID_YZ:
+        what = (f"argument 'cu_seqlens_q' describes {num_seqs} sequences" if varlen
+                else f"argument 'q' has batch size {num_seqs}")
+        raise ValueError(f"attention: {what}, at most {MAX_GRID_YZ} are supported")
+
+
+def check_tile_strides(**strides: tuple[int, ...]) -> None:
+    """Refuse token or head-dim strides (the ones offsets inside a tile multiply) of 2^31 / 256
+    elements or more (see ``MAX_STRIDE``). ``strides``: argument name -> those strides."""
+    for name, values in strides.items():
+        if any(abs(stride) > MAX_STRIDE for stride in values):
+            raise ValueError(f"attention: argument '{name}' has token/head-dim strides {tuple(values)}; each must be "
+                             f"at most {MAX_STRIDE} elements (pass a contiguous tensor)")
