@@ -81,8 +81,11 @@ def _sha256(path: Path) -> str:
 
 def verify_export(path: str | os.PathLike) -> list[str]:
     """Problems with an export folder (empty: fine): an unreadable config.json, or weights that
-    do not match the SHA-256 recorded in it (none recorded: not checked)."""
+    do not match the SHA-256 recorded in it (none recorded, or no config.json beside bare
+    weights as init_from accepts: not checked)."""
     path = Path(path)
+    if not (path / CONFIG_NAME).exists():
+        return []
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError) as error:
