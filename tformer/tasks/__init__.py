@@ -13,6 +13,7 @@ TASKS = {
     "lm": "tformer.tasks.lm",
     "classify": "tformer.tasks.classify",
     "mlm": "tformer.tasks.mlm",
+    "asr": "tformer.tasks.asr",
 }
 
 
