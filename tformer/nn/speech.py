@@ -83,8 +83,9 @@ class SpeechEmbedding(nn.Module):
         self.spec_augment = spec_augment
         self.mask_options = dict(freq_masks=freq_masks, freq_width=freq_width, time_masks=time_masks,
                                  time_width_fraction=time_width_fraction)
-        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, stride=2, padding=1), nn.GELU(),
-                                  nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GELU())
+        self.conv1 = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.activation = nn.GELU()
         reduced_mels = (n_mels + 3) // 4
         self.out = nn.Linear(channels * reduced_mels, d_model)
 
@@ -94,7 +95,9 @@ class SpeechEmbedding(nn.Module):
         return (frames + 3) // 4
 
     def forward(self, waveform: torch.Tensor, num_samples: torch.Tensor):
-        features = self.log_mel(waveform)  # (B, T, F)
+        # Zero the samples past each length, so what pads a row never leaks into its last frames.
+        inside = torch.arange(waveform.shape[1], device=waveform.device)[None, :] < num_samples[:, None]
+        features = self.log_mel(waveform * inside)  # (B, T, F)
         frames = self.log_mel.num_frames(num_samples)
         valid = torch.arange(features.shape[1], device=features.device)[None, :] < frames[:, None]
         # Normalize each utterance over its real frames, so loudness and padding do not matter.
@@ -105,7 +108,12 @@ class SpeechEmbedding(nn.Module):
         features = ((features - mean) / (var + 1e-5).sqrt()) * weight
         if self.training and self.spec_augment:
             features = spec_augment(features, **self.mask_options) * weight
-        hidden = self.conv(features.unsqueeze(1))  # (B, C, T', F')
+        # Padding frames are zeroed after each convolution (the bias would make them nonzero), so a
+        # row's output does not depend on how much padding its batch added.
+        hidden = self.activation(self.conv1(features.unsqueeze(1)))  # (B, C, ceil(T / 2), F / 2)
+        half = (frames + 1) // 2
+        hidden = hidden * (torch.arange(hidden.shape[2], device=hidden.device)[None, :] < half[:, None])[:, None, :, None]
+        hidden = self.activation(self.conv2(hidden))  # (B, C, T', F')
         batch, channels, length, reduced = hidden.shape
         hidden = self.out(hidden.permute(0, 2, 1, 3).reshape(batch, length, channels * reduced))
         sub_frames = self.subsampled_length(frames)
