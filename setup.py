@@ -112,6 +112,9 @@ setup(
         "train": ["deepspeed", "pyyaml", "tqdm", "safetensors", "tokenizers", "wandb", "matplotlib"],
         # transformers is in dev so the tests of the Hugging Face integration run in CI.
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter"],
+        # Speech recognition (the asr task, python -m tformer.transcribe); the corpus builder also
+        # needs the espeak-ng program (apt-get install -y espeak-ng).
+        "speech": ["librosa", "soundfile", "jiwer"],
         "transformers": ["transformers>=5.0"],
         "bench": ["liger-kernel"],
     },
