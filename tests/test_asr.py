@@ -61,13 +61,13 @@ def test_training_steps_lower_the_loss_on_a_few_utterances(tmp_path, tiny_corpus
     batch = task.collate(*task.splits["train"])  # all six utterances
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(15):
         loss, count = task.loss_sum(model, batch, label_smoothing=0.0)
         optimizer.zero_grad()
         (loss / count).backward()
         optimizer.step()
         losses.append(loss.item() / count)
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < losses[0] - 1.0  # nats per target character (with the CTC term)
 
 
 @requires_espeak

@@ -131,7 +131,8 @@ def beam_search(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bo
         for beam in range(beams):
             score = scores[item, beam].item()
             if score != float("-inf"):
-                candidates.append((normalized(score, sequences.shape[1] - 1), sequences[item * beams + beam, 1:].tolist()))
+                tokens_so_far = sequences[item * beams + beam, 1:].tolist()
+                candidates.append((normalized(score, len(tokens_so_far)), tokens_so_far))
         best = max(candidates, key=lambda pair: pair[0])[1] if candidates else []
         results.append(_strip(best, eos_id))
     model.train(was_training)

@@ -112,7 +112,8 @@ class SpeechEmbedding(nn.Module):
         # row's output does not depend on how much padding its batch added.
         hidden = self.activation(self.conv1(features.unsqueeze(1)))  # (B, C, ceil(T / 2), F / 2)
         half = (frames + 1) // 2
-        hidden = hidden * (torch.arange(hidden.shape[2], device=hidden.device)[None, :] < half[:, None])[:, None, :, None]
+        inside_half = torch.arange(hidden.shape[2], device=hidden.device)[None, :] < half[:, None]
+        hidden = hidden * inside_half[:, None, :, None]
         hidden = self.activation(self.conv2(hidden))  # (B, C, T', F')
         batch, channels, length, reduced = hidden.shape
         hidden = self.out(hidden.permute(0, 2, 1, 3).reshape(batch, length, channels * reduced))

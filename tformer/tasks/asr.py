@@ -200,8 +200,8 @@ class AsrTask(Task):
         return [f"ref: {ref}\nhyp: {hyp}" for ref, hyp in zip(texts[:count], self.transcribe(model, batch))]
 
     def export_metadata(self) -> dict:
-        return {"vocab": self.vocab.to_dict(), "sample_rate": SAMPLE_RATE, "max_text_len": self.data_config.max_text_len,
-                "bos_id": BOS_ID, "eos_id": EOS_ID}
+        return {"vocab": self.vocab.to_dict(), "sample_rate": SAMPLE_RATE, "bos_id": BOS_ID, "eos_id": EOS_ID,
+                "max_text_len": self.data_config.max_text_len}
 
 
 TASK = AsrTask
