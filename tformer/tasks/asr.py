@@ -27,7 +27,7 @@ class AsrDataConfig:
     train_per_voice: int = 200  # corpus size (see tformer.data.speech_corpus.CorpusSpec)
     max_text_len: int = 40  # decoder positions = max_text_len + 2 (BOS, EOS)
     ctc_weight: float = 0.0  # 0: no CTC head; else loss = CE + ctc_weight * CTC
-    eval_utterances: int = 60  # per split for CER/WER (decoding is the slow part); null: all
+    eval_utterances: int | None = 60  # per split for CER/WER (decoding is the slow part); null: all
     eval_beams: int = 1  # 1: greedy decoding for CER/WER; >1: beam search
     length_penalty: float = 1.0
     limit_train: int | None = None  # use only the first N training utterances (tests)
@@ -35,6 +35,8 @@ class AsrDataConfig:
     def __post_init__(self):
         if not 0.0 <= self.ctc_weight:
             raise ConfigError(f"config: data.ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.eval_utterances is not None and self.eval_utterances < 1:
+            raise ConfigError(f"config: data.eval_utterances must be >= 1 or null (all), got {self.eval_utterances}")
         for name in ("train_per_voice", "max_text_len", "eval_beams"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config: data.{name} must be >= 1, got {getattr(self, name)}")
