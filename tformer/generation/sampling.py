@@ -38,6 +38,21 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
     return logits
 
 
+def pick_next_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, greedy: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of ``logits`` ``(B, V)``: the argmax when ``greedy``, else a
+    sample from ``softmax(filter_logits(logits / temperature))``. Returns ``(B, 1)`` int64.
+    Shared by the LM's :func:`generate` and the encoder-decoder's decoding
+    (:mod:`tformer.generation.seq2seq`)."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    if temperature <= 0:
+        raise ValueError(f"pick_next_tokens: argument 'temperature' must be > 0 (or use greedy=True), got {temperature}")
+    probs = torch.softmax(filter_logits(logits / temperature, top_k=top_k, top_p=top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
@@ -63,11 +78,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperatur
     out = prompt_ids
     logits = model(prompt_ids, cache=cache)[:, -1, :].float()
     for step in range(max_new_tokens):
-        if greedy:
-            next_ids = logits.argmax(dim=-1, keepdim=True)
-        else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k=top_k, top_p=top_p), dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator)
+        next_ids = pick_next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                    generator=generator)
         out = torch.cat([out, next_ids], dim=1)
         if step + 1 < max_new_tokens:
             logits = _next_logits(model, out, cache)

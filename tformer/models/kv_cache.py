@@ -62,5 +62,10 @@ class KVCache:
         """Count ``new_tokens`` more positions as filled (after every layer has written them)."""
         self.length += new_tokens
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` ``(B,)`` int64 (beam search: each beam continues a parent)."""
+        self.keys = [keys[rows] for keys in self.keys]
+        self.values = [values[rows] for values in self.values]
+
     def reset(self) -> None:
         self.length = 0

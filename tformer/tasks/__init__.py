@@ -15,6 +15,7 @@ TASKS = {
     "mlm": "tformer.tasks.mlm",
     "classify_hf": "tformer.tasks.classify_hf",
     "multitask": "tformer.tasks.multitask",
+    "asr": "tformer.tasks.asr",
 }
 
 

@@ -1,0 +1,95 @@
+"""Transcribe WAV files with a trained speech recognizer (an ``asr`` run's export).
+
+    python -m tformer.transcribe --checkpoint runs/asr_espeak FILE.wav [FILE.wav ...]
+
+Prints one transcript per file. ``--checkpoint`` takes an export folder, a run folder or a
+checkpoint folder (as ``python -m tformer.sample``). Audio at another sample rate is resampled
+with librosa; stereo is averaged to mono.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .sampling import find_export
+from .seq2seq import beam_search, decode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tformer.transcribe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="export, run or checkpoint folder of an asr model")
+    parser.add_argument("files", nargs="+", metavar="FILE.wav", help="audio files to transcribe")
+    parser.add_argument("--beams", type=int, default=1, help="beam width (1: greedy decoding)")
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sample instead of greedy decoding, at this temperature")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def read_audio(path: Path, sample_rate: int):
+    """Mono float32 waveform of ``path`` at ``sample_rate``."""
+    import librosa
+    import soundfile
+
+    audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    return librosa.resample(audio, orig_sr=rate, target_sr=sample_rate) if rate != sample_rate else audio
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.beams < 1:
+        parser.error(f"argument --beams must be >= 1, got {args.beams}")
+    if args.temperature is not None and (args.temperature <= 0 or args.beams > 1):
+        parser.error(f"argument --temperature must be > 0 and cannot be combined with --beams > 1, got "
+                     f"{args.temperature} with --beams {args.beams}")
+    for name in args.files:
+        if not Path(name).is_file():
+            parser.error(f"argument FILE.wav: {name!r} is not a file")
+    try:
+        export = find_export(args.checkpoint)
+    except FileNotFoundError as error:
+        parser.error(str(error).replace("sample: ", ""))
+
+    from tformer.data.speech import AsrVocab
+    from tformer.models.pretrained import load_pretrained
+
+    model, metadata = load_pretrained(export, device=args.device)
+    if metadata.get("vocab", {}).get("kind") != "asr_chars":
+        parser.error(f"argument --checkpoint: {export} is not a speech recognizer (task 'asr')")
+    vocab = AsrVocab.from_dict(metadata["vocab"])
+    options = dict(bos_id=metadata["bos_id"], eos_id=metadata["eos_id"], max_len=metadata["max_text_len"] + 1)
+    transcripts = []
+    for name in args.files:
+        try:
+            audio = read_audio(Path(name), metadata["sample_rate"])
+        except RuntimeError as error:  # soundfile's error for a file it cannot read
+            print(f"error: argument FILE.wav: cannot read {name!r} as audio ({error})", file=sys.stderr)
+            raise SystemExit(2)
+        waveform = torch.from_numpy(audio)[None].to(args.device)
+        lengths = torch.tensor([waveform.shape[1]], device=args.device)
+        if args.beams > 1:
+            ids = beam_search(model, waveform, lengths, num_beams=args.beams, length_penalty=args.length_penalty,
+                              **options)
+        elif args.temperature is not None:
+            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+            ids = decode(model, waveform, lengths, greedy=False, temperature=args.temperature, top_k=args.top_k,
+                         generator=generator, **options)
+        else:
+            ids = decode(model, waveform, lengths, **options)
+        transcripts.append(vocab.decode(ids[0]))
+        print(transcripts[-1])
+    return transcripts
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""``python -m tformer.transcribe``: speech to text with a trained asr model (see
+:mod:`tformer.generation.transcribe`)."""
+
+from tformer.generation.transcribe import main
+
+if __name__ == "__main__":
+    main()
