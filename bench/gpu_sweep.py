@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import traceback
@@ -229,12 +230,17 @@ def sweep(seconds: float, seed: int, device: str, backends: list[str], ops=OPS, 
     rng = random.Random(seed)
     combos = [(op, backend) for op in ops for backend in backends]
     counts = {f"{op}/{backend}": dict(cases=0, wrong=0, crashes=0, skipped=0, worst=0.0) for op, backend in combos}
-    failures, start, index = [], time.monotonic(), 0
+    failures, start, index, interrupted = [], time.monotonic(), 0, False
     while combos and time.monotonic() - start < seconds and (max_cases is None or index < max_cases):
         op, backend = combos[index % len(combos)]
         case = make_case(rng, op, backend, rng.choice(dtypes), device)
         index += 1
-        result = check_case(case)
+        try:
+            result = check_case(case)
+        except KeyboardInterrupt:  # Ctrl-C or `timeout` (SIGTERM): keep the counts so far
+            log(f"interrupted during {op}/{backend}: {reproducer(case)}")
+            interrupted = True
+            break
         row = counts[f"{op}/{backend}"]
         if result["status"] == "skipped":
             row["skipped"] += 1
@@ -246,7 +252,7 @@ def sweep(seconds: float, seed: int, device: str, backends: list[str], ops=OPS, 
             failures.append(dict(case=case, **result, reproducer=reproducer(case)))
             log(f"{result['status'].upper()} {op}/{backend} {case['dtype']}: {result['detail']}\n  {reproducer(case)}")
     return dict(seed=seed, device=device, seconds=round(time.monotonic() - start, 1), backends=backends,
-                counts=counts, failures=failures,
+                counts=counts, failures=failures, interrupted=interrupted,
                 total=dict(cases=sum(r["cases"] for r in counts.values()),
                            wrong=sum(r["wrong"] for r in counts.values()),
                            crashes=sum(r["crashes"] for r in counts.values())))
@@ -261,6 +267,10 @@ def summary_table(result: dict) -> str:
     lines.append(f"\n{total['cases']} cases, {total['wrong']} wrong, {total['crashes']} crashes "
                  f"(seed {result['seed']}, {result['seconds']} s, {result['device']})")
     return "\n".join(lines)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ops/--dtypes: unknown {unknown}; expected among {OPS} and {DTYPES}")
     backends = args.backends.split(",") if args.backends else backends_here()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
+    signal.signal(signal.SIGTERM, _interrupt)
     print(f"gpu_sweep: seed {seed}, {args.seconds:g} s, device {args.device}, backends {backends}", flush=True)
     result = sweep(args.seconds, seed, args.device, backends, ops=args.ops.split(","), dtypes=args.dtypes.split(","),
                    max_cases=args.max_cases, log=lambda line: print(line, flush=True))

@@ -83,3 +83,20 @@ def test_bad_case_json_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_sweep.main(["--case", "{not json"])
     assert exit_info.value.code == 2 and "error: --case must be a case's JSON" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_keeps_its_counts(monkeypatch):
+    # `timeout` sends SIGTERM, which the CLI turns into KeyboardInterrupt: the counts so far survive.
+    gpu_sweep._ops()
+    softmax, calls = gpu_sweep.IMPLEMENTATIONS["softmax"], []
+
+    def second_case_interrupted(*args, backend=None, **kwargs):
+        calls.append(backend)
+        if calls.count("triton") == 2:
+            raise KeyboardInterrupt
+        return softmax(*args, backend=backend, **kwargs)
+
+    monkeypatch.setitem(gpu_sweep.IMPLEMENTATIONS, "softmax", second_case_interrupted)
+    result = gpu_sweep.sweep(60, seed=4, device="cpu", backends=["triton"], ops=["softmax"], dtypes=["float32"],
+                             max_cases=5)
+    assert result["interrupted"] and result["total"]["cases"] == 1
