@@ -88,9 +88,10 @@ def make_case(rng: random.Random, op: str, backend: str, dtype: str, device: str
         rows = max(1, min(_length(rng, 512), limits["max_elements"] // width))
         case.update(rows=rows, width=width)
         if op in ("layer_norm", "rms_norm"):
-            case.update(affine=rng.random() < 0.8, residual=rng.random() < 0.4)
+            # param_fp32: float32 weight/bias beside half-precision x, as under autocast.
+            case.update(affine=rng.random() < 0.8, residual=rng.random() < 0.4, param_fp32=rng.random() < 0.3)
         else:
-            case.update(scale=rng.choice((1.0, 0.125, 2.0)), mask=rng.choice((None, None, "bool", "float")))
+            case.update(scale=rng.choice((1.0, 0.125, 2.0)), mask=rng.choice((None, None, "bool", "float", "bool_row")))
     return case
 
 
@@ -143,7 +144,9 @@ def _inputs(case: dict):
         m, n = case["rows"], case["width"]
         leaves = {"x": randn(m, n, spread=4.0)}
         kwargs = dict(scale=case["scale"])
-        if case["mask"] is not None:
+        if case["mask"] == "bool_row":  # (1, N), broadcast over the rows (stride 0)
+            kwargs["mask"] = (torch.rand(1, n, generator=gen) < 0.7).to(dev)
+        elif case["mask"] is not None:
             keep = torch.rand(m, n, generator=gen).to(dev) < 0.7
             if m > 1:
                 keep[0] = False  # a row where nothing takes part: zeros, zero gradient
@@ -160,7 +163,11 @@ def evaluate(case: dict, backend: str, dtype) -> dict | None:
     import tformer
 
     leaves64, kwargs64, grad_outs64 = _inputs(case)
-    leaves = {name: t.to(dtype).requires_grad_() for name, t in leaves64.items()}
+    def leaf_dtype(name):
+        keep_fp32 = case.get("param_fp32") and name in ("weight", "bias") and dtype != torch.float64
+        return torch.float32 if keep_fp32 else dtype
+
+    leaves = {name: t.to(leaf_dtype(name)).requires_grad_() for name, t in leaves64.items()}
     kwargs = {name: (t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t)
               for name, t in kwargs64.items()}
     try:
