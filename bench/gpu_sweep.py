@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=90.0, help="time budget (default 90)")
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock, printed")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default cuda; with --case, the case's own device unless given")
     parser.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
@@ -304,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             case = json.loads(args.case)
         except json.JSONDecodeError as error:
             parser.error(f"--case must be a case's JSON, got {args.case!r} ({error})")
-        args.device = case.get("device", args.device)
+        if not isinstance(case, dict) or case.get("op") not in OPS:
+            parser.error(f"--case must be a JSON object whose 'op' is one of {OPS}, got {args.case!r}")
+        case["device"] = args.device = args.device or case.get("device", "cuda")
+    args.device = args.device or "cuda"
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     import torch

@@ -79,10 +79,18 @@ def test_checker_catches_a_nan(monkeypatch):
     assert result["status"] == "wrong" and "non-finite" in result["detail"]
 
 
-def test_bad_case_json_is_a_one_line_error(capsys):
+def test_a_gpu_case_reruns_on_the_cpu_with_device_cpu(capsys):
+    case = dict(gpu_sweep.make_case(random.Random(8), "rms_norm", "triton", "float16", "cpu"), device="cuda")
+    assert gpu_sweep.main(["--case", json.dumps(case), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "ok"
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "must be a case's JSON"),
+                                           ('{"op": "conv"}', "whose 'op' is one of")])
+def test_bad_case_json_is_a_one_line_error(text, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        gpu_sweep.main(["--case", "{not json"])
-    assert exit_info.value.code == 2 and "error: --case must be a case's JSON" in capsys.readouterr().err
+        gpu_sweep.main(["--case", text])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_an_interrupted_sweep_keeps_its_counts(monkeypatch):
