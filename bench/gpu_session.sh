@@ -3,6 +3,13 @@
 # Builds the extension, proves the kernels on the GPU, then measures them with the anchors in the
 # same run. Everything worth keeping is written under $OUT (default: bench/gpu_out).
 #
+#   bash bench/gpu_session.sh first       # THE first call (< 7 min): build (timed), the randomized sweep
+#                                         #   (bench/gpu_sweep.py, 90 s), the ANCHORS.md bf16 rows beside SDPA
+#                                         #   flash/cuDNN, F.layer_norm, torch.softmax, Liger; ratio table last
+#   bash bench/gpu_session.sh second      # (< 7 min) DecoderLM step vs PyTorch eager/compiled, then the
+#                                         #   Shakespeare GPU recipe cut at 3 minutes (run.time_limit_s)
+#   GPU_SESSION_DRY_RUN=1 PY=/path/to/venv/python bash bench/gpu_session.sh first   # CPU rehearsal:
+#                                         #   GPU parts skipped with a message, the sweep on the CPU for 5 s
 #   bash bench/gpu_session.sh tests       # build + GPU correctness: kernel tests, cuda extension, ctest
 #     (= tests-rows then tests-attention: one call each when the build and both do not fit 10 minutes)
 #   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck, racecheck, synccheck over the CUDA kernels
@@ -33,7 +40,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" WANDB_MODE=disabled
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" WANDB_MODE=disabled
+PY="${PY:-python3}"
+DRY="${GPU_SESSION_DRY_RUN:-}"  # non-empty: rehearse on a machine without a GPU
 # Triton's compiled kernels and autotune results in the git-ignored build/: kept between the
 # calls of one session on the same warm machine, so later stages do not compile again.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/build/triton-cache}"
@@ -41,21 +50,26 @@ status=0
 
 # Wheels carried in device_carry/wheels (bench/prepare_device_carry.sh) go to /tmp/site.
 if ls device_carry/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     device_carry/wheels/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 build() {
+  if [ -n "$DRY" ]; then echo "dry run: no GPU here, the CUDA extension build is skipped"; return; fi
   [ -n "$(ls tformer/_C*.so 2>/dev/null)" ] && return
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-  TFORMER_BUILD_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+  BUILD_START=$SECONDS
+  TFORMER_BUILD_CUDA=1 timeout "${BUILD_TIMEOUT:-240}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
+  echo "build: CUDA extension wall time $((SECONDS - BUILD_START)) s (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" \
+    | tee -a "$OUT/device.txt"
 }
 
 bench() {  # bench NAME PATHS-AND-PYTEST-ARGS... (name the files: "bench" is every benchmark)
+  # BENCH_TIMEOUT: SIGINT ends pytest's session cleanly, so the JSON of the rows done is still written.
   local name=$1; shift
-  python3 -m pytest --benchmark-only -q --benchmark-json "$OUT/$name.json" "$@" 2>&1 | tail -n 30 || status=1
-  python3 -m bench.report "$OUT/$name.json" --out-dir "$OUT/$name" && cat "$OUT/$name/report.md" || status=1
+  timeout -s INT -k 30 "${BENCH_TIMEOUT:-540}" "$PY" -m pytest --benchmark-only -q --benchmark-json "$OUT/$name.json" "$@" 2>&1 | tail -n 30 || status=1
+  "$PY" -m bench.report "$OUT/$name.json" --out-dir "$OUT/$name" ${BENCH_REPORT_ARGS:-} || status=1  # prints report.md
 }
 
 run_tests() {  # run_tests rows|attention: one group of the GPU correctness tests (+ ctest with the rows)
@@ -66,7 +80,7 @@ run_tests() {  # run_tests rows|attention: one group of the GPU correctness test
   esac
   # Autotuning off: each kernel variant compiles once, not three times (the benchmarks tune).
   # --maxfail, not -x: one call should show every failing kernel, not the first.
-  TFORMER_AUTOTUNE=0 timeout 540 python3 -m pytest -q -rs --maxfail=15 $files 2>&1 | tee "$OUT/tests-$1.log" \
+  TFORMER_AUTOTUNE=0 timeout 540 "$PY" -m pytest -q -rs --maxfail=15 $files 2>&1 | tee "$OUT/tests-$1.log" \
     | tail -n 30 || status=1
   if [ "$1" = rows ]; then
     (cmake -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-cmake -j16 >/dev/null \
@@ -76,9 +90,8 @@ run_tests() {  # run_tests rows|attention: one group of the GPU correctness test
 
 imdb_train() {  # imdb_train NAME CONFIG ARGS...: one tformer/train.py run on IMDb, its wall time printed
   local name=$1 config=$2; shift 2
-  local start=$SECONDS
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
-  timeout 590 python3 tformer/train.py --config "$config" --set data.path="${IMDB:?set IMDB to the archive}" \
+  timeout 590 "$PY" tformer/train.py --config "$config" --set data.path="${IMDB:?set IMDB to the archive}" \
     --set data.cache_dir="${IMDB_CACHE:-$OUT/imdb_cache}" --set logging.wandb=false "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "step/s" | tail -n 40
   local rc=${PIPESTATUS[0]}
@@ -104,17 +117,74 @@ imdb_finetune() {
   imdb_train finetune imdb.json --set training.init_from="${IMDB_MLM:-$OUT/imdb_mlm}" --set run.out_dir="$OUT/imdb"
 }
 
+first_stage() {  # the first call of a GPU session: build, sweep, anchors; about 6.5 minutes at most
+  local start=$STAGE_START sweep_device=cuda sweep_seconds="${SWEEP_SECONDS:-90}" select="anchors and bfloat16" suite=anchors
+  if [ -n "$DRY" ]; then sweep_device=cpu sweep_seconds=5 select=cpu suite=cpu; fi
+  # A slow build leaves the sweep less: the whole stage, build included, stays near 400 s.
+  [ $((SECONDS - start)) -gt 150 ] && [ "$sweep_seconds" -gt 60 ] && sweep_seconds=60
+  echo "-- sweep: $sweep_seconds s on $sweep_device"
+  # No autotuning in the sweep: each kernel variant compiles once (the benchmarks tune).
+  TFORMER_AUTOTUNE=0 timeout -k 10 $((sweep_seconds + 40)) "$PY" -m bench.gpu_sweep --device "$sweep_device" \
+    --seconds "$sweep_seconds" --out "$OUT/sweep.json" ${SWEEP_SEED:+--seed "$SWEEP_SEED"} 2>&1 \
+    | tee "$OUT/sweep.log" | tail -n 60 || status=1
+  # The rest of 400 s goes to the anchors: tformer's backends and the anchors the issue names
+  # (attention fwd and fwd+bwd, the row ops fwd and bwd), 30 ms of repeats a row. SIGINT at the
+  # limit ends pytest's session cleanly, so the JSON of the rows done is still written.
+  local left=$(( 390 - (SECONDS - start) > 45 ? 390 - (SECONDS - start) : 45 ))
+  echo "-- anchors: at most $left s ($((SECONDS - start)) s into the stage)"
+  TFORMER_BENCH_MEASURE_SECONDS=0.03 timeout -s INT -k 30 "$left" "$PY" -m pytest --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json "$OUT/first.json" bench/bench_attention.py bench/bench_layer_norm.py bench/bench_softmax.py \
+    -k "$select and (tformer-triton or tformer-cuda or sdpa-flash or sdpa-cudnn or torch-$suite or liger) \
+and not (bench_attention and [bwd-)" -rfE --tb=line --benchmark-columns=median,rounds > "$OUT/first_pytest.log" 2>&1 \
+    || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/first_pytest.log" | tail -n 20
+  echo "first: stage wall time, build included, $((SECONDS - start)) s; under $OUT: device.txt sweep.json sweep.log first.json first_pytest.log report.md"
+  # Last: the ratio table (report.md; the plots are drawn later from first.json, since a call
+  # brings back at most 8 files).
+  "$PY" -m bench.report "$OUT/first.json" --no-plots --out-dir build/first_report && cp build/first_report/report.md \
+    "$OUT/report.md" || status=1
+}
+
+second_stage() {  # the second call (about 6.5 minutes at most): DecoderLM step vs PyTorch, then Shakespeare
+  local start=$SECONDS extra=() size=d512 limit
+  [ -n "$(ls tformer/_C*.so 2>/dev/null)" ] || echo "second: no CUDA extension built here (run 'first' on this machine first); auto uses Triton"
+  if [ -n "$DRY" ]; then
+    size=tiny
+    extra=(--set training.compile=false --set training.precision=fp32 --set model.d_model=32 --set model.n_layers=1
+           --set model.n_heads=2 --set data.seq_len=32 --set training.micro_batch_size=2 --set run.eval_interval=2
+           --set run.eval_batches=1 --set run.final_eval_batches=1 --set run.steps=4 --set sample.max_new_tokens=8)
+  fi
+  # ANCHORS.md's d 512 model, T 1024: tformer's triton and cuda backends and plain PyTorch, eager and compiled.
+  # No plots: a call brings back at most 8 files (draw them later from train_step.json).
+  BENCH_TIMEOUT=150 BENCH_REPORT_ARGS=--no-plots bench train_step bench/bench_train_step.py \
+    -k "$size and not tformer-reference"
+  limit=${SHAKESPEARE_SECONDS:-$(( 360 - (SECONDS - start) < 180 ? 360 - (SECONDS - start) : 180 ))}
+  echo "-- shakespeare: run.time_limit_s=$limit ($((SECONDS - start)) s into the stage)"
+  timeout -k 10 $(( limit + 60 )) "$PY" tformer/train.py --config shakespeare_gpu.json \
+    --set run.out_dir=runs/shakespeare_first_gpu --set logging.wandb=false --set run.time_limit_s="$limit" \
+    "${extra[@]}" 2>&1 | tr '\r' '\n' | grep -v "step/s" > "$OUT/shakespeare.log" || status=1
+  # The run's checkpoints stay there (too big and too many files to come back); its metrics come back.
+  cp runs/shakespeare_first_gpu/metrics.jsonl "$OUT/shakespeare_metrics.jsonl" 2>/dev/null
+  echo "second: stage wall time $((SECONDS - start)) s; under $OUT: train_step.json train_step/report.md" \
+    "shakespeare.log shakespeare_metrics.jsonl"
+  # Last: every evaluation (val loss with time/elapsed_s), then the run's last lines.
+  grep -E "^step [0-9]+:" "$OUT/shakespeare.log"; tail -n 8 "$OUT/shakespeare.log"
+}
+
 for stage in "$@"; do
   echo "== stage $stage ($(date -u +%FT%TZ))"
+  STAGE_START=$SECONDS
   # The IMDb recipe runs on the Triton kernels: the CUDA build would take minutes of its 10.
-  case "$stage" in imdb*) ;; *) build ;; esac
+  case "$stage" in imdb*|second) ;; *) build ;; esac
   case "$stage" in
+    first) first_stage ;;
+    second) second_stage ;;
     tests) run_tests rows; run_tests attention ;;
     tests-rows) run_tests rows ;;
     tests-attention) run_tests attention ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 1 python3 bench/sanitize_cuda_attention.py 2>&1 \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitize_cuda_attention.py 2>&1 \
           | tail -n 20 || status=1
       done ;;
     kernels) bench kernels bench/bench_attention.py bench/bench_layer_norm.py bench/bench_softmax.py \
@@ -126,13 +196,13 @@ for stage in "$@"; do
     hf) bench hf bench/bench_hf_attention.py ;;
     profile)
       ncu --set full --profile-from-start off --launch-count 8 -f -o "$OUT/profile" \
-        python3 -m bench.profile_attention ${PROFILE:---shape 4,16,4096,128 --causal --backend triton --pass bwd} \
+        "$PY" -m bench.profile_attention ${PROFILE:---shape 4,16,4096,128 --causal --backend triton --pass bwd} \
         2>&1 | tail -n 15 || status=1
       ncu --import "$OUT/profile.ncu-rep" --page details > "$OUT/profile.txt" 2>&1 || status=1
       grep -E "^  [a-z_]|Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Shared Memory Config" \
         "$OUT/profile.txt" | head -n 80 ;;
     shakespeare)
-      timeout 540 python3 tformer/train.py --config "${SHAKESPEARE_CONFIG:-shakespeare_gpu.json}" \
+      timeout 540 "$PY" tformer/train.py --config "${SHAKESPEARE_CONFIG:-shakespeare_gpu.json}" \
         --set run.out_dir="$OUT/shakespeare" --set logging.wandb=false \
         2>&1 | tr '\r' '\n' | grep -v "step/s" > "$OUT/shakespeare.log" || status=1
       # Every evaluation (val loss with the wall time since the start), then the last samples.
@@ -141,7 +211,7 @@ for stage in "$@"; do
     imdb-finetune) imdb_finetune || status=1 ;;
     imdb) imdb_pretrain || status=1; imdb_finetune || status=1 ;;
     imdb-scratch) imdb_train scratch imdb_scratch.json --set run.out_dir="$OUT/imdb_scratch" || status=1 ;;
-    *) echo "unknown stage $stage (tests, tests-rows, tests-attention, sanitize, kernels, kernels-attention," \
+    *) echo "unknown stage $stage (first, second, tests, tests-rows, tests-attention, sanitize, kernels, kernels-attention," \
             "kernels-rows, sweep, train-step, hf, profile, shakespeare, imdb-pretrain, imdb-finetune, imdb, imdb-scratch)"
        exit 2 ;;
   esac

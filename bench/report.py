@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auto-table", type=Path, default=None,
                         help="also write (merge into) backend='auto''s per-shape table, e.g. "
                              "tformer/ops/measured_auto.json (GPU runs only)")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="report.md alone (a GPU call brings back at most 8 files; plot later from the JSON)")
     args = parser.parse_args(argv)
     if not args.results.is_file():
         parser.error(f"argument 'results': {args.results} is not a file")
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"`pytest bench --benchmark-only --benchmark-json ...`?)")
     out_dir = args.out_dir or args.results.with_name(f"{args.results.stem}-report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_attention(rows, out_dir) + plot_bandwidth(rows, out_dir)
+    plots = [] if args.no_plots else plot_attention(rows, out_dir) + plot_bandwidth(rows, out_dir)
     report = build_report(data, rows, plots)
     (out_dir / "report.md").write_text(report)
     print(report)

@@ -7,6 +7,7 @@ timed call so a memory-bound kernel cannot read its input from the previous repe
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -16,7 +17,8 @@ import torch
 # H100 and H200 have 50 MB of L2; writing 256 MB evicts all of it.
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 GPU_WARMUP_SECONDS = 0.025  # do_bench's defaults: 25 ms of warm-up, about 100 ms of repeats
-GPU_MEASURE_SECONDS = 0.1
+# TFORMER_BENCH_MEASURE_SECONDS shortens the repeats where a session's minutes are few (gpu_session.sh first).
+GPU_MEASURE_SECONDS = float(os.environ.get("TFORMER_BENCH_MEASURE_SECONDS", "0.1"))
 GPU_ROUNDS = (10, 1000)
 CPU_ROUNDS = 3  # CPU rows are correctness smoke runs; a few rounds keep the suite in budget
 

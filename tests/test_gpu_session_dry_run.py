@@ -1,0 +1,30 @@
+"""bench/gpu_session.sh's first GPU call, rehearsed on the CPU (GPU_SESSION_DRY_RUN=1): it must reach
+its end and leave the sweep's JSON and report.md where the device tool brings them back."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_first_call_dry_run_reaches_its_end(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), GPU_SESSION_DRY_RUN="1", PY=sys.executable)
+    done = subprocess.run(["bash", "bench/gpu_session.sh", "first"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "dry run: no GPU here, the CUDA extension build is skipped" in done.stdout
+    assert "first: stage wall time" in done.stdout
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["device"] == "cpu" and sweep["total"]["wrong"] == 0 and sweep["total"]["crashes"] == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "### softmax bwd" in report and "### attention fwd+bwd" in report
+    # The ratio table is printed last, and no more files come back than a call returns (8).
+    last_lines = done.stdout.rstrip().splitlines()[-3:]
+    assert report.rstrip().splitlines()[-1] in last_lines and last_lines[-1].startswith("[wrote ")
+    assert len(list(tmp_path.rglob("*"))) <= 8
