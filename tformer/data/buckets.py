@@ -124,3 +124,19 @@ def padding_fraction(lengths: Sequence[int], batches: list[list[int]], pad_to_mu
         used += sum(lengths[i] for i in batch)
         total += width * len(batch)
     return 1.0 - used / total if total else 0.0
+
+
+def deal_eval_batches(lengths: Sequence[int], batch_size: int, max_batches: int | None, *, world_size: int,
+                      rank: int, seed: int) -> list[list[int] | None]:
+    """This rank's evaluation batches (lists of item indices) over items of ``lengths``: all of
+    them, or a fixed seeded sample of ``max_batches`` batches per rank, sorted by length (least
+    padding) and dealt round-robin to ranks. A rank that runs short gets ``None`` (filler) so
+    every rank runs as many forward passes."""
+    indices = list(range(len(lengths)))
+    if max_batches is not None and max_batches * batch_size * world_size < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, max_batches * batch_size * world_size))
+    indices.sort(key=lambda i: lengths[i])
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    per_rank = -(-len(batches) // world_size)
+    mine = batches[rank::world_size]
+    return [mine[index] if index < len(mine) else None for index in range(per_rank)]

@@ -9,7 +9,6 @@ split is read only for the final evaluation.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from tformer.schema import ConfigError
 from tformer.data import bpe
-from tformer.data.buckets import LengthBucketBatches, pad_batch, truncate_head_tail
+from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_batch, truncate_head_tail
 from tformer.data.imdb import (LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, OFFICIAL_URL, ReviewSet,
                                balanced_subset, download_imdb, load_imdb, split_validation, texts_digest)
 from tformer.tasks.metrics import classification_metrics, confusion_matrix, format_confusion
@@ -224,16 +223,10 @@ class ClassificationTask(Task):
         encoded = self._split(split)
         batch_size = self.data_config.eval_batch_size or 2 * self.config.training.micro_batch_size
         max_batches = self.config.run.final_eval_batches if final else self.config.run.eval_batches
-        indices = list(range(len(encoded.ids)))
-        if max_batches is not None and max_batches * batch_size * self.world_size < len(indices):
-            indices = sorted(random.Random(self.data_config.split_seed).sample(
-                indices, max_batches * batch_size * self.world_size))
-        indices.sort(key=lambda i: len(encoded.ids[i]))
-        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        per_rank = -(-len(batches) // self.world_size)
-        mine = batches[self.rank::self.world_size]
-        for index in range(per_rank):
-            yield self._batch(encoded, mine[index]) if index < len(mine) else self._batch(encoded, [0], weight=0.0)
+        dealt = deal_eval_batches([len(ids) for ids in encoded.ids], batch_size, max_batches,
+                                  world_size=self.world_size, rank=self.rank, seed=self.data_config.split_seed)
+        for indices in dealt:
+            yield self._batch(encoded, indices) if indices is not None else self._batch(encoded, [0], weight=0.0)
 
     @torch.no_grad()
     def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:

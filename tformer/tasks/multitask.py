@@ -16,13 +16,12 @@ unweighted loss and its current weight are logged as ``train/<task>/loss`` and
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 
 import torch
 
 from tformer.data import bpe
-from tformer.data.buckets import LengthBucketBatches, pad_batch
+from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_batch
 from tformer.data.conll import IGNORE_INDEX, tag_names
 from tformer.data.streams import BatchStream
 from tformer.models import MultiTaskConfig, MultiTaskModel
@@ -231,16 +230,10 @@ class MultiTask(ClassificationTask):
         encoded = self._encoded(task, split)
         batch_size = self.data_config.eval_batch_size or 2 * self.config.training.micro_batch_size
         max_batches = self.config.run.final_eval_batches if final else self.config.run.eval_batches
-        indices = list(range(len(encoded.ids)))
-        if max_batches is not None and max_batches * batch_size * self.world_size < len(indices):
-            indices = sorted(random.Random(self.data_config.split_seed).sample(
-                indices, max_batches * batch_size * self.world_size))
-        indices.sort(key=lambda i: len(encoded.ids[i]))
-        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        per_rank = -(-len(batches) // self.world_size)
-        mine = batches[self.rank::self.world_size]
-        for index in range(per_rank):
-            yield (self._batch(task, encoded, mine[index]) if index < len(mine)
+        dealt = deal_eval_batches([len(ids) for ids in encoded.ids], batch_size, max_batches,
+                                  world_size=self.world_size, rank=self.rank, seed=self.data_config.split_seed)
+        for indices in dealt:
+            yield (self._batch(task, encoded, indices) if indices is not None
                    else self._batch(task, encoded, [0], keep=False))
 
     @torch.no_grad()
