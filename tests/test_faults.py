@@ -100,38 +100,52 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     assert [losses[step] for step in range(1, steps + 1)] == reference
 
 
+# Two ranks of each multi-rank layout: the launcher, its port, and the strategy's settings.
+TWO_RANK_RUNS = {
+    "fsdp2": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741"],
+              {"training": {"strategy": "fsdp2", "micro_batch_size": 2, "grad_accum_steps": 2}}),
+    "deepspeed_zero2": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29743"],
+                        {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
+                                      "grad_accum_steps": 2},
+                         "deepspeed": {"zero_optimization": {"stage": 2}}}),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_fsdp2_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("layout", sorted(TWO_RANK_RUNS))
+def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     """Both ranks killed at once (the whole process group, as a node failure) mid-run; the
-    resumed run's losses equal an uninterrupted two-rank run's bitwise (fp32, gloo)."""
+    resumed run's losses equal an uninterrupted two-rank run's bitwise (fp32, gloo), for the
+    FSDP2/DCP and the DeepSpeed ZeRO-2 checkpoint layouts."""
+    if layout.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    launcher, settings = TWO_RANK_RUNS[layout]
     steps = 12
-    config = tiny_config(tmp_path, training={"strategy": "fsdp2", "micro_batch_size": 2, "grad_accum_steps": 2},
-                         run={"steps": steps, "checkpoint_interval": 2}, **DROPOUT)
+    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2}, **settings, **DROPOUT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
-    def torchrun(name: str, *extra: str) -> subprocess.Popen:
+    def launch(name: str, *extra: str) -> subprocess.Popen:
         config["run"]["out_dir"] = str(tmp_path / name)
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
-                   str(REPO / "tformer" / "train.py"), "--config", str(path), *extra]
+        command = [*launcher, str(REPO / "tformer" / "train.py"), "--config", str(path), *extra]
         return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
 
-    reference = torchrun("reference")
-    _, err = reference.communicate(timeout=240)
+    reference = launch("reference")
+    _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err[-3000:]
-    killed = torchrun("killed")
-    deadline = time.time() + 120
+    killed = launch("killed")
+    deadline = time.time() + 180
     while time.time() < deadline and killed.poll() is None and _last_logged_step(tmp_path / "killed") < 5:
         time.sleep(0.005)
     time.sleep(random.Random(2).uniform(0.0, 0.05))
     assert killed.poll() is None, "the run finished before the kill"
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    resumed = torchrun("killed", "--resume")
-    _, err = resumed.communicate(timeout=240)
+    resumed = launch("killed", "--resume")
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     want = _logged_losses(tmp_path / "reference")
     assert _logged_losses(tmp_path / "killed") == want and len(want) == steps
