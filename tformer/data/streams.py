@@ -1,8 +1,19 @@
-"""A resumable stream of training batches over one data set, for a task that reads several."""
+"""A resumable stream of training batches over one data set (the classify and mlm tasks read
+one; the multitask task one per task)."""
 
 from __future__ import annotations
 
 from tformer.data.buckets import LengthBucketBatches
+
+
+def _usable(num_batches: int, world_size: int) -> int:
+    """The batches of an epoch that every rank can share (all, when there are fewer than ranks)."""
+    return num_batches - num_batches % world_size or num_batches
+
+
+def batches_per_rank(batches: LengthBucketBatches, world_size: int) -> int:
+    """How many batches each rank's :class:`BatchStream` takes from one epoch."""
+    return _usable(len(batches.batches(0)), world_size) // world_size
 
 
 class BatchStream:
@@ -16,16 +27,20 @@ class BatchStream:
         self.epoch, self.position, self._epoch_batches = 0, 0, None
 
     def next_indices(self) -> list[int]:
+        return self.next_indices_and_place()[0]
+
+    def next_indices_and_place(self) -> tuple[list[int], int]:
+        """The next batch of indices, and its place in the epoch's global order (rank r's p-th
+        batch is batch r + p * world_size), which does not depend on the number of ranks."""
         while True:
             if self._epoch_batches is None:
                 batches = self.batches.batches(self.epoch)
-                usable = len(batches) - len(batches) % self.world_size or len(batches)
-                self._epoch_batches = batches[self.rank:usable:self.world_size]
+                self._epoch_batches = batches[self.rank:_usable(len(batches), self.world_size):self.world_size]
             if self.position < len(self._epoch_batches):
                 break
             self.epoch, self.position, self._epoch_batches = self.epoch + 1, 0, None
         self.position += 1
-        return self._epoch_batches[self.position - 1]
+        return self._epoch_batches[self.position - 1], self.rank + (self.position - 1) * self.world_size
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -17,6 +17,7 @@ import torch
 from tformer.schema import ConfigError
 from tformer.data import bpe
 from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_batch, truncate_head_tail
+from tformer.data.streams import BatchStream, batches_per_rank
 from tformer.data.imdb import (LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, OFFICIAL_URL, ReviewSet,
                                balanced_subset, download_imdb, load_imdb, split_validation, texts_digest)
 from tformer.tasks.metrics import classification_metrics, confusion_matrix, format_confusion
@@ -126,7 +127,7 @@ class ClassificationTask(Task):
         self.train_batches = LengthBucketBatches([len(i) for i in self.splits["train"].ids],
                                                  self.config.training.micro_batch_size, shuffle=True,
                                                  seed=self.config.training.seed, pool_batches=data.pool_batches)
-        self.epoch, self.position, self._epoch_batches = 0, 0, None
+        self.train_stream = BatchStream(self.train_batches, rank=self.rank, world_size=self.world_size)
 
     def encode(self, reviews: ReviewSet) -> EncodedSplit:
         data = self.data_config
@@ -177,29 +178,14 @@ class ClassificationTask(Task):
         return self._batch(self.splits["train"], self._next_train_indices()[0])
 
     def _next_train_indices(self) -> tuple[list[int], int]:
-        """This rank's next batch of training indices, and the batch's place in the epoch's
-        global order (rank r's p-th batch is batch r + p * world_size); moves to the next
-        epoch when this one is used up."""
-        while True:
-            if self._epoch_batches is None:
-                batches = self.train_batches.batches(self.epoch)
-                usable = len(batches) - len(batches) % self.world_size or len(batches)
-                self._epoch_batches = batches[self.rank:usable:self.world_size]
-            if self.position < len(self._epoch_batches):
-                break
-            self.epoch, self.position, self._epoch_batches = self.epoch + 1, 0, None
-        indices, place = self._epoch_batches[self.position], self.rank + self.position * self.world_size
-        self.position += 1
-        return indices, place
+        """This rank's next batch of training indices and its place in the epoch's global order."""
+        return self.train_stream.next_indices_and_place()
 
     def num_items(self, batch: dict) -> int:
         return int(batch["weights"].sum().item())
 
     def steps_per_epoch(self) -> int:
-        # Each rank takes every world_size-th length-bucketed batch of an epoch (as _next_train_indices).
-        batches = len(self.train_batches.batches(0))
-        per_rank = (batches - batches % self.world_size or batches) // self.world_size
-        return max(1, -(-per_rank // self.config.training.grad_accum_steps))
+        return max(1, -(-batches_per_rank(self.train_batches, self.world_size) // self.config.training.grad_accum_steps))
 
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])
@@ -207,10 +193,10 @@ class ClassificationTask(Task):
         return loss, self.num_items(batch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.train_stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._epoch_batches = int(state["epoch"]), int(state["position"]), None
+        self.train_stream.load_state_dict(state)
 
     # --- evaluation -------------------------------------------------------------------------------
     def eval_splits(self, final: bool) -> list[str]:

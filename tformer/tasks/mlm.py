@@ -31,6 +31,7 @@ import torch
 from tformer.schema import ConfigError
 from tformer.data import bpe
 from tformer.data.buckets import LengthBucketBatches, pad_batch
+from tformer.data.streams import BatchStream
 from tformer.data.imdb import ReviewSet, balanced_subset, load_imdb, split_validation
 from tformer.models import EncoderMaskedLM
 from tformer.tasks.base import cross_entropy_sum, loss_metrics
@@ -143,7 +144,7 @@ class MaskedLanguageModelTask(ClassificationTask):
         self.train_batches = LengthBucketBatches([len(i) for i in self.splits["train"].ids],
                                                  self.config.training.micro_batch_size, shuffle=True,
                                                  seed=self.config.training.seed, pool_batches=data.pool_batches)
-        self.epoch, self.position, self._epoch_batches = 0, 0, None
+        self.train_stream = BatchStream(self.train_batches, rank=self.rank, world_size=self.world_size)
 
     def encode(self, texts: list[str]) -> Chunks:
         chunks = []
@@ -184,7 +185,7 @@ class MaskedLanguageModelTask(ClassificationTask):
         indices, place = self._next_train_indices()
         # Seeded by the batch's place in the global order, not the rank: the masks do not depend
         # on how many ranks share the epoch.
-        seed = batch_seed("train", self.config.training.seed, self.epoch, place)
+        seed = batch_seed("train", self.config.training.seed, self.train_stream.epoch, place)
         return self._batch(self.splits["train"], indices, seed=seed)
 
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
