@@ -57,6 +57,27 @@ def test_beam_search_beats_or_matches_greedy(model):
     assert torch.equal(beam_search(model, prompt, 6, num_beams=1), greedy)
 
 
+def test_beam_search_with_cache_equals_beam_search_by_full_recomputation(model):
+    """The cached beams are reordered with their parents (KVCache.reorder): a wrong reorder
+    scores a beam's next token with another beam's history and changes the result. Weights x4
+    make the fresh model's attention sharp enough that history decides the ranking (at init
+    scale a skipped reorder still picks the same beam)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(4.0)
+    prompt, num_beams, steps = torch.tensor([[3, 1, 4]]), 3, 7
+    beams = prompt.repeat(num_beams, 1)
+    scores = torch.full((num_beams,), float("-inf"))
+    scores[0] = 0.0
+    with torch.no_grad():
+        for _ in range(steps):
+            log_probs = torch.log_softmax(model(beams)[:, -1].float(), -1)
+            scores, flat = torch.topk((scores[:, None] + log_probs).reshape(-1), num_beams)
+            beams = torch.cat([beams[flat // log_probs.shape[-1]], (flat % log_probs.shape[-1])[:, None]], dim=1)
+    expected = beams[scores.argmax()][None]
+    assert torch.equal(beam_search(model, prompt, steps, num_beams=num_beams), expected)
+
+
 def test_past_max_seq_len_the_context_slides_by_half_windows():
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(vocab_size=20, max_seq_len=8, d_model=16, n_layers=1, n_heads=2,

@@ -113,9 +113,7 @@ def beam_search(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, num_bea
         scores, flat = torch.topk(candidates, num_beams)
         origin, token = flat // vocab, flat % vocab
         beams = torch.cat([beams[origin], token[:, None]], dim=1)
-        for layer in range(len(cache.keys)):
-            cache.keys[layer] = cache.keys[layer][origin]
-            cache.values[layer] = cache.values[layer][origin]
+        cache.reorder(origin)
         if step + 1 < max_new_tokens:
             log_probs = torch.log_softmax(_next_logits(model, beams, cache), dim=-1)
     best = torch.argmax(scores / max(max_new_tokens, 1) ** length_penalty)
