@@ -9,7 +9,7 @@ from tformer.models.pretrained import PretrainedMixin
 from tformer.nn import LearnedPositionalEncoding, add_and_norm, make_norm, positional_encoding
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, first_position
 from .trunk import build_blocks, init_gpt2
 
 
@@ -44,14 +44,8 @@ class DecoderLM(PretrainedMixin, nn.Module):
         With ``cache``, tokens continue the cached sequence (positions ``cache.length ..``): their
         keys and values are appended and they attend to everything before them.
         """
-        if tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"DecoderLM: argument 'tokens' must be a (B, T) int64 tensor, got shape "
-                             f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
-        batch, length = tokens.shape
-        offset = 0
-        if cache is not None:
-            cache.check_room(batch, length)
-            offset = cache.length
+        offset = first_position("DecoderLM", tokens, cache)
+        length = tokens.shape[1]
         if offset + length > self.config.max_seq_len:
             raise ValueError(f"DecoderLM: positions [{offset}, {offset + length}) exceed config.max_seq_len="
                              f"{self.config.max_seq_len}")

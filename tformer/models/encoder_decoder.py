@@ -15,7 +15,7 @@ from tformer.nn.seq2seq_block import Seq2SeqBlock
 from tformer.nn.speech import SpeechEmbedding
 
 from .config import ModelConfig, _check_positive_int
-from .kv_cache import KVCache
+from .kv_cache import KVCache, first_position
 from .trunk import init_gpt2
 
 ENCODER_INPUTS: tuple[str, ...] = ("speech", "tokens")
@@ -153,14 +153,8 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
                cache: KVCache | None = None) -> torch.Tensor:
         """tokens ``(B, T)`` int64 (continuing the cached ones when ``cache`` is given) ->
         logits ``(B, T, vocab_size)``."""
-        if tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"EncoderDecoderTransformer: argument 'tokens' must be a (B, T) int64 tensor, got "
-                             f"shape {tuple(tokens.shape)} and dtype {tokens.dtype}")
-        batch, length = tokens.shape
-        offset = 0
-        if cache is not None:
-            cache.check_room(batch, length)
-            offset = cache.length
+        offset = first_position("EncoderDecoderTransformer", tokens, cache)
+        length = tokens.shape[1]
         hidden = self.dropout(self.decoder_positional.add_to_embeddings(self.token_embedding(tokens), offset))
         for block, kv in zip(self.decoder_blocks, memory_kv):
             hidden = block(hidden, positional=self.decoder_positional, position_offset=offset, kv_cache=cache,

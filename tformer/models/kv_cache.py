@@ -69,3 +69,15 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+def first_position(caller: str, tokens: torch.Tensor, cache: KVCache | None) -> int:
+    """The absolute position of ``tokens[:, 0]``: 0 without a cache, else the cached length.
+    Checks that tokens is ``(B, T)`` int64 and that the cache has room for them."""
+    if tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError(f"{caller}: argument 'tokens' must be a (B, T) int64 tensor, got shape "
+                         f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
+    if cache is None:
+        return 0
+    cache.check_room(*tokens.shape)
+    return cache.length
