@@ -201,15 +201,17 @@ def hopper_config(block_m: int, block_n: int, warps: int, stages: int, persisten
 # stages of BLOCK_N x BLOCK_D x 2 tensors x 2 bytes each (hd 128, BLOCK_N 128, 2 stages: 128 KiB
 # + Q 32 KiB). The leading candidate (what runs with TFORMER_AUTOTUNE=0) is one tile per program.
 # A persistent program holds more live state (the pipeline reaches across tiles): at hd 128
-# BLOCK_N 128 and hd 256 BLOCK_M 128 it spilled (Triton 3.8, padding: 60 and 376 bytes), so its
-# candidates use the next smaller tile.
+# BLOCK_N 128 it spilled (Triton 3.8, padding: 60 bytes), so that candidate uses BLOCK_N 64 (0
+# spills with Triton 3.6, the GPU's; 3.8 parks 36 bytes with key padding, reported by the audit); at
+# hd 256 every persistent tile tried spilled (3.8: 272-376 bytes at 128x64; 3.6: 196 at 64x64
+# with padding), so hd 256 has none.
 HOPPER_CONFIGS = {
     64: [hopper_config(128, 128, 8, 3, False), hopper_config(128, 128, 8, 3, True),
          hopper_config(128, 64, 4, 3, False)],
     128: [hopper_config(128, 128, 8, 2, False), hopper_config(128, 64, 8, 3, True),
           hopper_config(128, 64, 8, 3, False)],
-    256: [hopper_config(128, 64, 8, 2, False), hopper_config(64, 64, 4, 2, True),
-          hopper_config(64, 64, 4, 2, False)],
+    256: [hopper_config(128, 64, 8, 2, False), hopper_config(64, 64, 4, 2, False),
+          hopper_config(64, 32, 4, 2, False)],
 }
 
 
