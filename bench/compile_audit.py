@@ -67,6 +67,7 @@ class Row:
     shared_bytes: int | None = None
     cp_async: int | None = None  # cp.async instructions in the PTX (0: loads not pipelined)
     wgmma: int | None = None  # wgmma.mma_async instructions (0: the dots use mma.sync or FMA)
+    tma: int | None = None  # cp.async.bulk.tensor instructions (TMA copies; the Hopper forward's loads)
     error: str | None = None
     spills_allowed: bool = False
 
@@ -143,7 +144,8 @@ def measure(compiled) -> dict:
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_report(ptx)
     return dict(registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)), wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
+                cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)), wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)))
 
 
 # Representative launches, built by the real launchers on meta tensors (no memory, data_ptr 0):
@@ -156,12 +158,19 @@ ATTENTION_FEATURES = (("plain", False, False, False, False, 16, 16),
                       ("padding-gqa-dropout", True, True, False, True, 16, 4),
                       ("varlen-dropout", True, False, True, True, 16, 16))
 SPILLS_ALLOWED = ("padding-gqa-dropout", "varlen-dropout")
+# The Hopper forward (kernels/attention_hopper.py) takes 16-bit padded-batch inputs without
+# dropout: these are its variants.
+HOPPER_FEATURES = (("plain", False, False, False, False, 16, 16),
+                   ("causal", True, False, False, False, 16, 16),
+                   ("gqa-causal", True, False, False, False, 16, 4),
+                   ("padding-gqa-causal", True, True, False, False, 16, 4))
 AUDIT_BATCH, AUDIT_SEQLEN = 2, 2048
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def attention_launches(data: str, head_dim: int, feature: tuple) -> list[tuple]:
-    """(kernel name, kernel, tuned, args, meta) of every tuned launch of one forward + backward."""
+def attention_launches(data: str, head_dim: int, feature: tuple, fwd_path: str = "fa2") -> list[tuple]:
+    """(kernel name, kernel, tuned, args, meta) of every tuned launch of one forward + backward,
+    or of the forward alone for ``fwd_path="hopper"``."""
     import torch
 
     from tformer.kernels.attention import attention_forward
@@ -185,7 +194,9 @@ def attention_launches(data: str, head_dim: int, feature: tuple) -> list[tuple]:
             recorded.append((kernel, tuned, args, meta))
 
     common = (cu_seqlens, cu_seqlens, AUDIT_SEQLEN, AUDIT_SEQLEN, causal, head_dim ** -0.5, dropout_p, seed)
-    out, lse = attention_forward(q, k, v, key_padding, *common, launcher=record)
+    out, lse = attention_forward(q, k, v, key_padding, *common, launcher=record, fwd_path=fwd_path)
+    if fwd_path == "hopper":
+        return [("attention_fwd_hopper", *recorded.pop())]
     launches = [("attention_fwd", *recorded.pop())]
     for expanded in (False, True) if num_heads != num_kv_heads else (False,):
         attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=expanded)
@@ -199,15 +210,22 @@ def attention_launches(data: str, head_dim: int, feature: tuple) -> list[tuple]:
 def attention_cases(dtypes: tuple[str, ...]):
     for data in dtypes:
         for bucket in (64, 128, 256):
-            for feature in ATTENTION_FEATURES:
-                for name, kernel, tuned, args, meta in attention_launches(data, bucket, feature):
-                    for config in (tuned.fp32_table if data == "fp32" else tuned.table)[bucket]:
-                        label = (f"BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_N={config.kwargs['BLOCK_N']} "
-                                 f"warps={config.num_warps} stages={config.num_stages}")
-                        yield Case(name, f"hd {bucket} {data} {feature[0]}", label,
-                                   lambda kernel=kernel, args=args, meta=dict(meta, **config.kwargs), config=config:
-                                   lower_launch(kernel, args, meta, config.num_warps, config.num_stages),
-                                   spills_allowed=feature[0] in SPILLS_ALLOWED)
+            paths = (("fa2", ATTENTION_FEATURES), ("hopper", HOPPER_FEATURES if data != "fp32" else ()))
+            for fwd_path, features in paths:
+                yield from _attention_bucket_cases(data, bucket, fwd_path, features)
+
+
+def _attention_bucket_cases(data: str, bucket: int, fwd_path: str, features: tuple):
+    for feature in features:
+        for name, kernel, tuned, args, meta in attention_launches(data, bucket, feature, fwd_path):
+            for config in (tuned.fp32_table if data == "fp32" else tuned.table)[bucket]:
+                label = (f"BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_N={config.kwargs['BLOCK_N']} "
+                         f"warps={config.num_warps} stages={config.num_stages}"
+                         + (" persistent" if config.kwargs.get("PERSISTENT") else ""))
+                yield Case(name, f"hd {bucket} {data} {feature[0]}", label,
+                           lambda kernel=kernel, args=args, meta=dict(meta, **config.kwargs), config=config:
+                           lower_launch(kernel, args, meta, config.num_warps, config.num_stages),
+                           spills_allowed=feature[0] in SPILLS_ALLOWED)
 
 
 def row_cases(dtypes: tuple[str, ...]):
@@ -267,12 +285,12 @@ def audit(only: str | None, dtypes: tuple[str, ...], cases=None) -> list[Row]:
 
 def format_row(row: Row) -> str:
     if row.error:
-        return f"| {row.kernel} | {row.variant} | {row.config} | - | - | - | - | - | FAILED: {row.error} |"
+        return f"| {row.kernel} | {row.variant} | {row.config} | - | - | - | - | - | - | FAILED: {row.error} |"
     verdict = ("OVER SHARED MEMORY" if row.shared_bytes > H100_SHARED_BYTES
                else "SPILLS" if row.spill_bytes > SPILL_TOLERANCE_BYTES else "ok")
     verdict += " (allowed)" if row.ok and verdict != "ok" else ""
     return (f"| {row.kernel} | {row.variant} | {row.config} | {row.registers} | {row.spill_bytes} | "
-            f"{row.shared_bytes / 1024:.1f} | {row.cp_async} | {row.wgmma} | {verdict} |")
+            f"{row.shared_bytes / 1024:.1f} | {row.cp_async} | {row.wgmma} | {row.tma} | {verdict} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the audit lowers kernels to GPU code")
     rows = audit(args.only, tuple(args.dtypes.split(",")))
     print(f"Triton {triton.__version__}, target sm_90 (H100), {len(rows)} configs\n")
-    print("| kernel | variant | config | registers | spill bytes | shared KiB | cp.async | wgmma | verdict |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | variant | config | registers | spill bytes | shared KiB | cp.async | wgmma | TMA | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(format_row(row))
     if args.json:

@@ -325,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",") if args.backends else backends_here()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     signal.signal(signal.SIGTERM, _interrupt)
-    print(f"gpu_sweep: seed {seed}, {args.seconds:g} s, device {args.device}, backends {backends}", flush=True)
+    # The Triton attention forward follows $TFORMER_ATTENTION_FWD (auto: the Hopper kernel on sm_90
+    # for 16-bit TMA-legal inputs; fa2: today's kernel everywhere): sweep once with each to cover both.
+    fwd_path = os.environ.get("TFORMER_ATTENTION_FWD", "auto")
+    print(f"gpu_sweep: seed {seed}, {args.seconds:g} s, device {args.device}, backends {backends}, "
+          f"attention forward {fwd_path}", flush=True)
     result = sweep(args.seconds, seed, args.device, backends, ops=args.ops.split(","), dtypes=args.dtypes.split(","),
                    max_cases=args.max_cases, log=lambda line: print(line, flush=True))
+    result["attention_fwd"] = fwd_path
     result["versions"] = dict(torch=torch.__version__, cuda=torch.version.cuda,
                               gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
     print(summary_table(result))

@@ -280,15 +280,24 @@ def seqlen_buckets(max_seqlen_q: int, max_seqlen_k: int) -> tuple[int, int]:
 
 
 def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      causal: bool, scale: float, dropout_p: float, seed: int, launcher: Callable = launch):
+                      causal: bool, scale: float, dropout_p: float, seed: int, launcher: Callable = launch,
+                      fwd_path: str | None = None):
     """Returns (out like q but contiguous, lse float32 (B, Hq, Sq) or (Hq, total_q) when packed).
 
     ``launcher`` runs the kernel (``launch.launch``'s signature); bench.compile_audit passes one
-    that records the launch, to compile exactly what would run.
+    that records the launch, to compile exactly what would run. ``fwd_path``: "hopper", "fa2"
+    (this file's kernel) or "auto"; None reads $TFORMER_ATTENTION_FWD (see
+    ``attention_hopper.forward_path``).
 
     Raises:
-        ValueError: too many heads or sequences for a grid, or a token or head-dim stride above 2^23 elements.
+        ValueError: too many heads or sequences for a grid, a token or head-dim stride above 2^23 elements,
+            or an unknown or impossible ``fwd_path``.
     """
+    from . import attention_hopper  # it imports this module's helpers
+
+    if attention_hopper.forward_path(q, k, v, cu_seqlens_q is not None, dropout_p, fwd_path) == "hopper":
+        return attention_hopper.attention_forward_hopper(q, k, v, key_padding_mask, max_seqlen_q, max_seqlen_k,
+                                                         causal, scale, launcher)
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     check_tile_strides(**{name: strides4(t, varlen)[2:] for name, t in dict(q=q, k=k, v=v).items()})
     # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
