@@ -103,13 +103,11 @@ def fused_backward_findings(functions: dict[str, str]) -> list[str]:
 
 def test_fused_backward_check_reads_template_arguments():
     one_pass = "LDG.E.128 R4, [R2.64] ;\n" * 2 + "STG.E.128 [R2.64], R4 ;\n"
+    prefix, args = "_ZN7tformer12_GLOBAL__N_126norm_backward_fused_kernelI", "EEvNS_16NormBackwardArgsEPfS4_"
     functions = {
-        "_ZN7tformer12_GLOBAL__N_126norm_backward_fused_kernelI13__nv_bfloat16Li1ELi8ELb1EEEvNS_16NormBackwardArgsEPfS4_":
-            one_pass,
-        "_ZN7tformer12_GLOBAL__N_126norm_backward_fused_kernelIfLi8ELi8ELb1EEEvNS_16NormBackwardArgsEPfS3_":
-            one_pass,  # float32: 2 vectors per thread, so 4 loads at least
-        "_ZN7tformer12_GLOBAL__N_126norm_backward_fused_kernelI6__halfLi1ELi8ELb0EEEvNS_16NormBackwardArgsEPfS4_":
-            "STL [R1], R0 ;\n",
+        f"{prefix}13__nv_bfloat16Li1ELi8ELb1E{args}": one_pass,
+        f"{prefix}fLi8ELi8ELb1E{args}": one_pass,  # float32: 2 vectors per thread, so 4 loads at least
+        f"{prefix}6__halfLi1ELi8ELb0E{args}": "STL [R1], R0 ;\n",
     }
     findings = fused_backward_findings(functions)
     assert len(findings) == 3, findings

@@ -197,7 +197,7 @@ def test_torch_compile_fullgraph(backend, compiler):
 
 
 @pytest.mark.parametrize("n_cols", [1, 17, 1000], ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")])
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])  # float32, bfloat16
 @pytest.mark.parametrize("norm", NORMS)
 def test_weight_grads_from_several_partials(backend, norm, dtype, n_cols):
     """37 rows over several backward programs (4 under the interpreter), unevenly: dweight and
