@@ -8,7 +8,7 @@ autotuner; this finds it before GPU time is spent.
     python -m bench.compile_audit --json audit.json  # the rows, for diffing two Triton versions
 
 The configs are the autotune tables (attention) and the ``block_config`` heuristic (rows), so
-the audit follows any change to either. Attention kernels are compiled as they launch: the real
+the audit follows any change to either. Every kernel is compiled as it launches: the real
 launchers run on meta tensors with a recording launcher, and Triton's own binder specializes
 the recorded arguments (16-divisible pointers and integers, integers equal to 1 as constants),
 so unit strides become constants and loads vectorize and pipeline as on the GPU. It needs no
@@ -42,8 +42,6 @@ H100_SHARED_BYTES = 232_448  # 227 KiB: the most one block may opt in to on sm_9
 # ptxas at times parks a word or two in local memory well under its register cap (seen: 8 bytes
 # at 48 registers); that costs nothing measurable. More than this is a finding.
 SPILL_TOLERANCE_BYTES = 16
-FLOAT_ARGS = {"scale", "dropout_p", "eps"}
-INT64_ARGS = {"seed"}
 
 
 @dataclass
@@ -77,20 +75,6 @@ class Row:
                 and self.shared_bytes <= H100_SHARED_BYTES)
 
 
-def signature(kernel, meta: dict, data: str, pointers: dict) -> dict:
-    """Triton types of ``kernel``'s arguments: constexpr for ``meta``, pointers for capitalised
-    names (``pointers`` overrides the data type), scalars by name."""
-    types = {}
-    for name in kernel.arg_names:
-        if name in meta:
-            types[name] = "constexpr"
-        elif name[0].isupper():
-            types[name] = pointers.get(name, f"*{data}")
-        else:
-            types[name] = "fp32" if name in FLOAT_ARGS else "i64" if name in INT64_ARGS else "i32"
-    return types
-
-
 def ptxas_report(ptx: str) -> tuple[int, int]:
     """(registers, spill store + load bytes) of the PTX's kernel, from ``ptxas -v``."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -109,17 +93,6 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
     registers = int(re.search(r"Used (\d+) registers", text).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
     return registers, spills
-
-
-def lower(kernel, meta: dict, data: str, pointers: dict, num_warps: int, num_stages: int):
-    """Compile ``kernel`` from a declared signature, with every pointer 16-byte aligned (as any
-    torch allocation) and no integer specialized: for kernels audited without a real launch."""
-    signature_types = signature(kernel, meta, data, pointers)
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name, kind in signature_types.items() if kind.startswith("*")}
-    return triton.compile(ASTSource(kernel, signature_types,
-                                    {name: meta[name] for name in kernel.arg_names if name in meta}, attrs),
-                          target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def lower_launch(kernel, args: tuple, meta: dict, num_warps: int, num_stages: int):
@@ -228,38 +201,55 @@ def _attention_bucket_cases(data: str, bucket: int, fwd_path: str, features: tup
                            spills_allowed=feature[0] in SPILLS_ALLOWED)
 
 
-def row_cases(dtypes: tuple[str, ...]):
-    """The row kernels from declared signatures (pointers aligned, integers unspecialized)."""
-    for name, variant, label, kernel, meta, data, pointers, warps, stages in _row_kernel_configs(dtypes):
-        yield Case(name, variant, label, lambda kernel=kernel, meta=meta, data=data, pointers=pointers, warps=warps,
-                   stages=stages: lower(kernel, meta, data, pointers, warps, stages))
+# Rows per row-kernel launch: a multiple of 16, as the anchors' row counts are.
+AUDIT_ROWS = 4096
+ROW_WIDTHS = (512, 1024, 4096, 8192, 65536)  # the ANCHORS rows, and a row wider than one block
 
 
-def _row_kernel_configs(dtypes: tuple[str, ...]):
+def row_launches(data: str, n_cols: int) -> list[tuple]:
+    """(kernel name, variant, kernel, args, meta) of every row-kernel launch at one width, made
+    by the real launchers on meta tensors (with a residual, weight and bias; softmax without
+    a mask, with a bool and with an additive mask)."""
+    import torch
+
     from tformer.kernels import layer_norm, softmax
-    from tformer.kernels.rows import block_config
 
-    stats = {"MEAN": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32"}
-    widths = (512, 1024, 4096, 8192, 65536)  # the ANCHORS rows, and a row wider than one block
+    dtype, device = getattr(torch, TORCH_DTYPES[data]), torch.device("meta")
+    x, residual, dy = (torch.empty(AUDIT_ROWS, n_cols, dtype=dtype, device=device) for _ in range(3))
+    weight, bias = (torch.empty(n_cols, dtype=dtype, device=device) for _ in range(2))
+    recorded = []
+
+    def record(kernel, grid, args, meta):
+        recorded.append((kernel, args, meta))
+
+    launches = []
+    for norm, is_rms in (("layer_norm", False), ("rms_norm", True)):
+        _, residual_out, mean, rstd = layer_norm.layer_norm_fwd(x, weight, None if is_rms else bias, residual, 1e-5,
+                                                                is_rms=is_rms, launcher=record)
+        layer_norm.layer_norm_bwd(dy, residual_out, weight, None if is_rms else bias, mean, rstd, dy, True,
+                                  is_rms=is_rms, launcher=record)
+        launches += [(f"{norm}_fwd", f"N={n_cols} {data} residual", *recorded[-2]),
+                     (f"{norm}_bwd", f"N={n_cols} {data} residual", *recorded[-1])]
+    masks = (("no mask", None), ("bool mask", torch.empty(AUDIT_ROWS, n_cols, dtype=torch.bool, device=device)),
+             ("additive mask", torch.empty(AUDIT_ROWS, n_cols, dtype=dtype, device=device)))
+    for mask_name, mask in masks:
+        softmax.softmax_fwd(x, mask, 1.0, launcher=record)
+        launches.append(("softmax_fwd", f"N={n_cols} {data} {mask_name}", *recorded[-1]))
+    softmax.softmax_bwd(dy, x, 1.0, True, launcher=record)
+    launches.append(("softmax_bwd", f"N={n_cols} {data} mask grad", *recorded[-1]))
+    return launches
+
+
+def row_cases(dtypes: tuple[str, ...]):
+    """The row kernels as they launch (block_config's BLOCK_N and warps, Triton's specialization)."""
     for data in dtypes:
-        for n_cols in widths:
-            block_n, warps = block_config(n_cols)
-            bwd_warps = block_config(n_cols, per_thread=8)[1]  # as layer_norm_bwd asks
-            single = n_cols <= block_n
-            label = f"BLOCK_N={block_n} warps={warps}"
-            for norm, is_rms in (("layer_norm", False), ("rms_norm", True)):
-                flags = dict(IS_RMS=is_rms, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=not is_rms, BLOCK_N=block_n,
-                             SINGLE_BLOCK=single)
-                yield (f"{norm}_fwd", f"N={n_cols} {data} residual", label, layer_norm._norm_fwd_kernel, flags,
-                       data, stats, warps, 1)
-                yield (f"{norm}_bwd", f"N={n_cols} {data} residual", f"BLOCK_N={block_n} warps={bwd_warps}",
-                       layer_norm._norm_bwd_kernel, dict(flags, HAS_DRES_OUT=True), data, stats, bwd_warps, 1)
-            for mask_name, mode, mask_type in (("no mask", 0, f"*{data}"), ("bool mask", 1, "*u8"),
-                                               ("additive mask", 2, f"*{data}")):
-                yield ("softmax_fwd", f"N={n_cols} {data} {mask_name}", label, softmax._softmax_fwd_kernel,
-                       dict(MASK_MODE=mode, BLOCK_N=block_n, SINGLE_BLOCK=single), data, {"MASK": mask_type}, warps, 1)
-            yield ("softmax_bwd", f"N={n_cols} {data} mask grad", label, softmax._softmax_bwd_kernel,
-                   dict(HAS_DMASK=True, BLOCK_N=block_n, SINGLE_BLOCK=single), data, {}, warps, 1)
+        for n_cols in ROW_WIDTHS:
+            for name, variant, kernel, args, meta in row_launches(data, n_cols):
+                meta = dict(meta)
+                warps = meta.pop("num_warps")
+                yield Case(name, variant, f"BLOCK_N={meta['BLOCK_N']} warps={warps}",
+                           lambda kernel=kernel, args=args, meta=meta, warps=warps:
+                           lower_launch(kernel, args, meta, warps, 1))
 
 
 def all_cases(dtypes: tuple[str, ...]):

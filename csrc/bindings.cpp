@@ -178,28 +178,19 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const char* op, const Tensor& d
   args.rstd = checked_float_vector(op, "rstd", rstd, rows, "input", input);
   Tensor dx = at::empty_like(input);
   args.dx = dx.data_ptr();
-  args.rows = rows;
-  args.n = static_cast<int>(n);
-  args.rms = rms;
-  check_launch(launch_norm_backward_input(dtype, args, current_stream()), op);
-
   const auto float_options = input.options().dtype(at::kFloat);
   Tensor dweight = at::empty({weight_grad ? n : 0}, float_options);
   Tensor dbias = at::empty({bias_grad ? n : 0}, float_options);
-  if (weight_grad || bias_grad) {
-    Tensor workspace = at::empty({norm_param_grad_workspace_floats(rows, static_cast<int>(n))}, float_options);
-    NormParamGradArgs params{};
-    params.dy = args.dy;
-    params.input = args.input;
-    params.mean = args.mean;
-    params.rstd = args.rstd;
-    params.dweight = weight_grad ? dweight.data_ptr<float>() : nullptr;
-    params.dbias = bias_grad ? dbias.data_ptr<float>() : nullptr;
-    params.rows = rows;
-    params.n = static_cast<int>(n);
-    params.rms = rms;
-    check_launch(launch_norm_backward_params(dtype, params, workspace.data_ptr<float>(), current_stream()), op);
-  }
+  args.dweight = weight_grad ? dweight.data_ptr<float>() : nullptr;
+  args.dbias = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  args.rows = rows;
+  args.n = static_cast<int>(n);
+  args.rms = rms;
+  const bool partials = weight_grad || bias_grad;
+  Tensor workspace =
+      at::empty({partials ? norm_backward_workspace_floats(rows, static_cast<int>(n)) : 0}, float_options);
+  check_launch(launch_norm_backward(dtype, args, partials ? workspace.data_ptr<float>() : nullptr, current_stream()),
+               op);
   return {dx, dweight, dbias};
 }
 

@@ -22,11 +22,13 @@ Launchers take tensors of shape ``(..., N)`` whose last dimension has stride 1 a
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from .rows import MAX_BLOCK_N, as_rows, block_config
+from .rows import MAX_BLOCK_N, as_rows, block_config, launch_kernel
 
 # Under the interpreter (CPU) a handful of backward programs keeps the Python loop short.
 INTERPRETER_BWD_PROGRAMS = 4
@@ -233,7 +235,7 @@ def _norm_bwd_kernel(DY, X, WEIGHT, MEAN, RSTD, DRES_OUT, DX, DRES, DW_PARTIAL, 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    residual: torch.Tensor | None, eps: float, *, is_rms: bool = False,
-                   max_block_n: int = MAX_BLOCK_N):
+                   max_block_n: int = MAX_BLOCK_N, launcher: Callable = launch_kernel):
     """Forward of LayerNorm (or RMSNorm with ``is_rms``) over the last dim of x ``(..., N)``.
 
     Returns ``(y, residual_out, mean, rstd)``: y in x's shape and dtype; residual_out = x +
@@ -256,13 +258,13 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         dummy = x_rows  # stands in for absent tensors; the constexpr flags keep it unread
         res_arg = dummy if res_rows is None else res_rows
         res_out_arg = dummy if residual_out is None else residual_out
-        _norm_fwd_kernel[(n_rows,)](
+        launcher(_norm_fwd_kernel, (n_rows,), (
             x_rows, res_arg, dummy if weight is None else weight, dummy if bias is None else bias,
             y, res_out_arg, rstd if mean is None else mean, rstd,
             x_rows.stride(0), res_arg.stride(0), y.stride(0), res_out_arg.stride(0),
-            n_cols, eps,
+            n_cols, eps), dict(
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, BLOCK_N=block_n, SINGLE_BLOCK=n_cols <= block_n, num_warps=num_warps)
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, SINGLE_BLOCK=n_cols <= block_n, num_warps=num_warps))
     elif n_cols == 0:
         rstd.fill_(float("nan"))  # the mean of no elements, as torch.nn.functional.layer_norm
         if mean is not None:
@@ -275,7 +277,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    mean: torch.Tensor | None, rstd: torch.Tensor, d_residual_out: torch.Tensor | None,
-                   has_residual: bool, *, is_rms: bool = False, max_block_n: int = MAX_BLOCK_N):
+                   has_residual: bool, *, is_rms: bool = False, max_block_n: int = MAX_BLOCK_N,
+                   launcher: Callable = launch_kernel):
     """Backward of :func:`layer_norm_fwd`.
 
     ``x`` is the tensor that was normalized (residual_out when there was a residual);
@@ -294,9 +297,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     d_residual = torch.empty_like(dx) if has_residual else None
     n_programs = _backward_programs(x.device, n_rows)
-    # dy, x, x-hat, the weight and the two partial-sum accumulators are live per element: 8 per
-    # thread keeps the 8192-wide block within the registers (bench.compile_audit).
-    block_n, num_warps = block_config(n_cols, max_block_n, per_thread=8)
+    # dy, x, x-hat, the weight and the two partial-sum accumulators are live per element. 16 per
+    # thread (16 warps at N = 8192) stays within 128 registers under Triton 3.6 and 3.8; 8 per
+    # thread (32 warps) caps a thread at 64 registers, and 3.6 spills there (bench.compile_audit).
+    block_n, num_warps = block_config(n_cols, max_block_n)
     single_block = n_cols <= block_n
     # The chunked path accumulates into the partial buffers in place, so they start at zero.
     make_partial = torch.empty if single_block else torch.zeros
@@ -308,15 +312,15 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         dummy = x_rows
         dres_out_arg = dummy if dres_out_rows is None else dres_out_rows
         dres_arg = dx if d_residual is None else d_residual
-        _norm_bwd_kernel[(n_programs,)](
+        launcher(_norm_bwd_kernel, (n_programs,), (
             dy_rows, x_rows, dummy if weight is None else weight, rstd if mean is None else mean, rstd,
             dres_out_arg, dx, dres_arg, dx if dw_partial is None else dw_partial,
             dx if db_partial is None else db_partial,
             dy_rows.stride(0), x_rows.stride(0), dres_out_arg.stride(0), dx.stride(0), dres_arg.stride(0),
-            n_rows, n_cols,
+            n_rows, n_cols), dict(
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=has_residual, HAS_DRES_OUT=d_residual_out is not None,
-            BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=num_warps)
+            BLOCK_N=block_n, SINGLE_BLOCK=single_block, num_warps=num_warps))
     elif n_rows == 0:
         for partial in (dw_partial, db_partial):
             if partial is not None:

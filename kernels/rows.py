@@ -26,6 +26,13 @@ def block_config(n_cols: int, max_block_n: int = MAX_BLOCK_N, per_thread: int = 
     return block_n, num_warps
 
 
+def launch_kernel(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)``: the default ``launcher`` of the row launchers.
+    ``bench.compile_audit`` passes a recording one, to lower each kernel with the arguments (and
+    so the specialization) of a real launch."""
+    kernel[grid](*args, **meta)
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 2-D ``(rows, N)`` view with unit column stride; copies only when no such view
     exists (e.g. a transposed tensor). A sliced tensor such as ``x[:, :N]`` is not copied."""

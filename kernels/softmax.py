@@ -17,11 +17,13 @@ of an additive mask is ``d_scores`` itself.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from .rows import MAX_BLOCK_N, as_rows, block_config
+from .rows import MAX_BLOCK_N, as_rows, block_config, launch_kernel
 
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
 
@@ -155,7 +157,7 @@ def _softmax_bwd_kernel(DY, Y, DX, DMASK, stride_dy_row, stride_y_row, stride_dx
 
 
 def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, *,
-                max_block_n: int = MAX_BLOCK_N) -> torch.Tensor:
+                max_block_n: int = MAX_BLOCK_N, launcher: Callable = launch_kernel) -> torch.Tensor:
     """``softmax(x * scale + mask)`` over the last dim of x ``(..., N)``, in x's dtype.
 
     ``mask`` is None or has x's shape (a broadcast view is fine: it is read by strides); bool
@@ -178,16 +180,17 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, *,
             mask_arg, sizes, strides = mask_row_layout(mask_arg)
             stride_col = mask_arg.stride(-1)
         block_n, num_warps = block_config(n_cols, max_block_n)
-        _softmax_fwd_kernel[(n_rows,)](
+        launcher(_softmax_fwd_kernel, (n_rows,), (
             x_rows, mask_arg, y, x_rows.stride(0), y.stride(0),
             sizes[1], sizes[2], strides[0], strides[1], strides[2], stride_col,
-            n_cols, scale,
-            MASK_MODE=mask_mode, BLOCK_N=block_n, SINGLE_BLOCK=n_cols <= block_n, num_warps=num_warps)
+            n_cols, scale), dict(
+            MASK_MODE=mask_mode, BLOCK_N=block_n, SINGLE_BLOCK=n_cols <= block_n, num_warps=num_warps))
     return y.view(shape)
 
 
 def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, need_mask_grad: bool, *,
-                max_block_n: int = MAX_BLOCK_N) -> tuple[torch.Tensor, torch.Tensor | None]:
+                max_block_n: int = MAX_BLOCK_N,
+                launcher: Callable = launch_kernel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dx, d_mask)`` from the forward's output ``y``: dx in y's dtype; d_mask (the gradient
     of an additive mask, x's shape, float32) only when ``need_mask_grad``, else None."""
     shape, n_cols = y.shape, y.shape[-1]
@@ -198,8 +201,8 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, need_mask_grad:
     if n_rows > 0 and n_cols > 0:
         block_n, num_warps = block_config(n_cols, max_block_n)
         dmask_arg = dx if d_mask is None else d_mask
-        _softmax_bwd_kernel[(n_rows,)](
+        launcher(_softmax_bwd_kernel, (n_rows,), (
             dy_rows, y_rows, dx, dmask_arg, dy_rows.stride(0), y_rows.stride(0), dx.stride(0), dmask_arg.stride(0),
-            n_cols, scale,
-            HAS_DMASK=need_mask_grad, BLOCK_N=block_n, SINGLE_BLOCK=n_cols <= block_n, num_warps=num_warps)
+            n_cols, scale), dict(
+            HAS_DMASK=need_mask_grad, BLOCK_N=block_n, SINGLE_BLOCK=n_cols <= block_n, num_warps=num_warps))
     return dx.view(shape), None if d_mask is None else d_mask.view(shape)

@@ -196,6 +196,35 @@ def test_torch_compile_fullgraph(backend, compiler):
         torch.testing.assert_close(leaf.grad, eager_leaves[name].grad, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("n_cols", [1, 17, 1000], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])  # float32, bfloat16
+@pytest.mark.parametrize("norm", NORMS)
+def test_weight_grads_from_several_partials(backend, norm, dtype, n_cols):
+    """37 rows over several backward programs (4 under the interpreter), unevenly: dweight and
+    dbias add several partial rows, each summed over that program's rows."""
+    inputs = norm_case(norm, 37, n_cols, dtype, residual=True)
+    check_against_reference(norm, inputs, backend, dtype, what=f"{norm} 37x{n_cols}")
+
+
+# Rows: a grid-stride loop in every block (more row teams than the fused CUDA backward's
+# 2 blocks per SM x 8 warps) and hundreds of partial rows. Widths: a warp per row (scalar and
+# vector paths), a block per row with 8, 16 and 32 columns per thread, and one past the fused
+# kernel's 8192 (the two-kernel path).
+@requires_cuda
+@pytest.mark.parametrize("rows,n_cols", [(4099, 1), (4099, 17), (4099, 1000), (2113, 2048), (1031, 4096),
+                                         (1031, 8192), (517, 8200)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", NORMS)
+def test_many_row_blocks_gpu(backend, norm, dtype, rows, n_cols):
+    inputs = norm_case(norm, rows, n_cols, dtype, residual=True)
+    check_against_reference(norm, inputs, backend, dtype, what=f"{norm} {rows}x{n_cols}")
+    _, first = run(norm, inputs, backend)
+    _, second = run(norm, inputs, backend)
+    for name in ("weight", "bias"):
+        if name in first:
+            assert torch.equal(first[name], second[name]), f"d{name} differs between two identical runs"
+
+
 @requires_cuda
 @pytest.mark.parametrize("n_cols", [8193, 65536], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -36,35 +36,37 @@ struct NormBackwardArgs {
   const float* weight;        // nullable
   const float* mean;          // nullptr for RMSNorm
   const float* rstd;
-  void* dx;  // gradient of x (and of residual, which is the same)
+  void* dx;        // gradient of x (and of residual, which is the same)
+  float* dweight;  // nullable: not wanted
+  float* dbias;    // nullable: not wanted (always for RMSNorm)
   int64_t rows;
   int n;
   bool rms;
 };
 
-struct NormParamGradArgs {
-  const void* dy;
-  const void* input;
-  const float* mean;  // nullptr for RMSNorm
-  const float* rstd;
-  float* dweight;  // nullable
-  float* dbias;    // nullable
-  int64_t rows;
-  int n;
-  bool rms;
-};
+// Rows up to this length take the fused backward: one block of 256 threads holds a row's
+// columns in registers, at most 32 per thread.
+constexpr int kMaxFusedRowLength = 8192;
 
 cudaError_t launch_norm_forward(DType dtype, const NormForwardArgs& args, cudaStream_t stream);
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight (RMSNorm drops mean(g)),
-// plus dresidual_out.
-cudaError_t launch_norm_backward_input(DType dtype, const NormBackwardArgs& args, cudaStream_t stream);
+// plus dresidual_out; dweight = sum over rows of dy * xhat, dbias = sum of dy. No float
+// atomics: per-block partial sums into `workspace`, then a fixed-order sum per column, so the
+// results are bitwise reproducible. `workspace` holds norm_backward_workspace_floats(rows, n)
+// floats (a count that depends on the current device's SM count).
+int64_t norm_backward_workspace_floats(int64_t rows, int n);
+cudaError_t launch_norm_backward(DType dtype, const NormBackwardArgs& args, float* workspace, cudaStream_t stream);
 
-// dweight = sum over rows of dy * xhat, dbias = sum of dy, without float atomics: per-chunk
-// partial sums into `workspace`, then one ordered sum per column, so results are bitwise
-// reproducible. `workspace` holds norm_param_grad_workspace_floats(rows, n) floats.
+// ---- parts of launch_norm_backward (layer_norm_bwd_wide.cu) -------------------------------
+// For rows wider than kMaxFusedRowLength: dx alone, and dweight/dbias from a second read of dy
+// and input into norm_param_grad_workspace_floats(rows, n) floats.
+cudaError_t launch_norm_backward_input(DType dtype, const NormBackwardArgs& args, cudaStream_t stream);
 int64_t norm_param_grad_workspace_floats(int64_t rows, int n);
-cudaError_t launch_norm_backward_params(DType dtype, const NormParamGradArgs& args, float* workspace,
+cudaError_t launch_norm_backward_params(DType dtype, const NormBackwardArgs& args, float* workspace,
                                         cudaStream_t stream);
+// out[col] = the sum of partial[r][col] over r < partial_rows in order; partial is (partial_rows, n).
+cudaError_t launch_sum_partial_rows(const float* partial, int64_t partial_rows, int n, float* out,
+                                    cudaStream_t stream);
 
 }  // namespace tformer

@@ -106,17 +106,14 @@ void test_norm(int64_t rows, int n, bool rms, std::mt19937& rng) {
   const std::vector<float> weight = random_values<float>(n, rng, 1.f), bias = random_values<float>(n, rng);
   Device<T> d_x(x), d_residual(residual), d_dy(dy), d_dres(dres), d_y(count), d_sum(count), d_dx(count);
   Device<float> d_weight(weight), d_bias(bias), d_mean(rows), d_rstd(rows), d_dweight(n), d_dbias(n);
-  Device<float> workspace(norm_param_grad_workspace_floats(rows, n));
+  Device<float> workspace(norm_backward_workspace_floats(rows, n));
 
   NormForwardArgs forward{d_x.ptr, d_residual.ptr, d_weight.ptr, rms ? nullptr : d_bias.ptr, d_y.ptr, d_sum.ptr,
                           rms ? nullptr : d_mean.ptr, d_rstd.ptr, rows, n, 1e-5f, rms};
   CUDA_OK(launch_norm_forward(dtype_of<T>(), forward, nullptr));
   NormBackwardArgs backward{d_dy.ptr, d_dres.ptr, d_sum.ptr, d_weight.ptr, rms ? nullptr : d_mean.ptr, d_rstd.ptr,
-                            d_dx.ptr, rows, n, rms};
-  CUDA_OK(launch_norm_backward_input(dtype_of<T>(), backward, nullptr));
-  NormParamGradArgs params{d_dy.ptr, d_sum.ptr, rms ? nullptr : d_mean.ptr, d_rstd.ptr, d_dweight.ptr,
-                           rms ? nullptr : d_dbias.ptr, rows, n, rms};
-  CUDA_OK(launch_norm_backward_params(dtype_of<T>(), params, workspace.ptr, nullptr));
+                            d_dx.ptr, d_dweight.ptr, rms ? nullptr : d_dbias.ptr, rows, n, rms};
+  CUDA_OK(launch_norm_backward(dtype_of<T>(), backward, workspace.ptr, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
 
   std::vector<double> y(count), dx(count), dweight(n, 0.0), dbias(n, 0.0), sum(count);
@@ -213,11 +210,15 @@ void test_softmax(int batch, int heads, int rows, int n, std::mt19937& rng) {
 
 template <typename T>
 void test_dtype(std::mt19937& rng) {
-  // Row lengths: a warp per row (with and without a scalar tail) and a block per row.
-  for (int n : {1, 17, 768, 1000, 4099}) {
+  // Row lengths: a warp per row (with and without a scalar tail), a block per row (8, 16 and
+  // 32 columns per thread in the fused backward), and rows wider than the fused backward takes.
+  for (int n : {1, 17, 768, 1000, 4099, 8192, 8200, 65536}) {
     test_norm<T>(37, n, /*rms=*/false, rng);
     test_norm<T>(37, n, /*rms=*/true, rng);
   }
+  // Many rows: the fused backward's grid strides, and dweight/dbias add many partial rows.
+  test_norm<T>(5000, 1024, /*rms=*/false, rng);
+  test_norm<T>(3001, 2048, /*rms=*/true, rng);
   for (int n : {5, 128, 1023, 2053}) test_softmax<T>(2, 3, 5, n, rng);
 }
 
