@@ -535,6 +535,19 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   args.dq_strides = attention_strides(dq, in.packed);
   args.dk_strides = attention_strides(dk, in.packed);
   args.dv_strides = attention_strides(dv, in.packed);
+  // Grouped-query attention on few SMs: dK/dV per query head in float32, summed per group.
+  int sm_count = 0;
+  check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()), op);
+  Tensor dk_partial, dv_partial;
+  if (attention_backward_expands(in.problem, in.packed ? k.size(0) : k.size(0) * k.size(2), sm_count)) {
+    std::vector<int64_t> partial_shape = k.sizes().vec();
+    partial_shape[1] = q.size(1);
+    dk_partial = at::empty(partial_shape, lse.options());
+    dv_partial = at::empty(partial_shape, lse.options());
+    args.dk_partial = dk_partial.data_ptr<float>();
+    args.dv_partial = dv_partial.data_ptr<float>();
+    args.partial_strides = attention_strides(dk_partial, in.packed);
+  }
   check_launch(launch_attention_backward(kernel_dtype(op, "q", in.q), args, current_stream()), op);
   return {dq, dk, dv};
 }

@@ -182,6 +182,12 @@ GPU_CASES = {
     "d16_in_32_bucket": (1, 1, 1, 1, 33, 16, False, None),
     "d160_in_256_bucket": (1, 2, 2, 17, 5, 160, False, None),
     "long_mqa": (1, 8, 1, 600, 700, 64, True, [700]),
+    # Mask-free interior blocks beside the diagonal and the partial last block (no padding).
+    "d64_causal_full_blocks": (2, 4, 4, 300, 300, 64, True, None),
+    "d128_full_blocks": (1, 2, 2, 256, 320, 128, False, None),
+    # Grouped-query attention with enough key blocks (11 x 2 kv heads x 16 = 352 >= 2 per SM up
+    # to 176 SMs) for the grouped dK/dV pass; the smaller GQA cases above take the expanded one.
+    "gqa_grouped_dkdv": (16, 4, 2, 1300, 1300, 64, True, None),
 }
 
 

@@ -78,6 +78,11 @@ struct AttentionBackwardArgs {
   void* dk = nullptr;
   void* dv = nullptr;
   Strides3 dq_strides, dk_strides, dv_strides;
+  // Expanded dK/dV (attention_backward_expands): float32 per-query-head partials with k's
+  // layout but num_heads heads, summed over each group afterwards; nullptr: grouped dK/dV.
+  float* dk_partial = nullptr;
+  float* dv_partial = nullptr;
+  Strides3 partial_strides;  // of both partials
 };
 
 // The bucket a head dim runs in, or 0 when it is not supported (not a multiple of 8, or > 256).
@@ -95,6 +100,13 @@ int attention_shared_memory_bytes(int head_dim);
 
 // out, lse. dtype is kFloat16 or kBFloat16.
 cudaError_t launch_attention_forward(DType dtype, const AttentionForwardArgs& args, cudaStream_t stream);
+
+// Whether the backward computes dK/dV per query head (FlashAttention-2's GQA/MQA backward)
+// rather than per key/value head: when group_size > 1, the grouped dK/dV launch would have
+// fewer than 2 blocks per SM (`sm_count` SMs) and the two float32 partials, 2 x key_tokens x
+// num_heads x head_dim floats (key_tokens: batch x Sk, or total_k packed), fit in 256 MiB.
+// The caller then allocates the partials (AttentionBackwardArgs::dk_partial, dv_partial).
+bool attention_backward_expands(const AttentionProblem& problem, int64_t key_tokens, int sm_count);
 
 // dq, dk, dv (deterministic: no atomics). Writes delta first.
 cudaError_t launch_attention_backward(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);

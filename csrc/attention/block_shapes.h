@@ -1,40 +1,57 @@
 // Block shapes of the attention kernels per head-dim bucket, and the shared memory they take.
 // Host and device code both read them (launch sizes, smem opt-in, the bindings' checks).
 //
-// The shapes keep every pass within 227 KiB (sm90) and 163 KiB (sm80) of shared memory and
-// keep the fp32 accumulators of a warp (16 rows x kD, i.e. kD / 2 floats a lane per
-// accumulator) in registers where possible: the larger head dims take fewer keys per step.
+// FlashAttention-2's sm80 shapes where the registers allow: 128 x 64 forward tiles with 32
+// query rows a warp (two 16-row mma tiles sharing every K and V fragment) up to head dim 64,
+// and 128-key dK/dV blocks of 8 warps up to head dim 96. A warp's fp32 accumulators take
+// kD / 2 floats a lane per 16-row tile, so larger head dims keep 16 rows a warp (ptxas: no
+// spills at these shapes; see bench/KERNEL_NOTES.md). Every pass stays within 227 KiB (sm90) and 163 KiB (sm80) of
+// shared memory.
 #pragma once
 
 namespace tformer {
 namespace attention {
 
+// Tiles in shared memory hold kD columns plus 8 of padding per row (tiles.cuh).
+template <int kD> constexpr int padded_tile_bytes(int rows) { return rows * (kD + 8) * 2; }
+
 template <int kD> struct ForwardShape {
-  static constexpr int kBlockM = 64;               // query rows per block, 16 per warp
+  static constexpr int kWarps = 4;
+  // 16-row mma tiles per warp. Two (128 x 64 blocks) spill at kD = 96 (116 bytes) and
+  // kD = 128 (8 bytes at 128 x 64, 32 at 128 x 32) under ptxas for sm_90: those buckets keep
+  // one tile (64-row blocks) until the register use of the step is cut.
+  static constexpr int kRowTiles = kD <= 64 ? 2 : 1;
+  static constexpr int kWarpRows = 16 * kRowTiles;
+  static constexpr int kBlockM = kWarps * kWarpRows;   // query rows per block: 128 or 64
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per step, double buffered
-  // Q tile + 2 K tiles + 2 V tiles, 2-byte elements, padded rows.
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * (kD + 8) * 2;
+  // Q tile (reused for the staged output) + 2 K tiles + 2 V tiles.
+  static constexpr int kSmemBytes = padded_tile_bytes<kD>(kBlockM + 4 * kBlockN);
 };
 
-// dK/dV pass: one block per kBlockN keys (16 per warp), stepping over kBlockM query rows.
-// At kD = 256 the dK and dV accumulators alone (kD floats a lane) would not fit the 255
-// registers of a thread: kColumnSplit blocks then share a key block, each accumulating
-// kD / kColumnSplit columns of dK and dV (recomputing P and dP, which need all kD).
+// dK/dV pass: one block per kBlockN keys (16 per warp), stepping over kBlockM query rows with
+// Q and dO double buffered. At kD = 256 the dK and dV accumulators alone (kD floats a lane)
+// would not fit the 255 registers of a thread: kColumnSplit blocks then share a key block,
+// each accumulating kD / kColumnSplit columns of dK and dV (recomputing P and dP, which need
+// all kD).
+// 128 keys need 102.5 KiB at kD = 128 (double-buffered Q and dO), above the 99 KiB of
+// sm86/sm89: kD = 128 keeps 64 keys so it runs there too; kD = 256 for its registers.
 template <int kD> struct KeyGradShape {
-  static constexpr int kBlockN = 64;
+  static constexpr int kWarps = kD <= 96 ? 8 : 4;
+  static constexpr int kBlockN = 16 * kWarps;  // 128 keys (64 at kD >= 128)
   static constexpr int kBlockM = kD <= 64 ? 64 : 32;
   static constexpr int kColumnSplit = kD > 128 ? 2 : 1;
   static constexpr int kColumns = kD / kColumnSplit;
-  // K, V tiles + Q, dO tiles + lse and delta of kBlockM rows.
-  static constexpr int kSmemBytes = (2 * kBlockN + 2 * kBlockM) * (kD + 8) * 2 + 2 * kBlockM * 4;
+  // K, V tiles + two (Q, dO) buffers + two (lse, delta) buffers of kBlockM floats.
+  static constexpr int kSmemBytes = padded_tile_bytes<kD>(2 * kBlockN + 4 * kBlockM) + 4 * kBlockM * 4;
 };
 
 // dQ pass: one block per kBlockM query rows (16 per warp), stepping over kBlockN keys.
 template <int kD> struct QueryGradShape {
-  static constexpr int kBlockM = 64;
+  static constexpr int kWarps = 4;
+  static constexpr int kBlockM = 16 * kWarps;
   static constexpr int kBlockN = kD <= 64 ? 64 : 32;
   // Q, dO tiles + 2 K tiles + 2 V tiles (double buffered).
-  static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * (kD + 8) * 2;
+  static constexpr int kSmemBytes = padded_tile_bytes<kD>(2 * kBlockM + 4 * kBlockN);
 };
 
 }  // namespace attention

@@ -2,9 +2,10 @@
 // shared-memory tiles filled by cp.async, and the two warp-level matrix products every pass
 // is made of (FlashAttention-2's S = Q K^T and O += P V shapes).
 //
-// Every kernel runs 4 warps; each warp owns 16 rows of its block's (M or N) side, so the
-// softmax statistics and the accumulators of a row never leave the warp (FA2, Section 3.3:
-// split the rows, not the reduction, across warps).
+// Each warp owns whole rows of its block's (M or N) side, in row tiles of 16 (the M of
+// mma.m16n8k16), so the softmax statistics and the accumulators of a row never leave the
+// warp (FA2, Section 3.3: split the rows, not the reduction, across warps). The warps per
+// block and row tiles per warp are each pass's (block_shapes.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,9 +19,7 @@
 namespace tformer {
 namespace attention {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRowsPerWarp = 16;  // the M of mma.m16n8k16
+constexpr int kTileRows = 16;  // the M of mma.m16n8k16
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -59,11 +58,11 @@ struct KeyMask {
   }
 };
 
-// Calls fn(j, e, r, allowed) for each element of a warp's 16 x kN score fragment (mma
-// m16n8 accumulators: element e = 2 r + c of block j is query row0 + lane / 4 + 8 r, key
-// n0 + 8 j + 2 (lane % 4) + c), `allowed` saying whether that query attends that key. The
-// key part of the mask is evaluated once per key.
-template <int kN, typename Fn>
+// Calls fn(t, j, e, r, allowed) for each element of a warp's kTiles x 16 x kN score
+// fragments (mma m16n8 accumulators: element e = 2 r + c of block j of row tile t is query
+// row0 + 16 t + lane / 4 + 8 r, key n0 + 8 j + 2 (lane % 4) + c), `allowed` saying whether
+// that query attends that key. The key part of the mask is evaluated once per key.
+template <int kTiles, int kN, typename Fn>
 __device__ __forceinline__ void for_each_score(const KeyMask& mask, int row0, int n0, int lane, Fn&& fn) {
 #pragma unroll
   for (int j = 0; j < kN / 8; ++j) {
@@ -72,7 +71,12 @@ __device__ __forceinline__ void for_each_score(const KeyMask& mask, int row0, in
       const int col = n0 + j * 8 + 2 * (lane % 4) + c;
       const bool key_ok = mask.key_ok(col);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) fn(j, 2 * r + c, r, key_ok && mask.query_sees(row0 + lane / 4 + r * 8, col));
+      for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          fn(t, j, 2 * r + c, r, key_ok && mask.query_sees(row0 + t * 16 + lane / 4 + r * 8, col));
+        }
+      }
     }
   }
 }
@@ -82,20 +86,29 @@ __device__ __forceinline__ KeyMask key_mask(const AttentionProblem& p, int seq, 
   return {padding, p.key_padding_token_stride, b.q_len, b.k_len, p.causal};
 }
 
+// Whether a (query rows m0 .. m0 + kM) x (keys n0 .. n0 + kN) block needs the mask: it holds
+// padding keys, keys or rows past the sequence, or keys right of the causal diagonal. Every
+// other block runs with no mask arithmetic at all (FA2 masks only the boundary blocks).
+template <int kM, int kN>
+__device__ __forceinline__ bool block_needs_mask(const KeyMask& mask, int m0, int n0) {
+  return mask.padding != nullptr || n0 + kN > mask.k_len || m0 + kM > mask.q_len ||
+         (mask.causal && n0 + kN - 1 > m0);
+}
+
 // The first element of (seq, head, token = first) of a strided tensor.
 template <typename T>
 __device__ __forceinline__ T* slab(T* base, const Strides3& s, int seq, int head, int first) {
   return base + seq * s.seq + head * s.head + static_cast<int64_t>(first) * s.token;
 }
 
-// Asynchronously copies rows row0 .. row0 + kRows of a (token, dim) slab into a shared tile;
-// rows >= len and columns >= head_dim are zero-filled, never read (any length, any head dim
-// that is a multiple of 8).
-template <typename T, int kRows, int kD>
+// Asynchronously copies rows row0 .. row0 + kRows of a (token, dim) slab into a shared tile
+// with the kBlockThreads threads of a block; rows >= len and columns >= head_dim are zero-filled,
+// never read (any length, any head dim that is a multiple of 8).
+template <int kBlockThreads, typename T, int kRows, int kD>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* slab_base, int64_t token_stride, int row0, int len,
                                                 int head_dim) {
   constexpr int kChunksPerRow = kD / 8;  // 16-byte chunks
-  for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kThreads) {
+  for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kBlockThreads) {
     const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * 8;
     const int row = row0 + r;
     const bool valid = row < len && c < head_dim;
@@ -104,70 +117,104 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* slab_base, int
   }
 }
 
-// acc (16 x kN) += A (16 x kK) * B^T, A and B row-major in shared memory with row stride
-// `stride`: A's 16 rows start at `a`, B's kN rows at `b`. (S = Q K^T, dP = dO V^T, ...)
-template <typename T, int kN, int kK>
-__device__ __forceinline__ void warp_gemm_abt(float (&acc)[kN / 8][4], const T* a, const T* b, int stride,
+// acc (kTiles x 16 x kN) += A (kTiles x 16 x kK) * B^T, A and B row-major in shared memory with
+// row stride `stride`: A's 16 kTiles rows start at `a`, B's kN rows at `b`. Each B fragment is
+// loaded once and used by all kTiles row tiles (S = Q K^T, dP = dO V^T, ...).
+template <typename T, int kTiles, int kN, int kK>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[kTiles][kN / 8][4], const T* a, const T* b, int stride,
                                               int lane) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles are multiples of 16");
 #pragma unroll
   for (int kk = 0; kk < kK; kk += 16) {
-    uint32_t af[4];
-    // Matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a0..a3.
-    ldmatrix_x4(af, a + (lane % 16) * stride + kk + (lane / 16) * 8);
+    uint32_t af[kTiles][4];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      // Matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a0..a3.
+      ldmatrix_x4(af[t], a + (t * 16 + lane % 16) * stride + kk + (lane / 16) * 8);
+    }
 #pragma unroll
     for (int n = 0; n < kN; n += 16) {
       uint32_t bf[4];
       // Matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15): B rows are
       // n, so the untransposed load gives b0, b1 of two n-tiles.
       ldmatrix_x4(bf, b + (n + lane % 8 + (lane / 16) * 8) * stride + kk + ((lane / 8) % 2) * 8);
-      mma_16x8x16<T>(acc[n / 8], af, bf[0], bf[1]);
-      mma_16x8x16<T>(acc[n / 8 + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        mma_16x8x16<T>(acc[t][n / 8], af[t], bf[0], bf[1]);
+        mma_16x8x16<T>(acc[t][n / 8 + 1], af[t], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// acc (16 x kD) += P (16 x kK, fp32 accumulator fragments, rounded to T) * B, B (kK x kD)
-// row-major in shared memory at `b`. The accumulator layout of two n-tiles is exactly the A
-// layout of one k-step, so P never leaves registers (O += P V, dV += P^T dO, dQ += dS K, ...).
-template <typename T, int kK, int kD>
-__device__ __forceinline__ void warp_gemm_pb(float (&acc)[kD / 8][4], const float (&p)[kK / 8][4], const T* b,
-                                             int stride, int lane) {
+// acc (kTiles x 16 x kD) += P (kTiles x 16 x kK, fp32 accumulator fragments, rounded to T) * B,
+// B (kK x kD) row-major in shared memory at `b`. The accumulator layout of two n-tiles is
+// exactly the A layout of one k-step, so P never leaves registers (O += P V, dV += P^T dO,
+// dQ += dS K, ...); each B fragment serves all kTiles row tiles.
+template <typename T, int kTiles, int kK, int kD>
+__device__ __forceinline__ void warp_gemm_pb(float (&acc)[kTiles][kD / 8][4], const float (&p)[kTiles][kK / 8][4],
+                                             const T* b, int stride, int lane) {
   static_assert(kK % 16 == 0 && kD % 16 == 0, "tiles are multiples of 16");
 #pragma unroll
   for (int kk = 0; kk < kK; kk += 16) {
     const int j = kk / 8;
-    const uint32_t af[4] = {pack2<T>(p[j][0], p[j][1]), pack2<T>(p[j][2], p[j][3]), pack2<T>(p[j + 1][0], p[j + 1][1]),
-                            pack2<T>(p[j + 1][2], p[j + 1][3])};
+    uint32_t af[kTiles][4];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      af[t][0] = pack2<T>(p[t][j][0], p[t][j][1]);
+      af[t][1] = pack2<T>(p[t][j][2], p[t][j][3]);
+      af[t][2] = pack2<T>(p[t][j + 1][0], p[t][j + 1][1]);
+      af[t][3] = pack2<T>(p[t][j + 1][2], p[t][j + 1][3]);
+    }
 #pragma unroll
     for (int d = 0; d < kD; d += 16) {
       uint32_t bf[4];
       // Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), stored with
       // k as the row: the transposed load gives b0, b1 of two n-tiles.
       ldmatrix_x4_trans(bf, b + (kk + lane % 8 + ((lane / 8) % 2) * 8) * stride + d + (lane / 16) * 8);
-      mma_16x8x16<T>(acc[d / 8], af, bf[0], bf[1]);
-      mma_16x8x16<T>(acc[d / 8 + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        mma_16x8x16<T>(acc[t][d / 8], af[t], bf[0], bf[1]);
+        mma_16x8x16<T>(acc[t][d / 8 + 1], af[t], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// Stores a warp's 16 x kD accumulator (times `factor`) as T to rows row0 + 0..15 of a slab;
-// rows >= len and columns >= head_dim are skipped.
-template <typename T, int kD>
-__device__ __forceinline__ void store_rows(T* slab_base, int64_t token_stride, const float (&acc)[kD / 8][4],
-                                           float factor, int row0, int len, int head_dim, int lane) {
+// Epilogue, step 1: writes a warp's kTiles x 16 x kD accumulator (times factor[t][r] for the
+// lane's rows) as T into the warp's own rows of a shared tile (row stride `stride`). With
+// the 8-element row padding the 32 lanes' 4-byte writes fall in distinct banks.
+template <typename T, int kTiles, int kD>
+__device__ __forceinline__ void stage_rows(T* tile, int stride, const float (&acc)[kTiles][kD / 8][4],
+                                           const float (&factor)[kTiles][2], int lane) {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = row0 + lane / 4 + half * 8;
-    if (row >= len) continue;
-    T* out = slab_base + static_cast<int64_t>(row) * token_stride;
+  for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-    for (int d = 0; d < kD / 8; ++d) {
-      const int col = d * 8 + 2 * (lane % 4);
-      if (col < head_dim) {  // head_dim is a multiple of 8: col + 1 is in range too
-        *reinterpret_cast<uint32_t*>(out + col) =
-            pack2<T>(acc[d][2 * half] * factor, acc[d][2 * half + 1] * factor);
+    for (int r = 0; r < 2; ++r) {
+      T* row = tile + (t * 16 + lane / 4 + r * 8) * stride;
+#pragma unroll
+      for (int d = 0; d < kD / 8; ++d) {
+        *reinterpret_cast<uint32_t*>(row + d * 8 + 2 * (lane % 4)) =
+            pack2<T>(acc[t][d][2 * r] * factor[t][r], acc[t][d][2 * r + 1] * factor[t][r]);
       }
+    }
+  }
+}
+
+// Epilogue, step 2: copies a warp's kRows staged rows to rows row0 .. row0 + kRows of a slab
+// in 16-byte stores (consecutive lanes write consecutive chunks of a row: full 128-byte
+// lines); rows >= len and columns >= head_dim are skipped. The slab's rows must be 16-byte
+// aligned (the bindings allocate the outputs contiguous, head dims are multiples of 8).
+template <typename T, int kRows, int kD>
+__device__ __forceinline__ void store_staged_rows(T* slab_base, int64_t token_stride, const T* tile, int stride,
+                                                  int row0, int len, int head_dim, int lane) {
+  constexpr int kChunksPerRow = kD / 8;
+#pragma unroll
+  for (int i = lane; i < kRows * kChunksPerRow; i += 32) {
+    const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * 8;
+    if (row0 + r < len && c < head_dim) {
+      *reinterpret_cast<uint4*>(slab_base + static_cast<int64_t>(row0 + r) * token_stride + c) =
+          *reinterpret_cast<const uint4*>(tile + r * stride + c);
     }
   }
 }
@@ -176,6 +223,11 @@ template <int kTiles>
 __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+template <int kTiles, int kCols>
+__device__ __forceinline__ void zero(float (&acc)[kTiles][kCols][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) zero(acc[t]);
 }
 
 // Reductions over the 4 lanes (a quad) that share an accumulator row.

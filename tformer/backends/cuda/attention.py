@@ -21,15 +21,16 @@ What they take:
 - packed sequences: the kernels trust ``cu_seqlens_*`` and ``max_seqlen_*`` (offsets from 0,
   never decreasing, lengths bounded by ``max_seqlen_*``); ``tformer.ops.attention_varlen``
   checks them before dispatch (outside ``torch.compile``).
-- shared memory: head dims up to 128 take at most 87 KB a block; the 256 bucket takes 132 KB,
+- shared memory: head dims up to 128 take at most 87 KB a block; the 256 bucket takes 136 KB,
   within sm80/sm90 limits but above the 99 KB of sm86/sm89, where the op raises a clear error.
 - Dropout is not implemented yet: ``dropout_p > 0`` is refused (the registry's ``supports``
   check names it; calling these functions directly raises ValueError).
 
 Semantics are those of the reference: a fully masked query row gives zeros, lse = -inf and
 zero gradients. The backward is deterministic: dK/dV come from one pass over key blocks that
-loops over the group's query heads in a fixed order, dQ from a second pass over query
-blocks; no atomics. The float32 log-sum-exp saved by the forward is returned by
+loops over the group's query heads in a fixed order (or, for grouped-query attention whose
+grouped launch would leave SMs idle, per query head into float32 partials summed over each
+group in head order), dQ from a second pass over query blocks; no atomics. The float32 log-sum-exp saved by the forward is returned by
 ``return_lse=True`` (detached). Double backward is not supported.
 """
 
