@@ -84,6 +84,121 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// S = Q K^T for one key block (issued, not waited for): kD / 16 wgmmas, both operands K-major;
+// a 16-column step inside a 128-byte swizzled row advances the start address by 32 bytes
+// (the hardware swizzles the final address), a 64-column step moves to the next panel.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_qk(float (&s)[kBlockN / 2], uint32_t q_address, uint32_t k_address) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t offset = (kk / 4) * kPanelBytes + (kk % 4) * 32;
+    Wgmma<T>::ss_n128(s, smem_descriptor(q_address + offset, 16, 1024), smem_descriptor(k_address + offset, 16, 1024),
+                      kk > 0 ? 1u : 0u);
+  }
+  wgmma_commit();
+}
+
+// O += P V (issued, not waited for): V's tile is MN-major for this product (keys are K, the
+// head dim is N): 64-column panels kPanelBytes apart (leading offset), 8-key groups 1024
+// bytes apart (stride offset), 16 keys (2 KiB) per wgmma.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pa)[kBlockN / 16][4],
+                                         uint32_t v_address) {
+#pragma unroll
+  for (int t = 0; t < kBlockN / 16; ++t) {
+    const uint64_t v_desc = smem_descriptor(v_address + t * 16 * 128, kPanelBytes, 1024);
+    if constexpr (kD == 64) {
+      Wgmma<T>::rs_n64(o, pa[t], v_desc, 1u);
+    } else {
+      Wgmma<T>::rs_n128(o, pa[t], v_desc, 1u);
+    }
+  }
+  wgmma_commit();
+}
+
+template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
+}
+
+// Which keys a thread's two rows (row0, row0 + 8) may attend.
+struct RowMask {
+  const uint8_t* padding;  // this sequence's key padding row, or nullptr
+  int64_t padding_stride;
+  int k_len, wg_row0, row0;
+  bool causal;
+  int lane;
+};
+
+// Scales and masks S in place and turns it into P = exp2(S - running max) (float32), updating
+// the running max and this lane's part of the row sums; alpha is the factor O must take.
+// Only blocks that need it are masked: padding, the sequence's end, keys right of a row.
+__device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, const RowMask& m, float scale_log2,
+                                               float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
+  const bool needs_mask =
+      m.padding != nullptr || n0 + kBlockN > m.k_len || (m.causal && n0 + kBlockN - 1 > m.wg_row0);
+  if (needs_mask) {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = n0 + j * 8 + 2 * (m.lane % 4) + c;
+        const bool key_ok =
+            col < m.k_len && (m.padding == nullptr || m.padding[static_cast<int64_t>(col) * m.padding_stride] == 0);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
+          s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] * scale_log2 : -INFINITY;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) s[i] *= scale_log2;
+  }
+  // A row with no allowed key so far keeps max -inf; exponentiating against 0 instead keeps
+  // exp2(-inf - -inf) = NaN out.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float step_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) step_max = fmaxf(step_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+    const float new_max = fmaxf(row_max[r], quad_max(step_max));
+    const float safe_max = new_max == -INFINITY ? 0.f : new_max;
+    alpha[r] = exp2f(row_max[r] - safe_max);  // 0 when row_max was -inf
+    row_max[r] = new_max;
+    row_sum[r] *= alpha[r];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      s[4 * j + 2 * r] = exp2f(s[4 * j + 2 * r] - safe_max);
+      s[4 * j + 2 * r + 1] = exp2f(s[4 * j + 2 * r + 1] - safe_max);
+      row_sum[r] += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+    }
+  }
+}
+
+template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[4 * j + i] *= alpha[i / 2];
+  }
+}
+
+// P as wgmma A fragments, 16 keys each: registers {row r0, keys 0-7 | r0 + 8, keys 0-7 |
+// r0, keys 8-15 | r0 + 8, keys 8-15} = accumulator chunks 2t and 2t + 1.
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&s)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int t = 0; t < kBlockN / 16; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pa[t][i] = pack2<T>(s[8 * t + 2 * i], s[8 * t + 2 * i + 1]);
+  }
+}
+
 // Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
 // 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
 template <typename T, int kD>
@@ -174,113 +289,60 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   const int wg_row0 = m0 + consumer * 64;         // first query row of this warpgroup
   const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
   const float scale_log2 = p.scale * kLog2e;
-  const uint8_t* padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
+  const uint8_t* const padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
 
+  const RowMask mask{padding, p.key_padding_token_stride, k_len, wg_row0, row0, p.causal, lane};
   float o[kD / 2];
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units; -inf while no key was allowed
   float row_sum[2] = {0.f, 0.f};              // this lane's part; the quad's sum at the end
+  float s[kBlockN / 2], alpha[2];
+  uint32_t pa[kBlockN / 16][4];
 
   const uint32_t q_address = smem_u32(q_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
+  const auto k_address = [&](int slot) { return smem_u32(k_tiles + slot * S::kTileBytes); };
+  const auto v_address = [&](int slot) { return smem_u32(v_tiles + slot * S::kTileBytes); };
   mbarrier_wait(q_full, 0);
 
-  for (int step = 0; step < num_steps; ++step) {
-    const int slot = step % kStages;
-    const uint32_t parity = (step / kStages) & 1;
-    const int n0 = step * kBlockN;
-    const uint32_t k_address = smem_u32(k_tiles + slot * S::kTileBytes);
-    const uint32_t v_address = smem_u32(v_tiles + slot * S::kTileBytes);
-
-    // S = Q K^T: kD / 16 wgmmas; a 16-column step inside a 128-byte swizzled row advances
-    // the start address by 32 bytes (the hardware swizzles the final address).
-    float s[kBlockN / 2];
-    mbarrier_wait(&k_full[slot], parity);
+  // Intra-warpgroup overlap (FA3 3.2, Algorithm 2): block j's P V is issued right after block
+  // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
+  // O is rescaled (and P repacked) only once that P V has completed.
+  if (num_steps > 0) {
+    mbarrier_wait(&k_full[0], 0);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t offset = (kk / 4) * kPanelBytes + (kk % 4) * 32;
-      Wgmma<T>::ss_n128(s, smem_descriptor(q_address + offset, 16, 1024),
-                        smem_descriptor(k_address + offset, 16, 1024), kk > 0 ? 1u : 0u);
-    }
-    wgmma_commit();
+    issue_qk<T, kD>(s, q_address, k_address(0));
     wgmma_wait<0>();
     fence_registers(s);
-
-    // Mask only blocks that need it: padding, the sequence's end, or keys right of a row.
-    const bool needs_mask =
-        padding != nullptr || n0 + kBlockN > k_len || (p.causal && n0 + kBlockN - 1 > wg_row0);
-    if (needs_mask) {
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = n0 + j * 8 + 2 * (lane % 4) + c;
-          const bool key_ok =
-              col < k_len && (padding == nullptr || padding[static_cast<int64_t>(col) * p.key_padding_token_stride] == 0);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const bool allowed = key_ok && (!p.causal || col <= row0 + 8 * r);
-            s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] * scale_log2 : -INFINITY;
-          }
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) s[i] *= scale_log2;
-    }
-
-    // Online softmax. A row with no allowed key so far keeps max -inf; exponentiating
-    // against 0 instead keeps exp2(-inf - -inf) = NaN out.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float step_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) step_max = fmaxf(step_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      const float new_max = fmaxf(row_max[r], quad_max(step_max));
-      const float safe_max = new_max == -INFINITY ? 0.f : new_max;
-      const float alpha = exp2f(row_max[r] - safe_max);  // 0 when row_max was -inf
-      row_max[r] = new_max;
-      row_sum[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        o[4 * j + 2 * r] *= alpha;
-        o[4 * j + 2 * r + 1] *= alpha;
-      }
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        s[4 * j + 2 * r] = exp2f(s[4 * j + 2 * r] - safe_max);
-        s[4 * j + 2 * r + 1] = exp2f(s[4 * j + 2 * r + 1] - safe_max);
-        row_sum[r] += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-      }
-    }
-
-    // P as wgmma A fragments, 16 keys each: registers {row r0, keys 0-7 | r0 + 8, keys 0-7 |
-    // r0, keys 8-15 | r0 + 8, keys 8-15} = accumulator chunks 2t and 2t + 1.
-    uint32_t pa[kBlockN / 16][4];
-#pragma unroll
-    for (int t = 0; t < kBlockN / 16; ++t) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pa[t][i] = pack2<T>(s[8 * t + 2 * i], s[8 * t + 2 * i + 1]);
-    }
-
-    // O += P V: V's tile is MN-major for this product (keys are K, the head dim is N):
-    // 64-column panels kPanelBytes apart (leading offset), 8-key groups 1024 bytes apart.
-    mbarrier_wait(&v_full[slot], parity);
-    wgmma_fence();
-#pragma unroll
-    for (int t = 0; t < kBlockN / 16; ++t) {
-      const uint64_t v_desc = smem_descriptor(v_address + t * 16 * 128, kPanelBytes, 1024);
-      if constexpr (kD == 64) {
-        Wgmma<T>::rs_n64(o, pa[t], v_desc, 1u);
-      } else {
-        Wgmma<T>::rs_n128(o, pa[t], v_desc, 1u);
-      }
-    }
-    wgmma_commit();
+    online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
+    pack_p<T>(s, pa);
+  }
+  for (int step = 1; step < num_steps; ++step) {
+    const int slot = step % kStages, prev = (step - 1) % kStages;
+    mbarrier_wait(&k_full[slot], (step / kStages) & 1);
+    wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
+    issue_qk<T, kD>(s, q_address, k_address(slot));
+    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
+    issue_pv<T, kD>(o, pa, v_address(prev));
+    wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
+    fence_registers(s);
+    online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
     wgmma_wait<0>();
     fence_registers(o);
-    mbarrier_arrive(&kv_empty[slot]);  // this thread no longer reads the slot
+    fence_registers(pa);  // pa stays allocated until P V has read it
+    mbarrier_arrive(&kv_empty[prev]);  // this thread no longer reads that slot
+    rescale<kD>(o, alpha);
+    pack_p<T>(s, pa);
+  }
+  if (num_steps > 0) {
+    const int last = num_steps - 1, slot = last % kStages;
+    mbarrier_wait(&v_full[slot], (last / kStages) & 1);
+    wgmma_fence();
+    issue_pv<T, kD>(o, pa, v_address(slot));
+    wgmma_wait<0>();
+    fence_registers(o);
+    fence_registers(pa);
+    mbarrier_arrive(&kv_empty[slot]);
   }
 
   // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.
