@@ -75,6 +75,11 @@ def test_hot_loops_use_wgmma_and_tma(sm90a_kernels):
         assert in_loop(code, "HGMMA"), f"{name}: no HGMMA inside a loop"
         assert in_loop(code, "UTMALDG"), f"{name}: no TMA load (UTMALDG) inside a loop"
         assert "USETMAXREG" in code, f"{name}: no register reallocation between producer and consumers"
+        # One full wait per GEMM phase (first S, loop, last P V); ptxas inserts one after every
+        # HGMMA when it has to serialize them (C7520), which would undo the overlap.
+        assert code.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") <= 3, f"{name}: wgmma serialized"
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, f"{name}: S is not awaited apart from P V (no overlap)"
+        assert re.search(r"BAR\.ARV", code), f"{name}: no pingpong hand-over between the consumers"
         assert not re.search(r"\b(STL|LDL)\b", code), f"{name}: local memory (spills) in the kernel"
 
 

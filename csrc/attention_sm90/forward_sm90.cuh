@@ -15,10 +15,11 @@
 //     (FA2 Algorithm 1 in log2 units, as the sm_80 kernel), then O += P V (wgmma with P
 //     from registers: for 16-bit types the accumulator layout of S is already the A-operand
 //     layout, FA3 3.3), and release the slot.
-// The producer gives its registers to the consumers (setmaxnreg). Waiting on V only after the
-// softmax lets the V load overlap the first product; the softmax itself is not yet overlapped
-// with the next Q K^T (FA3's pingpong / intra-warpgroup pipelining, 3.2): see
-// bench/KERNEL_NOTES.md, section c90.
+// The producer gives its registers to the consumers (setmaxnreg). The softmax overlaps matrix
+// products twice over (FA3 3.1-3.2): inside a warpgroup, block j's P V runs during block
+// j + 1's softmax; between the two warpgroups, they take turns issuing (pingpong), so one's
+// softmax runs while the other's products hold the tensor cores. bench/KERNEL_NOTES.md,
+// section c90, has the prediction and what is left.
 //
 // Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
 // rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
@@ -199,6 +200,22 @@ __device__ __forceinline__ void pack_p(const float (&s)[kBlockN / 2], uint32_t (
   }
 }
 
+// Pingpong (FA3 3.1): the two consumer warpgroups take turns issuing their wgmmas, so one's
+// softmax runs while the other's products hold the tensor cores. Named barrier 1 + c means
+// "consumer c may issue"; each issue phase is bracketed by take() and pass(). Both consumers
+// run the same num_steps + 1 phases and consumer 1 grants consumer 0 the first turn; consumer
+// 0 takes one more turn at the end (finish()) to absorb consumer 1's last pass, so every
+// arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
+// ptxas serializes every wgmma when a divergent path sits between issue and wait.
+struct Turns {
+  int consumer;
+  __device__ __forceinline__ void take() const { named_barrier_sync(1 + consumer, 256); }
+  __device__ __forceinline__ void pass() const { named_barrier_arrive(2 - consumer, 256); }
+  __device__ __forceinline__ void finish() const {
+    if (consumer == 0) named_barrier_sync(1, 256);
+  }
+};
+
 // Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
 // 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
 template <typename T, int kD>
@@ -308,10 +325,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // Intra-warpgroup overlap (FA3 3.2, Algorithm 2): block j's P V is issued right after block
   // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
   // O is rescaled (and P repacked) only once that P V has completed.
+  const Turns turns{consumer};  // phases: the first Q K^T, num_steps - 1 pairs, the last P V
+  if (consumer == 1 && num_steps > 0) named_barrier_arrive(1, 256);  // consumer 0 goes first
   if (num_steps > 0) {
+    turns.take();
     mbarrier_wait(&k_full[0], 0);
     wgmma_fence();
     issue_qk<T, kD>(s, q_address, k_address(0));
+    turns.pass();
     wgmma_wait<0>();
     fence_registers(s);
     online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
@@ -319,11 +340,13 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   }
   for (int step = 1; step < num_steps; ++step) {
     const int slot = step % kStages, prev = (step - 1) % kStages;
+    turns.take();
     mbarrier_wait(&k_full[slot], (step / kStages) & 1);
     wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
     issue_qk<T, kD>(s, q_address, k_address(slot));
     mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
     issue_pv<T, kD>(o, pa, v_address(prev));
+    turns.pass();
     wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
     fence_registers(s);
     online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
@@ -336,13 +359,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   }
   if (num_steps > 0) {
     const int last = num_steps - 1, slot = last % kStages;
+    turns.take();
     mbarrier_wait(&v_full[slot], (last / kStages) & 1);
     wgmma_fence();
     issue_pv<T, kD>(o, pa, v_address(slot));
+    turns.pass();
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(pa);
     mbarrier_arrive(&kv_empty[slot]);
+    turns.finish();
   }
 
   // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.

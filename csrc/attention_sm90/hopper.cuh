@@ -96,6 +96,14 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t l
   return desc;
 }
 
+// ---- named barriers (bar.sync / bar.arrive on ids 1..15; 0 is __syncthreads) -------------
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- registers -----------------------------------------------------------------------------
 // Warp-specialized register budgets (all warps of a warpgroup execute it together).
 template <int kRegisters> __device__ __forceinline__ void release_registers() {
