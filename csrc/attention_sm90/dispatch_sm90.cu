@@ -48,21 +48,22 @@ std::string general_reason(DType dtype, int head_dim, int device) {
   return "";
 }
 
-// TMA wants 16-byte aligned bases and strides that are positive multiples of 16 bytes.
-bool tma_layout_ok(const void* base, const Strides3& s, bool packed) {
-  const auto aligned = [](int64_t stride) { return stride > 0 && stride % 8 == 0; };  // elements of 2 bytes
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && aligned(s.token) && aligned(s.head) &&
-         (packed || aligned(s.seq));
+// TMA wants 16-byte aligned bases and strides that are positive multiples of 16 bytes; a dim
+// of extent 1 is never stepped over (make_tile_map gives it a valid stride of its own).
+bool tma_layout_ok(const void* base, const Strides3& s, int64_t tokens, int heads, int seqs) {
+  const auto ok = [](int64_t stride, int64_t extent) { return extent <= 1 || (stride > 0 && stride % 8 == 0); };
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ok(s.token, tokens) && ok(s.head, heads) && ok(s.seq, seqs);
 }
 
 std::string layout_reason(const AttentionForwardArgs& args) {
   const AttentionProblem& p = args.problem;
-  const bool packed = p.cu_seqlens_q != nullptr;
-  if (!tma_layout_ok(p.q, p.q_strides, packed) || !tma_layout_ok(p.k, p.k_strides, packed) ||
-      !tma_layout_ok(p.v, p.v_strides, packed)) {
+  if (p.q_tokens <= 0 || p.k_tokens <= 0) return "q or k has no tokens";
+  const int seqs = p.cu_seqlens_q != nullptr ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
+  if (!tma_layout_ok(p.q, p.q_strides, p.q_tokens, p.num_heads, seqs) ||
+      !tma_layout_ok(p.k, p.k_strides, p.k_tokens, kv_heads, seqs) ||
+      !tma_layout_ok(p.v, p.v_strides, p.k_tokens, kv_heads, seqs)) {
     return "q, k or v has a zero or unaligned stride (TMA needs positive multiples of 16 bytes)";
   }
-  if (p.q_tokens <= 0 || p.k_tokens <= 0) return "the token extents of q and k were not given";
   return "";
 }
 
@@ -101,10 +102,11 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
   EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   constexpr int64_t kBytes = 2;
-  // A dim of extent 1 is never stepped over; any valid stride will do.
-  const int64_t token_stride = strides.token * kBytes;
-  const int64_t head_stride = heads > 1 ? strides.head * kBytes : token_stride;
-  const int64_t seq_stride = seqs > 1 ? strides.seq * kBytes : token_stride;
+  // A dim of extent 1 is never stepped over; any valid stride will do (one row's bytes).
+  const auto stride = [&](int64_t elements, int64_t extent) { return (extent > 1 ? elements : head_dim) * kBytes; };
+  const int64_t token_stride = stride(strides.token, tokens);
+  const int64_t head_stride = stride(strides.head, heads);
+  const int64_t seq_stride = stride(strides.seq, seqs);
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(tokens),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(seqs)};
   const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(token_stride), static_cast<cuuint64_t>(head_stride),
