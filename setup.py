@@ -42,6 +42,14 @@ def _default_arch_list(torch) -> str:
     return ";".join(chosen)
 
 
+def _compile_arch_list(requested: str) -> str:
+    """The arch list handed to nvcc: 9.0 becomes 9.0a, so the Hopper attention forward in
+    csrc/attention_sm90/ (wgmma, TMA, setmaxnreg: sm_90a-only features) is compiled. An sm_90a
+    cubin runs on the same GPUs (compute capability 9.0) as an sm_90 one and each file still
+    compiles once per arch, so the build takes no longer; "9.0+PTX" (portable PTX) is kept."""
+    return ";".join("9.0a" if a == "9.0" else a for a in requested.replace(" ", ";").split(";") if a)
+
+
 def _locate_cuda_home() -> None:
     """Set CUDA_HOME when it is unset and a full toolkit can be found.
 
@@ -89,16 +97,23 @@ def cuda_extension():
          f"{os.environ['TORCH_CUDA_ARCH_LIST']} with CUDA_HOME={CUDA_HOME}")
     # Translation units compile in parallel under ninja; 2 jobs fit CI's 2 cores and memory.
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 8))))
+    requested = os.environ["TORCH_CUDA_ARCH_LIST"]
+    compiled = _compile_arch_list(requested)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = compiled  # read by BuildExtension later in this process
+    # The sm_90a attention kernels are guarded by __CUDA_ARCH_FEAT_SM90_ALL on the device side and
+    # by this macro on the host side (no sm_90a code: the dispatch keeps the sm_80 kernels).
+    sm90a = ["-DTFORMER_ATTENTION_SM90A"] if "9.0a" in compiled.split(";") else []
     extension = CUDAExtension(
         "tformer._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]},
+                            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + sm90a},
         py_limited_api=True,
     )
-    BUILD_RECORD.update(cuda_extension=True,
-                        arch_list=[a for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a])
+    # The record keeps the list as requested (9.0, not the 9.0a it compiled to): what `tformer env`
+    # and CI compare with TORCH_CUDA_ARCH_LIST.
+    BUILD_RECORD.update(cuda_extension=True, arch_list=[a for a in requested.replace(" ", ";").split(";") if a])
     return [extension], {"build_ext": BuildExtension}
 
 

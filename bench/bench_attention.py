@@ -3,6 +3,8 @@ FlashAttention-2, cuDNN, memory-efficient and math backends, and flash-attn when
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,31 @@ def _tformer(q, k, v, *, causal: bool, backend: str):
     return tformer.ops.attention(q, k, v, causal=causal, backend=backend)
 
 
+def _tformer_cuda_sm80(q, k, v, *, causal: bool):
+    """tformer-cuda with its sm_80 forward forced: the A/B row for the sm_90a forward on Hopper
+    (the backward is the sm_80 one in both)."""
+    previous = os.environ.get("TFORMER_ATTENTION_FORCE_SM80")
+    os.environ["TFORMER_ATTENTION_FORCE_SM80"] = "1"
+    try:
+        return _tformer(q, k, v, causal=causal, backend="cuda")
+    finally:
+        if previous is None:
+            del os.environ["TFORMER_ATTENTION_FORCE_SM80"]
+        else:
+            os.environ["TFORMER_ATTENTION_FORCE_SM80"] = previous
+
+
+def _hopper_only(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "an A/B row for the sm_90a forward: needs an sm_90 GPU (H100/H200)"
+    if "cuda" not in tformer.available_backends():
+        return "backend 'cuda' is not available"
+    return None
+
+
 CANDIDATES = tformer_candidates(_tformer) + [
+    # kind "variant": an A/B row of a tformer backend, kept out of backend="auto"'s table.
+    Candidate("tformer-cuda-sm80", "variant", _tformer_cuda_sm80, why_not=_hopper_only),
     Candidate("sdpa-flash", "anchor", _sdpa(SDPBackend.FLASH_ATTENTION)),
     Candidate("sdpa-cudnn", "anchor", _sdpa(SDPBackend.CUDNN_ATTENTION), why_not=cuda_only),
     Candidate("sdpa-efficient", "anchor", _sdpa(SDPBackend.EFFICIENT_ATTENTION), why_not=cuda_only),

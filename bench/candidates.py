@@ -23,7 +23,7 @@ def _always(device: torch.device, dtype: torch.dtype) -> str | None:
 @dataclass(frozen=True)
 class Candidate:
     name: str  # "tformer-triton", "sdpa-flash", "torch", ...
-    kind: str  # "tformer" (ours) or "anchor" (what users already have)
+    kind: str  # "tformer" (ours), "anchor" (what users already have) or "variant" (an A/B row of ours)
     call: Callable
     # None when the candidate can run on this device and dtype, else why not.
     why_not: Callable[[torch.device, torch.dtype], str | None] = _always

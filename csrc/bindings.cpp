@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention_sm90/attention_sm90.h"
 #include "layer_norm/layer_norm.h"
 #include "softmax/softmax.h"
 
@@ -450,6 +451,8 @@ AttentionInputs attention_inputs(const char* op, const Tensor& q_in, const Tenso
   p.q_strides = attention_strides(q, in.packed);
   p.k_strides = attention_strides(k, in.packed);
   p.v_strides = attention_strides(in.v, in.packed);
+  p.q_tokens = q.size(seq_axis);
+  p.k_tokens = k.size(seq_axis);
   p.num_heads = static_cast<int>(num_heads);
   p.group_size = static_cast<int>(num_heads / num_kv_heads);
   p.head_dim = static_cast<int>(head_dim);
@@ -481,6 +484,13 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   args.lse_strides = lse_strides(lse, in.packed);
   check_launch(launch_attention_forward(kernel_dtype(op, "q", in.q), args, current_stream()), op);
   return {out, lse};
+}
+
+// Which forward kernels run for q's dtype, head dim and device: "sm90a" or "sm80: <reason>".
+std::string attention_fwd_path(const Tensor& q) {
+  check_cuda("cuda_attention_fwd_path", "q", q);
+  return attention_forward_path_name(kernel_dtype("cuda_attention_fwd_path", "q", q), static_cast<int>(q.size(-1)),
+                                     q.get_device());
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
@@ -569,6 +579,7 @@ TORCH_LIBRARY(tformer, m) {
   m.def("cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
         "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
         "-> (Tensor out, Tensor lse)");
+  m.def("cuda_attention_fwd_path(Tensor q) -> str");
   m.def("cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
@@ -582,5 +593,6 @@ TORCH_LIBRARY_IMPL(tformer, CUDA, m) {
   m.impl("cuda_softmax_fwd", &tformer::softmax_fwd);
   m.impl("cuda_softmax_bwd", &tformer::softmax_bwd);
   m.impl("cuda_attention_fwd", &tformer::attention_fwd);
+  m.impl("cuda_attention_fwd_path", &tformer::attention_fwd_path);
   m.impl("cuda_attention_bwd", &tformer::attention_bwd);
 }

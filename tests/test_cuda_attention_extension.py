@@ -55,6 +55,13 @@ def test_op_is_registered_with_schema_cuda_kernel_and_fake(cuda_attention, op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tformer::{op}", "Meta")
 
 
+def test_forward_path_query_is_registered(cuda_attention):
+    # Which forward (sm90a or sm80 and why) a tensor gets; a CUDA-only query, no fake needed.
+    op = "cuda_attention_fwd_path"
+    assert str(torch.ops.tformer.cuda_attention_fwd_path.default._schema) == f"tformer::{op}(Tensor q) -> str"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tformer::{op}", "CUDA")
+
+
 def test_public_functions_have_reference_signatures_and_half_dtypes_only(cuda_attention):
     assert "attention" in cuda_backend.OP_MODULES
     reference = importlib.import_module("tformer.backends.reference.attention")

@@ -52,6 +52,10 @@ struct AttentionProblem {
   int group_size = 1;    // query heads per key/value head
   int max_seqlen_q = 0;  // the padded length, or a bound on every packed length
   int max_seqlen_k = 0;
+  // Rows of q's and k's token axis (Sq / Sk, or the packed totals): the extent of the sm_90a
+  // path's TMA maps, which must not read past the tensors.
+  int64_t q_tokens = 0;
+  int64_t k_tokens = 0;
   int head_dim = 0;
   float scale = 1.f;
   bool causal = false;

@@ -7,6 +7,7 @@
 #include "attention/attention.h"
 #include "attention/block_shapes.h"
 #include "attention/launch_templates.h"
+#include "attention_sm90/attention_sm90.h"
 
 namespace tformer {
 
@@ -54,6 +55,10 @@ template <int kD> int shared_memory_bytes() {
 }  // namespace
 
 cudaError_t launch_attention_forward(DType dtype, const AttentionForwardArgs& args, cudaStream_t stream) {
+  // sm_90 GPUs with a build for sm_90a take the Hopper kernels (csrc/attention_sm90/).
+  if (attention_sm90_forward_path(dtype, args, nullptr) == AttentionPath::kSm90a) {
+    return launch_attention_forward_sm90(dtype, args, stream);
+  }
   return by_dtype(dtype, args.problem.head_dim, Forward{args, stream});
 }
 

@@ -1,0 +1,431 @@
+// Flash attention forward for Hopper (sm_90a): TMA tile loads, an mbarrier pipeline and
+// warpgroup MMA (wgmma), warp-specialized as in FlashAttention-3 (Shah et al. 2024, 3.1).
+//
+// Why raw PTX and not CuTe/CUTLASS: the whole kernel needs about a dozen Hopper instructions
+// (hopper.cuh, wgmma.cuh), and CI compiles every translation unit on 2 cores: these files
+// compile in seconds, where CuTe's template-heavy headers cost far more per file, and the
+// layouts (128-byte swizzle, descriptors) are spelled out where they are used instead of
+// hidden in layout algebra.
+//
+// A block of 3 warpgroups (384 threads) owns 128 query rows of one (sequence, head):
+//   warpgroup 0, the producer: one thread issues TMA loads: the Q tile once, then each key
+//     block's K and V tiles into a ring of kStages slots; k_full / v_full barriers say a
+//     slot arrived (transaction bytes), kv_empty that both consumers are done with it.
+//   warpgroups 1 and 2, the consumers: 64 query rows each. Per key block of 128 keys:
+//     S = Q K^T (wgmma, both operands in shared memory), mask, online softmax in registers
+//     (FA2 Algorithm 1 in log2 units, as the sm_80 kernel), then O += P V (wgmma with P
+//     from registers: for 16-bit types the accumulator layout of S is already the A-operand
+//     layout, FA3 3.3), and release the slot.
+// The producer gives its registers to the consumers (setmaxnreg). The softmax overlaps matrix
+// products twice over (FA3 3.1-3.2): inside a warpgroup, block j's P V runs during block
+// j + 1's softmax; between the two warpgroups, they take turns issuing (pingpong), so one's
+// softmax runs while the other's products hold the tensor cores. bench/KERNEL_NOTES.md,
+// section c90, has the prediction and what is left.
+//
+// Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
+// rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
+// 64 x 128 with CU_TENSOR_MAP_SWIZZLE_128B writes it). Semantics and out / lse layout are the
+// sm_80 forward's (csrc/attention/attention.h), so the sm_80 backward consumes them.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "attention/attention.h"
+#include "attention_sm90/attention_sm90.h"
+#include "attention_sm90/hopper.cuh"
+#include "attention_sm90/wgmma.cuh"
+
+namespace tformer {
+namespace attention_sm90 {
+
+constexpr int kBlockM = kBoxRows;  // query rows per block: 64 per consumer warpgroup (wgmma's M)
+constexpr int kBlockN = kBoxRows;  // keys per pipeline slot
+constexpr int kStages = 2;
+constexpr int kThreads = 384;
+constexpr int kPanelColumns = kBoxColumns;           // 128 bytes of 16-bit elements
+constexpr int kPanelBytes = kBlockN * 128;           // one 128-row panel (kBlockM == kBlockN)
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128*40 + 256*232 <= 64K
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int kD> struct Shape {
+  static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
+  static constexpr int kPanels = kD / kPanelColumns;
+  static constexpr int kTileBytes = kPanels * kPanelBytes;  // Q, K or V tile
+  static constexpr int kBarrierBytes = 64;
+  // Q + kStages x (K + V) + barriers + slack to align the base to 1024 bytes.
+  static constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes + 1024;
+};
+
+struct ForwardParams {
+  AttentionForwardArgs args;
+  CUtensorMap q_map, k_map, v_map;
+};
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// The 4 lanes of a quad hold one accumulator row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// S = Q K^T for one key block (issued, not waited for): kD / 16 wgmmas, both operands K-major;
+// a 16-column step inside a 128-byte swizzled row advances the start address by 32 bytes
+// (the hardware swizzles the final address), a 64-column step moves to the next panel.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_qk(float (&s)[kBlockN / 2], uint32_t q_address, uint32_t k_address) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t offset = (kk / 4) * kPanelBytes + (kk % 4) * 32;
+    Wgmma<T>::ss_n128(s, smem_descriptor(q_address + offset, 16, 1024), smem_descriptor(k_address + offset, 16, 1024),
+                      kk > 0 ? 1u : 0u);
+  }
+  wgmma_commit();
+}
+
+// O += P V (issued, not waited for): V's tile is MN-major for this product (keys are K, the
+// head dim is N): 64-column panels kPanelBytes apart (leading offset), 8-key groups 1024
+// bytes apart (stride offset), 16 keys (2 KiB) per wgmma.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pa)[kBlockN / 16][4],
+                                         uint32_t v_address) {
+#pragma unroll
+  for (int t = 0; t < kBlockN / 16; ++t) {
+    const uint64_t v_desc = smem_descriptor(v_address + t * 16 * 128, kPanelBytes, 1024);
+    if constexpr (kD == 64) {
+      Wgmma<T>::rs_n64(o, pa[t], v_desc, 1u);
+    } else {
+      Wgmma<T>::rs_n128(o, pa[t], v_desc, 1u);
+    }
+  }
+  wgmma_commit();
+}
+
+template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
+}
+
+// Which keys a thread's two rows (row0, row0 + 8) may attend.
+struct RowMask {
+  const uint8_t* padding;  // this sequence's key padding row, or nullptr
+  int64_t padding_stride;
+  int k_len, wg_row0, row0;
+  bool causal;
+  int lane;
+};
+
+// Scales and masks S in place and turns it into P = exp2(S - running max) (float32), updating
+// the running max and this lane's part of the row sums; alpha is the factor O must take.
+// Only blocks that need it are masked: padding, the sequence's end, keys right of a row.
+__device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, const RowMask& m, float scale_log2,
+                                               float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
+  const bool needs_mask =
+      m.padding != nullptr || n0 + kBlockN > m.k_len || (m.causal && n0 + kBlockN - 1 > m.wg_row0);
+  if (needs_mask) {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = n0 + j * 8 + 2 * (m.lane % 4) + c;
+        const bool key_ok =
+            col < m.k_len && (m.padding == nullptr || m.padding[static_cast<int64_t>(col) * m.padding_stride] == 0);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
+          s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] * scale_log2 : -INFINITY;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) s[i] *= scale_log2;
+  }
+  // A row with no allowed key so far keeps max -inf; exponentiating against 0 instead keeps
+  // exp2(-inf - -inf) = NaN out.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float step_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) step_max = fmaxf(step_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+    const float new_max = fmaxf(row_max[r], quad_max(step_max));
+    const float safe_max = new_max == -INFINITY ? 0.f : new_max;
+    alpha[r] = exp2f(row_max[r] - safe_max);  // 0 when row_max was -inf
+    row_max[r] = new_max;
+    row_sum[r] *= alpha[r];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      s[4 * j + 2 * r] = exp2f(s[4 * j + 2 * r] - safe_max);
+      s[4 * j + 2 * r + 1] = exp2f(s[4 * j + 2 * r + 1] - safe_max);
+      row_sum[r] += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+    }
+  }
+}
+
+template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[4 * j + i] *= alpha[i / 2];
+  }
+}
+
+// P as wgmma A fragments, 16 keys each: registers {row r0, keys 0-7 | r0 + 8, keys 0-7 |
+// r0, keys 8-15 | r0 + 8, keys 8-15} = accumulator chunks 2t and 2t + 1.
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&s)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int t = 0; t < kBlockN / 16; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pa[t][i] = pack2<T>(s[8 * t + 2 * i], s[8 * t + 2 * i + 1]);
+  }
+}
+
+// Pingpong (FA3 3.1): the two consumer warpgroups take turns issuing their wgmmas, so one's
+// softmax runs while the other's products hold the tensor cores. Named barrier 1 + c means
+// "consumer c may issue"; each issue phase is bracketed by take() and pass(). Both consumers
+// run the same num_steps + 1 phases and consumer 1 grants consumer 0 the first turn; consumer
+// 0 takes one more turn at the end (finish()) to absorb consumer 1's last pass, so every
+// arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
+// ptxas serializes every wgmma when a divergent path sits between issue and wait.
+struct Turns {
+  int consumer;
+  __device__ __forceinline__ void take() const { named_barrier_sync(1 + consumer, 256); }
+  __device__ __forceinline__ void pass() const { named_barrier_arrive(2 - consumer, 256); }
+  __device__ __forceinline__ void finish() const {
+    if (consumer == 0) named_barrier_sync(1, 256);
+  }
+};
+
+// Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
+// 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ ForwardParams params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = Shape<kD>;
+  extern __shared__ unsigned char shared_raw[];
+  const uint32_t raw = smem_u32(shared_raw);
+  unsigned char* shared = shared_raw + (((raw + 1023) & ~1023u) - raw);
+  unsigned char* q_tile = shared;
+  unsigned char* k_tiles = q_tile + S::kTileBytes;
+  unsigned char* v_tiles = k_tiles + kStages * S::kTileBytes;
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(v_tiles + kStages * S::kTileBytes);
+  uint64_t* q_full = barriers;
+  uint64_t* k_full = barriers + 1;
+  uint64_t* v_full = k_full + kStages;
+  uint64_t* kv_empty = v_full + kStages;
+
+  const AttentionForwardArgs& args = params.args;
+  const AttentionProblem& p = args.problem;
+  // Causal: the last query blocks have the most keys; start them first.
+  const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int m0 = m_block * kBlockM, head = blockIdx.y, seq = blockIdx.z;
+  const bool packed = p.cu_seqlens_q != nullptr;
+  int q_start = 0, q_len = p.max_seqlen_q, k_start = 0, k_len = p.max_seqlen_k;
+  if (packed) {
+    q_start = p.cu_seqlens_q[seq];
+    q_len = p.cu_seqlens_q[seq + 1] - q_start;
+    k_start = p.cu_seqlens_k[seq];
+    k_len = p.cu_seqlens_k[seq + 1] - k_start;
+  }
+  if (m0 >= q_len) return;  // packed: this sequence is shorter than max_seqlen_q
+  const int kv_head = head / p.group_size;
+  const int key_end = p.causal ? min(k_len, m0 + kBlockM) : k_len;
+  const int num_steps = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+  const int seq_coord = packed ? 0 : seq;  // packed maps have one "sequence" of all tokens
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&k_full[s], 1);
+      mbarrier_init(&v_full[s], 1);
+      mbarrier_init(&kv_empty[s], 2 * 128);  // every consumer thread arrives
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {  // ---- producer ----
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(&params.q_map);
+      prefetch_tensor_map(&params.k_map);
+      prefetch_tensor_map(&params.v_map);
+      mbarrier_arrive_expect_tx(q_full, S::kTileBytes);
+#pragma unroll
+      for (int panel = 0; panel < S::kPanels; ++panel) {
+        tma_load_4d(q_tile + panel * kPanelBytes, &params.q_map, q_full, panel * kPanelColumns, q_start + m0, head,
+                    seq_coord);
+      }
+      for (int step = 0; step < num_steps; ++step) {
+        const int slot = step % kStages;
+        const uint32_t parity = (step / kStages) & 1;
+        mbarrier_wait(&kv_empty[slot], parity ^ 1);
+        const int token = k_start + step * kBlockN;
+        mbarrier_arrive_expect_tx(&k_full[slot], S::kTileBytes);
+#pragma unroll
+        for (int panel = 0; panel < S::kPanels; ++panel) {
+          tma_load_4d(k_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.k_map, &k_full[slot],
+                      panel * kPanelColumns, token, kv_head, seq_coord);
+        }
+        mbarrier_arrive_expect_tx(&v_full[slot], S::kTileBytes);
+#pragma unroll
+        for (int panel = 0; panel < S::kPanels; ++panel) {
+          tma_load_4d(v_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.v_map, &v_full[slot],
+                      panel * kPanelColumns, token, kv_head, seq_coord);
+        }
+      }
+    }
+    return;  // every load issued is waited for by the consumers, so none outlives the block
+  }
+
+  // ---- consumers ----
+  claim_registers<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int wg_row0 = m0 + consumer * 64;         // first query row of this warpgroup
+  const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+  const float scale_log2 = p.scale * kLog2e;
+  const uint8_t* const padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
+
+  const RowMask mask{padding, p.key_padding_token_stride, k_len, wg_row0, row0, p.causal, lane};
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units; -inf while no key was allowed
+  float row_sum[2] = {0.f, 0.f};              // this lane's part; the quad's sum at the end
+  float s[kBlockN / 2], alpha[2];
+  uint32_t pa[kBlockN / 16][4];
+
+  const uint32_t q_address = smem_u32(q_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
+  const auto k_address = [&](int slot) { return smem_u32(k_tiles + slot * S::kTileBytes); };
+  const auto v_address = [&](int slot) { return smem_u32(v_tiles + slot * S::kTileBytes); };
+  mbarrier_wait(q_full, 0);
+
+  // Intra-warpgroup overlap (FA3 3.2, Algorithm 2): block j's P V is issued right after block
+  // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
+  // O is rescaled (and P repacked) only once that P V has completed.
+  const Turns turns{consumer};  // phases: the first Q K^T, num_steps - 1 pairs, the last P V
+  if (consumer == 1 && num_steps > 0) named_barrier_arrive(1, 256);  // consumer 0 goes first
+  if (num_steps > 0) {
+    turns.take();
+    mbarrier_wait(&k_full[0], 0);
+    wgmma_fence();
+    issue_qk<T, kD>(s, q_address, k_address(0));
+    turns.pass();
+    wgmma_wait<0>();
+    fence_registers(s);
+    online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
+    pack_p<T>(s, pa);
+  }
+  for (int step = 1; step < num_steps; ++step) {
+    const int slot = step % kStages, prev = (step - 1) % kStages;
+    turns.take();
+    mbarrier_wait(&k_full[slot], (step / kStages) & 1);
+    wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
+    issue_qk<T, kD>(s, q_address, k_address(slot));
+    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
+    issue_pv<T, kD>(o, pa, v_address(prev));
+    turns.pass();
+    wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
+    fence_registers(s);
+    online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
+    wgmma_wait<0>();
+    fence_registers(o);
+    fence_registers(pa);  // pa stays allocated until P V has read it
+    mbarrier_arrive(&kv_empty[prev]);  // this thread no longer reads that slot
+    rescale<kD>(o, alpha);
+    pack_p<T>(s, pa);
+  }
+  if (num_steps > 0) {
+    const int last = num_steps - 1, slot = last % kStages;
+    turns.take();
+    mbarrier_wait(&v_full[slot], (last / kStages) & 1);
+    wgmma_fence();
+    issue_pv<T, kD>(o, pa, v_address(slot));
+    turns.pass();
+    wgmma_wait<0>();
+    fence_registers(o);
+    fence_registers(pa);
+    mbarrier_arrive(&kv_empty[slot]);
+    turns.finish();
+  }
+
+  // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.
+  T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
+           static_cast<int64_t>(q_start) * args.out_strides.token;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inverse = sum == 0.f ? 0.f : 1.f / sum;
+    const int row = row0 + 8 * r;
+    if (row >= q_len) continue;
+    T* out_row = out + static_cast<int64_t>(row) * args.out_strides.token;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * (lane % 4)) =
+          pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
+    }
+    if (lane % 4 == 0) {
+      args.lse[seq * args.lse_strides.seq + head * args.lse_strides.head +
+               static_cast<int64_t>(q_start + row) * args.lse_strides.token] =
+          sum == 0.f ? -INFINITY : (row_max[r] + log2f(sum)) * kLn2;
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// Builds the tensor maps and launches (host side; the kernel was compiled for sm_90a).
+template <typename T, int kD>
+cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStream_t stream) {
+  const AttentionProblem& p = args.problem;
+  const dim3 grid(static_cast<unsigned>((p.max_seqlen_q + kBlockM - 1) / kBlockM), p.num_heads, p.num_seqs);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  ForwardParams params{};
+  params.args = args;
+  const bool packed = p.cu_seqlens_q != nullptr;
+  const int seqs = packed ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
+  if (cudaError_t e = make_tile_map(&params.q_map, dtype, p.q, p.q_strides, p.q_tokens, p.num_heads, seqs, kD);
+      e != cudaSuccess) {
+    return e;
+  }
+  if (cudaError_t e = make_tile_map(&params.k_map, dtype, p.k, p.k_strides, p.k_tokens, kv_heads, seqs, kD);
+      e != cudaSuccess) {
+    return e;
+  }
+  if (cudaError_t e = make_tile_map(&params.v_map, dtype, p.v, p.v_strides, p.k_tokens, kv_heads, seqs, kD);
+      e != cudaSuccess) {
+    return e;
+  }
+  auto kernel = forward_kernel<T, kD>;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape<kD>::kSmemBytes);
+      e != cudaSuccess) {
+    return e;
+  }
+  kernel<<<grid, kThreads, Shape<kD>::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace attention_sm90
+}  // namespace tformer

@@ -1,0 +1,158 @@
+"""The sm_90a attention forward (csrc/attention_sm90/: TMA + wgmma, warp-specialized) against
+the sm_80 kernels and the float64 reference, on an H100/H200 (GPU tests; they skip elsewhere
+with the reason). TFORMER_ATTENTION_FORCE_SM80 selects the sm_80 path per call, so both
+paths run in one process on the same inputs. The shared cases of tests/test_attention.py
+also take the sm_90a path on such a GPU (head dims 64 and 128, fp16/bf16)."""
+
+import pytest
+import torch
+
+from conftest import ON_GPU
+from tolerances import assert_close_to_reference
+
+FORCE_SM80 = "TFORMER_ATTENTION_FORCE_SM80"
+
+
+def _hopper_reason() -> str | None:
+    if not ON_GPU:
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs an sm_90 GPU (H100/H200), got compute capability {torch.cuda.get_device_capability()}"
+    from tformer.backends import cuda as cuda_backend
+
+    if cuda_backend.extension_error() is not None:
+        return cuda_backend.extension_error()
+    return None
+
+
+pytestmark = pytest.mark.skipif(_hopper_reason() is not None, reason=str(_hopper_reason()))
+
+
+def _fwd(q, k, v, *, mask=None, cu_q=None, cu_k=None, max_q=None, max_k=None, causal=False, scale=None):
+    import tformer.backends.cuda.attention  # noqa: F401  registers the ops' Python parts
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = cu_q is not None
+    max_q = max_q if packed else q.shape[2]
+    max_k = max_k if packed else k.shape[2]
+    return torch.ops.tformer.cuda_attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def _both_paths(monkeypatch, *args, **kwargs):
+    monkeypatch.delenv(FORCE_SM80, raising=False)
+    hopper = _fwd(*args, **kwargs)
+    monkeypatch.setenv(FORCE_SM80, "1")
+    ampere = _fwd(*args, **kwargs)
+    monkeypatch.delenv(FORCE_SM80)
+    return hopper, ampere
+
+
+def _reference(q, k, v, mask, causal, scale):
+    """(out, lse) in float64; a fully masked row gives 0 and -inf."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * scale
+    allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed.expand(scores.shape)
+    if mask is not None:
+        allowed = allowed & ~mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, -torch.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None].clamp_min(-1e300)).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v), lse
+
+
+def _inputs(batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, h, s, head_dim, generator=generator).to("cuda", dtype)
+            for h, s in ((heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))]
+
+
+def test_hopper_path_is_selected_and_can_be_forced_off(monkeypatch):
+    q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.delenv(FORCE_SM80, raising=False)
+    assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"
+    assert torch.ops.tformer.cuda_attention_fwd_path(q[..., :96].contiguous()).startswith("sm80: head dim 96")
+    monkeypatch.setenv(FORCE_SM80, "1")
+    assert torch.ops.tformer.cuda_attention_fwd_path(q) == f"sm80: {FORCE_SM80} is set"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq", [(1, 1), (127, 129), (128, 128), (300, 1000), (1000, 300), (1024, 1024)], ids=str)
+def test_matches_sm80_and_reference(monkeypatch, dtype, head_dim, causal, seq):
+    q, k, v = _inputs(2, 4, 2, *seq, head_dim, dtype)
+    mask = torch.arange(seq[1], device="cuda")[None, :] >= torch.tensor([seq[1], max(1, seq[1] // 3)],
+                                                                        device="cuda")[:, None]
+    scale = head_dim ** -0.5
+    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, mask=mask, causal=causal, scale=scale)
+    out64, lse64 = _reference(q, k, v, mask, causal, scale)
+    what = f"sm90a D={head_dim} S={seq} causal={causal}"
+    assert_close_to_reference(out, out64, dtype, what=f"{what} out")
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite), f"{what}: -inf lse rows differ"
+    torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-3, rtol=1e-3)
+    # The two paths round differently (block sizes), but agree to a few units of the dtype.
+    torch.testing.assert_close(out, out80, **({"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else
+                                              {"atol": 1.6e-2, "rtol": 1.6e-2}))
+    torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
+
+
+def test_fully_masked_rows_give_zeros_and_minus_inf(monkeypatch):
+    q, k, v = _inputs(2, 2, 2, 300, 300, 128, torch.bfloat16)
+    mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    mask[1, 250:] = False  # sequence 1 keeps keys 250..299
+    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, mask=mask, causal=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    # causal, top-left: rows < 250 of sequence 1 see no kept key; the others see some.
+    assert torch.equal(out[1, :, :250], torch.zeros_like(out[1, :, :250])) and torch.isneginf(lse[1, :, :250]).all()
+    assert torch.isfinite(lse[1, :, 250:]).all()
+    torch.testing.assert_close(out, out80, atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_sm80(monkeypatch, head_dim, causal):
+    lengths_q, lengths_k = [1, 300, 129, 64], [5, 300, 700, 1]
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(sum(lens), heads, head_dim, generator=generator).to("cuda", torch.float16)
+               for lens, heads in ((lengths_q, 8), (lengths_k, 2), (lengths_k, 2)))
+
+    def cu(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+    kwargs = dict(cu_q=cu(lengths_q), cu_k=cu(lengths_k), max_q=max(lengths_q), max_k=max(lengths_k), causal=causal)
+    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, **kwargs)
+    torch.testing.assert_close(out, out80, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
+
+
+def test_strided_views_of_a_fused_qkv(monkeypatch):
+    qkv = torch.randn(2, 500, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, token stride 3*4*128
+    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, causal=True)
+    torch.testing.assert_close(out, out80, atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
+
+
+def test_sm80_backward_takes_the_sm90a_forward(monkeypatch):
+    """Training: the sm_90a forward's out and lse feed the sm_80 backward."""
+    from tformer.ops import attention
+
+    q, k, v = _inputs(2, 4, 2, 257, 257, 128, torch.bfloat16)
+    grad_out = torch.randn_like(q)
+    grads = []
+    for force in (None, "1"):
+        if force is None:
+            monkeypatch.delenv(FORCE_SM80, raising=False)
+        else:
+            monkeypatch.setenv(FORCE_SM80, force)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, causal=True, backend="cuda").backward(grad_out)
+        grads.append([t.grad for t in leaves])
+    for name, hopper, ampere in zip(("dq", "dk", "dv"), *grads):
+        assert_close_to_reference(hopper, ampere.double(), torch.bfloat16, "grad", scale=max(1.0, ampere.abs().max().item()),
+                                  what=f"{name} after the sm_90a forward")

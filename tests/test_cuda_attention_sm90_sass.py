@@ -1,0 +1,109 @@
+"""The sm_90a attention forward (csrc/attention_sm90/) is Hopper code, proved without a GPU:
+the built extension tformer._C is disassembled (``cuobjdump -sass``, ``-res-usage``) and each
+forward_kernel instantiation must issue warpgroup MMA (HGMMA) and TMA loads (UTMALDG) inside
+loops, keep everything in registers (no local memory, no spill loads or stores), and fit
+Hopper's 227 KiB of shared memory. Its numerical tests are GPU tests
+(tests/test_cuda_attention_sm90.py)."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_cuda_row_kernels_sass import _cuobjdump, _extension, sass_by_function
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL = "attention_sm9014forward_kernel"  # tformer::attention_sm90::forward_kernel<T, kD>
+# (dtype, head dim) instantiations: csrc/attention_sm90/forward_sm90_hdim{64,128}.cu.
+INSTANTIATIONS = {("6__half", 64), ("13__nv_bfloat16", 64), ("6__half", 128), ("13__nv_bfloat16", 128)}
+HOPPER_SMEM_LIMIT = 227 * 1024
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def instructions(code: str) -> list[tuple[int, str]]:
+    """(address, instruction text) of each SASS line of one function."""
+    return [(int(address, 16), text) for address, text in _INSTRUCTION.findall(code)]
+
+
+def in_loop(code: str, opcode: str) -> bool:
+    """Whether a backward branch jumps over an ``opcode`` instruction (which then runs once per
+    trip of that loop). ``BRA.U.ANY`` retry loops around a single instruction do not count."""
+    listing = instructions(code)
+    for address, text in listing:
+        branch = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if branch is None or int(branch.group(1), 16) >= address:
+            continue
+        start = int(branch.group(1), 16)
+        if any(start <= a < address and re.search(rf"\b{opcode}\b", t) for a, t in listing):
+            return True
+    return False
+
+
+def test_loop_detection_reads_cuobjdump_layout():
+    code = ("        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+            "        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24 ;\n"
+            "        /*0020*/              @!P0 BRA 0x10 ;\n"
+            "        /*0030*/                   UTMALDG.4D [UR8], [UR16] ;\n"
+            "        /*0040*/               @P0 BRA.U.ANY 0x30 ;\n"
+            "        /*0050*/                   EXIT ;\n")
+    assert in_loop(code, "HGMMA") and not in_loop(code, "UTMALDG")
+
+
+def mangled(dtype: str, head_dim: int) -> str:
+    return f"_ZN7tformer14attention_sm9014forward_kernelI{dtype}Li{head_dim}EEEvNS0_13ForwardParamsE"
+
+
+@pytest.fixture(scope="module")
+def sm90a_kernels() -> dict[str, str]:
+    elves = subprocess.run([_cuobjdump(), "-lelf", str(_extension())], capture_output=True, text=True, timeout=60)
+    if "forward_sm90_hdim" not in elves.stdout or "sm_90a" not in elves.stdout:
+        pytest.skip("tformer._C has no sm_90a attention forward (built without 9.0 in TORCH_CUDA_ARCH_LIST)")
+    # Only these functions: disassembling the whole extension takes ~20 s on 2 cores.
+    names = ",".join(mangled(dtype, dim) for dtype, dim in sorted(INSTANTIATIONS))
+    result = subprocess.run([_cuobjdump(), "-sass", "-fun", names, str(_extension())], capture_output=True,
+                            text=True, timeout=300)
+    return {name: code for name, code in sass_by_function(result.stdout).items() if KERNEL in name}
+
+
+def test_every_instantiation_is_built(sm90a_kernels):
+    found = {(dtype, int(dim)) for name in sm90a_kernels
+             for dtype, dim in re.findall(r"forward_kernelI(6__half|13__nv_bfloat16)Li(\d+)E", name)}
+    assert found == INSTANTIATIONS
+
+
+def test_hot_loops_use_wgmma_and_tma(sm90a_kernels):
+    for name, code in sm90a_kernels.items():
+        head_dim = int(re.search(r"Li(\d+)E", name).group(1))
+        # S = Q K^T: head_dim / 16 wgmmas; O += P V: 128 keys / 16; each once in the loop and
+        # once outside it (the first block's S before it, the last block's P V after it).
+        assert code.count("HGMMA.") == 2 * (head_dim // 16 + 8), f"{name}: HGMMA count"
+        assert "tnspB" in code, f"{name}: P V must read V MN-major (transposed B)"
+        assert in_loop(code, "HGMMA"), f"{name}: no HGMMA inside a loop"
+        assert in_loop(code, "UTMALDG"), f"{name}: no TMA load (UTMALDG) inside a loop"
+        assert "USETMAXREG" in code, f"{name}: no register reallocation between producer and consumers"
+        # One full wait per GEMM phase (first S, loop, last P V); ptxas inserts one after every
+        # HGMMA when it has to serialize them (C7520), which would undo the overlap.
+        assert code.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") <= 3, f"{name}: wgmma serialized"
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, f"{name}: S is not awaited apart from P V (no overlap)"
+        assert re.search(r"BAR\.ARV", code), f"{name}: no pingpong hand-over between the consumers"
+        assert not re.search(r"\b(STL|LDL)\b", code), f"{name}: local memory (spills) in the kernel"
+
+
+def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
+    names = ",".join(sm90a_kernels)
+    result = subprocess.run([_cuobjdump(), "-res-usage", "-fun", names, str(_extension())], capture_output=True,
+                            text=True, timeout=300)
+    usage = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", result.stdout))
+    header = (ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
+    stages = int(re.search(r"constexpr int kStages = (\d+);", header).group(1))
+    rows = int(re.search(r"constexpr int kBoxRows = (\d+);",
+                         (ROOT / "csrc" / "attention_sm90" / "attention_sm90.h").read_text()).group(1))
+    for name in sm90a_kernels:
+        fields = dict(item.split(":", 1) for item in usage[name].split())
+        assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name}: {usage[name]}"
+        head_dim = int(re.search(r"Li(\d+)E", name).group(1))
+        # Shape<kD>::kSmemBytes: Q + stages x (K + V) tiles of rows x head_dim 16-bit elements,
+        # 64 bytes of barriers and 1 KiB to align the base; plus the static shared memory.
+        dynamic = (1 + 2 * stages) * rows * head_dim * 2 + 64 + 1024
+        assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
