@@ -3,6 +3,7 @@ FlashAttention-2, cuDNN, memory-efficient and math backends, and flash-attn when
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -48,31 +49,50 @@ def _tformer(q, k, v, *, causal: bool, backend: str):
     return tformer.ops.attention(q, k, v, causal=causal, backend=backend)
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def _tformer_cuda_sm80(q, k, v, *, causal: bool):
     """tformer-cuda with its sm_80 forward forced: the A/B row for the sm_90a forward on Hopper
     (the backward is the sm_80 one in both)."""
-    previous = os.environ.get("TFORMER_ATTENTION_FORCE_SM80")
-    os.environ["TFORMER_ATTENTION_FORCE_SM80"] = "1"
-    try:
+    with _environment("TFORMER_ATTENTION_FORCE_SM80", "1"):
         return _tformer(q, k, v, causal=causal, backend="cuda")
-    finally:
-        if previous is None:
-            del os.environ["TFORMER_ATTENTION_FORCE_SM80"]
-        else:
-            os.environ["TFORMER_ATTENTION_FORCE_SM80"] = previous
 
 
-def _hopper_only(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return "an A/B row for the sm_90a forward: needs an sm_90 GPU (H100/H200)"
-    if "cuda" not in tformer.available_backends():
-        return "backend 'cuda' is not available"
-    return None
+def _tformer_triton_fa2(q, k, v, *, causal: bool):
+    """tformer-triton with its FlashAttention-2 forward forced: the A/B row for the Hopper
+    (TMA) forward, kernels/attention_hopper.py."""
+    with _environment("TFORMER_ATTENTION_FWD", "fa2"):
+        return _tformer(q, k, v, causal=causal, backend="triton")
+
+
+def _hopper_variant(backend: str):
+    def why_not(device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+            return f"an A/B row for tformer-{backend}'s Hopper forward: needs an sm_90 GPU (H100/H200)"
+        if tformer.available_backends().get(backend, "missing") is not None:
+            return f"backend {backend!r} is not available"
+        return None
+    return why_not
+
+
+_hopper_only, _hopper_triton_only = _hopper_variant("cuda"), _hopper_variant("triton")
 
 
 CANDIDATES = tformer_candidates(_tformer) + [
     # kind "variant": an A/B row of a tformer backend, kept out of backend="auto"'s table.
     Candidate("tformer-cuda-sm80", "variant", _tformer_cuda_sm80, why_not=_hopper_only),
+    Candidate("tformer-triton-fa2", "variant", _tformer_triton_fa2, why_not=_hopper_triton_only),
     Candidate("sdpa-flash", "anchor", _sdpa(SDPBackend.FLASH_ATTENTION)),
     Candidate("sdpa-cudnn", "anchor", _sdpa(SDPBackend.CUDNN_ATTENTION), why_not=cuda_only),
     Candidate("sdpa-efficient", "anchor", _sdpa(SDPBackend.EFFICIENT_ATTENTION), why_not=cuda_only),

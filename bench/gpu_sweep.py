@@ -34,6 +34,11 @@ GPU_LIMITS = dict(max_seq=8192, max_scores=1 << 26, max_row=65536, max_elements=
 CPU_LIMITS = dict(max_seq=40, max_scores=1 << 13, max_row=300, max_elements=1 << 12)
 # Op implementations by name; tests swap one for a wrong one to prove the checker catches it.
 IMPLEMENTATIONS: dict = {}
+# Attention paths a backend picks by itself on Hopper, swept as their own "backend+path" rows so
+# the older path (the one other GPUs run) is proven on the same GPU: name -> (backend, environment).
+PATH_VARIANTS = {"triton+fa2": ("triton", {"TFORMER_ATTENTION_FWD": "fa2"}),
+                 "cuda+sm80": ("cuda", {"TFORMER_ATTENTION_FORCE_SM80": "1"})}
+VARIANT_OPS = ("attention", "attention_varlen")
 
 
 def _ops():
@@ -172,12 +177,21 @@ def evaluate(case: dict, backend: str, dtype) -> dict | None:
     leaves = {name: t.to(leaf_dtype(name)).requires_grad_() for name, t in leaves64.items()}
     kwargs = {name: (t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t)
               for name, t in kwargs64.items()}
-    try:
+    backend, environment = PATH_VARIANTS.get(backend, (backend, {}))
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:  # forward and backward under the path's environment (the backward may read it too)
         out = _ops()[case["op"]](**leaves, **kwargs, backend=backend)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        torch.autograd.backward(outs, [g.to(dtype) for g in grad_outs64])
     except tformer.ops.UnsupportedInput:
         return None
-    outs = list(out) if isinstance(out, tuple) else [out]
-    torch.autograd.backward(outs, [g.to(dtype) for g in grad_outs64])
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     results = {f"out{i}" if i else "out": o.detach().double() for i, o in enumerate(outs)}
     results.update({f"d{name}": (t.grad.double() if t.grad is not None else torch.zeros_like(t, dtype=torch.float64))
                     for name, t in leaves.items()})
@@ -227,17 +241,24 @@ def reproducer(case: dict) -> str:
 
 # ---------------------------------------------------------------- the sweep
 
-def backends_here() -> list[str]:
+def backends_here(device: str = "cuda") -> list[str]:
+    """Every available backend but the reference, and on an sm_90 GPU the older attention path
+    of each (PATH_VARIANTS): elsewhere a backend already runs that path by default."""
+    import torch
     import tformer
 
-    return [name for name, reason in tformer.available_backends().items() if reason is None and name != "reference"]
+    names = [name for name, reason in tformer.available_backends().items() if reason is None and name != "reference"]
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        names += [variant for variant, (backend, _) in PATH_VARIANTS.items() if backend in names]
+    return names
 
 
 def sweep(seconds: float, seed: int, device: str, backends: list[str], ops=OPS, dtypes=DTYPES,
           max_cases: int | None = None, log=print) -> dict:
     """Round-robin over op x backend, a random dtype and shape each, until ``seconds`` pass."""
     rng = random.Random(seed)
-    combos = [(op, backend) for op in ops for backend in backends]
+    combos = [(op, backend) for op in ops for backend in backends
+              if backend not in PATH_VARIANTS or op in VARIANT_OPS]
     counts = {f"{op}/{backend}": dict(cases=0, wrong=0, crashes=0, skipped=0, worst=0.0) for op, backend in combos}
     failures, start, index, interrupted = [], time.monotonic(), 0, False
     while combos and time.monotonic() - start < seconds and (max_cases is None or index < max_cases):
@@ -288,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock, printed")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default cuda; with --case, the case's own device unless given")
-    parser.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
+    parser.add_argument("--backends", default=None, help="comma-separated, a path variant as backend+path (" + ", ".join(PATH_VARIANTS) + "); default: "
+                        "every available backend, and on an sm_90 GPU each variant of one")
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--max-cases", type=int, default=None)
@@ -322,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.ops.split(",")) - set(OPS)) + sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if unknown:
         parser.error(f"--ops/--dtypes: unknown {unknown}; expected among {OPS} and {DTYPES}")
-    backends = args.backends.split(",") if args.backends else backends_here()
+    backends = args.backends.split(",") if args.backends else backends_here(args.device)
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     signal.signal(signal.SIGTERM, _interrupt)
     # The Triton attention forward follows $TFORMER_ATTENTION_FWD (auto: the Hopper kernel on sm_90

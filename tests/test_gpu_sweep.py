@@ -2,6 +2,7 @@
 re-runs a case from its reproducer, and catches a wrong implementation."""
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -108,3 +109,24 @@ def test_an_interrupted_sweep_keeps_its_counts(monkeypatch):
     result = gpu_sweep.sweep(60, seed=4, device="cpu", backends=["triton"], ops=["softmax"], dtypes=["float32"],
                              max_cases=5)
     assert result["interrupted"] and result["total"]["cases"] == 1
+
+
+def test_path_variants_run_their_backend_under_their_environment(monkeypatch):
+    """"triton+fa2" runs backend "triton" with TFORMER_ATTENTION_FWD=fa2 set for the forward and
+    the backward and restored afterwards; variants are swept on the attention ops only."""
+    gpu_sweep._ops()
+    attention = gpu_sweep.IMPLEMENTATIONS["attention"]
+    seen = []
+
+    def recording(*args, backend=None, **kwargs):
+        seen.append((backend, os.environ.get("TFORMER_ATTENTION_FWD")))
+        return attention(*args, backend=backend, **kwargs)
+
+    monkeypatch.setitem(gpu_sweep.IMPLEMENTATIONS, "attention", recording)
+    monkeypatch.delenv("TFORMER_ATTENTION_FWD", raising=False)
+    result = gpu_sweep.sweep(60, seed=4, device="cpu", backends=["triton+fa2"], ops=["attention", "softmax"],
+                             dtypes=["float32"], max_cases=2)
+    assert set(result["counts"]) == {"attention/triton+fa2"}
+    assert result["total"]["cases"] == 2 and result["total"]["wrong"] == 0 and result["total"]["crashes"] == 0
+    assert ("triton", "fa2") in seen and ("reference", None) in seen
+    assert "TFORMER_ATTENTION_FWD" not in os.environ
