@@ -171,7 +171,9 @@ def _attention_fwd_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # Scores kept in log2 units: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - m2). A
     # negative scale moves its sign onto q (exact), so the multiplier is >= 0 (attend_key_block).
-    q = tl.where(scale < 0, -q, q)
+    # Negated in float32: the interpreter holds bf16 as raw 16-bit integers, which a bf16
+    # negation wraps (on a GPU both cost the same).
+    q = tl.where(scale < 0, (-(q.to(tl.float32))).to(q.dtype), q)
     scale_log2 = tl.abs(scale) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -99,6 +99,13 @@ def test_explicit_scale_and_large_scores(backend, scale):
     assert_matches_reference(backend, q * 6, k * 6, v, f"scale={scale}", causal=True, scale=scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_negative_scale_half_precision(backend, dtype):
+    # The sign of a negative scale moves onto q inside the kernels: in 16-bit types too.
+    q, k, v = make_inputs(1, 2, 1, 17, 33, 16, dtype)
+    assert_matches_reference(backend, q, k, v, f"scale=-0.3 {dtype}", causal=True, scale=-0.3)
+
+
 def test_fully_masked_rows_give_zeros(backend):
     # Batch 1 pads every key; batch 0 pads key 0, so under causal its query 0 sees nothing.
     q, k, v = make_inputs(2, 2, 1, 17, 17, 16, torch.float32)
