@@ -30,8 +30,8 @@ Three kernels, all recomputing the probabilities from q, k and the saved log-sum
 3. ``_dq_kernel``: one program per query block and query head, looping over key blocks.
 
 Dropout masks are regenerated from the same seed and element indices as the forward
-(``dropout.dropout_keep``; the dK/dV pass transposes the (M, N) mask). Fully masked query rows (lse = -inf) get zero probabilities, hence zero
-gradients, never NaN.
+(``dropout.dropout_keep``; the dK/dV pass transposes the (M, N) mask). Fully masked query rows
+(lse = -inf) get zero probabilities, hence zero gradients, never NaN.
 """
 
 from __future__ import annotations
@@ -272,8 +272,10 @@ def _dq_kernel(
 # Backward candidates (see the forward's), from `python -m bench.compile_audit --only attention_bwd`
 # under Triton 3.6 and 3.8: no spills on the plain, causal and grouped paths, every 16-bit dot a
 # wgmma (dK/dV: BLOCK_N >= 64 rows; dQ: BLOCK_M >= 64). The dK/dV program keeps its two float32
-# (BLOCK_N, D) accumulators in registers (8 warps: 2 x BLOCK_N x D / 64 registers per thread),
-# which caps BLOCK_N x D at 128 x 128; at hd 256 BLOCK_N = 64 leaves room for BLOCK_M = 16 only.
+# (BLOCK_N, D) accumulators in registers (2 x BLOCK_N x D / 256 per thread with 8 warps: 128 at
+# 128 x 128), which caps BLOCK_N x D at 128 x 128; at hd 256, BLOCK_N = 64 leaves room for
+# BLOCK_M = 16 only. With dropout several candidates spill (the mask and Philox state on top):
+# HAS_DROPOUT is in the tuning key, so the tuner picks among them separately.
 DKDV_CONFIGS = {
     64: [config(64, 128, 8, 3), config(32, 128, 8, 4), config(64, 64, 8, 3)],
     128: [config(32, 128, 8, 3), config(32, 64, 8, 3), config(16, 128, 8, 3)],
