@@ -283,7 +283,7 @@ DKDV_CONFIGS = {
 }
 DKDV_CONFIGS_FP32 = {
     64: [config(32, 32, 8, 1), config(16, 64, 8, 1), config(32, 16, 8, 1)],
-    128: [config(32, 32, 8, 1), config(32, 16, 8, 1), config(16, 16, 8, 1)],
+    128: [config(32, 32, 8, 1), config(32, 16, 4, 1), config(16, 16, 8, 1)],
     256: [config(16, 16, 8, 1), config(32, 16, 8, 1), config(16, 16, 4, 1)],
 }
 DQ_CONFIGS = {
