@@ -31,6 +31,7 @@ def dropout_keep(seed, dropout_p, batch_head, rows, cols):
         rows: (M,) int32 query indices.
         cols: (N,) int32 key indices, consecutive from a multiple of 4 (a block start), N % 4 == 0.
     """
+    tl.static_assert(cols.shape[0] % 4 == 0, "dropout_keep: the key block must be a multiple of 4 columns")
     quads: tl.constexpr = cols.shape[0] // 4
     # cols[4j]: the first column of each group of four (reshape + split move no data).
     first = tl.split(tl.split(tl.reshape(cols, (quads, 2, 2)))[0])[0]
