@@ -121,6 +121,14 @@ def measure(compiled) -> dict:
                 tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)))
 
 
+def ttgir_dots(compiled) -> dict:
+    """Dots in the TTGIR by lowering: ``warp_group_dot`` (wgmma on sm_90) and ``dot`` (left to
+    mma.sync or, for fp32 inputs, the CUDA cores)."""
+    ttgir = compiled.asm["ttgir"]
+    return dict(warp_group_dot=len(re.findall(r"\bttng\.warp_group_dot\b", ttgir)),
+                dot=len(re.findall(r"\btt\.dot\b", ttgir)))
+
+
 # Representative launches, built by the real launchers on meta tensors (no memory, data_ptr 0):
 # B=2, S=2048 (tokens and sequence counts divisible by 16, as the anchors' shapes are).
 # (name, causal, key padding, varlen, dropout, Hq, Hkv). Rarely used paths (dropout with

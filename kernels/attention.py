@@ -3,9 +3,9 @@
 One kernel serves every variant through ``tl.constexpr`` parameters: causal (top-left
 aligned), key padding mask, packed variable-length sequences (``IS_VARLEN``: per-sequence
 offsets read from ``cu_seqlens``), grouped-query attention (query head ``h`` reads key/value
-head ``h // group_size``; k and v are never repeated in memory) and dropout (Philox
-``tl.rand`` keyed by seed and the element's global (batch, head, row, col) index, so the
-backward regenerates the same mask and the result does not depend on the block sizes).
+head ``h // group_size``; k and v are never repeated in memory) and dropout (``dropout.py``:
+Philox keyed by seed and the element's (batch, head, row, col) index, so the backward
+regenerates the same mask and the result does not depend on the block sizes).
 
 Memory is O(S): a program holds one block of query rows and streams key/value blocks through
 an online softmax; only the output and the float32 log-sum-exp (for the backward) are written.
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import dropout_keep
 from .launch import autotuned, check_grid_yz, check_tile_strides, config, launch, seqlen_bucket
 
 MAX_HEAD_DIM = 256
@@ -76,16 +77,6 @@ def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, cols):
-    """Bool (M, N): True where the attention probability of (rows[i], cols[j]) is kept.
-
-    The Philox counter is the element's global index, int64 so large problems do not wrap;
-    forward and backward compute the same index, hence the same mask."""
-    offsets = (batch_head.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
-
-
-@triton.jit
 def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, key_pad_row, stride_ps, scale_log2,
                      seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k,
                      IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -118,7 +109,7 @@ def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, 
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
-        keep = dropout_keep(seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k, rows, cols)
+        keep = dropout_keep(seed, dropout_p, batch_head, rows, cols)
         p = tl.where(keep, p, 0.0)
     acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
@@ -178,7 +169,7 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    batch_head = batch * num_heads + head
+    batch_head = batch64 * num_heads + head  # int64: B x H may pass 2^31
 
     # Keys [0, full_end) are attended by every row of the block: no masks there (the diagonal
     # block, the last partial block and padded keys go through the masked loop).

@@ -7,7 +7,10 @@ Three kernels, all recomputing the probabilities from q, k and the saved log-sum
 1. ``_delta_kernel``: delta_i = sum_d dO_i * O_i, the row term of the softmax backward
    (equal to sum_j P_ij dP_ij, dropout included, because O is computed from the dropped P).
 2. ``_dkdv_kernel``: one program per key block and output head, looping over
-   ``heads_per_program`` query heads and their query blocks. It runs one of two ways:
+   ``heads_per_program`` query heads and their query blocks. Its tiles are transposed,
+   (BLOCK_N, BLOCK_M): S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, so
+   every dot has BLOCK_N >= 64 rows (wgmma on sm_90) and P^T, dS^T need no transpose. It runs
+   one of two ways:
 
    - grouped: one program per key/value head, looping over the ``group_size`` query heads of
      its group (grouped-query attention), so dK and dV are summed over the group in registers
@@ -26,9 +29,9 @@ Three kernels, all recomputing the probabilities from q, k and the saved log-sum
    on CPU tensors (the interpreter has no SMs). Both ways are deterministic.
 3. ``_dq_kernel``: one program per query block and query head, looping over key blocks.
 
-Dropout masks are regenerated from the same seed and element index as the forward
-(``dropout_keep``). Fully masked query rows (lse = -inf) get zero probabilities, hence zero
-gradients, never NaN.
+Dropout masks are regenerated from the same seed and element indices as the forward
+(``dropout.dropout_keep``; the dK/dV pass transposes the (M, N) mask). Fully masked query rows
+(lse = -inf) get zero probabilities, hence zero gradients, never NaN.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ import triton.language as tl
 
 from typing import Callable
 
-from .attention import (allowed_scores, block_d, dot_meta, dropout_keep, lse_strides, problem, seqlen_buckets,
-                        sequence_bounds, strides4, tile_dot)
+from .attention import (allowed_scores, block_d, dot_meta, lse_strides, problem, seqlen_buckets, sequence_bounds,
+                        strides4, tile_dot)
+from .dropout import dropout_keep
 from .launch import autotuned, check_tile_strides, config, configs_for_call, launch
 
 
@@ -78,6 +82,20 @@ def _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls):
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(Delta + l_offset + rows * stride_ls, mask=row_ok, other=0.0)
     return lse2, delta
+
+
+@triton.jit
+def allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, IS_CAUSAL: tl.constexpr,
+                     HAS_KEY_PADDING: tl.constexpr):
+    """s_t with -inf where key ``cols[i]`` may not be attended by query ``rows[j]`` or that
+    query is past ``q_len``: the forward's ``allowed_scores`` on the transposed (N, M) tile."""
+    allowed = (cols[:, None] < k_len) & (rows[None, :] < q_len)
+    if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
+        allowed = allowed & (cols[:, None] <= rows[None, :])
+    if HAS_KEY_PADDING:
+        pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=cols < k_len, other=1)
+        allowed = allowed & (pad == 0)[:, None]
+    return tl.where(allowed, s_t, float("-inf"))
 
 
 @triton.jit(do_not_specialize=["heads_per_program", "seqlen_q_bucket", "seqlen_k_bucket"])
@@ -118,7 +136,8 @@ def _dkdv_kernel(
     cols = start_n + offs_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (cols < k_len)[:, None] & (offs_d < head_dim)[None, :]
+    d_ok = offs_d < head_dim
+    kv_mask = (cols < k_len)[:, None] & d_ok[None, :]
     # Token indices times strides are 64-bit, offsets inside a tile 32-bit (see the forward).
     batch64, q_start64 = batch.to(tl.int64), q_start.to(tl.int64)
     first_col = k_start.to(tl.int64) + start_n
@@ -135,6 +154,12 @@ def _dkdv_kernel(
     lo = 0
     if IS_CAUSAL:  # key j is seen only by rows i >= j: skip the query blocks above the diagonal
         lo = (start_n // BLOCK_M) * BLOCK_M
+    # Transposed tiles (FA2 Alg. 2 with every matrix flipped): S^T = K Q^T and dP^T = V dO^T
+    # are (N, M), so all four dots have M = BLOCK_N rows (wgmma's 64-row granularity on sm_90),
+    # and P^T, dS^T feed dV += P^T dO and dK += dS^T Q as register operands without a transpose.
+    # q is loaded transposed (D, M); dO^T is a view of the shared-memory dO tile.
+    qt_tile = offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd
+    do_tile = offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd
     # Fixed order over the query heads and their query blocks: deterministic sums.
     for g in range(0, heads_per_program):
         head64 = (first_head + g).to(tl.int64)
@@ -144,29 +169,25 @@ def _dkdv_kernel(
         for start_m in range(lo, q_len, BLOCK_M):
             rows = start_m + offs_m
             first_row = q_start64 + start_m
-            q_mask = (rows < q_len)[:, None] & (offs_d < head_dim)[None, :]
-            q = tl.load(q_base + first_row * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=q_mask, other=0.0)
-            do = tl.load(do_base + first_row * stride_gs + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
-                         mask=q_mask, other=0.0)
+            row_ok = rows < q_len
+            q_t = tl.load(q_base + first_row * stride_qs + qt_tile, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            do = tl.load(do_base + first_row * stride_gs + do_tile, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse2, delta = _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls)
             # Rows past q_len are masked like disallowed keys: their p is 0.
-            s = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
-            s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
-            s = tl.where((rows < q_len)[:, None], s, float("-inf"))
-            p = tl.exp2(s - lse2[:, None])  # (M, N) probabilities, recomputed
-            dp = tile_dot(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
+            s_t = tile_dot(k, q_t, None, DOT_PRECISION, UPCAST) * scale_log2
+            s_t = allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+            p_t = tl.exp2(s_t - lse2[None, :])  # (N, M) probabilities, recomputed
+            dp_t = tile_dot(v, tl.trans(do), None, DOT_PRECISION, UPCAST)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, dropout_p, batch * num_heads + head64, max_seqlen_q, max_seqlen_k, rows,
-                                    cols)
+                keep_t = tl.trans(dropout_keep(seed, dropout_p, batch64 * num_heads + head64, rows, cols))
                 inv_keep = 1.0 / (1.0 - dropout_p)
-                p_dropped = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
+                p_dropped_t = tl.where(keep_t, p_t * inv_keep, 0.0)
+                dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
             else:
-                p_dropped = p
-            dv = tile_dot(tl.trans(p_dropped.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-            dk = tile_dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
+                p_dropped_t = p_t
+            dv = tile_dot(p_dropped_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+            ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+            dk = tile_dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
 
     dk = dk * scale
     out_head64 = out_head.to(tl.int64)
@@ -238,7 +259,7 @@ def _dq_kernel(
         p = tl.exp2(s - lse2[:, None])
         dp = tile_dot(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, dropout_p, batch * num_heads + head, max_seqlen_q, max_seqlen_k, rows, cols)
+            keep = dropout_keep(seed, dropout_p, batch64 * num_heads + head64, rows, cols)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tile_dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
@@ -248,22 +269,27 @@ def _dq_kernel(
              + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Backward candidates (see the forward's): the dK/dV program holds k, v, dk, dv for BLOCK_N
-# keys in registers, so it takes 8 warps and smaller blocks than the forward.
+# Backward candidates (see the forward's), from `python -m bench.compile_audit --only attention_bwd`
+# under Triton 3.6 and 3.8: no spills on the plain, causal and grouped paths, every 16-bit dot a
+# wgmma (dK/dV: BLOCK_N >= 64 rows; dQ: BLOCK_M >= 64). The dK/dV program keeps its two float32
+# (BLOCK_N, D) accumulators in registers (2 x BLOCK_N x D / 256 per thread with 8 warps: 128 at
+# 128 x 128), which caps BLOCK_N x D at 128 x 128; at hd 256, BLOCK_N = 64 leaves room for
+# BLOCK_M = 16 only. With dropout several candidates spill (the mask and Philox state on top):
+# HAS_DROPOUT is in the tuning key, so the tuner picks among them separately.
 DKDV_CONFIGS = {
-    64: [config(32, 128, 8, 3), config(64, 64, 8, 3), config(32, 64, 8, 3)],
-    128: [config(32, 64, 8, 2), config(32, 64, 8, 3), config(32, 32, 8, 3)],
-    256: [config(16, 32, 8, 2), config(32, 32, 8, 2), config(16, 64, 8, 2)],
+    64: [config(64, 128, 8, 3), config(32, 128, 8, 4), config(64, 64, 8, 3)],
+    128: [config(32, 128, 8, 3), config(32, 64, 8, 3), config(16, 128, 8, 3)],
+    256: [config(16, 64, 8, 2), config(16, 64, 8, 3), config(16, 64, 8, 4)],
 }
 DKDV_CONFIGS_FP32 = {
     64: [config(32, 32, 8, 1), config(16, 64, 8, 1), config(32, 16, 8, 1)],
-    128: [config(32, 32, 8, 1), config(32, 16, 8, 1), config(16, 16, 8, 1)],
+    128: [config(32, 32, 8, 1), config(32, 16, 4, 1), config(16, 16, 8, 1)],
     256: [config(16, 16, 8, 1), config(32, 16, 8, 1), config(16, 16, 4, 1)],
 }
 DQ_CONFIGS = {
-    64: [config(128, 32, 4, 3), config(64, 64, 4, 3), config(128, 64, 8, 3)],
-    128: [config(128, 32, 8, 2), config(64, 64, 8, 2), config(128, 64, 8, 2)],
-    256: [config(64, 32, 8, 2), config(32, 32, 8, 2), config(32, 64, 8, 2)],
+    64: [config(128, 64, 8, 3), config(64, 128, 4, 3), config(128, 32, 4, 3)],
+    128: [config(128, 64, 8, 3), config(64, 128, 8, 2), config(128, 32, 8, 3)],
+    256: [config(64, 32, 8, 3), config(64, 64, 8, 2), config(128, 32, 8, 2)],
 }
 DQ_CONFIGS_FP32 = {
     64: [config(64, 32, 8, 1), config(32, 64, 8, 1), config(32, 32, 8, 1)],

@@ -503,7 +503,7 @@ def test_triton_expanded_dkdv_matches_reference_deterministically(expanded_dkdv,
     expected = forward_backward("reference", q.double(), k.double(), v.double(), grad_out.double(), **kwargs)
     _assert_deterministic_and_close(first, second, expected, dtype, f"expanded {case}")
     # The launcher asked the heuristic (so the forced answer was used) with this problem's numbers:
-    # one 64-key block (the largest candidate BLOCK_N for hd 16) x Hkv x B grouped programs, and
+    # one 128-key block (the largest candidate BLOCK_N for hd 16) x Hkv x B grouped programs, and
     # two float32 (B, Hq, Sk, D) buffers; no SM count on CPU tensors.
     expected_bytes = 2 * 4 * 2 * num_heads * 33 * 16
     assert expanded_dkdv == [(num_kv_heads * 2, num_heads // num_kv_heads, expected_bytes, None)] * 2
