@@ -78,7 +78,7 @@ def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, key_pad_row, stride_ps, scale_log2,
-                     seed, dropout_p, batch_head, max_seqlen_q, max_seqlen_k,
+                     seed, dropout_p, batch_head,
                      IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """One step of the online softmax (FA2 Alg. 1, lines 8-10) over the key block ``cols``:
@@ -186,13 +186,13 @@ def _attention_fwd_kernel(
         acc, l_i, m_i = attend_key_block(
             acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
             start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
-            max_seqlen_q, max_seqlen_k, IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
+            IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
     for start_n in range(full_end, hi, BLOCK_N):
         first_col = k_start64 + start_n
         acc, l_i, m_i = attend_key_block(
             acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
             start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
-            max_seqlen_q, max_seqlen_k, IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
+            IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
 
     # Fully masked rows have l = 0: output 0 and lse = -inf, as the reference's safe_softmax.
     empty = l_i == 0.0
