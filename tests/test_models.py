@@ -216,3 +216,19 @@ def test_models_run_under_autocast(norm):
     (logits.float().mean() + class_logits.float().mean()).backward()
     assert torch.isfinite(lm.token_embedding.weight.grad).all()
     assert torch.isfinite(classifier.token_embedding.weight.grad).all()
+
+
+def test_sinusoidal_positions_are_at_the_scale_of_the_token_embeddings():
+    """The table is added to embeddings that start at std 0.02: at unit amplitude it swamps the
+    tokens (a 2-layer LM stayed at unigram loss), so every model builds it at the embeddings' scale."""
+    from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
+
+    models = [decoder(positional="sinusoidal"), encoder(positional="sinusoidal"),
+              EncoderDecoderTransformer(tiny(EncoderDecoderConfig, positional="sinusoidal", src_vocab_size=VOCAB,
+                                             n_kv_heads=4))]
+    tables = [models[0].positional.table, models[1].positional.table, models[2].encoder_positional.table,
+              models[2].decoder_positional.table]
+    token_std = models[0].token_embedding.weight.std().item()
+    for table in tables:
+        table_rms = table.pow(2).mean().sqrt().item()  # sin/cos of unit amplitude: RMS 1/sqrt(2)
+        assert 0.5 < table_rms / token_std < 2.0, (table_rms, token_std)

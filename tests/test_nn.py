@@ -347,6 +347,10 @@ def test_sinusoidal_table_values():
     torch.testing.assert_close(table[position, 2 * i + 1], torch.tensor(math.cos(position / 10000 ** (2 * i / 6)),
                                                                         dtype=F64))
     assert encoding.state_dict() == {}  # fixed: nothing saved
+    scaled = tnn.positional_encoding("sinusoidal", max_seq_len=8, d_model=6, sinusoidal_scale=0.02).double()
+    torch.testing.assert_close(scaled.add_to_embeddings(torch.zeros(1, 8, 6, dtype=F64))[0], 0.02 * table)
+    with pytest.raises(ValueError, match="'scale'"):
+        tnn.SinusoidalPositionalEncoding(8, 6, scale=0.0)
 
 
 def test_positional_factory_errors():

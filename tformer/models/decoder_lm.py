@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
-from tformer.nn import LearnedPositionalEncoding, add_and_norm, make_norm, positional_encoding
+from tformer.nn import LearnedPositionalEncoding, add_and_norm, make_norm
 
 from .config import ModelConfig
 from .kv_cache import KVCache, first_position
-from .trunk import build_blocks, init_gpt2
+from .trunk import build_blocks, init_gpt2, model_positional_encoding
 
 
 class DecoderLM(PretrainedMixin, nn.Module):
@@ -28,8 +28,7 @@ class DecoderLM(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.positional = positional_encoding(config.positional, max_seq_len=config.max_seq_len,
-                                              d_model=config.d_model, head_dim=config.head_dim)
+        self.positional = model_positional_encoding(config, config.max_seq_len)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = build_blocks(config, causal=True)
         self.final_norm = make_norm(config.norm, config.d_model, bias=config.bias, backend=config.backend)

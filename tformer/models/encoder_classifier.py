@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
-from tformer.nn import add_and_norm, make_norm, positional_encoding
+from tformer.nn import add_and_norm, make_norm
 
 from .config import EncoderClassifierConfig
-from .trunk import build_blocks, init_gpt2
+from .trunk import build_blocks, init_gpt2, model_positional_encoding
 
 
 class EncoderClassifier(PretrainedMixin, nn.Module):
@@ -32,8 +32,7 @@ class EncoderClassifier(PretrainedMixin, nn.Module):
         self.uses_cls = config.pooling == "cls"
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         positions = config.max_seq_len + (1 if self.uses_cls else 0)
-        self.positional = positional_encoding(config.positional, max_seq_len=positions, d_model=config.d_model,
-                                              head_dim=config.head_dim)
+        self.positional = model_positional_encoding(config, positions)
         self.cls_embedding = nn.Parameter(torch.zeros(1, 1, config.d_model)) if self.uses_cls else None
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = build_blocks(config, causal=False)

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
-from tformer.nn import make_norm, positional_encoding
+from tformer.nn import make_norm
 from tformer.nn.choices import check_choice
 from tformer.nn.seq2seq_block import Seq2SeqBlock
 from tformer.nn.speech import SpeechEmbedding
 
 from .config import ModelConfig, _check_positive_int
 from .kv_cache import KVCache, first_position
-from .trunk import init_gpt2
+from .trunk import init_gpt2, model_positional_encoding
 
 ENCODER_INPUTS: tuple[str, ...] = ("speech", "tokens")
 
@@ -82,10 +82,8 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
                                                     spec_augment=config.spec_augment)
         else:
             self.source_embedding = nn.Embedding(config.src_vocab_size, config.d_model)
-        self.encoder_positional = positional_encoding(config.positional, max_seq_len=config.max_source_len,
-                                                      d_model=config.d_model, head_dim=config.head_dim)
-        self.decoder_positional = positional_encoding(config.positional, max_seq_len=config.max_seq_len,
-                                                      d_model=config.d_model, head_dim=config.head_dim)
+        self.encoder_positional = model_positional_encoding(config, config.max_source_len)
+        self.decoder_positional = model_positional_encoding(config, config.max_seq_len)
         block = dict(d_ff=config.d_ff, norm_first=config.norm_first, dropout=config.dropout,
                      attn_dropout=config.attn_dropout, norm=config.norm, bias=config.bias, backend=config.backend)
         self.encoder_blocks = nn.ModuleList(

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from tformer.nn import TransformerBlock
+from tformer.nn import PositionalEncoding, TransformerBlock, positional_encoding
 
 from .config import ModelConfig
 
@@ -22,18 +22,29 @@ def build_blocks(config: ModelConfig, *, causal: bool) -> nn.ModuleList:
         for index in range(config.n_layers))
 
 
+# GPT-2's init std of linear and embedding weights (Radford et al., 2019).
+EMBEDDING_STD = 0.02
+
+
+def model_positional_encoding(config, max_seq_len: int) -> PositionalEncoding:
+    """``config.positional`` for a model initialized by :func:`init_gpt2`: a sinusoidal table at
+    the embeddings' scale (see SinusoidalPositionalEncoding), the others as they are."""
+    return positional_encoding(config.positional, max_seq_len=max_seq_len, d_model=config.d_model,
+                               head_dim=config.head_dim, sinusoidal_scale=EMBEDDING_STD)
+
+
 def init_gpt2(model: nn.Module, blocks: nn.ModuleList, n_layers: int) -> None:
     """GPT-2 initialization (Radford et al., 2019): linear and embedding weights ~ N(0, 0.02),
     biases zero, norms at identity; the projections that write into the residual stream get
     std ``0.02 / sqrt(2 * n_layers)`` so the stream's variance does not grow with depth."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=EMBEDDING_STD)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    residual_std = 0.02 / math.sqrt(2 * max(n_layers, 1))
+            nn.init.normal_(module.weight, mean=0.0, std=EMBEDDING_STD)
+    residual_std = EMBEDDING_STD / math.sqrt(2 * max(n_layers, 1))
     for block in blocks:
         for layer in block.residual_projections():
             nn.init.normal_(layer.weight, mean=0.0, std=residual_std)
