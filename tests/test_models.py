@@ -224,11 +224,16 @@ def test_sinusoidal_positions_are_at_the_scale_of_the_token_embeddings():
     from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
 
     models = [decoder(positional="sinusoidal"), encoder(positional="sinusoidal"),
-              EncoderDecoderTransformer(tiny(EncoderDecoderConfig, positional="sinusoidal", src_vocab_size=VOCAB,
-                                             n_kv_heads=4))]
+              EncoderDecoderTransformer(tiny(EncoderDecoderConfig, positional="sinusoidal", encoder_input="tokens",
+                                             src_vocab_size=VOCAB, n_kv_heads=4))]
     tables = [models[0].positional.table, models[1].positional.table, models[2].encoder_positional.table,
               models[2].decoder_positional.table]
     token_std = models[0].token_embedding.weight.std().item()
     for table in tables:
         table_rms = table.pow(2).mean().sqrt().item()  # sin/cos of unit amplitude: RMS 1/sqrt(2)
         assert 0.5 < table_rms / token_std < 2.0, (table_rms, token_std)
+    # A speech encoder's frames come from the conv front end: its table keeps unit amplitude.
+    speech = EncoderDecoderTransformer(tiny(EncoderDecoderConfig, positional="sinusoidal", encoder_input="speech",
+                                            n_kv_heads=4, n_mels=16, conv_channels=4, max_source_len=64))
+    assert abs(speech.encoder_positional.table.pow(2).mean().sqrt().item() - 2 ** -0.5) < 0.05
+    assert speech.decoder_positional.table.abs().max().item() <= 0.02 + 1e-6

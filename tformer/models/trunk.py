@@ -26,11 +26,12 @@ def build_blocks(config: ModelConfig, *, causal: bool) -> nn.ModuleList:
 EMBEDDING_STD = 0.02
 
 
-def model_positional_encoding(config, max_seq_len: int) -> PositionalEncoding:
-    """``config.positional`` for a model initialized by :func:`init_gpt2`: a sinusoidal table at
-    the embeddings' scale (see SinusoidalPositionalEncoding), the others as they are."""
+def model_positional_encoding(config, max_seq_len: int, *, embedding_std: float = EMBEDDING_STD) -> PositionalEncoding:
+    """``config.positional`` added to embeddings of std ``embedding_std`` (an :func:`init_gpt2`
+    table by default): a sinusoidal table at that scale (see SinusoidalPositionalEncoding), the
+    others as they are."""
     return positional_encoding(config.positional, max_seq_len=max_seq_len, d_model=config.d_model,
-                               head_dim=config.head_dim, sinusoidal_scale=EMBEDDING_STD)
+                               head_dim=config.head_dim, sinusoidal_scale=embedding_std)
 
 
 def init_gpt2(model: nn.Module, blocks: nn.ModuleList, n_layers: int) -> None:
