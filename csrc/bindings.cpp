@@ -545,11 +545,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   args.dq_strides = attention_strides(dq, in.packed);
   args.dk_strides = attention_strides(dk, in.packed);
   args.dv_strides = attention_strides(dv, in.packed);
-  // Grouped-query attention on few SMs: dK/dV per query head in float32, summed per group.
-  int sm_count = 0;
+  // The dK/dV block shape this device's shared memory allows, then, for grouped-query attention
+  // on few SMs, dK/dV per query head in float32, summed per group.
+  int sm_count = 0, smem_optin = 0;
   check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()), op);
+  check_launch(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()), op);
+  args.key_grad_wide = attention_key_grad_wide(in.problem.head_dim, smem_optin);
   Tensor dk_partial, dv_partial;
-  if (attention_backward_expands(in.problem, in.packed ? k.size(0) : k.size(0) * k.size(2), sm_count)) {
+  if (attention_backward_expands(in.problem, in.packed ? k.size(0) : k.size(0) * k.size(2), sm_count,
+                                 args.key_grad_wide)) {
     std::vector<int64_t> partial_shape = k.sizes().vec();
     partial_shape[1] = q.size(1);
     dk_partial = at::empty(partial_shape, lse.options());
@@ -580,6 +584,11 @@ TORCH_LIBRARY(tformer, m) {
         "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
         "-> (Tensor out, Tensor lse)");
   m.def("cuda_attention_fwd_path(Tensor q) -> str");
+  // No tensors: a catch-all kernel, so the CPU tests can ask it which dK/dV shape a device gets.
+  m.def("cuda_attention_key_grad_wide(int head_dim, int smem_optin_bytes) -> bool",
+        [](int64_t head_dim, int64_t smem_optin_bytes) {
+          return tformer::attention_key_grad_wide(static_cast<int>(head_dim), static_cast<int>(smem_optin_bytes));
+        });
   m.def("cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");

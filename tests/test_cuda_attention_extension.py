@@ -62,6 +62,19 @@ def test_forward_path_query_is_registered(cuda_attention):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tformer::{op}", "CUDA")
 
 
+def test_key_grad_block_shape_follows_the_devices_shared_memory(cuda_attention):
+    """8-warp, 128-key dK/dV blocks: always up to head dim 96; at 128 only where a block may take
+    102.5 KiB (sm80 163 KiB, sm90 227 KiB; not sm86/sm89's 99 KiB); never at 256."""
+    wide = torch.ops.tformer.cuda_attention_key_grad_wide
+    kib = 1024
+    for head_dim in (8, 32, 40, 64, 96):
+        assert wide(head_dim, 48 * kib) and wide(head_dim, 99 * kib)
+    assert not wide(128, 99 * kib) and not wide(128, 102 * kib)
+    assert wide(128, 163 * kib) and wide(128, 227 * kib) and wide(120, 227 * kib)
+    assert not wide(256, 227 * kib) and not wide(160, 227 * kib)
+    assert not wide(12, 227 * kib)  # not a supported head dim
+
+
 def test_public_functions_have_reference_signatures_and_half_dtypes_only(cuda_attention):
     assert "attention" in cuda_backend.OP_MODULES
     reference = importlib.import_module("tformer.backends.reference.attention")
@@ -195,6 +208,10 @@ GPU_CASES = {
     # Grouped-query attention with enough key blocks (11 x 2 kv heads x 16 = 352 >= 2 per SM up
     # to 176 SMs) for the grouped dK/dV pass; the smaller GQA cases above take the expanded one.
     "gqa_grouped_dkdv": (16, 4, 2, 1300, 1300, 64, True, None),
+    # Head dim 128 on a GPU with >= 102.5 KiB of shared memory a block (A100, H100) takes the
+    # 8-warp, 128-key dK/dV blocks: expanded (small GQA) and grouped (11 x 2 x 16 = 352 blocks).
+    "d128_gqa_padding_expanded_dkdv": (2, 4, 2, 150, 200, 128, True, [200, 77]),
+    "d128_gqa_grouped_dkdv": (16, 4, 2, 1300, 1300, 128, True, None),
 }
 
 

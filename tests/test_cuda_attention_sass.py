@@ -106,10 +106,21 @@ def test_epilogues_store_128_bit_vectors(attention_sass):
     for kernel in ("forward_kernel", "key_grad_kernel", "query_grad_kernel", "group_sum_kernel"):
         for name, code in instantiations(attention_sass, kernel).items():
             stores = opcodes(code, "STG")
-            if "Lb1E" in name:  # expanded dK/dV: float32 partials, 8-byte pairs from the accumulators
+            if re.search(r"Li\d+ELb1E", name):  # key_grad_kernel<T, kD, kExpanded = true, kWide>: float32
+                # partials, 8-byte pairs from the accumulators
                 assert "STG.E.64" in stores, f"{name}: {sorted(set(stores))}"
                 continue
             # Outputs leave in 16-byte vectors; the forward's lse (4 bytes a row) is the only narrower store.
             allowed = ("STG.E.128", "STG.E") if kernel == "forward_kernel" else ("STG.E.128",)
             narrow = [op for op in stores if op not in allowed]
             assert "STG.E.128" in stores and not narrow, f"{name}: {sorted(set(stores))}"
+
+
+def test_head_dim_128_has_both_key_grad_block_shapes(attention_sass):
+    # key_grad_kernel<T, 128, kExpanded, kWide>: the 8-warp (128-key) shape for GPUs with >= 102.5 KiB
+    # of shared memory a block and the 4-warp one for the rest, grouped and expanded, fp16 and bf16.
+    names = instantiations(attention_sass, "key_grad_kernel")
+    for dtype in ("6__half", "13__nv_bfloat16"):
+        for expanded in "01":
+            for wide in "01":
+                assert any(f"I{dtype}Li128ELb{expanded}ELb{wide}E" in name for name in names), (dtype, expanded, wide)

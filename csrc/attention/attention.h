@@ -87,6 +87,9 @@ struct AttentionBackwardArgs {
   float* dk_partial = nullptr;
   float* dv_partial = nullptr;
   Strides3 partial_strides;  // of both partials
+  // 8-warp, 128-key dK/dV blocks (attention_key_grad_wide); read at head dim 128 only, where
+  // both shapes are built (smaller head dims are always wide, 256 never).
+  bool key_grad_wide = false;
 };
 
 // The bucket a head dim runs in, or 0 when it is not supported (not a multiple of 8, or > 256).
@@ -110,7 +113,13 @@ cudaError_t launch_attention_forward(DType dtype, const AttentionForwardArgs& ar
 // fewer than 2 blocks per SM (`sm_count` SMs) and the two float32 partials, 2 x key_tokens x
 // num_heads x head_dim floats (key_tokens: batch x Sk, or total_k packed), fit in 256 MiB.
 // The caller then allocates the partials (AttentionBackwardArgs::dk_partial, dv_partial).
-bool attention_backward_expands(const AttentionProblem& problem, int64_t key_tokens, int sm_count);
+bool attention_backward_expands(const AttentionProblem& problem, int64_t key_tokens, int sm_count,
+                                bool key_grad_wide);
+
+// Whether the dK/dV pass runs 8-warp, 128-key blocks for this head dim on a device whose blocks
+// may opt in to `smem_optin_bytes` of shared memory: always up to head dim 96, at 128 when the
+// 102.5 KiB fit (sm80: 163 KiB, sm90: 227 KiB; not sm86/sm89's 99 KiB), never at 256.
+bool attention_key_grad_wide(int head_dim, int smem_optin_bytes);
 
 // dq, dk, dv (deterministic: no atomics). Writes delta first.
 cudaError_t launch_attention_backward(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);

@@ -55,9 +55,10 @@ __device__ __forceinline__ float lse_log2(const float* lse_row0, int64_t stride,
   return lse == -INFINITY ? 0.f : lse * kLog2e;
 }
 
-template <typename T, int kD, bool kExpanded>
-__global__ void __launch_bounds__(KeyGradShape<kD>::kWarps * 32) key_grad_kernel(const AttentionBackwardArgs args) {
-  using Shape = KeyGradShape<kD>;
+template <typename T, int kD, bool kExpanded, bool kWide>
+__global__ void __launch_bounds__(KeyGradShape<kD, kWide>::kWarps * 32)
+    key_grad_kernel(const AttentionBackwardArgs args) {
+  using Shape = KeyGradShape<kD, kWide>;
   constexpr int kM = Shape::kBlockM, kN = Shape::kBlockN, kStride = smem_stride<kD>();
   constexpr int kThreads = Shape::kWarps * 32;
   constexpr int kColumns = Shape::kColumns;  // of dK and dV, from column col0 on
@@ -384,9 +385,31 @@ cudaError_t launch(Kernel kernel, dim3 grid, int smem_bytes, const AttentionBack
   return cudaGetLastError();
 }
 
+// The dK/dV pass (grouped, or expanded plus the group sum) in one block shape.
+template <typename T, int kD, bool kWide>
+cudaError_t run_key_grad(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  using KeyShape = KeyGradShape<kD, kWide>;
+  const AttentionProblem& p = args.problem;
+  const unsigned key_blocks =
+      static_cast<unsigned>(ceil_div(p.max_seqlen_k, KeyShape::kBlockN) * KeyShape::kColumnSplit);
+  if (args.dk_partial == nullptr) {  // grouped: one block per key/value head sums its group
+    const dim3 key_grid(key_blocks, p.num_heads / p.group_size, p.num_seqs);
+    return launch<KeyShape::kWarps * 32>(key_grad_kernel<T, kD, false, kWide>, key_grid, KeyShape::kSmemBytes, args,
+                                         stream);
+  }
+  const dim3 key_grid(key_blocks, p.num_heads, p.num_seqs);
+  if (cudaError_t error = launch<KeyShape::kWarps * 32>(key_grad_kernel<T, kD, true, kWide>, key_grid,
+                                                        KeyShape::kSmemBytes, args, stream);
+      error != cudaSuccess) {
+    return error;
+  }
+  const dim3 sum_grid(static_cast<unsigned>(ceil_div(int64_t{p.max_seqlen_k} * (p.head_dim / 8), 256)),
+                      p.num_heads / p.group_size, p.num_seqs);
+  return launch<256>(group_sum_kernel<T>, sum_grid, 0, args, stream);
+}
+
 template <typename T, int kD>
 cudaError_t run_backward(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  using KeyShape = KeyGradShape<kD>;
   using QueryShape = QueryGradShape<kD>;
   const AttentionProblem& p = args.problem;
   const dim3 delta_grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, 8)), p.num_heads, p.num_seqs);
@@ -394,29 +417,13 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, cudaStream_t stream)
     delta_kernel<T><<<delta_grid, 256, 0, stream>>>(args);
     if (cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
   }
-  const bool expanded = args.dk_partial != nullptr;
-  const unsigned key_blocks =
-      static_cast<unsigned>(ceil_div(p.max_seqlen_k, KeyShape::kBlockN) * KeyShape::kColumnSplit);
-  if (expanded) {
-    const dim3 key_grid(key_blocks, p.num_heads, p.num_seqs);
-    if (cudaError_t error = launch<KeyShape::kWarps * 32>(key_grad_kernel<T, kD, true>, key_grid,
-                                                          KeyShape::kSmemBytes, args, stream);
-        error != cudaSuccess) {
-      return error;
-    }
-    const dim3 sum_grid(static_cast<unsigned>(ceil_div(int64_t{p.max_seqlen_k} * (p.head_dim / 8), 256)),
-                        p.num_heads / p.group_size, p.num_seqs);
-    if (cudaError_t error = launch<256>(group_sum_kernel<T>, sum_grid, 0, args, stream); error != cudaSuccess) {
-      return error;
-    }
+  cudaError_t key_grad = cudaSuccess;
+  if constexpr (kD == 128) {  // both shapes built; the bindings chose by the device's shared memory
+    key_grad = args.key_grad_wide ? run_key_grad<T, kD, true>(args, stream) : run_key_grad<T, kD, false>(args, stream);
   } else {
-    const dim3 key_grid(key_blocks, p.num_heads / p.group_size, p.num_seqs);
-    if (cudaError_t error = launch<KeyShape::kWarps * 32>(key_grad_kernel<T, kD, false>, key_grid,
-                                                          KeyShape::kSmemBytes, args, stream);
-        error != cudaSuccess) {
-      return error;
-    }
+    key_grad = run_key_grad<T, kD, (kD <= 96)>(args, stream);
   }
+  if (key_grad != cudaSuccess) return key_grad;
   const dim3 query_grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, QueryShape::kBlockM)), p.num_heads,
                         p.num_seqs);
   return launch<QueryShape::kWarps * 32>(query_grad_kernel<T, kD>, query_grid, QueryShape::kSmemBytes, args, stream);

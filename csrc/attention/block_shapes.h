@@ -3,7 +3,8 @@
 //
 // FlashAttention-2's sm80 shapes where the registers allow: 128 x 64 forward tiles with 32
 // query rows a warp (two 16-row mma tiles sharing every K and V fragment) up to head dim 64,
-// and 128-key dK/dV blocks of 8 warps up to head dim 96. A warp's fp32 accumulators take
+// and 128-key dK/dV blocks of 8 warps up to head dim 96 (at 128 too where the device's
+// shared memory allows: attention_key_grad_wide). A warp's fp32 accumulators take
 // kD / 2 floats a lane per 16-row tile, so larger head dims keep 16 rows a warp (ptxas: no
 // spills at these shapes; see bench/KERNEL_NOTES.md). Every pass stays within 227 KiB (sm90) and 163 KiB (sm80) of
 // shared memory.
@@ -33,11 +34,14 @@ template <int kD> struct ForwardShape {
 // would not fit the 255 registers of a thread: kColumnSplit blocks then share a key block,
 // each accumulating kD / kColumnSplit columns of dK and dV (recomputing P and dP, which need
 // all kD).
-// 128 keys need 102.5 KiB at kD = 128 (double-buffered Q and dO), above the 99 KiB of
-// sm86/sm89: kD = 128 keeps 64 keys so it runs there too; kD = 256 for its registers.
-template <int kD> struct KeyGradShape {
-  static constexpr int kWarps = kD <= 96 ? 8 : 4;
-  static constexpr int kBlockN = 16 * kWarps;  // 128 keys (64 at kD >= 128)
+// kWide: 8 warps and 128 keys a block. Up to kD = 96 always. At kD = 128 it takes 102.5 KiB
+// (double-buffered Q and dO), above the 99 KiB of sm86/sm89, so the launch picks it per device
+// (attention_key_grad_wide); the default, 4 warps and 64 keys, runs everywhere. kD = 256 is
+// never wide (registers).
+template <int kD, bool kWide = (kD <= 96)> struct KeyGradShape {
+  static_assert(!kWide || kD <= 128, "kD = 256 has no 8-warp dK/dV shape");
+  static constexpr int kWarps = kWide ? 8 : 4;
+  static constexpr int kBlockN = 16 * kWarps;  // 128 keys when wide, else 64
   static constexpr int kBlockM = kD <= 64 ? 64 : 32;
   static constexpr int kColumnSplit = kD > 128 ? 2 : 1;
   static constexpr int kColumns = kD / kColumnSplit;
