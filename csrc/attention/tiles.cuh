@@ -230,16 +230,6 @@ __device__ __forceinline__ void zero(float (&acc)[kTiles][kCols][4]) {
   for (int t = 0; t < kTiles; ++t) zero(acc[t]);
 }
 
-// Reductions over the 4 lanes (a quad) that share an accumulator row.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // Opts a kernel into more than the default 48 KiB of dynamic shared memory when it needs it.
 template <typename Kernel>
 inline cudaError_t allow_shared_memory(Kernel kernel, int bytes) {

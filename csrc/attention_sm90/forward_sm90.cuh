@@ -38,6 +38,7 @@
 #include "attention_sm90/attention_sm90.h"
 #include "attention_sm90/hopper.cuh"
 #include "attention_sm90/wgmma.cuh"
+#include "common/convert.cuh"
 
 namespace tformer {
 namespace attention_sm90 {
@@ -66,25 +67,6 @@ struct ForwardParams {
   CUtensorMap q_map, k_map, v_map;
 };
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// The 4 lanes of a quad hold one accumulator row.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 
 // S = Q K^T for one key block (issued, not waited for): kD / 16 wgmmas, both operands K-major;
 // a 16-column step inside a 128-byte swizzled row advances the start address by 32 bytes
