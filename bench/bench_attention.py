@@ -3,8 +3,6 @@ FlashAttention-2, cuDNN, memory-efficient and math backends, and flash-attn when
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import tformer
 from .candidates import (Candidate, candidate_params, cuda_only, first_call_or_skip, needs_package,
                          tformer_candidates)
 from .checks import check_against_reference
+from .environment import environment
 from .metrics import attention_flops, describe, record_throughput
 from .shapes import DEVICE, attention_cases, case_id
 from .timing import time_pass
@@ -49,30 +48,17 @@ def _tformer(q, k, v, *, causal: bool, backend: str):
     return tformer.ops.attention(q, k, v, causal=causal, backend=backend)
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
-
-
 def _tformer_cuda_sm80(q, k, v, *, causal: bool):
     """tformer-cuda with its sm_80 forward forced: the A/B row for the sm_90a forward on Hopper
     (the backward is the sm_80 one in both)."""
-    with _environment("TFORMER_ATTENTION_FORCE_SM80", "1"):
+    with environment(TFORMER_ATTENTION_FORCE_SM80="1"):
         return _tformer(q, k, v, causal=causal, backend="cuda")
 
 
 def _tformer_triton_fa2(q, k, v, *, causal: bool):
     """tformer-triton with its FlashAttention-2 forward forced: the A/B row for the Hopper
     (TMA) forward, kernels/attention_hopper.py."""
-    with _environment("TFORMER_ATTENTION_FWD", "fa2"):
+    with environment(TFORMER_ATTENTION_FWD="fa2"):
         return _tformer(q, k, v, causal=causal, backend="triton")
 
 

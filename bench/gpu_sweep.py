@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .environment import environment
+
 OPS = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
 DTYPES = ("bfloat16", "float16", "float32")
 GPU_HEAD_DIMS = (32, 40, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256)
@@ -177,21 +179,14 @@ def evaluate(case: dict, backend: str, dtype) -> dict | None:
     leaves = {name: t.to(leaf_dtype(name)).requires_grad_() for name, t in leaves64.items()}
     kwargs = {name: (t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t)
               for name, t in kwargs64.items()}
-    backend, environment = PATH_VARIANTS.get(backend, (backend, {}))
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
+    backend, variables = PATH_VARIANTS.get(backend, (backend, {}))
     try:  # forward and backward under the path's environment (the backward may read it too)
-        out = _ops()[case["op"]](**leaves, **kwargs, backend=backend)
-        outs = list(out) if isinstance(out, tuple) else [out]
-        torch.autograd.backward(outs, [g.to(dtype) for g in grad_outs64])
+        with environment(**variables):
+            out = _ops()[case["op"]](**leaves, **kwargs, backend=backend)
+            outs = list(out) if isinstance(out, tuple) else [out]
+            torch.autograd.backward(outs, [g.to(dtype) for g in grad_outs64])
     except tformer.ops.UnsupportedInput:
         return None
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     results = {f"out{i}" if i else "out": o.detach().double() for i, o in enumerate(outs)}
     results.update({f"d{name}": (t.grad.double() if t.grad is not None else torch.zeros_like(t, dtype=torch.float64))
                     for name, t in leaves.items()})

@@ -355,6 +355,7 @@ struct AttentionInputs {
   Tensor q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k;
   AttentionProblem problem;
   bool packed = false;
+  int smem_optin = 0;  // the device's per-block shared memory limit (opt-in), read once per call
 };
 
 void check_cu_seqlens(const char* op, const char* name, const Tensor& cu, const Tensor& q) {
@@ -440,11 +441,10 @@ AttentionInputs attention_inputs(const char* op, const Tensor& q_in, const Tenso
   }
   TORCH_CHECK(q.size(seq_axis) <= INT32_MAX && k.size(seq_axis) <= INT32_MAX, op,
               ": sequences of at most 2^31 - 1 tokens are supported, got q ", q.sizes(), " and k ", k.sizes());
-  int device_limit = 0;
-  check_launch(cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()), op);
+  check_launch(cudaDeviceGetAttribute(&in.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()), op);
   const int needed = attention_shared_memory_bytes(static_cast<int>(head_dim));
-  TORCH_CHECK(needed <= device_limit, op, ": head dim ", head_dim, " needs ", needed, " bytes of shared memory per "
-              "block; this device allows ", device_limit);
+  TORCH_CHECK(needed <= in.smem_optin, op, ": head dim ", head_dim, " needs ", needed, " bytes of shared memory "
+              "per block; this device allows ", in.smem_optin);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = in.v.data_ptr();
@@ -547,10 +547,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   args.dv_strides = attention_strides(dv, in.packed);
   // The dK/dV block shape this device's shared memory allows, then, for grouped-query attention
   // on few SMs, dK/dV per query head in float32, summed per group.
-  int sm_count = 0, smem_optin = 0;
+  int sm_count = 0;
   check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()), op);
-  check_launch(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()), op);
-  args.key_grad_wide = attention_key_grad_wide(in.problem.head_dim, smem_optin);
+  args.key_grad_wide = attention_key_grad_wide(in.problem.head_dim, in.smem_optin);
   Tensor dk_partial, dv_partial;
   if (attention_backward_expands(in.problem, in.packed ? k.size(0) : k.size(0) * k.size(2), sm_count,
                                  args.key_grad_wide)) {

@@ -14,6 +14,7 @@
 
 #include "common/row_kernels.cuh"
 #include "layer_norm/layer_norm.h"
+#include "layer_norm/norm_input_grad.cuh"
 
 namespace tformer {
 namespace {
@@ -91,9 +92,7 @@ __global__ void __launch_bounds__(kBlockThreads, kFusedBlocksPerSm<kSlots>)
         sums.y += g[i] * xhat[i];
       }
     }
-    sums = team_reduce<kWarps>(sums, AddFloat2{}, shared);
-    const float mean_g = args.rms ? 0.f : sums.x / n;
-    const float mean_g_xhat = sums.y / n;
+    const NormInputGrad input_grad = norm_input_grad(team_reduce<kWarps>(sums, AddFloat2{}, shared), n, args.rms, rstd);
 
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
@@ -103,7 +102,7 @@ __global__ void __launch_bounds__(kBlockThreads, kFusedBlocksPerSm<kSlots>)
       unpack(c, g, xhat);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_g_xhat);
+        out[i] = input_grad(g[i], xhat[i]);
         const float d = to_float(dy_in[c].v[i]);
         acc_weight[c * kVec + i] += d * xhat[i];
         acc_bias[c * kVec + i] += d;

@@ -1,7 +1,7 @@
 // LayerNorm / RMSNorm backward for rows wider than kMaxFusedRowLength, whose columns do not
 // fit in one block's registers (layer_norm_bwd.cu fuses everything else into one kernel):
 //  - the input gradient, two passes over the row: pass 1 reduces the two row means, pass 2
-//    re-reads dy and x (from L1/L2) and writes dx (formula in layer_norm_bwd.cu);
+//    re-reads dy and x (from L1/L2) and writes dx (formula in norm_input_grad.cuh);
 //  - dweight = sum over rows of dy * xhat, dbias = sum of dy, without float atomics: a block
 //    per tile of 32 columns by one chunk of rows writes that chunk's partial sums, then
 //    sum_partial_rows adds the chunks of each column in chunk order (it also reduces the
@@ -12,6 +12,7 @@
 
 #include "common/row_kernels.cuh"
 #include "layer_norm/layer_norm.h"
+#include "layer_norm/norm_input_grad.cuh"
 
 namespace tformer {
 namespace {
@@ -57,9 +58,7 @@ __global__ void __launch_bounds__(kBlockThreads) norm_backward_input_kernel(Norm
         sums.y += g[i] * xhat[i];
       }
     });
-    sums = team_reduce<kWarps>(sums, AddFloat2{}, shared);
-    const float mean_g = args.rms ? 0.f : sums.x / n;
-    const float mean_g_xhat = sums.y / n;
+    const NormInputGrad input_grad = norm_input_grad(team_reduce<kWarps>(sums, AddFloat2{}, shared), n, args.rms, rstd);
 
     for_each_column<kVec>(start, n, lane, kLanes, [&](auto width, int col) {
       constexpr int W = decltype(width)::value;
@@ -67,7 +66,7 @@ __global__ void __launch_bounds__(kBlockThreads) norm_backward_input_kernel(Norm
       load_chunk(width, col, xhat, g);
       float out[W];
 #pragma unroll
-      for (int i = 0; i < W; ++i) out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_g_xhat);
+      for (int i = 0; i < W; ++i) out[i] = input_grad(g[i], xhat[i]);
       if (dresidual_out != nullptr) {
         float extra[W];
         load_floats<W>(dresidual_out + start + col, extra);
