@@ -16,7 +16,7 @@ from test_cuda_row_kernels_sass import _cuobjdump, _extension, sass_by_function
 # Block shapes per head-dim bucket (csrc/attention/block_shapes.h), the ones the counts below
 # follow. forward: (16-row tiles per warp, keys per step); key_grad: (query rows per step,
 # dK/dV columns per block); query_grad: keys per step.
-FORWARD = {32: (2, 64), 64: (2, 64), 96: (1, 64), 128: (1, 64), 256: (1, 32)}
+FORWARD = {32: (2, 64), 64: (2, 64), 96: (2, 32), 128: (2, 32), 256: (1, 32)}
 KEY_GRAD = {32: (64, 32), 64: (64, 64), 96: (32, 96), 128: (32, 128), 256: (32, 128)}
 QUERY_GRAD = {32: 64, 64: 64, 96: 32, 128: 32, 256: 32}
 ATTENTION_KERNELS = ("forward_kernel", "key_grad_kernel", "query_grad_kernel", "group_sum_kernel", "delta_kernel")
@@ -38,6 +38,13 @@ def step_mmas(kernel: str, head_dim: int) -> int:
         return 2 * mma_count(16, rows, head_dim) + 2 * mma_count(16, columns, rows)
     keys = QUERY_GRAD[head_dim]
     return 2 * mma_count(16, keys, head_dim) + mma_count(16, head_dim, keys)  # S, dP; dQ += dS K
+
+
+def forward_step_ldmatrix(head_dim: int) -> int:
+    """ldmatrix.x4 (LDSM) of one forward step of a warp: its row tiles' Q fragments, and the K
+    and V fragments, each loaded once and shared by every row tile (the point of 32 rows a warp)."""
+    tiles, keys = FORWARD[head_dim]
+    return tiles * (head_dim // 16) + 2 * (keys // 16) * (head_dim // 16)
 
 
 def head_dim_of(name: str) -> int:
@@ -82,6 +89,9 @@ def test_mma_counts_follow_the_block_shapes():
     assert mma_count(32, 64, 64) == 2 * 8 * 4
     assert step_mmas("forward_kernel", 64) == 2 * mma_count(32, 64, 64)
     assert step_mmas("query_grad_kernel", 128) == 2 * mma_count(16, 32, 128) + mma_count(16, 128, 32)
+    # hd 128, 32 rows a warp and 32 keys a step: Q 2 x 8, K 2 x 8, V 8 x 2 (64 rows a warp over
+    # 64 keys would be 8 + 32 + 32).
+    assert forward_step_ldmatrix(128) == 48
 
 
 def test_no_local_memory_in_attention_kernels(attention_sass):
@@ -99,7 +109,11 @@ def test_hot_loops_are_tensor_core_mma_with_cp_async_and_ldmatrix(attention_sass
         expected = 2 * step_mmas(kernel, head_dim_of(name))
         assert len(hmma) == expected, f"{name}: {len(hmma)} HMMA, expected {expected} (two step bodies)"
         assert opcodes(code, "LDGSTS"), f"{name} has no cp.async (LDGSTS) tile loads"
-        assert opcodes(code, "LDSM"), f"{name} has no ldmatrix (LDSM)"
+        ldmatrix = opcodes(code, "LDSM")
+        assert ldmatrix, f"{name} has no ldmatrix (LDSM)"
+        if kernel == "forward_kernel":  # the block shape: row tiles share each K and V fragment
+            expected = 2 * forward_step_ldmatrix(head_dim_of(name))
+            assert len(ldmatrix) == expected, f"{name}: {len(ldmatrix)} LDSM, expected {expected} (two step bodies)"
 
 
 def test_epilogues_store_128_bit_vectors(attention_sass):

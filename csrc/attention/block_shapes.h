@@ -1,13 +1,14 @@
 // Block shapes of the attention kernels per head-dim bucket, and the shared memory they take.
 // Host and device code both read them (launch sizes, smem opt-in, the bindings' checks).
 //
-// FlashAttention-2's sm80 shapes where the registers allow: 128 x 64 forward tiles with 32
-// query rows a warp (two 16-row mma tiles sharing every K and V fragment) up to head dim 64,
-// and 128-key dK/dV blocks of 8 warps up to head dim 96 (at 128 too where the device's
-// shared memory allows: attention_key_grad_wide). A warp's fp32 accumulators take
-// kD / 2 floats a lane per 16-row tile, so larger head dims keep 16 rows a warp (ptxas: no
-// spills at these shapes; see bench/KERNEL_NOTES.md). Every pass stays within 227 KiB (sm90) and 163 KiB (sm80) of
-// shared memory.
+// FlashAttention-2's sm80 shapes where the registers allow: 128-row forward blocks with 32
+// query rows a warp (two 16-row mma tiles sharing every K and V fragment) up to head dim 128
+// (128 x 64 tiles up to 64, 128 x 32 at 96 and 128), and 128-key dK/dV blocks of 8 warps up
+// to head dim 96 (at 128 too where the device's shared memory allows:
+// attention_key_grad_wide). A warp's fp32 accumulators take kD / 2 floats a lane per 16-row
+// tile, so head dim 256 keeps 16 rows a warp (ptxas: no spills at these shapes; see
+// bench/KERNEL_NOTES.md). Every pass stays within 227 KiB (sm90) and 163 KiB (sm80) of shared
+// memory; the forward within the 99 KiB of sm86/sm89 too.
 #pragma once
 
 namespace tformer {
@@ -18,13 +19,13 @@ template <int kD> constexpr int padded_tile_bytes(int rows) { return rows * (kD 
 
 template <int kD> struct ForwardShape {
   static constexpr int kWarps = 4;
-  // 16-row mma tiles per warp. Two (128 x 64 blocks) spill at kD = 96 (116 bytes) and
-  // kD = 128 (8 bytes at 128 x 64, 32 at 128 x 32) under ptxas for sm_90: those buckets keep
-  // one tile (64-row blocks) until the register use of the step is cut.
-  static constexpr int kRowTiles = kD <= 64 ? 2 : 1;
+  // 16-row mma tiles per warp: two (32 rows a warp, 128-row blocks) up to head dim 128. At 96
+  // and 128 the step takes 32 keys: with 64, ptxas (sm_80 and sm_90) spills 28-116 bytes, as
+  // FlashAttention-2's own 128 x 64 hd-128 forward does (172 bytes on sm_80). At 256 one tile.
+  static constexpr int kRowTiles = kD <= 128 ? 2 : 1;
   static constexpr int kWarpRows = 16 * kRowTiles;
-  static constexpr int kBlockM = kWarps * kWarpRows;   // query rows per block: 128 or 64
-  static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per step, double buffered
+  static constexpr int kBlockM = kWarps * kWarpRows;  // query rows per block: 128, or 64 at 256
+  static constexpr int kBlockN = kD <= 64 ? 64 : 32;  // keys per step, double buffered
   // Q tile (reused for the staged output) + 2 K tiles + 2 V tiles.
   static constexpr int kSmemBytes = padded_tile_bytes<kD>(kBlockM + 4 * kBlockN);
 };

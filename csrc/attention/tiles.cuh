@@ -108,6 +108,9 @@ template <int kBlockThreads, typename T, int kRows, int kD>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* slab_base, int64_t token_stride, int row0, int len,
                                                 int head_dim) {
   constexpr int kChunksPerRow = kD / 8;  // 16-byte chunks
+  // Kept rolled: unrolled, ptxas hoists each copy's 64-bit source address out of the key loop,
+  // and with the forward's 32-row-a-warp accumulators those spill (hd 128: 4 LDL.64 a step).
+#pragma unroll 1
   for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kBlockThreads) {
     const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * 8;
     const int row = row0 + r;
