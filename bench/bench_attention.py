@@ -26,6 +26,10 @@ FULL_CHECK_SCORES = 1 << 24
 # size; the 16k-token rows would need tens of GB for their autograd graph.
 MATERIALIZED_SCORES_LIMIT_BYTES = 8 << 30
 MATERIALIZING = ("tformer-reference", "sdpa-math")
+# Variants that differ from their backend in the backward only (no forward row of their own),
+# and the environment their backward reads, set for the whole test: the backward runs outside
+# the candidate's call.
+BACKWARD_VARIANTS = {"tformer-triton-atomic-dq": {"TFORMER_ATTENTION_DQ": "atomic"}}
 
 
 def _sdpa(backend: SDPBackend):
@@ -62,6 +66,14 @@ def _tformer_triton_fa2(q, k, v, *, causal: bool):
         return _tformer(q, k, v, causal=causal, backend="triton")
 
 
+def _triton_on_cuda(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return "an A/B row of tformer-triton's backward: timed on a GPU only"
+    if tformer.available_backends().get("triton", "missing") is not None:
+        return "backend 'triton' is not available"
+    return None
+
+
 def _hopper_variant(backend: str):
     def why_not(device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
@@ -79,6 +91,10 @@ CANDIDATES = tformer_candidates(_tformer) + [
     # kind "variant": an A/B row of a tformer backend, kept out of backend="auto"'s table.
     Candidate("tformer-cuda-sm80", "variant", _tformer_cuda_sm80, why_not=_hopper_only),
     Candidate("tformer-triton-fa2", "variant", _tformer_triton_fa2, why_not=_hopper_triton_only),
+    # tformer-triton with dQ added by float32 atomics in the dK/dV pass: the A/B row for its
+    # default (split, deterministic) backward; BACKWARD_VARIANTS sets its environment.
+    Candidate("tformer-triton-atomic-dq", "variant", lambda q, k, v, *, causal: _tformer(
+        q, k, v, causal=causal, backend="triton"), why_not=_triton_on_cuda),
     Candidate("sdpa-flash", "anchor", _sdpa(SDPBackend.FLASH_ATTENTION)),
     Candidate("sdpa-cudnn", "anchor", _sdpa(SDPBackend.CUDNN_ATTENTION), why_not=cuda_only),
     Candidate("sdpa-efficient", "anchor", _sdpa(SDPBackend.EFFICIENT_ATTENTION), why_not=cuda_only),
@@ -114,9 +130,15 @@ def _reference64(leaves, grad_out, causal, region, with_grads):
 @pytest.mark.parametrize("case", attention_cases(), ids=case_id)
 @pytest.mark.parametrize("candidate", candidate_params(CANDIDATES, DEVICE))
 @pytest.mark.parametrize("pass_name", ["fwd", "bwd", "fwd+bwd"])
-def test_attention(benchmark, pass_name, candidate, case, causal, device, ceilings, flusher, device_info):
+def test_attention(benchmark, pass_name, candidate, case, causal, device, ceilings, flusher, device_info,
+                   monkeypatch):
     suite, shape, dtype = case
     batch, heads, seq, _ = shape
+    if candidate.name in BACKWARD_VARIANTS:
+        if pass_name == "fwd":
+            pytest.skip(f"{candidate.name} runs tformer-triton's forward: its rows are bwd and fwd+bwd")
+        for name, value in BACKWARD_VARIANTS[candidate.name].items():
+            monkeypatch.setenv(name, value)
     if candidate.name in MATERIALIZING and batch * heads * seq * seq * 4 > MATERIALIZED_SCORES_LIMIT_BYTES:
         pytest.skip(f"{candidate.name} materializes {batch * heads * seq * seq * 4 / 2**30:.0f} GiB of float32 "
                     f"scores at {shape}; over the {MATERIALIZED_SCORES_LIMIT_BYTES >> 30} GiB limit")

@@ -139,6 +139,9 @@ ATTENTION_FEATURES = (("plain", False, False, False, False, 16, 16),
                       ("padding-gqa-dropout", True, True, False, True, 16, 4),
                       ("varlen-dropout", True, False, True, True, 16, 16))
 SPILLS_ALLOWED = ("padding-gqa-dropout", "varlen-dropout")
+# (launch, head-dim bucket) pairs allowed to spill on every feature: the opt-in atomic-dQ dK/dV
+# at hd 256, where every candidate tried spills (kernels/attention_bwd.py DKDV_ATOMIC_DQ_CONFIGS).
+SPILLS_ALLOWED_LAUNCHES = (("attention_bwd_dkdv_atomic_dq", 256),)
 # The Hopper forward (kernels/attention_hopper.py) takes 16-bit padded-batch inputs without
 # dropout: these are its variants.
 HOPPER_FEATURES = (("plain", False, False, False, False, 16, 16),
@@ -180,11 +183,16 @@ def attention_launches(data: str, head_dim: int, feature: tuple, fwd_path: str =
         return [("attention_fwd_hopper", *recorded.pop())]
     launches = [("attention_fwd", *recorded.pop())]
     for expanded in (False, True) if num_heads != num_kv_heads else (False,):
-        attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=expanded)
+        attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=expanded,
+                           dq_mode="split")
         dq_launch, dkdv_launch = recorded.pop(), recorded.pop()
         launches.append(("attention_bwd_dkdv_expanded" if expanded else "attention_bwd_dkdv", *dkdv_launch))
         if not expanded:
             launches.append(("attention_bwd_dq", *dq_launch))
+    # TFORMER_ATTENTION_DQ=atomic: the dK/dV pass with the dQ atomics, and no dQ pass.
+    attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=False,
+                       dq_mode="atomic")
+    launches.append(("attention_bwd_dkdv_atomic_dq", *recorded.pop()))
     return launches
 
 
@@ -199,14 +207,14 @@ def attention_cases(dtypes: tuple[str, ...]):
 def _attention_bucket_cases(data: str, bucket: int, fwd_path: str, features: tuple):
     for feature in features:
         for name, kernel, tuned, args, meta in attention_launches(data, bucket, feature, fwd_path):
-            for config in (tuned.fp32_table if data == "fp32" else tuned.table)[bucket]:
+            for config in tuned.candidates(meta):
                 label = (f"BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_N={config.kwargs['BLOCK_N']} "
                          f"warps={config.num_warps} stages={config.num_stages}"
                          + (" persistent" if config.kwargs.get("PERSISTENT") else ""))
                 yield Case(name, f"hd {bucket} {data} {feature[0]}", label,
                            lambda kernel=kernel, args=args, meta=dict(meta, **config.kwargs), config=config:
                            lower_launch(kernel, args, meta, config.num_warps, config.num_stages),
-                           spills_allowed=feature[0] in SPILLS_ALLOWED)
+                           spills_allowed=feature[0] in SPILLS_ALLOWED or (name, bucket) in SPILLS_ALLOWED_LAUNCHES)
 
 
 # Rows per row-kernel launch: a multiple of 16, as the anchors' row counts are.

@@ -40,6 +40,9 @@ IMPLEMENTATIONS: dict = {}
 # the older path (the one other GPUs run) is proven on the same GPU: name -> (backend, environment).
 PATH_VARIANTS = {"triton+fa2": ("triton", {"TFORMER_ATTENTION_FWD": "fa2"}),
                  "cuda+sm80": ("cuda", {"TFORMER_ATTENTION_FORCE_SM80": "1"})}
+# Options a backend offers on every GPU, swept as their own rows in the same way.
+OPTION_VARIANTS = {"triton+atomic_dq": ("triton", {"TFORMER_ATTENTION_DQ": "atomic"})}
+VARIANTS = {**PATH_VARIANTS, **OPTION_VARIANTS}
 VARIANT_OPS = ("attention", "attention_varlen")
 
 
@@ -179,7 +182,7 @@ def evaluate(case: dict, backend: str, dtype) -> dict | None:
     leaves = {name: t.to(leaf_dtype(name)).requires_grad_() for name, t in leaves64.items()}
     kwargs = {name: (t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t)
               for name, t in kwargs64.items()}
-    backend, variables = PATH_VARIANTS.get(backend, (backend, {}))
+    backend, variables = VARIANTS.get(backend, (backend, {}))
     try:  # forward and backward under the path's environment (the backward may read it too)
         with environment(**variables):
             out = _ops()[case["op"]](**leaves, **kwargs, backend=backend)
@@ -237,14 +240,18 @@ def reproducer(case: dict) -> str:
 # ---------------------------------------------------------------- the sweep
 
 def backends_here(device: str = "cuda") -> list[str]:
-    """Every available backend but the reference, and on an sm_90 GPU the older attention path
-    of each (PATH_VARIANTS): elsewhere a backend already runs that path by default."""
+    """Every available backend but the reference, its options (OPTION_VARIANTS) on a GPU, and
+    on an sm_90 GPU the older attention path of each (PATH_VARIANTS): elsewhere a backend
+    already runs that path by default."""
     import torch
     import tformer
 
     names = [name for name, reason in tformer.available_backends().items() if reason is None and name != "reference"]
-    if device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
-        names += [variant for variant, (backend, _) in PATH_VARIANTS.items() if backend in names]
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    hopper = on_gpu and torch.cuda.get_device_capability()[0] == 9
+    variants = {**OPTION_VARIANTS, **(PATH_VARIANTS if hopper else {})}
+    if on_gpu:
+        names += [variant for variant, (backend, _) in variants.items() if backend in names]
     return names
 
 
@@ -253,7 +260,7 @@ def sweep(seconds: float, seed: int, device: str, backends: list[str], ops=OPS, 
     """Round-robin over op x backend, a random dtype and shape each, until ``seconds`` pass."""
     rng = random.Random(seed)
     combos = [(op, backend) for op in ops for backend in backends
-              if backend not in PATH_VARIANTS or op in VARIANT_OPS]
+              if backend not in VARIANTS or op in VARIANT_OPS]
     counts = {f"{op}/{backend}": dict(cases=0, wrong=0, crashes=0, skipped=0, worst=0.0) for op, backend in combos}
     failures, start, index, interrupted = [], time.monotonic(), 0, False
     while combos and time.monotonic() - start < seconds and (max_cases is None or index < max_cases):
@@ -304,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock, printed")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default cuda; with --case, the case's own device unless given")
-    parser.add_argument("--backends", default=None, help="comma-separated, a path variant as backend+path (" + ", ".join(PATH_VARIANTS) + "); default: "
-                        "every available backend, and on an sm_90 GPU each variant of one")
+    parser.add_argument("--backends", default=None,
+                        help=f"comma-separated, a variant as backend+variant ({', '.join(VARIANTS)}); default: every "
+                        "available backend, its options on a GPU, and on an sm_90 GPU its older paths")
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--max-cases", type=int, default=None)

@@ -1,5 +1,5 @@
 """Flash attention backward in Triton (FlashAttention-2, Dao 2023, Algorithm 2, with the
-dK/dV and dQ passes split as in its Section 3.2 so no atomics are needed).
+dK/dV and dQ passes split as in its Section 3.2 so that, by default, no atomics are needed).
 
 Three kernels, all recomputing the probabilities from q, k and the saved log-sum-exp
 (memory O(S), never an (Sq, Sk) matrix in global memory):
@@ -28,6 +28,9 @@ Three kernels, all recomputing the probabilities from q, k and the saved log-sum
    2 programs per SM and the two float32 buffers fit in 256 MiB; grouped otherwise, and always
    on CPU tensors (the interpreter has no SMs). Both ways are deterministic.
 3. ``_dq_kernel``: one program per query block and query head, looping over key blocks.
+   With ``TFORMER_ATTENTION_DQ=atomic`` (``resolve_dq_mode``) it does not run: the dK/dV pass
+   adds each key block's dQ^T = K^T dS^T into a float32 buffer with atomics, as FA2's default
+   backward does (5 matrix products per block pair instead of 7, but not bit-reproducible).
 
 Dropout masks are regenerated from the same seed and element indices as the forward
 (``dropout.dropout_keep``; the dK/dV pass transposes the (M, N) mask). Fully masked query rows
@@ -35,6 +38,9 @@ Dropout masks are regenerated from the same seed and element indices as the forw
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 import triton
@@ -45,7 +51,7 @@ from typing import Callable
 from .attention import (allowed_scores, block_d, dot_meta, lse_strides, problem, seqlen_buckets, sequence_bounds,
                         strides4, tile_dot)
 from .dropout import dropout_keep
-from .launch import autotuned, check_tile_strides, config, configs_for_call, launch
+from .launch import autotuned, check_tile_strides, config, launch
 
 
 @triton.jit
@@ -100,19 +106,20 @@ def allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, IS_C
 
 @triton.jit(do_not_specialize=["heads_per_program", "seqlen_q_bucket", "seqlen_k_bucket"])
 def _dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, KeyPad, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, DOut, Lse, Delta, DK, DV, DQAccum, KeyPad, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_ab, stride_ah, stride_as, stride_ad,
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, heads_per_program, programs_per_kv_head, max_seqlen_q, max_seqlen_k, head_dim,
     scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of key block ``program_id(0)`` summed over ``heads_per_program`` consecutive query
@@ -122,7 +129,8 @@ def _dkdv_kernel(
     to 1 as a constant, so the grouped path drops the division; ``heads_per_program`` is kept a
     runtime loop bound (``do_not_specialize``) even when 1 (expanded, or multi-head attention):
     a loop of one trip, fully unrolled, holds more registers than the loop. The bucket arguments
-    only key the autotuner."""
+    only key the autotuner. ``ATOMIC_DQ``: also add this key block's share of dQ, in float32
+    atomics, into ``DQAccum`` (q's layout), so no dQ pass runs."""
     start_n = tl.program_id(0) * BLOCK_N
     out_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -160,11 +168,13 @@ def _dkdv_kernel(
     # q is loaded transposed (D, M); dO^T is a view of the shared-memory dO tile.
     qt_tile = offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd
     do_tile = offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd
+    dq_t_tile = offs_m[None, :] * stride_as + offs_d[:, None] * stride_ad
     # Fixed order over the query heads and their query blocks: deterministic sums.
     for g in range(0, heads_per_program):
         head64 = (first_head + g).to(tl.int64)
         q_base = Q + batch64 * stride_qb + head64 * stride_qh
         do_base = DOut + batch64 * stride_gb + head64 * stride_gh
+        dq_base = DQAccum + batch64 * stride_ab + head64 * stride_ah
         l_offset = batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls
         for start_m in range(lo, q_len, BLOCK_M):
             rows = start_m + offs_m
@@ -187,7 +197,14 @@ def _dkdv_kernel(
                 p_dropped_t = p_t
             dv = tile_dot(p_dropped_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-            dk = tile_dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
+            ds_t = ds_t.to(q_t.dtype)
+            dk = tile_dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
+            if ATOMIC_DQ:
+                # dQ^T += K^T dS^T: D rows (wgmma on sm_90 from head dim 64), added where the
+                # rows' other key blocks add theirs (FA2's default backward, Section 3.2).
+                dq_t = tile_dot(tl.trans(k), ds_t, None, DOT_PRECISION, UPCAST) * scale
+                tl.atomic_add(dq_base + first_row * stride_as + dq_t_tile, dq_t,
+                              mask=d_ok[:, None] & row_ok[None, :], sem="relaxed")
 
     dk = dk * scale
     out_head64 = out_head.to(tl.int64)
@@ -286,6 +303,16 @@ DKDV_CONFIGS_FP32 = {
     128: [config(32, 32, 8, 1), config(32, 16, 4, 1), config(16, 16, 8, 1)],
     256: [config(16, 16, 8, 1), config(32, 16, 8, 1), config(16, 16, 4, 1)],
 }
+# dK/dV with the atomic dQ (TFORMER_ATTENTION_DQ=atomic), 16-bit: the dQ^T tile, its float32
+# partial and its pointers (D x BLOCK_M each) join the two accumulators, so the largest blocks of
+# DKDV_CONFIGS spill (Triton 3.6, hd 128: 72 bytes at 32 x 128 with 2 stages, 160 at 64 x 64).
+# These do not, up to hd 128; at hd 256 every candidate tried spills (52 bytes at 16 x 64, 2
+# stages, the least; 256+ with 1 stage or 4 warps), so it keeps the split pass's shape.
+DKDV_ATOMIC_DQ_CONFIGS = {
+    64: [config(32, 128, 8, 4), config(64, 64, 8, 3), config(32, 128, 8, 3)],
+    128: [config(32, 64, 8, 3), config(16, 128, 8, 3), config(32, 64, 8, 2)],
+    256: [config(16, 64, 8, 2)],
+}
 DQ_CONFIGS = {
     64: [config(128, 64, 8, 3), config(64, 128, 4, 3), config(128, 32, 4, 3)],
     128: [config(128, 64, 8, 3), config(64, 128, 8, 2), config(128, 32, 8, 3)],
@@ -296,9 +323,40 @@ DQ_CONFIGS_FP32 = {
     128: [config(32, 16, 8, 1), config(16, 32, 8, 1), config(16, 64, 8, 1)],
     256: [config(16, 16, 8, 1), config(16, 32, 8, 1), config(32, 16, 8, 1)],
 }
-_dkdv_tuned = autotuned(_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_FP32)
+_dkdv_tuned = autotuned(_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_FP32, DKDV_ATOMIC_DQ_CONFIGS)
 _dq_tuned = autotuned(_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_FP32)
 DELTA_BLOCK_M = 64
+
+
+# How dQ is computed: "split" (the default) is FA2's deterministic two-pass backward, whose dQ
+# pass recomputes S and dP (7 matrix products per block pair); "atomic" adds each key block's
+# share of dQ in float32 atomics from the dK/dV pass (5 products, plus a (Sq, D) float32 buffer
+# that many programs add into, in an order that varies between runs on a GPU).
+DQ_ENV = "TFORMER_ATTENTION_DQ"
+DQ_MODES = ("split", "atomic")
+log = logging.getLogger(__name__)
+_logged: set = set()
+
+
+def resolve_dq_mode(mode: str | None = None) -> str:
+    """``mode`` if given, else ``$TFORMER_ATTENTION_DQ`` (default "split").
+
+    Raises:
+        ValueError: not one of ``DQ_MODES``.
+        RuntimeError: "atomic" while ``torch.use_deterministic_algorithms(True)`` is in force.
+    """
+    chosen = mode if mode is not None else os.environ.get(DQ_ENV, "split")
+    source = "argument 'dq_mode'" if mode is not None else f"environment variable {DQ_ENV}"
+    if chosen not in DQ_MODES:
+        raise ValueError(f"attention backward: {source} is {chosen!r}; expected one of {', '.join(DQ_MODES)}")
+    if chosen == "atomic" and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(f"attention backward: {source} is 'atomic', whose float32 atomic dQ sums are not "
+                           "reproducible, but torch.use_deterministic_algorithms(True) is set; use 'split'")
+    if chosen == "atomic" and chosen not in _logged:
+        _logged.add(chosen)
+        log.info("attention backward: dQ by float32 atomics in the dK/dV pass (%s=atomic; not bit-reproducible)",
+                 DQ_ENV)
+    return chosen
 
 
 # Expanded dK/dV (see the module docstring): worth its float32 buffers only when the grouped
@@ -326,22 +384,23 @@ def _sm_count(device: torch.device) -> int | None:
 
 def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
-                       seed: int, launcher: Callable = launch, expanded: bool | None = None):
+                       seed: int, launcher: Callable = launch, expanded: bool | None = None,
+                       dq_mode: str | None = None):
     """Returns (dq, dk, dv), contiguous, in the dtypes of q, k and v.
 
     ``launcher`` runs each kernel (see ``attention_forward``); ``expanded`` forces one dK/dV
-    way (None: ``dkdv_expanded`` picks).
+    way (None: ``dkdv_expanded`` picks); ``dq_mode`` "split" or "atomic" (None: see ``dq_mode``).
 
     Raises:
         ValueError: too many heads or sequences for a grid, or a token or head-dim stride above 2^23 elements.
     """
+    atomic_dq = resolve_dq_mode(dq_mode) == "atomic"
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     check_tile_strides(**{name: strides4(t, varlen)[2:]
                           for name, t in dict(grad_out=grad_out, q=q, k=k, v=v, out=out).items()})
     alloc = torch.zeros if varlen else torch.empty  # packed tokens outside every sequence get 0
-    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing attends or nothing to attend: zero gradients
-        return (dq.zero_(), torch.zeros(k.shape, dtype=k.dtype, device=k.device),
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device), torch.zeros(k.shape, dtype=k.dtype, device=k.device),
                 torch.zeros(v.shape, dtype=v.dtype, device=v.device))
     head_dim = q.shape[-1]
     num_kv_heads = num_heads // group_size
@@ -363,10 +422,12 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     scalars = (num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed, *buckets)
     meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
                 **dot_meta(q), BLOCK_D=bd)
+    # Atomic dQ: a float32 buffer in q's layout that every key block adds into (zeros: rows
+    # no key reaches get none); split: unused, q stands in for the pointer.
+    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else q
 
     # The grouped launch's fewest programs: at the largest BLOCK_N its autotuner may pick.
-    largest_block_n = max(c.kwargs["BLOCK_N"] for c in configs_for_call(DKDV_CONFIGS, DKDV_CONFIGS_FP32, None, None,
-                                                                         **meta))
+    largest_block_n = max(c.kwargs["BLOCK_N"] for c in _dkdv_tuned.candidates(dict(meta, ATOMIC_DQ=atomic_dq)))
     grouped_programs = triton.cdiv(max_k, largest_block_n) * num_kv_heads * num_seqs
     dk_shape, dv_shape = list(k.shape), list(v.shape)
     expanded_bytes = 4 * num_heads * (k.numel() + v.numel()) // num_kv_heads
@@ -382,15 +443,18 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
         dk = alloc(dk_shape, dtype=k.dtype, device=k.device)
         dv = alloc(dv_shape, dtype=v.dtype, device=v.device)
     heads_per_program, programs_per_kv_head = (1, group_size) if expanded else (group_size, 1)
-    dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, key_pad, cu_q, cu_k, *common, *strides4(dk, varlen),
-                 *strides4(dv, varlen), *lse_s, *pad_strides, num_heads, heads_per_program, programs_per_kv_head,
+    dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, dq_accum, key_pad, cu_q, cu_k, *common, *strides4(dk, varlen),
+                 *strides4(dv, varlen), *strides4(dq_accum, varlen), *lse_s, *pad_strides, num_heads, heads_per_program, programs_per_kv_head,
                  max_q, max_k, head_dim, scale, dropout_p, seed, *buckets)
     launcher(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), dk_shape[1], num_seqs),
-             dkdv_args, meta, q.device)
+             dkdv_args, dict(meta, ATOMIC_DQ=atomic_dq), q.device)
     if expanded:  # fixed-order sum over each group's query heads (head h = kv_head * group_size + g)
         dk = dk.unflatten(1, (num_kv_heads, group_size)).sum(2).to(k.dtype)
         dv = dv.unflatten(1, (num_kv_heads, group_size)).sum(2).to(v.dtype)
 
+    if atomic_dq:
+        return dq_accum.to(q.dtype), dk, dv
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
     dq_args = (q, k, v, grad_out, lse, delta, dq, key_pad, cu_q, cu_k, *common, *strides4(dq, varlen), *lse_s,
                *pad_strides, *scalars)
     launcher(_dq_kernel, _dq_tuned, lambda b: (triton.cdiv(max_q, b["BLOCK_M"]), num_heads, num_seqs),

@@ -35,9 +35,14 @@ def config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def configs_for_call(table: dict, fp32_table: dict, configs, named_args, **kwargs):
-    """Autotune pruning: only the candidates of this precision's bucket that holds BLOCK_D run."""
-    chosen = fp32_table if kwargs["DOT_PRECISION"] == "ieee" else table
+def configs_for_call(table: dict, fp32_table: dict, configs, named_args, atomic_dq_table: dict | None = None,
+                     **kwargs):
+    """Autotune pruning: only the candidates of this call's table (precision; the dK/dV pass's
+    16-bit atomic-dQ variant has its own) for the bucket that holds BLOCK_D run."""
+    if kwargs["DOT_PRECISION"] == "ieee":
+        chosen = fp32_table
+    else:
+        chosen = atomic_dq_table if kwargs.get("ATOMIC_DQ") and atomic_dq_table is not None else table
     return chosen[min(bound for bound in chosen if bound >= kwargs["BLOCK_D"])]
 
 
@@ -54,11 +59,16 @@ class Tuned:
     autotuner: triton.runtime.Autotuner
     table: dict
     fp32_table: dict
+    atomic_dq_table: dict | None = None
     tuned_keys: set = field(default_factory=set)
+
+    def candidates(self, meta: dict) -> list[triton.Config]:
+        """The configs the autotuner times for a call with these constexprs."""
+        return configs_for_call(self.table, self.fp32_table, None, None, self.atomic_dq_table, **meta)
 
     def first_config(self, meta: dict) -> triton.Config:
         """The leading candidate for this call: what runs when autotuning is off."""
-        return configs_for_call(self.table, self.fp32_table, None, None, **meta)[0]
+        return self.candidates(meta)[0]
 
     @staticmethod
     def key(args: tuple, meta: dict) -> tuple:
@@ -69,16 +79,16 @@ class Tuned:
         return tuple(sorted(meta.items())), args[-2:], dtypes
 
 
-def autotuned(kernel, table: dict, fp32_table: dict) -> Tuned:
-    configs = [c for t in (table, fp32_table) for bucket in t.values() for c in bucket]
+def autotuned(kernel, table: dict, fp32_table: dict, atomic_dq_table: dict | None = None) -> Tuned:
+    configs = [c for t in (table, fp32_table, atomic_dq_table or {}) for bucket in t.values() for c in bucket]
     # cache_results: the winning config is kept in Triton's disk cache, so a later process
     # with a warm cache neither recompiles nor re-times.
-    # HAS_DROPOUT in the key: the dropout path holds more registers (its best block may differ),
-    # so it is tuned on its own.
-    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT", *BUCKET_ARGS], cache_results=True,
-                            prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
-                                table, fp32_table, *a, **kw)})(kernel)
-    return Tuned(tuner, table, fp32_table)
+    # HAS_DROPOUT and ATOMIC_DQ (dK/dV only; Triton skips key names a kernel lacks) in the key:
+    # those paths hold more registers (their best block may differ), so they are tuned on their own.
+    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT", "ATOMIC_DQ", *BUCKET_ARGS], cache_results=True,
+                            prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: configs_for_call(
+                                table, fp32_table, configs, named_args, atomic_dq_table, **kw)})(kernel)
+    return Tuned(tuner, table, fp32_table, atomic_dq_table)
 
 
 def autotune_enabled() -> bool:

@@ -1,10 +1,14 @@
 """tformer.ops.attention and attention_varlen: every backend against the float64 reference.
 
-Each case runs once per backend (the ``backend`` fixture); the forward and the three input
-gradients are compared with the reference computed in float64 on the same inputs. On the
+Each case runs once per backend (the ``backend`` fixture), and once more with the Triton
+backend's atomic-dQ backward (``triton-atomic_dq``: TFORMER_ATTENTION_DQ=atomic); the forward
+and the three input gradients are compared with the reference computed in float64 on the same
+inputs. On the
 CPU the Triton kernels run under TRITON_INTERPRET=1 with 16-wide blocks, so lengths 17 and
 33 cross block boundaries; the long sequences and large head dims run on a GPU only.
 """
+
+import os
 
 import pytest
 import torch
@@ -13,8 +17,26 @@ import torch.nn.functional as F
 import tformer
 from tformer.ops import attention, attention_varlen
 
-from conftest import DEVICE, ON_GPU, call_or_skip, requires_backend, requires_cuda
+from conftest import DEVICE, ON_GPU, backend_params, call_or_skip, requires_backend, requires_cuda
 from tolerances import assert_close_to_reference
+
+DQ_ENV = "TFORMER_ATTENTION_DQ"  # tformer.kernels.attention_bwd.DQ_ENV, without importing Triton here
+ATOMIC_DQ = "triton-atomic_dq"
+
+
+def _backends_and_atomic_dq():
+    params = backend_params()
+    triton = next(param for param in params if param.values[0] == "triton")
+    return [*params, pytest.param(ATOMIC_DQ, marks=triton.marks, id=ATOMIC_DQ)]
+
+
+@pytest.fixture(params=_backends_and_atomic_dq())
+def backend(request, monkeypatch) -> str:
+    """conftest's backends, then Triton again with dQ added by float32 atomics in its dK/dV pass."""
+    if request.param == ATOMIC_DQ:
+        monkeypatch.setenv(DQ_ENV, "atomic")
+        return "triton"
+    return request.param
 
 
 def make_inputs(batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, dtype, seed=0):
@@ -141,12 +163,15 @@ def test_empty_dimensions(backend, empty):
 
 def test_backward_is_deterministic(backend):
     # No atomics whose order changes the result: the same inputs give bitwise the same gradients.
+    # (Atomic dQ on a GPU adds in a varying order: only its dq may differ.)
     q, k, v, kwargs = _case_inputs("gqa", torch.float32)  # dk, dv summed over the query group
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     first = forward_backward(backend, q, k, v, grad_out, **kwargs)
     second = forward_backward(backend, q, k, v, grad_out, **kwargs)
+    atomic_on_gpu = ON_GPU and os.environ.get(DQ_ENV) == "atomic"
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
-        assert torch.equal(a, b), f"{name} differs between two identical runs"
+        if not (atomic_on_gpu and name == "dq"):
+            assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
 def test_return_lse(backend):
@@ -443,6 +468,13 @@ def test_autotune_pruning_picks_the_bucket_and_precision():
                                            DOT_PRECISION="tf32") is table[bucket]
             assert launch.configs_for_call(table, fp32_table, None, None, BLOCK_D=block_d,
                                            DOT_PRECISION="ieee") is fp32_table[bucket]
+            # The dK/dV pass with atomic dQ prunes to its own 16-bit table.
+            assert bwd._dkdv_tuned.candidates(dict(BLOCK_D=block_d, DOT_PRECISION="tf32", ATOMIC_DQ=True)) is \
+                bwd.DKDV_ATOMIC_DQ_CONFIGS[bucket]
+            assert bwd._dkdv_tuned.candidates(dict(BLOCK_D=block_d, DOT_PRECISION="ieee", ATOMIC_DQ=True)) is \
+                bwd.DKDV_CONFIGS_FP32[bucket]
+            assert bwd._dkdv_tuned.candidates(dict(BLOCK_D=block_d, DOT_PRECISION="tf32", ATOMIC_DQ=False)) is \
+                bwd.DKDV_CONFIGS[bucket]
 
 
 @requires_backend("triton")
@@ -543,3 +575,66 @@ def test_dkdv_expanded_heuristic():
     assert not dkdv_expanded(32, group_size=32, expanded_bytes=EXPANDED_MAX_BYTES + 1, sm_count=132)
     assert dkdv_expanded(32, group_size=32, expanded_bytes=EXPANDED_MAX_BYTES, sm_count=132)
     assert not dkdv_expanded(32, group_size=32, expanded_bytes=mib_64, sm_count=None)  # CPU: interpreter
+
+
+# ---------------------------------------------------------------------------------------
+# Triton atomic dQ (TFORMER_ATTENTION_DQ=atomic): the dK/dV pass adds dQ in float32 atomics
+# and no dQ pass runs. Its numbers are checked by every ``backend`` case above (triton-atomic_dq);
+# these check the switch itself and its combination with the expanded dK/dV way.
+# ---------------------------------------------------------------------------------------
+
+def _launched_backward_kernels(dq_mode):
+    from tformer.kernels.attention import attention_forward
+    from tformer.kernels.attention_bwd import attention_backward
+    from tformer.kernels.launch import launch
+
+    names = []
+
+    def recording(kernel, *args):
+        names.append(kernel.__name__)
+        launch(kernel, *args)
+
+    q, k, v = make_inputs(1, 2, 1, 17, 17, 16, torch.float32)
+    common = (None, None, None, 17, 17, True, 0.25, 0.0, 0)
+    out, lse = attention_forward(q, k, v, *common)
+    attention_backward(torch.ones_like(out), q, k, v, out, lse, *common, launcher=recording, dq_mode=dq_mode)
+    return names
+
+
+@requires_backend("triton")
+def test_atomic_dq_replaces_the_dq_pass():
+    assert _launched_backward_kernels("split") == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel"]
+    assert _launched_backward_kernels("atomic") == ["_delta_kernel", "_dkdv_kernel"]
+
+
+@requires_backend("triton")
+def test_dq_mode_errors(monkeypatch):
+    from tformer.kernels.attention_bwd import resolve_dq_mode
+
+    assert resolve_dq_mode() == "split"
+    monkeypatch.setenv(DQ_ENV, "atomics")
+    with pytest.raises(ValueError, match=f"environment variable {DQ_ENV} is 'atomics'; expected one of split, atomic"):
+        resolve_dq_mode()
+    with pytest.raises(ValueError, match="argument 'dq_mode' is 'fast'"):
+        resolve_dq_mode("fast")
+    monkeypatch.setenv(DQ_ENV, "atomic")
+    assert resolve_dq_mode() == "atomic"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+            resolve_dq_mode()
+        assert resolve_dq_mode("split") == "split"
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("case", ["gqa_padding_all_padded_row", "mqa_causal_fp16"])
+def test_atomic_dq_with_expanded_dkdv(expanded_dkdv, monkeypatch, case):
+    monkeypatch.setenv(DQ_ENV, "atomic")
+    num_heads, num_kv_heads, causal, lengths, dtype = EXPANDED_CASES[case]
+    q, k, v = make_inputs(2, num_heads, num_kv_heads, 17, 33, 16, dtype)
+    kwargs = dict(causal=causal, key_padding_mask=padding_mask(lengths, 33) if lengths else None)
+    assert_matches_reference("triton", q, k, v, f"atomic dq, expanded {case}", **kwargs)
+    assert len(expanded_dkdv) == 1

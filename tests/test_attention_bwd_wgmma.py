@@ -6,7 +6,8 @@ warps Triton then emits ``ttng.warp_group_dot`` (wgmma.mma_async) instead of ``t
 (mma.sync, a quarter of the tensor-core rate). Each head-dim bucket's leading candidate is
 lowered as a launch specializes it (bench.compile_audit), for 16-bit inputs, causal with
 grouped-query heads (masks, padding and dropout change no dot; the expanded dK/dV way is the same
-kernel with another head count), one config per bucket to keep the test to a few compiles.
+kernel with another head count), one config per bucket to keep the test to a few compiles. The
+dK/dV pass with atomic dQ (TFORMER_ATTENTION_DQ=atomic) is checked the same way.
 """
 
 import importlib.util
@@ -25,8 +26,8 @@ from bench.compile_audit import ATTENTION_FEATURES, attention_launches, lower_la
 feature = dict((f[0], f) for f in ATTENTION_FEATURES)["gqa-causal"]
 for data, bucket in (("bf16", 64), ("fp16", 128), ("bf16", 256)):
     for name, kernel, tuned, args, meta in attention_launches(data, bucket, feature):
-        if name in ("attention_bwd_dkdv", "attention_bwd_dq"):
-            config = tuned.table[bucket][0]
+        if name in ("attention_bwd_dkdv", "attention_bwd_dq", "attention_bwd_dkdv_atomic_dq"):
+            config = tuned.first_config(meta)
             dots = ttgir_dots(lower_launch(kernel, args, dict(meta, **config.kwargs), config.num_warps,
                                            config.num_stages))
             print(name, data, bucket, config, dots["warp_group_dot"], dots["dot"])
@@ -43,9 +44,10 @@ def test_every_backward_dot_is_a_warp_group_dot_on_sm90():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
     rows = [line.split() for line in lines if line.startswith("attention_bwd")]
-    expected_dots = {"attention_bwd_dkdv": 4, "attention_bwd_dq": 3}
-    # Three buckets x (dK/dV, dQ).
-    assert len(rows) == 6, result.stdout
+    # The atomic-dQ dK/dV adds dQ^T = K^T dS^T (head-dim rows) to its four.
+    expected_dots = {"attention_bwd_dkdv": 4, "attention_bwd_dq": 3, "attention_bwd_dkdv_atomic_dq": 5}
+    # Three buckets x (dK/dV, dQ, atomic-dQ dK/dV).
+    assert len(rows) == 9, result.stdout
     for row in rows:
         name, warp_group_dots, plain_dots = row[0], int(row[-2]), int(row[-1])
         assert plain_dots == 0, f"{' '.join(row)}: {plain_dots} tt.dot not lowered to wgmma"

@@ -111,22 +111,25 @@ def test_an_interrupted_sweep_keeps_its_counts(monkeypatch):
     assert result["interrupted"] and result["total"]["cases"] == 1
 
 
-def test_path_variants_run_their_backend_under_their_environment(monkeypatch):
+@pytest.mark.parametrize("variant, variable, value", [("triton+fa2", "TFORMER_ATTENTION_FWD", "fa2"),
+                                                       ("triton+atomic_dq", "TFORMER_ATTENTION_DQ", "atomic")])
+def test_variants_run_their_backend_under_their_environment(monkeypatch, variant, variable, value):
     """"triton+fa2" runs backend "triton" with TFORMER_ATTENTION_FWD=fa2 set for the forward and
-    the backward and restored afterwards; variants are swept on the attention ops only."""
+    the backward and restored afterwards (likewise "triton+atomic_dq", whose variable the backward
+    reads); variants are swept on the attention ops only."""
     gpu_sweep._ops()
     attention = gpu_sweep.IMPLEMENTATIONS["attention"]
     seen = []
 
     def recording(*args, backend=None, **kwargs):
-        seen.append((backend, os.environ.get("TFORMER_ATTENTION_FWD")))
+        seen.append((backend, os.environ.get(variable)))
         return attention(*args, backend=backend, **kwargs)
 
     monkeypatch.setitem(gpu_sweep.IMPLEMENTATIONS, "attention", recording)
-    monkeypatch.delenv("TFORMER_ATTENTION_FWD", raising=False)
-    result = gpu_sweep.sweep(60, seed=4, device="cpu", backends=["triton+fa2"], ops=["attention", "softmax"],
+    monkeypatch.delenv(variable, raising=False)
+    result = gpu_sweep.sweep(60, seed=4, device="cpu", backends=[variant], ops=["attention", "softmax"],
                              dtypes=["float32"], max_cases=2)
-    assert set(result["counts"]) == {"attention/triton+fa2"}
+    assert set(result["counts"]) == {f"attention/{variant}"}
     assert result["total"]["cases"] == 2 and result["total"]["wrong"] == 0 and result["total"]["crashes"] == 0
-    assert ("triton", "fa2") in seen and ("reference", None) in seen
-    assert "TFORMER_ATTENTION_FWD" not in os.environ
+    assert ("triton", value) in seen and ("reference", None) in seen
+    assert variable not in os.environ

@@ -3,7 +3,9 @@
 ``tformer::triton_attention_fwd`` / ``tformer::triton_attention_bwd``, with fake
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
 
-The backward is deterministic (FA2's split into a dK/dV pass and a dQ pass, no atomics).
+The backward is deterministic (FA2's split into a dK/dV pass and a dQ pass, no atomics), unless
+``TFORMER_ATTENTION_DQ=atomic`` asks for dQ by float32 atomics from the dK/dV pass (read when
+the backward runs; see ``tformer.kernels.attention_bwd.resolve_dq_mode``).
 Dropout draws its seed from torch's default CPU generator, so ``torch.manual_seed`` controls
 it; the seed is saved for the backward, which regenerates the same mask in-kernel.
 """
