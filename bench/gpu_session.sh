@@ -3,7 +3,8 @@
 # Builds the extension, proves the kernels on the GPU, then measures them with the anchors in the
 # same run. Everything worth keeping is written under $OUT (default: bench/gpu_out).
 #
-#   bash bench/gpu_session.sh first       # THE first call (< 7 min): build (timed), the randomized sweep
+#   bash bench/gpu_session.sh first       # THE first call (< 7 min): build (timed), a canary (each attention
+#                                         #   path once, alone, time-limited: bench/gpu_canary.py), the randomized sweep
 #                                         #   (bench/gpu_sweep.py, 90 s), the ANCHORS.md bf16 rows beside SDPA
 #                                         #   flash/cuDNN, F.layer_norm, torch.softmax, Liger; ratio table last
 #   bash bench/gpu_session.sh second      # (< 7 min) DecoderLM step vs PyTorch eager/compiled, then the
@@ -117,15 +118,24 @@ imdb_finetune() {
   imdb_train finetune imdb.json --set training.init_from="${IMDB_MLM:-$OUT/imdb_mlm}" --set run.out_dir="$OUT/imdb"
 }
 
-first_stage() {  # the first call of a GPU session: build, sweep, anchors; about 6.5 minutes at most
+first_stage() {  # the first call of a GPU session: build, canary, sweep, anchors; about 6.5 minutes at most
   local start=$STAGE_START sweep_device=cuda sweep_seconds="${SWEEP_SECONDS:-90}" select="anchors and bfloat16" suite=anchors
   if [ -n "$DRY" ]; then sweep_device=cpu sweep_seconds=5 select=cpu suite=cpu; fi
+  # Each attention path once, in a process of its own with a time limit: a path that hangs,
+  # crashes or is wrong is reported and stepped around for the rest of the stage (build/canary.env),
+  # instead of hanging the sweep and the rows. Its Triton compiles stay cached for the sweep.
+  echo "-- canary: each attention path once, alone ($((SECONDS - start)) s into the stage)"
+  rm -f build/canary.env
+  TFORMER_AUTOTUNE=0 timeout -k 10 150 "$PY" -m bench.gpu_canary --device "$sweep_device" --timeout 120 \
+    --env-out build/canary.env 2>&1 | tee "$OUT/canary.log" || status=1
+  [ -f build/canary.env ] && . build/canary.env
+  local without_cuda=${TFORMER_GPU_SKIP_CUDA:+--exclude cuda}
   # A slow build leaves the sweep less: the whole stage, build included, stays near 400 s.
   [ $((SECONDS - start)) -gt 150 ] && [ "$sweep_seconds" -gt 60 ] && sweep_seconds=60
   echo "-- sweep: $sweep_seconds s on $sweep_device"
   # No autotuning in the sweep: each kernel variant compiles once (the benchmarks tune).
   TFORMER_AUTOTUNE=0 timeout -k 10 $((sweep_seconds + 40)) "$PY" -m bench.gpu_sweep --device "$sweep_device" \
-    --seconds "$sweep_seconds" --out "$OUT/sweep.json" ${SWEEP_SEED:+--seed "$SWEEP_SEED"} 2>&1 \
+    --seconds "$sweep_seconds" --out "$OUT/sweep.json" ${SWEEP_SEED:+--seed "$SWEEP_SEED"} $without_cuda 2>&1 \
     | tee "$OUT/sweep.log" | tail -n 60 || status=1
   # The rest of 400 s goes to the anchors: tformer's backends and the anchors the issue names
   # (attention fwd and fwd+bwd, the row ops fwd and bwd), 30 ms of repeats a row; the atomic-dQ
@@ -136,10 +146,10 @@ first_stage() {  # the first call of a GPU session: build, sweep, anchors; about
   TFORMER_BENCH_MEASURE_SECONDS=0.03 timeout -s INT -k 30 "$left" "$PY" -m pytest --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/first.json" bench/bench_attention.py bench/bench_layer_norm.py bench/bench_softmax.py \
     -k "$select and (tformer-triton or tformer-cuda or sdpa-flash or sdpa-cudnn or torch-$suite or liger) \
-and not (bench_attention and [bwd-) and not atomic-dq" -rfE --tb=line --benchmark-columns=median,rounds > "$OUT/first_pytest.log" 2>&1 \
+and not (bench_attention and [bwd-) and not atomic-dq${without_cuda:+ and not tformer-cuda}" -rfE --tb=line --benchmark-columns=median,rounds > "$OUT/first_pytest.log" 2>&1 \
     || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/first_pytest.log" | tail -n 20
-  echo "first: stage wall time, build included, $((SECONDS - start)) s; under $OUT: device.txt sweep.json sweep.log first.json first_pytest.log report.md"
+  echo "first: stage wall time, build included, $((SECONDS - start)) s; under $OUT: device.txt canary.log sweep.json sweep.log first.json first_pytest.log report.md"
   # Last: the ratio table (report.md; the plots are drawn later from first.json, since a call
   # brings back at most 8 files).
   "$PY" -m bench.report "$OUT/first.json" --no-plots --out-dir build/first_report && cp build/first_report/report.md \

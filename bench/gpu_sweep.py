@@ -239,6 +239,11 @@ def reproducer(case: dict) -> str:
 
 # ---------------------------------------------------------------- the sweep
 
+def leave_out(backends: list[str], excluded) -> list[str]:
+    """``backends`` without each excluded backend and its variants (``cuda`` takes ``cuda+sm80``)."""
+    return [name for name in backends if VARIANTS.get(name, (name,))[0] not in set(excluded)]
+
+
 def backends_here(device: str = "cuda") -> list[str]:
     """Every available backend but the reference, its options (OPTION_VARIANTS) on a GPU, and
     on an sm_90 GPU the older attention path of each (PATH_VARIANTS): elsewhere a backend
@@ -314,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", default=None,
                         help=f"comma-separated, a variant as backend+variant ({', '.join(VARIANTS)}); default: every "
                         "available backend, its options on a GPU, and on an sm_90 GPU its older paths")
+    parser.add_argument("--exclude", default=None,
+                        help="comma-separated backends to leave out, with their variants (e.g. cuda when "
+                        "bench.gpu_canary found it broken)")
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--max-cases", type=int, default=None)
@@ -348,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--ops/--dtypes: unknown {unknown}; expected among {OPS} and {DTYPES}")
     backends = args.backends.split(",") if args.backends else backends_here(args.device)
+    backends = leave_out(backends, args.exclude.split(",") if args.exclude else ())
+    if not backends:
+        parser.error(f"--exclude {args.exclude}: leaves no backend to sweep")
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     signal.signal(signal.SIGTERM, _interrupt)
     # The Triton attention forward follows $TFORMER_ATTENTION_FWD (auto: the Hopper kernel on sm_90

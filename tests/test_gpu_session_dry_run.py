@@ -20,6 +20,10 @@ def test_first_call_dry_run_reaches_its_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "dry run: no GPU here, the CUDA extension build is skipped" in done.stdout
     assert "first: stage wall time" in done.stdout
+    # The canary ran the Triton path alone before the sweep (the GPU paths skipped on the CPU).
+    canary = (tmp_path / "canary.log").read_text()
+    assert "triton-fa2: ok" in canary and "cuda-sm80: skipped" in canary
+    assert done.stdout.index("-- canary") < done.stdout.index("-- sweep")
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["device"] == "cpu" and sweep["total"]["wrong"] == 0 and sweep["total"]["crashes"] == 0
     report = (tmp_path / "report.md").read_text()

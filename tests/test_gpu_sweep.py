@@ -133,3 +133,12 @@ def test_variants_run_their_backend_under_their_environment(monkeypatch, variant
     assert result["total"]["cases"] == 2 and result["total"]["wrong"] == 0 and result["total"]["crashes"] == 0
     assert ("triton", value) in seen and ("reference", None) in seen
     assert variable not in os.environ
+
+
+def test_exclude_leaves_out_a_backend_with_its_variants(capsys):
+    every = ["triton", "cuda", "triton+fa2", "cuda+sm80", "triton+atomic_dq"]
+    assert gpu_sweep.leave_out(every, ["cuda"]) == ["triton", "triton+fa2", "triton+atomic_dq"]
+    assert gpu_sweep.leave_out(every, ()) == every
+    with pytest.raises(SystemExit):
+        gpu_sweep.main(["--device", "cpu", "--backends", "triton,triton+fa2", "--exclude", "triton"])
+    assert "--exclude triton: leaves no backend to sweep" in capsys.readouterr().err
