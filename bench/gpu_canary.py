@@ -6,8 +6,9 @@ in the sm_90a forward or a bad TMA descriptor hangs a kernel instead of failing 
 leaves the CUDA context unusable. Either would cost the whole stage. Here a path that hangs
 (past ``--timeout``), crashes or gives a wrong answer is reported, and the environment that
 steps around it for the rest of the stage is written to ``--env-out`` (sourced by
-bench/gpu_session.sh): the Hopper forwards fall back to their FA2-design paths
-(``TFORMER_ATTENTION_FORCE_SM80=1``, ``TFORMER_ATTENTION_FWD=fa2``), a broken CUDA backend is
+bench/gpu_session.sh): the Hopper kernels fall back to their FA2-design paths
+(``TFORMER_ATTENTION_FORCE_SM80=1``, ``TFORMER_ATTENTION_BWD_FORCE_SM80=1`` for the CUDA
+backward alone, ``TFORMER_ATTENTION_FWD=fa2``), a broken CUDA backend is
 left out (``TFORMER_GPU_SKIP_CUDA=1``). The paths run in parallel: about the time of the slowest
 (Triton's JIT compile), whose compiled kernels stay in the Triton cache for the sweep.
 
@@ -46,6 +47,8 @@ class Probe:
 PATHS = {
     "cuda-sm90a-fwd": Probe("cuda", backward=False, needs_sm90=True,
                             on_failure={"TFORMER_ATTENTION_FORCE_SM80": "1"}),
+    # Forward and backward on sm_90a: a failure here alone means the backward's kernels.
+    "cuda-sm90a-bwd": Probe("cuda", needs_sm90=True, on_failure={"TFORMER_ATTENTION_BWD_FORCE_SM80": "1"}),
     "cuda-sm80": Probe("cuda", {"TFORMER_ATTENTION_FORCE_SM80": "1"}, on_failure={"TFORMER_GPU_SKIP_CUDA": "1"}),
     "triton-hopper-fwd": Probe("triton", {"TFORMER_ATTENTION_FWD": "hopper"}, backward=False, needs_sm90=True,
                                on_failure={"TFORMER_ATTENTION_FWD": "fa2"}),

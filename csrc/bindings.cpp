@@ -486,11 +486,17 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   return {out, lse};
 }
 
-// Which forward kernels run for q's dtype, head dim and device: "sm90a" or "sm80: <reason>".
+// Which forward (backward) kernels run for q's dtype, head dim and device: "sm90a" or
+// "sm80: <reason>".
 std::string attention_fwd_path(const Tensor& q) {
   check_cuda("cuda_attention_fwd_path", "q", q);
   return attention_forward_path_name(kernel_dtype("cuda_attention_fwd_path", "q", q), static_cast<int>(q.size(-1)),
                                      q.get_device());
+}
+std::string attention_bwd_path(const Tensor& q) {
+  check_cuda("cuda_attention_bwd_path", "q", q);
+  return attention_backward_path_name(kernel_dtype("cuda_attention_bwd_path", "q", q), static_cast<int>(q.size(-1)),
+                                      q.get_device());
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
@@ -583,6 +589,7 @@ TORCH_LIBRARY(tformer, m) {
         "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
         "-> (Tensor out, Tensor lse)");
   m.def("cuda_attention_fwd_path(Tensor q) -> str");
+  m.def("cuda_attention_bwd_path(Tensor q) -> str");
   // No tensors: a catch-all kernel, so the CPU tests can ask it which dK/dV shape a device gets.
   m.def("cuda_attention_key_grad_wide(int head_dim, int smem_optin_bytes) -> bool",
         [](int64_t head_dim, int64_t smem_optin_bytes) {
@@ -602,5 +609,6 @@ TORCH_LIBRARY_IMPL(tformer, CUDA, m) {
   m.impl("cuda_softmax_bwd", &tformer::softmax_bwd);
   m.impl("cuda_attention_fwd", &tformer::attention_fwd);
   m.impl("cuda_attention_fwd_path", &tformer::attention_fwd_path);
+  m.impl("cuda_attention_bwd_path", &tformer::attention_bwd_path);
   m.impl("cuda_attention_bwd", &tformer::attention_bwd);
 }

@@ -55,10 +55,10 @@ def test_op_is_registered_with_schema_cuda_kernel_and_fake(cuda_attention, op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tformer::{op}", "Meta")
 
 
-def test_forward_path_query_is_registered(cuda_attention):
-    # Which forward (sm90a or sm80 and why) a tensor gets; a CUDA-only query, no fake needed.
-    op = "cuda_attention_fwd_path"
-    assert str(torch.ops.tformer.cuda_attention_fwd_path.default._schema) == f"tformer::{op}(Tensor q) -> str"
+@pytest.mark.parametrize("op", ["cuda_attention_fwd_path", "cuda_attention_bwd_path"])
+def test_path_queries_are_registered(cuda_attention, op):
+    # Which kernels (sm90a or sm80 and why) a tensor's pass gets; CUDA-only queries, no fake needed.
+    assert str(getattr(torch.ops.tformer, op).default._schema) == f"tformer::{op}(Tensor q) -> str"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tformer::{op}", "CUDA")
 
 

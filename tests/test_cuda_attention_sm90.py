@@ -1,8 +1,9 @@
-"""The sm_90a attention forward (csrc/attention_sm90/: TMA + wgmma, warp-specialized) against
-the sm_80 kernels and the float64 reference, on an H100/H200 (GPU tests; they skip elsewhere
-with the reason). TFORMER_ATTENTION_FORCE_SM80 selects the sm_80 path per call, so both
-paths run in one process on the same inputs. The shared cases of tests/test_attention.py
-also take the sm_90a path on such a GPU (head dims 64 and 128, fp16/bf16)."""
+"""The sm_90a attention kernels (csrc/attention_sm90/: TMA + wgmma, warp-specialized), forward
+and backward, against the sm_80 kernels and the float64 reference, on an H100/H200 (GPU tests;
+they skip elsewhere with the reason). TFORMER_ATTENTION_FORCE_SM80 (both passes) and
+TFORMER_ATTENTION_BWD_FORCE_SM80 (the backward) select the sm_80 path per call, so both paths
+run in one process on the same inputs. The shared cases of tests/test_attention.py also take
+the sm_90a paths on such a GPU (head dims 64 and 128, fp16/bf16)."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import ON_GPU
 from tolerances import assert_close_to_reference
 
 FORCE_SM80 = "TFORMER_ATTENTION_FORCE_SM80"
+BWD_FORCE_SM80 = "TFORMER_ATTENTION_BWD_FORCE_SM80"
 
 
 def _hopper_reason() -> str | None:
@@ -70,6 +72,19 @@ def _inputs(batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed=0):
             for h, s in ((heads, seq_q), (kv_heads, seq_k), (kv_heads, seq_k))]
 
 
+def every_sm90a_instantiation(test):
+    """Parametrizes ``test`` over what the sm_90a kernels are built for, causal or not."""
+    for name, values in (("causal", [False, True]), ("head_dim", [64, 128]),
+                         ("dtype", [torch.float16, torch.bfloat16])):
+        test = pytest.mark.parametrize(name, values, ids=str)(test)
+    return test
+
+
+def _cu(lengths):
+    """cu_seqlens (int32, on the GPU) of packed sequences of these lengths."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+
 def test_hopper_path_is_selected_and_can_be_forced_off(monkeypatch):
     q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
     monkeypatch.delenv(FORCE_SM80, raising=False)
@@ -79,9 +94,7 @@ def test_hopper_path_is_selected_and_can_be_forced_off(monkeypatch):
     assert torch.ops.tformer.cuda_attention_fwd_path(q) == f"sm80: {FORCE_SM80} is set"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@every_sm90a_instantiation
 @pytest.mark.parametrize("seq", [(1, 1), (127, 129), (128, 128), (300, 1000), (1000, 300), (1024, 1024)], ids=str)
 def test_matches_sm80_and_reference(monkeypatch, dtype, head_dim, causal, seq):
     q, k, v = _inputs(2, 4, 2, *seq, head_dim, dtype)
@@ -121,10 +134,7 @@ def test_varlen_matches_sm80(monkeypatch, head_dim, causal):
     q, k, v = (torch.randn(sum(lens), heads, head_dim, generator=generator).to("cuda", torch.float16)
                for lens, heads in ((lengths_q, 8), (lengths_k, 2), (lengths_k, 2)))
 
-    def cu(lengths):
-        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-
-    kwargs = dict(cu_q=cu(lengths_q), cu_k=cu(lengths_k), max_q=max(lengths_q), max_k=max(lengths_k), causal=causal)
+    kwargs = dict(cu_q=_cu(lengths_q), cu_k=_cu(lengths_k), max_q=max(lengths_q), max_k=max(lengths_k), causal=causal)
     (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, **kwargs)
     torch.testing.assert_close(out, out80, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
@@ -138,21 +148,127 @@ def test_strided_views_of_a_fused_qkv(monkeypatch):
     torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
 
 
-def test_sm80_backward_takes_the_sm90a_forward(monkeypatch):
-    """Training: the sm_90a forward's out and lse feed the sm_80 backward."""
+def _set(monkeypatch, variable, value):
+    if value is None:
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, value)
+
+
+def _grads(monkeypatch, q, k, v, grad_out, *, force=None, bwd_force=None, **kwargs):
+    """dq, dk, dv through tformer.ops.attention on the cuda backend, with the given overrides."""
     from tformer.ops import attention
 
+    _set(monkeypatch, FORCE_SM80, force)
+    _set(monkeypatch, BWD_FORCE_SM80, bwd_force)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    attention(*leaves, backend="cuda", **kwargs).backward(grad_out)
+    _set(monkeypatch, FORCE_SM80, None)
+    _set(monkeypatch, BWD_FORCE_SM80, None)
+    return [t.grad for t in leaves]
+
+
+def _reference_grads(q, k, v, grad_out, **kwargs):
+    from tformer.ops import attention
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    attention(*leaves, backend="reference", **kwargs).backward(grad_out.double())
+    return [t.grad for t in leaves]
+
+
+def test_hopper_backward_is_selected_and_can_be_forced_off_alone(monkeypatch):
+    q = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.float16)
+    _set(monkeypatch, FORCE_SM80, None)
+    _set(monkeypatch, BWD_FORCE_SM80, None)
+    assert torch.ops.tformer.cuda_attention_bwd_path(q) == "sm90a"
+    monkeypatch.setenv(BWD_FORCE_SM80, "1")
+    assert torch.ops.tformer.cuda_attention_bwd_path(q) == f"sm80: {BWD_FORCE_SM80} is set"
+    assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"  # the forward stays on sm_90a
+    monkeypatch.delenv(BWD_FORCE_SM80)
+    monkeypatch.setenv(FORCE_SM80, "1")
+    assert torch.ops.tformer.cuda_attention_bwd_path(q) == f"sm80: {FORCE_SM80} is set"
+
+
+@every_sm90a_instantiation
+@pytest.mark.parametrize("seq", [(1, 1), (17, 1000), (127, 129), (300, 300), (1000, 17), (1024, 1024)], ids=str)
+def test_backward_matches_reference_and_sm80(monkeypatch, dtype, head_dim, causal, seq):
+    q, k, v = _inputs(2, 4, 2, *seq, head_dim, dtype, seed=1)
+    grad_out = torch.randn_like(q)
+    # Sequence 1 pads all but its first third of keys: with causal, its late keys get no query.
+    mask = torch.arange(seq[1], device="cuda")[None, :] >= torch.tensor([seq[1], max(1, seq[1] // 3)],
+                                                                        device="cuda")[:, None]
+    kwargs = dict(causal=causal, key_padding_mask=mask)
+    hopper = _grads(monkeypatch, q, k, v, grad_out, **kwargs)
+    ampere = _grads(monkeypatch, q, k, v, grad_out, bwd_force="1", **kwargs)
+    expected = _reference_grads(q, k, v, grad_out, **kwargs)
+    for name, got, other, want in zip(("dq", "dk", "dv"), hopper, ampere, expected):
+        scale = max(1.0, want.abs().max().item())
+        what = f"sm90a backward {name} D={head_dim} S={seq} causal={causal}"
+        assert_close_to_reference(got, want, dtype, "grad", scale=scale, what=what)
+        assert_close_to_reference(other, want, dtype, "grad", scale=scale, what=what.replace("sm90a", "sm80"))
+        # Padded keys get exactly zero gradients on both paths.
+        if name != "dq":
+            assert torch.equal(got[1][:, mask[1]], torch.zeros_like(got[1][:, mask[1]])), f"{what}: padded keys"
+
+
+def test_backward_of_fully_masked_rows_is_zero(monkeypatch):
+    q, k, v = _inputs(2, 2, 2, 300, 300, 128, torch.bfloat16, seed=2)
+    grad_out = torch.randn_like(q)
+    mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    mask[1, 250:] = False
+    dq, dk, dv = _grads(monkeypatch, q, k, v, grad_out, causal=True, key_padding_mask=mask)
+    assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
+    assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.equal(dq[1, :, :250], torch.zeros_like(dq[1, :, :250]))
+    assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[1, :, :250], torch.zeros_like(dv[1, :, :250]))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_backward_matches_sm80(monkeypatch, head_dim, causal):
+    from tformer.ops import attention_varlen
+
+    lengths_q, lengths_k = [1, 300, 129, 64], [5, 300, 700, 1]
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(sum(lens), heads, head_dim, generator=generator).to("cuda", torch.float16)
+               for lens, heads in ((lengths_q, 8), (lengths_k, 2), (lengths_k, 2)))
+    grad_out = torch.randn_like(q)
+
+    def grads(bwd_force):
+        _set(monkeypatch, BWD_FORCE_SM80, bwd_force)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attention_varlen(*leaves, _cu(lengths_q), _cu(lengths_k), max(lengths_q), max(lengths_k), causal=causal,
+                         backend="cuda").backward(grad_out)
+        return [t.grad for t in leaves]
+
+    for name, hopper, ampere in zip(("dq", "dk", "dv"), grads(None), grads("1")):
+        torch.testing.assert_close(hopper, ampere, atol=4e-3, rtol=4e-3, msg=lambda m: f"varlen {name}: {m}")
+
+
+def test_backward_of_strided_views_of_a_fused_qkv(monkeypatch):
+    qkv = torch.randn(2, 500, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, token stride 3*4*128
+    grad_out = torch.randn_like(q)
+    hopper = _grads(monkeypatch, q, k, v, grad_out, causal=True)
+    expected = _reference_grads(q, k, v, grad_out, causal=True)
+    for name, got, want in zip(("dq", "dk", "dv"), hopper, expected):
+        assert_close_to_reference(got, want, torch.bfloat16, "grad", scale=max(1.0, want.abs().max().item()),
+                                  what=f"strided {name}")
+
+
+@pytest.mark.parametrize("forward, backward", [("sm90a", "sm80"), ("sm80", "sm90a")])
+def test_either_backward_takes_either_forward(monkeypatch, forward, backward):
+    """Training mixes the paths when one is forced off: out and lse have one layout."""
     q, k, v = _inputs(2, 4, 2, 257, 257, 128, torch.bfloat16)
     grad_out = torch.randn_like(q)
-    grads = []
-    for force in (None, "1"):
-        if force is None:
-            monkeypatch.delenv(FORCE_SM80, raising=False)
-        else:
-            monkeypatch.setenv(FORCE_SM80, force)
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        attention(*leaves, causal=True, backend="cuda").backward(grad_out)
-        grads.append([t.grad for t in leaves])
-    for name, hopper, ampere in zip(("dq", "dk", "dv"), *grads):
-        assert_close_to_reference(hopper, ampere.double(), torch.bfloat16, "grad", scale=max(1.0, ampere.abs().max().item()),
-                                  what=f"{name} after the sm_90a forward")
+    from tformer.ops import attention
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    _set(monkeypatch, FORCE_SM80, "1" if forward == "sm80" else None)
+    out = attention(*leaves, causal=True, backend="cuda")
+    _set(monkeypatch, FORCE_SM80, "1" if backward == "sm80" else None)
+    out.backward(grad_out)
+    _set(monkeypatch, FORCE_SM80, None)
+    for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves),
+                               _reference_grads(q, k, v, grad_out, causal=True)):
+        assert_close_to_reference(got, want, torch.bfloat16, "grad", scale=max(1.0, want.abs().max().item()),
+                                  what=f"{name}: {forward} forward, {backward} backward")

@@ -1,9 +1,9 @@
-"""The sm_90a attention forward (csrc/attention_sm90/) is Hopper code, proved without a GPU:
+"""The sm_90a attention kernels (csrc/attention_sm90/) are Hopper code, proved without a GPU:
 the built extension tformer._C is disassembled (``cuobjdump -sass``, ``-res-usage``) and each
-forward_kernel instantiation must issue warpgroup MMA (HGMMA) and TMA loads (UTMALDG) inside
-loops, keep everything in registers (no local memory, no spill loads or stores), and fit
-Hopper's 227 KiB of shared memory. Its numerical tests are GPU tests
-(tests/test_cuda_attention_sm90.py)."""
+instantiation of the forward and of the backward's key_grad_kernel and query_grad_kernel must
+issue warpgroup MMA (HGMMA) and TMA loads (UTMALDG) inside loops, keep everything in registers
+(no local memory, no spill loads or stores), and fit Hopper's 227 KiB of shared memory. Their
+numerical tests are GPU tests (tests/test_cuda_attention_sm90.py)."""
 
 import re
 import subprocess
@@ -106,4 +106,62 @@ def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
         # Shape<kD>::kSmemBytes: Q + stages x (K + V) tiles of rows x head_dim 16-bit elements,
         # 64 bytes of barriers and 1 KiB to align the base; plus the static shared memory.
         dynamic = (1 + 2 * stages) * rows * head_dim * 2 + 64 + 1024
+        assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
+
+
+# The backward (backward_sm90.cuh): tformer::attention_sm90::{key,query}_grad_kernel<T, kD>.
+BACKWARD = {"key_grad_kernel": "15key_grad_kernel", "query_grad_kernel": "17query_grad_kernel"}
+
+
+@pytest.fixture(scope="module")
+def sm90a_backward_kernels() -> dict[str, str]:
+    elves = subprocess.run([_cuobjdump(), "-lelf", str(_extension())], capture_output=True, text=True, timeout=60)
+    if "backward_sm90_hdim" not in elves.stdout:
+        pytest.skip("tformer._C has no sm_90a attention backward (built without 9.0 in TORCH_CUDA_ARCH_LIST)")
+    names = ",".join(f"_ZN7tformer14attention_sm90{kernel}I{dtype}Li{dim}EEEvNS0_14BackwardParamsE"
+                     for kernel in BACKWARD.values() for dtype, dim in sorted(INSTANTIATIONS))
+    result = subprocess.run([_cuobjdump(), "-sass", "-fun", names, str(_extension())], capture_output=True,
+                            text=True, timeout=300)
+    return {name: code for name, code in sass_by_function(result.stdout).items() if "_grad_kernel" in name}
+
+
+def test_every_backward_instantiation_is_built(sm90a_backward_kernels):
+    found = {(kernel, dtype, int(dim)) for name in sm90a_backward_kernels
+             for kernel, dtype, dim in re.findall(r"(key_grad_kernel|query_grad_kernel)I(6__half|13__nv_bfloat16)Li(\d+)E",
+                                                  name)}
+    assert found == {(kernel, dtype, dim) for kernel in BACKWARD for dtype, dim in INSTANTIATIONS}
+
+
+def test_backward_hot_loops_use_wgmma_and_tma(sm90a_backward_kernels):
+    header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
+    step = int(re.search(r"constexpr int kGradStep = (\d+);", header).group(1))
+    for name, code in sm90a_backward_kernels.items():
+        head_dim = int(re.search(r"Li(\d+)E", name).group(1))
+        # Two products over the head dim (S and dP, or their transposes), head_dim / 16 wgmmas
+        # each; then dV and dK (two), or dQ (one), over the step's rows, step / 16 each.
+        register_products = 2 if "key_grad" in name else 1
+        assert code.count("HGMMA.") == 2 * head_dim // 16 + register_products * step // 16, f"{name}: HGMMA count"
+        assert "tnspB" in code, f"{name}: the register-A products must read their B tile MN-major"
+        assert in_loop(code, "HGMMA"), f"{name}: no HGMMA inside a loop"
+        assert in_loop(code, "UTMALDG"), f"{name}: no TMA load (UTMALDG) inside a loop"
+        assert "USETMAXREG" in code, f"{name}: no register reallocation between producer and consumers"
+        # One full wait per product phase; ptxas waits after every HGMMA when it serializes them.
+        assert code.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") <= 2, f"{name}: wgmma serialized"
+        assert not re.search(r"\b(STL|LDL)\b", code), f"{name}: local memory (spills) in the kernel"
+
+
+def test_backward_has_no_spills_and_fits_hopper_shared_memory(sm90a_backward_kernels):
+    result = subprocess.run([_cuobjdump(), "-res-usage", "-fun", ",".join(sm90a_backward_kernels), str(_extension())],
+                            capture_output=True, text=True, timeout=300)
+    usage = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", result.stdout))
+    header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
+    block, step, stages = (int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))
+                           for name in ("kGradBlock", "kGradStep", "kGradStages"))
+    for name in sm90a_backward_kernels:
+        fields = dict(item.split(":", 1) for item in usage[name].split())
+        assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name}: {usage[name]}"
+        head_dim = int(re.search(r"Li(\d+)E", name).group(1))
+        # GradShape<kD>::kSmemBytes: two block tiles, stages x (two step tiles + lse and delta),
+        # barriers, 1 KiB of alignment.
+        dynamic = 2 * block * head_dim * 2 + stages * (2 * step * head_dim * 2 + 2 * step * 4) + 64 + 1024
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"

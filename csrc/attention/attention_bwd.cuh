@@ -408,15 +408,20 @@ cudaError_t run_key_grad(const AttentionBackwardArgs& args, cudaStream_t stream)
   return launch<256>(group_sum_kernel<T>, sum_grid, 0, args, stream);
 }
 
+template <typename T>
+cudaError_t run_delta(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  const AttentionProblem& p = args.problem;
+  const dim3 delta_grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, 8)), p.num_heads, p.num_seqs);
+  if (delta_grid.x == 0 || delta_grid.y == 0 || delta_grid.z == 0) return cudaSuccess;
+  delta_kernel<T><<<delta_grid, 256, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
 template <typename T, int kD>
 cudaError_t run_backward(const AttentionBackwardArgs& args, cudaStream_t stream) {
   using QueryShape = QueryGradShape<kD>;
   const AttentionProblem& p = args.problem;
-  const dim3 delta_grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, 8)), p.num_heads, p.num_seqs);
-  if (delta_grid.x > 0 && delta_grid.y > 0 && delta_grid.z > 0) {
-    delta_kernel<T><<<delta_grid, 256, 0, stream>>>(args);
-    if (cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
-  }
+  if (cudaError_t error = run_delta<T>(args, stream); error != cudaSuccess) return error;
   cudaError_t key_grad = cudaSuccess;
   if constexpr (kD == 128) {  // both shapes built; the bindings chose by the device's shared memory
     key_grad = args.key_grad_wide ? run_key_grad<T, kD, true>(args, stream) : run_key_grad<T, kD, false>(args, stream);

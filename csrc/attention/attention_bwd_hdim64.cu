@@ -6,6 +6,8 @@ namespace attention {
 
 template cudaError_t run_backward<__half, 64>(const AttentionBackwardArgs&, cudaStream_t);
 template cudaError_t run_backward<__nv_bfloat16, 64>(const AttentionBackwardArgs&, cudaStream_t);
+template cudaError_t run_delta<__half>(const AttentionBackwardArgs&, cudaStream_t);
+template cudaError_t run_delta<__nv_bfloat16>(const AttentionBackwardArgs&, cudaStream_t);
 
 }  // namespace attention
 }  // namespace tformer

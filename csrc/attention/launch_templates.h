@@ -13,6 +13,9 @@ namespace attention {
 
 template <typename T, int kD> cudaError_t run_forward(const AttentionForwardArgs& args, cudaStream_t stream);
 template <typename T, int kD> cudaError_t run_backward(const AttentionBackwardArgs& args, cudaStream_t stream);
+// delta = rowsum(dO * O) alone: the first step of both backwards (sm_80 and sm_90a);
+// instantiated in attention_bwd_hdim64.cu.
+template <typename T> cudaError_t run_delta(const AttentionBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace attention
 }  // namespace tformer

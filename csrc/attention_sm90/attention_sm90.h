@@ -1,7 +1,8 @@
-// Host interface of the sm_90a (Hopper: TMA + wgmma, warp-specialized) attention forward in
-// csrc/attention_sm90/. csrc/attention/attention_dispatch.cu calls attention_sm90_forward_path
-// and, when it answers kSm90a, launch_attention_forward_sm90; everything else stays on the
-// sm_80 kernels, which also take the backward (same out and lse).
+// Host interface of the sm_90a (Hopper: TMA + wgmma, warp-specialized) attention kernels in
+// csrc/attention_sm90/. csrc/attention/attention_dispatch.cu asks attention_sm90_forward_path
+// (attention_sm90_backward_path) and, when it answers kSm90a, launches the forward (the dK/dV
+// and dQ passes); everything else stays on the sm_80 kernels. Both paths share the out and lse
+// layout, so a forward on one and a backward on the other agree.
 #pragma once
 
 #include <cuda.h>
@@ -13,12 +14,15 @@
 
 namespace tformer {
 
-// Head dims the sm_90a forward is compiled for (exactly; others take the sm_80 kernels).
+// Head dims the sm_90a kernels are compiled for (exactly; others take the sm_80 kernels).
 constexpr int kAttentionSm90HeadDims[] = {64, 128};
 
 // Set to a non-empty value other than "0" to keep every attention forward on the sm_80
 // kernels (A/B benchmarks, the GPU sweep).
 constexpr const char* kForceSm80Variable = "TFORMER_ATTENTION_FORCE_SM80";
+// The same for the backward alone (the forward stays on sm_90a): the A/B row of the backward,
+// and what bench/gpu_canary.py sets when only the sm_90a backward fails.
+constexpr const char* kForceSm80BackwardVariable = "TFORMER_ATTENTION_BWD_FORCE_SM80";
 
 enum class AttentionPath { kSm80, kSm90a };
 
@@ -33,19 +37,37 @@ std::string attention_forward_path_name(DType dtype, int head_dim, int device);
 
 cudaError_t launch_attention_forward_sm90(DType dtype, const AttentionForwardArgs& args, cudaStream_t stream);
 
+// The backward's decision, as the forward's, plus kForceSm80BackwardVariable, dO's layout and
+// the expanded GQA dK/dV (args.dk_partial: the sm_80 kernels' float32 partials).
+AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardArgs& args, std::string* why_not);
+std::string attention_backward_path_name(DType dtype, int head_dim, int device);
+
+// dK/dV and dQ; args.delta must already hold rowsum(dO * O).
+cudaError_t launch_attention_backward_sm90(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);
+
 namespace attention_sm90 {
 
 constexpr int kBoxColumns = 64;  // a TMA box row: 128 bytes of 16-bit elements (the swizzle width)
-constexpr int kBoxRows = 128;    // = the kernel's query and key block
+constexpr int kBoxRows = 128;    // = the forward's query and key block
+constexpr int kPanelColumns = kBoxColumns;
+// Every sm_90a kernel: one producer warpgroup (TMA) and two consumer warpgroups (wgmma); the
+// producer gives registers to the consumers (setmaxnreg): 128 x 40 + 256 x 232 <= 64K.
+constexpr int kThreads = 384;
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+constexpr float kLog2e = 1.4426950408889634f;
 
 // Launches the forward kernel for T = __half or __nv_bfloat16 and head dim kD (defined in
 // forward_sm90.cuh, instantiated in forward_sm90_hdim<kD>.cu).
 template <typename T, int kD> cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStream_t stream);
 
-// A 4-d TMA map (head dim, token, head, sequence) of q, k or v for 64 x 128 boxes, 128-byte
-// swizzled; tokens beyond `tokens` read as zeros.
+// Launches the backward's dK/dV and dQ kernels (backward_sm90.cuh, instantiated in
+// backward_sm90_hdim<kD>.cu); delta = rowsum(dO * O) must be in args.delta already.
+template <typename T, int kD> cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStream_t stream);
+
+// A 4-d TMA map (head dim, token, head, sequence) of q, k, v, dO for 64 x box_rows boxes,
+// 128-byte swizzled; tokens beyond `tokens` read as zeros.
 cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const Strides3& strides, int64_t tokens,
-                          int heads, int seqs, int head_dim);
+                          int heads, int seqs, int head_dim, int box_rows = kBoxRows);
 
 }  // namespace attention_sm90
 }  // namespace tformer

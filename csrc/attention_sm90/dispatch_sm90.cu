@@ -1,6 +1,6 @@
-// Host side of the sm_90a attention forward: whether a forward runs on it (device, build,
-// dtype, head dim, layout, the TFORMER_ATTENTION_FORCE_SM80 override), the TMA tensor maps, and
-// the launch. TFORMER_ATTENTION_SM90A is defined by setup.py when it compiles for sm_90a.
+// Host side of the sm_90a attention kernels: whether a forward or backward runs on them
+// (device, build, dtype, head dim, layout, the TFORMER_ATTENTION_FORCE_SM80 and
+// TFORMER_ATTENTION_BWD_FORCE_SM80 overrides), the TMA tensor maps, and the launches. TFORMER_ATTENTION_SM90A is defined by setup.py when it compiles for sm_90a.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,14 +24,15 @@ constexpr bool kCompiled = true;
 constexpr bool kCompiled = false;
 #endif
 
-bool forced_sm80() {
-  const char* value = std::getenv(kForceSm80Variable);
+bool is_set(const char* variable) {
+  const char* value = std::getenv(variable);
   return value != nullptr && value[0] != '\0' && std::string(value) != "0";
 }
 
-// Reasons that hold for every tensor layout; "" when the sm_90a forward may run.
-std::string general_reason(DType dtype, int head_dim, int device) {
-  if (forced_sm80()) return std::string(kForceSm80Variable) + " is set";
+// Reasons that hold for every tensor layout; "" when the sm_90a kernels may run.
+std::string general_reason(DType dtype, int head_dim, int device, bool backward) {
+  if (is_set(kForceSm80Variable)) return std::string(kForceSm80Variable) + " is set";
+  if (backward && is_set(kForceSm80BackwardVariable)) return std::string(kForceSm80BackwardVariable) + " is set";
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -55,8 +56,7 @@ bool tma_layout_ok(const void* base, const Strides3& s, int64_t tokens, int head
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ok(s.token, tokens) && ok(s.head, heads) && ok(s.seq, seqs);
 }
 
-std::string layout_reason(const AttentionForwardArgs& args) {
-  const AttentionProblem& p = args.problem;
+std::string layout_reason(const AttentionProblem& p) {
   if (p.q_tokens <= 0 || p.k_tokens <= 0) return "q or k has no tokens";
   const int seqs = p.cu_seqlens_q != nullptr ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
   if (!tma_layout_ok(p.q, p.q_strides, p.q_tokens, p.num_heads, seqs) ||
@@ -67,11 +67,25 @@ std::string layout_reason(const AttentionForwardArgs& args) {
   return "";
 }
 
-void log_once(const std::string& message) {
+void log_once(const char* pass, const std::string& message) {
   static std::mutex mutex;
   static std::set<std::string> logged;
   std::lock_guard<std::mutex> lock(mutex);
-  if (logged.insert(message).second) std::fprintf(stderr, "tformer: CUDA attention forward: %s\n", message.c_str());
+  if (logged.insert(std::string(pass) + message).second) {
+    std::fprintf(stderr, "tformer: CUDA attention %s: %s\n", pass, message.c_str());
+  }
+}
+
+std::string current_device_reason(DType dtype, int head_dim, bool backward) {
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess ? general_reason(dtype, head_dim, device, backward)
+                                               : "no current CUDA device";
+}
+
+AttentionPath decide(const char* pass, std::string reason, std::string* why_not) {
+  if (why_not != nullptr) *why_not = reason;
+  log_once(pass, reason.empty() ? "sm_90a kernels (TMA + wgmma, warp-specialized)" : "sm_80 kernels: " + reason);
+  return reason.empty() ? AttentionPath::kSm90a : AttentionPath::kSm80;
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -98,7 +112,7 @@ EncodeTiled encode_tiled() {
 namespace attention_sm90 {
 
 cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const Strides3& strides, int64_t tokens,
-                          int heads, int seqs, int head_dim) {
+                          int heads, int seqs, int head_dim, int box_rows) {
   EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   constexpr int64_t kBytes = 2;
@@ -111,7 +125,7 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(seqs)};
   const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(token_stride), static_cast<cuuint64_t>(head_stride),
                                       static_cast<cuuint64_t>(seq_stride)};
-  const cuuint32_t box[4] = {kBoxColumns, kBoxRows, 1, 1};
+  const cuuint32_t box[4] = {kBoxColumns, static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult result = encode(
       map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
@@ -123,31 +137,76 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
 }  // namespace attention_sm90
 
 AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArgs& args, std::string* why_not) {
-  int device = 0;
-  std::string reason = cudaGetDevice(&device) == cudaSuccess ? general_reason(dtype, args.problem.head_dim, device)
-                                                             : "no current CUDA device";
-  if (reason.empty()) reason = layout_reason(args);
-  if (why_not != nullptr) *why_not = reason;
-  log_once(reason.empty() ? "sm_90a kernels (TMA + wgmma, warp-specialized)" : "sm_80 kernels: " + reason);
-  return reason.empty() ? AttentionPath::kSm90a : AttentionPath::kSm80;
+  std::string reason = current_device_reason(dtype, args.problem.head_dim, false);
+  if (reason.empty()) reason = layout_reason(args.problem);
+  return decide("forward", reason, why_not);
 }
 
-std::string attention_forward_path_name(DType dtype, int head_dim, int device) {
-  const std::string reason = general_reason(dtype, head_dim, device);
+AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardArgs& args, std::string* why_not) {
+  const AttentionProblem& p = args.problem;
+  std::string reason = current_device_reason(dtype, p.head_dim, true);
+  if (reason.empty()) reason = layout_reason(p);
+  if (reason.empty() &&
+      !tma_layout_ok(args.dout, args.dout_strides, p.q_tokens, p.num_heads, p.cu_seqlens_q != nullptr ? 1 : p.num_seqs)) {
+    reason = "grad_out has a zero or unaligned stride (TMA needs positive multiples of 16 bytes)";
+  }
+  if (reason.empty() && args.dk_partial != nullptr) {
+    reason = "grouped-query attention on few SMs takes the expanded dK/dV pass (per query head)";
+  }
+  return decide("backward", reason, why_not);
+}
+
+namespace {
+std::string path_name(DType dtype, int head_dim, int device, bool backward) {
+  const std::string reason = general_reason(dtype, head_dim, device, backward);
   return reason.empty() ? "sm90a" : "sm80: " + reason;
 }
+}  // namespace
+
+std::string attention_forward_path_name(DType dtype, int head_dim, int device) {
+  return path_name(dtype, head_dim, device, false);
+}
+std::string attention_backward_path_name(DType dtype, int head_dim, int device) {
+  return path_name(dtype, head_dim, device, true);
+}
+
+namespace {
+
+// Functors rather than templated lambdas, as attention_dispatch.cu (CMake builds CUDA as C++17).
+struct Forward {
+  const AttentionForwardArgs& args;
+  template <typename T, int kD> cudaError_t run(DType dtype, cudaStream_t stream) const {
+    return attention_sm90::run_forward<T, kD>(args, dtype, stream);
+  }
+};
+struct Backward {
+  const AttentionBackwardArgs& args;
+  template <typename T, int kD> cudaError_t run(DType dtype, cudaStream_t stream) const {
+    return attention_sm90::run_backward<T, kD>(args, dtype, stream);
+  }
+};
+
+template <typename T, typename Pass> cudaError_t by_head_dim(int head_dim, const Pass& pass, DType dtype, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return pass.template run<T, 64>(dtype, stream);
+    case 128: return pass.template run<T, 128>(dtype, stream);
+    default: return cudaErrorInvalidValue;  // attention_sm90_{forward,backward}_path refuse these first
+  }
+}
+
+template <typename Pass> cudaError_t by_dtype(int head_dim, const Pass& pass, DType dtype, cudaStream_t stream) {
+  return dtype == DType::kBFloat16 ? by_head_dim<__nv_bfloat16>(head_dim, pass, dtype, stream)
+                                   : by_head_dim<__half>(head_dim, pass, dtype, stream);
+}
+
+}  // namespace
 
 cudaError_t launch_attention_forward_sm90(DType dtype, const AttentionForwardArgs& args, cudaStream_t stream) {
-  const bool bf16 = dtype == DType::kBFloat16;
-  switch (args.problem.head_dim) {
-    case 64:
-      return bf16 ? attention_sm90::run_forward<__nv_bfloat16, 64>(args, dtype, stream)
-                  : attention_sm90::run_forward<__half, 64>(args, dtype, stream);
-    case 128:
-      return bf16 ? attention_sm90::run_forward<__nv_bfloat16, 128>(args, dtype, stream)
-                  : attention_sm90::run_forward<__half, 128>(args, dtype, stream);
-    default: return cudaErrorInvalidValue;  // attention_sm90_forward_path refuses these first
-  }
+  return by_dtype(args.problem.head_dim, Forward{args}, dtype, stream);
+}
+
+cudaError_t launch_attention_backward_sm90(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream) {
+  return by_dtype(args.problem.head_dim, Backward{args}, dtype, stream);
 }
 
 }  // namespace tformer

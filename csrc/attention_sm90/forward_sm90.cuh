@@ -25,7 +25,7 @@
 // Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
 // rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
 // 64 x 128 with CU_TENSOR_MAP_SWIZZLE_128B writes it). Semantics and out / lse layout are the
-// sm_80 forward's (csrc/attention/attention.h), so the sm_80 backward consumes them.
+// sm_80 forward's (csrc/attention/attention.h), so either backward consumes them.
 #pragma once
 
 #include <cuda.h>
@@ -37,7 +37,7 @@
 #include "attention/attention.h"
 #include "attention_sm90/attention_sm90.h"
 #include "attention_sm90/hopper.cuh"
-#include "attention_sm90/wgmma.cuh"
+#include "attention_sm90/products.cuh"
 #include "common/convert.cuh"
 
 namespace tformer {
@@ -46,11 +46,7 @@ namespace attention_sm90 {
 constexpr int kBlockM = kBoxRows;  // query rows per block: 64 per consumer warpgroup (wgmma's M)
 constexpr int kBlockN = kBoxRows;  // keys per pipeline slot
 constexpr int kStages = 2;
-constexpr int kThreads = 384;
-constexpr int kPanelColumns = kBoxColumns;           // 128 bytes of 16-bit elements
 constexpr int kPanelBytes = kBlockN * 128;           // one 128-row panel (kBlockM == kBlockN)
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128*40 + 256*232 <= 64K
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 template <int kD> struct Shape {
@@ -68,44 +64,16 @@ struct ForwardParams {
 };
 
 
-// S = Q K^T for one key block (issued, not waited for): kD / 16 wgmmas, both operands K-major;
-// a 16-column step inside a 128-byte swizzled row advances the start address by 32 bytes
-// (the hardware swizzles the final address), a 64-column step moves to the next panel.
+// S = Q K^T for one key block, and O += P V with V's tile MN-major for that product (keys
+// are K, the head dim is N); both issued, not waited for.
 template <typename T, int kD>
 __device__ __forceinline__ void issue_qk(float (&s)[kBlockN / 2], uint32_t q_address, uint32_t k_address) {
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    const uint32_t offset = (kk / 4) * kPanelBytes + (kk % 4) * 32;
-    Wgmma<T>::ss_n128(s, smem_descriptor(q_address + offset, 16, 1024), smem_descriptor(k_address + offset, 16, 1024),
-                      kk > 0 ? 1u : 0u);
-  }
-  wgmma_commit();
+  issue_ss<T, kD, kBlockN>(s, q_address, kPanelBytes, k_address, kPanelBytes);
 }
-
-// O += P V (issued, not waited for): V's tile is MN-major for this product (keys are K, the
-// head dim is N): 64-column panels kPanelBytes apart (leading offset), 8-key groups 1024
-// bytes apart (stride offset), 16 keys (2 KiB) per wgmma.
 template <typename T, int kD>
 __device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pa)[kBlockN / 16][4],
                                          uint32_t v_address) {
-#pragma unroll
-  for (int t = 0; t < kBlockN / 16; ++t) {
-    const uint64_t v_desc = smem_descriptor(v_address + t * 16 * 128, kPanelBytes, 1024);
-    if constexpr (kD == 64) {
-      Wgmma<T>::rs_n64(o, pa[t], v_desc, 1u);
-    } else {
-      Wgmma<T>::rs_n128(o, pa[t], v_desc, 1u);
-    }
-  }
-  wgmma_commit();
-}
-
-template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[kN][4]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
-  }
+  issue_rs<T, kD, kBlockN>(o, pa, v_address, kPanelBytes);
 }
 
 // Which keys a thread's two rows (row0, row0 + 8) may attend.
@@ -169,17 +137,6 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
   for (int j = 0; j < kD / 8; ++j) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[4 * j + i] *= alpha[i / 2];
-  }
-}
-
-// P as wgmma A fragments, 16 keys each: registers {row r0, keys 0-7 | r0 + 8, keys 0-7 |
-// r0, keys 8-15 | r0 + 8, keys 8-15} = accumulator chunks 2t and 2t + 1.
-template <typename T>
-__device__ __forceinline__ void pack_p(const float (&s)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
-#pragma unroll
-  for (int t = 0; t < kBlockN / 16; ++t) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) pa[t][i] = pack2<T>(s[8 * t + 2 * i], s[8 * t + 2 * i + 1]);
   }
 }
 
@@ -319,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     wgmma_wait<0>();
     fence_registers(s);
     online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
-    pack_p<T>(s, pa);
+    pack_a<T, kBlockN>(s, pa);
   }
   for (int step = 1; step < num_steps; ++step) {
     const int slot = step % kStages, prev = (step - 1) % kStages;
@@ -338,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     fence_registers(pa);  // pa stays allocated until P V has read it
     mbarrier_arrive(&kv_empty[prev]);  // this thread no longer reads that slot
     rescale<kD>(o, alpha);
-    pack_p<T>(s, pa);
+    pack_a<T, kBlockN>(s, pa);
   }
   if (num_steps > 0) {
     const int last = num_steps - 1, slot = last % kStages;

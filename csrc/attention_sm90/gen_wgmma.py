@@ -43,10 +43,12 @@ parts = ['''// wgmma.mma_async wrappers (PTX ISA 8.0, "Asynchronous Warpgroup Le
 // gen_wgmma.py beside this file (do not edit by hand): each accumulator register is its own asm
 // operand, which is long and mechanical to type by hand.
 //
-// ss_*: A and B from shared memory through matrix descriptors, both K-major (S = Q K^T).
+// ss_*: A and B from shared memory through matrix descriptors, both K-major (S = Q K^T; in
+//       the backward also dP = dO V^T and their transposes K Q^T, V dO^T).
 // rs_*: A from registers (P, in the accumulator layout of the first product, which for
 //       16-bit types is already wgmma's A-fragment layout), B from shared memory MN-major
-//       (O += P V, V stored with the head dim contiguous).
+//       (O += P V, V stored with the head dim contiguous; in the backward dV += P^T dO,
+//       dK += dS^T Q, dQ += dS K).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -61,6 +63,7 @@ template <typename T> struct Wgmma;
 ''']
 for ctype, ptx in (("__half", "f16"), ("__nv_bfloat16", "bf16")):
     parts.append(f"template <> struct Wgmma<{ctype}> {{\n")
+    parts.append("static " + fn("ss_n64", 64, ptx, False))
     parts.append("static " + fn("ss_n128", 128, ptx, False))
     parts.append("static " + fn("rs_n64", 64, ptx, True))
     parts.append("static " + fn("rs_n128", 128, ptx, True))

@@ -7,12 +7,15 @@ train and trace under ``torch.compile``, and registers ``attention`` and
 The kernels (FlashAttention-2 forward and backward, Dao 2023) run on the tensor cores with
 ``mma.sync.m16n8k16`` (fp16/bf16 inputs, float32 accumulation), ``ldmatrix`` and
 double-buffered ``cp.async`` tiles: the sm80 path. On an sm_90 GPU (H100/H200) the forward
-at head dims 64 and 128 runs Hopper kernels instead (csrc/attention_sm90/: TMA loads, wgmma,
-a producer warpgroup and two consumer warpgroups, as in FlashAttention-3) when tformer._C was
-built with 9.0 in TORCH_CUDA_ARCH_LIST; its out and lse feed the same backward. The choice is
-logged once to stderr; ``TFORMER_ATTENTION_FORCE_SM80=1`` keeps the sm80 forward, and
-``torch.ops.tformer.cuda_attention_fwd_path(q)`` says which forward q's dtype, head dim and
-device get ("sm90a" or "sm80: <reason>").
+and the backward at head dims 64 and 128 run Hopper kernels instead (csrc/attention_sm90/: TMA
+loads, wgmma, a producer warpgroup and two consumer warpgroups, as in FlashAttention-3) when
+tformer._C was built with 9.0 in TORCH_CUDA_ARCH_LIST; both paths share out and lse, so either
+backward takes either forward. Each choice is logged once to stderr;
+``TFORMER_ATTENTION_FORCE_SM80=1`` keeps both passes on sm80,
+``TFORMER_ATTENTION_BWD_FORCE_SM80=1`` the backward alone, and
+``torch.ops.tformer.cuda_attention_fwd_path(q)`` / ``cuda_attention_bwd_path(q)`` say which
+kernels q's dtype, head dim and device get ("sm90a" or "sm80: <reason>"; a layout TMA cannot
+read, or grouped-query attention that takes the expanded dK/dV pass, also stays on sm80).
 
 What they take:
 - fp16 and bf16 only (float32 is refused by the registered dtypes: use "triton" or

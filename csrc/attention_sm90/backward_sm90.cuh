@@ -1,0 +1,452 @@
+// Flash attention backward for Hopper (sm_90a): the sm_80 backward's two passes
+// (FlashAttention-2, Dao 2023, Algorithm 2 split as in its Section 3.2: no atomics,
+// deterministic) rebuilt on the forward's machinery: TMA tile loads into an mbarrier ring,
+// one producer warpgroup and two consumer warpgroups issuing wgmma (forward_sm90.cuh).
+//
+//   key_grad_kernel    a block owns 128 keys of a (sequence, kv head), 64 per consumer, with
+//                      their K and V tiles loaded once; it streams 64-query steps of Q, dO,
+//                      lse and delta over every query head of the group (grouped-query
+//                      attention) and accumulates in registers
+//                        S^T = K Q^T,  dP^T = V dO^T             (both operands in shared memory)
+//                        P^T = exp2(S^T scale log2 e - lse),  dS^T = P^T (dP^T - delta)
+//                        dV += P^T dO,  dK += dS^T Q             (P^T, dS^T from registers)
+//   query_grad_kernel  a block owns 128 query rows of a (sequence, head), 64 per consumer,
+//                      with their Q and dO tiles loaded once; it streams 64-key steps of K
+//                      and V and accumulates dQ += dS K.
+//
+// Every product is one of the forward's two shapes (products.cuh): K-major x K-major from
+// shared memory, or register A x MN-major B; the accumulator of S^T (keys x queries) is the
+// A fragment of P^T as S's is of P in the forward. 64-row steps keep the dK/dV pass's live
+// accumulators (dK, dV: kD / 2 each; S^T, dP^T: 32 each) within the consumers' registers.
+// What FA3's backward adds and this does not (yet): the softmax of one step overlapped with
+// the next step's products, and dQ by atomics in the same pass; bench/KERNEL_NOTES.md,
+// section c90b, has the prediction.
+//
+// Semantics are the sm_80 backward's (csrc/attention/attention_bwd.cuh): masked scores give
+// P = 0, a fully masked query row (lse = -inf) is measured against 0 with all its scores
+// masked, so its gradients are 0; rows outside a sequence are not written.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "attention/attention.h"
+#include "attention_sm90/attention_sm90.h"
+#include "attention_sm90/hopper.cuh"
+#include "attention_sm90/products.cuh"
+#include "common/convert.cuh"
+
+namespace tformer {
+namespace attention_sm90 {
+
+constexpr int kGradBlock = 128;  // rows a block owns: keys (dK/dV pass) or queries (dQ pass)
+constexpr int kGradStep = 64;    // rows a pipeline step streams: queries (dK/dV pass) or keys (dQ pass)
+constexpr int kGradStages = 2;
+constexpr int kBlockPanelBytes = kGradBlock * 128;  // a 128-row panel of 128-byte rows
+constexpr int kStepPanelBytes = kGradStep * 128;
+
+template <int kD> struct GradShape {
+  static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
+  static constexpr int kPanels = kD / kPanelColumns;
+  static constexpr int kBlockTileBytes = kPanels * kBlockPanelBytes;
+  static constexpr int kStepTileBytes = kPanels * kStepPanelBytes;
+  static constexpr int kStepFloatBytes = 2 * kGradStep * 4;  // a query step's lse and delta (dK/dV pass)
+  static constexpr int kBarrierBytes = 64;
+  // Two block tiles, kGradStages x (two step tiles + lse/delta), barriers, slack to align the
+  // base to 1024 bytes (every tile 1024-aligned: the swizzle's period).
+  static constexpr int kSmemBytes =
+      2 * kBlockTileBytes + kGradStages * (2 * kStepTileBytes + kStepFloatBytes) + kBarrierBytes + 1024;
+};
+
+struct BackwardParams {
+  AttentionBackwardArgs args;
+  CUtensorMap q_map, k_map, v_map, dout_map;  // block-tile maps: 128-row boxes; step-tile maps: 64
+};
+
+struct SequenceSpan {
+  int q_start, q_len, k_start, k_len, coord;  // coord: the sequence's TMA coordinate (0 when packed)
+};
+
+__device__ __forceinline__ SequenceSpan sequence_span(const AttentionProblem& p, int seq) {
+  if (p.cu_seqlens_q == nullptr) return {0, p.max_seqlen_q, 0, p.max_seqlen_k, seq};
+  const int q_start = p.cu_seqlens_q[seq], k_start = p.cu_seqlens_k[seq];
+  return {q_start, p.cu_seqlens_q[seq + 1] - q_start, k_start, p.cu_seqlens_k[seq + 1] - k_start, 0};
+}
+
+__device__ __forceinline__ unsigned char* aligned_shared(unsigned char* raw) {
+  const uint32_t address = smem_u32(raw);
+  return raw + (((address + 1023) & ~1023u) - address);
+}
+
+__device__ __forceinline__ bool key_allowed(const AttentionProblem& p, const uint8_t* padding, int key, int k_len) {
+  return key < k_len && (padding == nullptr || padding[static_cast<int64_t>(key) * p.key_padding_token_stride] == 0);
+}
+
+// lse in log2 units, measured against 0 for fully masked rows (lse = -inf) and rows past the
+// sequence, whose scores are all masked anyway.
+__device__ __forceinline__ float lse_log2(const AttentionBackwardArgs& args, int seq, int head, int token, bool valid) {
+  if (!valid) return 0.f;
+  const float lse = args.lse[seq * args.lse_strides.seq + head * args.lse_strides.head +
+                             static_cast<int64_t>(token) * args.lse_strides.token];
+  return lse == -INFINITY ? 0.f : lse * kLog2e;
+}
+
+__device__ __forceinline__ float delta_at(const AttentionBackwardArgs& args, int seq, int head, int token, bool valid) {
+  return valid ? args.delta[seq * args.lse_strides.seq + head * args.lse_strides.head +
+                            static_cast<int64_t>(token) * args.lse_strides.token]
+               : 0.f;
+}
+
+// Rows row0 and row0 + 8 of an accumulator (64 x kD) to a (token, dim) slab, times `factor`;
+// rows at or past `rows` are not written.
+template <typename T, int kD>
+__device__ __forceinline__ void store_rows(const float (&c)[kD / 2], T* base, int64_t token_stride, int row0,
+                                           int rows, float factor, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row >= rows) continue;
+    T* out = base + static_cast<int64_t>(row) * token_stride;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(out + accumulator_column(lane, j, 0)) =
+          pack2<T>(c[4 * j + 2 * r] * factor, c[4 * j + 2 * r + 1] * factor);
+    }
+  }
+}
+
+__device__ __forceinline__ void prefetch_maps(const BackwardParams& params) {
+  prefetch_tensor_map(&params.q_map);
+  prefetch_tensor_map(&params.dout_map);
+  prefetch_tensor_map(&params.k_map);
+  prefetch_tensor_map(&params.v_map);
+}
+
+// Two tiles of the same rows (K and V, or Q and dO), each kPanels panels `panel_bytes` apart,
+// onto one barrier (whose arrive_expect_tx the caller has made).
+template <int kPanels>
+__device__ __forceinline__ void load_tile_pair(unsigned char* first, const CUtensorMap* first_map,
+                                               unsigned char* second, const CUtensorMap* second_map,
+                                               uint64_t* barrier, int panel_bytes, int token, int head, int coord) {
+#pragma unroll
+  for (int panel = 0; panel < kPanels; ++panel) {
+    tma_load_4d(first + panel * panel_bytes, first_map, barrier, panel * kPanelColumns, token, head, coord);
+    tma_load_4d(second + panel * panel_bytes, second_map, barrier, panel * kPanelColumns, token, head, coord);
+  }
+}
+
+// A step's two score products, awaited: s = A_s B_s^T and dp = A_dp B_dp^T (S and dP, or
+// their transposes), the A tiles of block rows, the B tiles of step rows.
+template <typename T, int kD>
+__device__ __forceinline__ void scores_and_output_grads(float (&s)[kGradStep / 2], float (&dp)[kGradStep / 2],
+                                                        uint32_t s_a, uint32_t dp_a, uint32_t s_b, uint32_t dp_b) {
+  wgmma_fence();
+  issue_ss<T, kD, kGradStep>(s, s_a, kBlockPanelBytes, s_b, kStepPanelBytes);
+  issue_ss<T, kD, kGradStep>(dp, dp_a, kBlockPanelBytes, dp_b, kStepPanelBytes);
+  wgmma_wait<0>();
+  fence_registers(s);
+  fence_registers(dp);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_constant__ BackwardParams params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = GradShape<kD>;
+  extern __shared__ unsigned char shared_raw[];
+  unsigned char* k_tile = aligned_shared(shared_raw);
+  unsigned char* v_tile = k_tile + S::kBlockTileBytes;
+  unsigned char* q_tiles = v_tile + S::kBlockTileBytes;
+  unsigned char* dout_tiles = q_tiles + kGradStages * S::kStepTileBytes;
+  float* lse_steps = reinterpret_cast<float*>(dout_tiles + kGradStages * S::kStepTileBytes);
+  float* delta_steps = lse_steps + kGradStages * kGradStep;
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(delta_steps + kGradStages * kGradStep);
+  uint64_t* step_full = kv_full + 1;
+  uint64_t* step_empty = step_full + kGradStages;
+
+  const AttentionBackwardArgs& args = params.args;
+  const AttentionProblem& p = args.problem;
+  const int n0 = blockIdx.x * kGradBlock, kv_head = blockIdx.y, seq = blockIdx.z;
+  const SequenceSpan span = sequence_span(p, seq);
+  if (n0 >= span.k_len) return;  // packed: this sequence is shorter than max_seqlen_k
+  // Causal (top-left): query i sees keys j <= i, so query steps wholly above the block are skipped.
+  const int m_first = p.causal ? n0 / kGradStep : 0;
+  const int per_head = max(0, (span.q_len + kGradStep - 1) / kGradStep - m_first);
+  const int num_steps = per_head * p.group_size;  // heads of the group in order, then query steps
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(kv_full, 1);
+    for (int s = 0; s < kGradStages; ++s) {
+      mbarrier_init(&step_full[s], kGradStep);  // the 64 producer threads writing lse and delta
+      mbarrier_init(&step_empty[s], 2 * 128);   // every consumer thread
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {  // ---- producer: thread 0 issues the TMA loads, threads 0-63 stage lse, delta ----
+    release_registers<kProducerRegisters>();
+    const int t = threadIdx.x;
+    if (t >= kGradStep) return;
+    if (t == 0 && num_steps > 0) {
+      prefetch_maps(params);
+      mbarrier_arrive_expect_tx(kv_full, 2 * S::kBlockTileBytes);
+      load_tile_pair<S::kPanels>(k_tile, &params.k_map, v_tile, &params.v_map, kv_full, kBlockPanelBytes,
+                                 span.k_start + n0, kv_head, span.coord);
+    }
+    for (int step = 0; step < num_steps; ++step) {
+      const int slot = step % kGradStages;
+      const int head = kv_head * p.group_size + step / per_head, m0 = (m_first + step % per_head) * kGradStep;
+      mbarrier_wait(&step_empty[slot], ((step / kGradStages) & 1) ^ 1);
+      const int row = m0 + t;
+      lse_steps[slot * kGradStep + t] = lse_log2(args, seq, head, span.q_start + row, row < span.q_len);
+      delta_steps[slot * kGradStep + t] = delta_at(args, seq, head, span.q_start + row, row < span.q_len);
+      if (t != 0) {
+        mbarrier_arrive(&step_full[slot]);  // releases this thread's lse and delta
+        continue;
+      }
+      mbarrier_arrive_expect_tx(&step_full[slot], 2 * S::kStepTileBytes);
+      load_tile_pair<S::kPanels>(q_tiles + slot * S::kStepTileBytes, &params.q_map,
+                                 dout_tiles + slot * S::kStepTileBytes, &params.dout_map, &step_full[slot],
+                                 kStepPanelBytes, span.q_start + m0, head, span.coord);
+    }
+    return;  // every load issued is waited for by the consumers, so none outlives the block
+  }
+
+  // ---- consumers: 64 keys each ----
+  claim_registers<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int wg_key0 = n0 + consumer * 64;
+  const int key0 = wg_key0 + accumulator_row(lane, warp, 0);  // this thread's keys: key0, key0 + 8
+  const uint8_t* const padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
+  const bool key_ok[2] = {key_allowed(p, padding, key0, span.k_len), key_allowed(p, padding, key0 + 8, span.k_len)};
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t k_address = smem_u32(k_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
+  const uint32_t v_address = smem_u32(v_tile) + consumer * 64 * 128;
+
+  float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+  if (num_steps > 0) mbarrier_wait(kv_full, 0);
+  for (int step = 0; step < num_steps; ++step) {
+    const int slot = step % kGradStages, m0 = (m_first + step % per_head) * kGradStep;
+    const uint32_t q_address = smem_u32(q_tiles + slot * S::kStepTileBytes);
+    const uint32_t dout_address = smem_u32(dout_tiles + slot * S::kStepTileBytes);
+    float s[kGradStep / 2], dp[kGradStep / 2];
+    mbarrier_wait(&step_full[slot], (step / kGradStages) & 1);
+    scores_and_output_grads<T, kD>(s, dp, k_address, v_address, q_address, dout_address);
+    // Element 4 j + 2 r + c: key key0 + 8 r, query m0 + column (j, c).
+#pragma unroll
+    for (int j = 0; j < kGradStep / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int column = accumulator_column(lane, j, c), query = m0 + column;
+        const float lse = lse_steps[slot * kGradStep + column], delta = delta_steps[slot * kGradStep + column];
+        const bool query_ok = query < span.q_len;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = 4 * j + 2 * r + c;
+          const bool allowed = key_ok[r] && query_ok && (!p.causal || key0 + 8 * r <= query);
+          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse) : 0.f;
+          s[i] = probability;
+          dp[i] = probability * (dp[i] - delta);
+        }
+      }
+    }
+    uint32_t pa[kGradStep / 16][4], dsa[kGradStep / 16][4];
+    pack_a<T, kGradStep>(s, pa);
+    pack_a<T, kGradStep>(dp, dsa);
+    wgmma_fence();  // orders the fragment writes before the wgmmas read them
+    issue_rs<T, kD, kGradStep>(dv, pa, dout_address, kStepPanelBytes);
+    issue_rs<T, kD, kGradStep>(dk, dsa, q_address, kStepPanelBytes);
+    wgmma_wait<0>();
+    fence_registers(dv);
+    fence_registers(dk);
+    fence_registers(pa);  // the fragments stay allocated until the wgmmas have read them
+    fence_registers(dsa);
+    mbarrier_arrive(&step_empty[slot]);  // this thread no longer reads that slot
+  }
+
+  const int64_t key_offset = static_cast<int64_t>(span.k_start) * args.dk_strides.token;
+  store_rows<T, kD>(dk, static_cast<T*>(args.dk) + seq * args.dk_strides.seq + kv_head * args.dk_strides.head +
+                            key_offset,
+                    args.dk_strides.token, key0, span.k_len, p.scale, lane);
+  store_rows<T, kD>(dv, static_cast<T*>(args.dv) + seq * args.dv_strides.seq + kv_head * args.dv_strides.head +
+                            static_cast<int64_t>(span.k_start) * args.dv_strides.token,
+                    args.dv_strides.token, key0, span.k_len, 1.f, lane);
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_constant__ BackwardParams params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = GradShape<kD>;
+  extern __shared__ unsigned char shared_raw[];
+  unsigned char* q_tile = aligned_shared(shared_raw);
+  unsigned char* dout_tile = q_tile + S::kBlockTileBytes;
+  unsigned char* k_tiles = dout_tile + S::kBlockTileBytes;
+  unsigned char* v_tiles = k_tiles + kGradStages * S::kStepTileBytes;
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(v_tiles + kGradStages * S::kStepTileBytes);
+  uint64_t* kv_full = q_full + 1;
+  uint64_t* kv_empty = kv_full + kGradStages;
+
+  const AttentionBackwardArgs& args = params.args;
+  const AttentionProblem& p = args.problem;
+  // Causal: the last query blocks have the most keys; start them first.
+  const int m0 = (p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kGradBlock, head = blockIdx.y;
+  const int seq = blockIdx.z;
+  const SequenceSpan span = sequence_span(p, seq);
+  if (m0 >= span.q_len) return;  // packed: this sequence is shorter than max_seqlen_q
+  const int kv_head = head / p.group_size;
+  const int key_end = p.causal ? min(span.k_len, m0 + kGradBlock) : span.k_len;
+  const int num_steps = key_end > 0 ? (key_end + kGradStep - 1) / kGradStep : 0;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kGradStages; ++s) {
+      mbarrier_init(&kv_full[s], 1);
+      mbarrier_init(&kv_empty[s], 2 * 128);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {  // ---- producer ----
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x == 0 && num_steps > 0) {
+      prefetch_maps(params);
+      mbarrier_arrive_expect_tx(q_full, 2 * S::kBlockTileBytes);
+      load_tile_pair<S::kPanels>(q_tile, &params.q_map, dout_tile, &params.dout_map, q_full, kBlockPanelBytes,
+                                 span.q_start + m0, head, span.coord);
+      for (int step = 0; step < num_steps; ++step) {
+        const int slot = step % kGradStages;
+        mbarrier_wait(&kv_empty[slot], ((step / kGradStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(&kv_full[slot], 2 * S::kStepTileBytes);
+        load_tile_pair<S::kPanels>(k_tiles + slot * S::kStepTileBytes, &params.k_map,
+                                   v_tiles + slot * S::kStepTileBytes, &params.v_map, &kv_full[slot],
+                                   kStepPanelBytes, span.k_start + step * kGradStep, kv_head, span.coord);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: 64 query rows each ----
+  claim_registers<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int row0 = m0 + consumer * 64 + accumulator_row(lane, warp, 0);  // this thread's rows: row0, row0 + 8
+  const uint8_t* const padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
+  const float scale_log2 = p.scale * kLog2e;
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    lse[r] = lse_log2(args, seq, head, span.q_start + row, row < span.q_len);
+    delta[r] = delta_at(args, seq, head, span.q_start + row, row < span.q_len);
+  }
+  const uint32_t q_address = smem_u32(q_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
+  const uint32_t dout_address = smem_u32(dout_tile) + consumer * 64 * 128;
+
+  float dq[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
+  if (num_steps > 0) mbarrier_wait(q_full, 0);
+  for (int step = 0; step < num_steps; ++step) {
+    const int slot = step % kGradStages, n0 = step * kGradStep;
+    const uint32_t k_address = smem_u32(k_tiles + slot * S::kStepTileBytes);
+    const uint32_t v_address = smem_u32(v_tiles + slot * S::kStepTileBytes);
+    float s[kGradStep / 2], dp[kGradStep / 2];
+    mbarrier_wait(&kv_full[slot], (step / kGradStages) & 1);
+    scores_and_output_grads<T, kD>(s, dp, q_address, dout_address, k_address, v_address);
+    // Element 4 j + 2 r + c: query row0 + 8 r, key n0 + column (j, c).
+#pragma unroll
+    for (int j = 0; j < kGradStep / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int key = n0 + accumulator_column(lane, j, c);
+        const bool key_ok = key_allowed(p, padding, key, span.k_len);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = 4 * j + 2 * r + c;
+          const bool allowed = key_ok && (!p.causal || key <= row0 + 8 * r);
+          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse[r]) : 0.f;
+          dp[i] = probability * (dp[i] - delta[r]);
+        }
+      }
+    }
+    uint32_t dsa[kGradStep / 16][4];
+    pack_a<T, kGradStep>(dp, dsa);
+    wgmma_fence();
+    issue_rs<T, kD, kGradStep>(dq, dsa, k_address, kStepPanelBytes);
+    wgmma_wait<0>();
+    fence_registers(dq);
+    fence_registers(dsa);
+    mbarrier_arrive(&kv_empty[slot]);
+  }
+
+  store_rows<T, kD>(dq, static_cast<T*>(args.dq) + seq * args.dq_strides.seq + head * args.dq_strides.head +
+                            static_cast<int64_t>(span.q_start) * args.dq_strides.token,
+                    args.dq_strides.token, row0, span.q_len, p.scale, lane);
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// Builds the tensor maps and launches both kernels (host side; compiled for sm_90a).
+template <typename T, int kD>
+cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStream_t stream) {
+  const AttentionProblem& p = args.problem;
+  const int seqs = p.cu_seqlens_q != nullptr ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
+  // The pass that owns keys loads K, V in 128-row boxes and Q, dO in 64-row ones; the other
+  // the other way round.
+  const auto make_maps = [&](BackwardParams* params, int q_rows, int k_rows) -> cudaError_t {
+    params->args = args;
+    if (cudaError_t e = make_tile_map(&params->q_map, dtype, p.q, p.q_strides, p.q_tokens, p.num_heads, seqs, kD, q_rows);
+        e != cudaSuccess) {
+      return e;
+    }
+    if (cudaError_t e = make_tile_map(&params->dout_map, dtype, args.dout, args.dout_strides, p.q_tokens, p.num_heads,
+                                      seqs, kD, q_rows);
+        e != cudaSuccess) {
+      return e;
+    }
+    if (cudaError_t e = make_tile_map(&params->k_map, dtype, p.k, p.k_strides, p.k_tokens, kv_heads, seqs, kD, k_rows);
+        e != cudaSuccess) {
+      return e;
+    }
+    return make_tile_map(&params->v_map, dtype, p.v, p.v_strides, p.k_tokens, kv_heads, seqs, kD, k_rows);
+  };
+  constexpr int kSmem = GradShape<kD>::kSmemBytes;
+  const dim3 key_grid(static_cast<unsigned>((p.max_seqlen_k + kGradBlock - 1) / kGradBlock), kv_heads, p.num_seqs);
+  const dim3 query_grid(static_cast<unsigned>((p.max_seqlen_q + kGradBlock - 1) / kGradBlock), p.num_heads,
+                        p.num_seqs);
+  if (key_grid.x > 0 && key_grid.y > 0 && key_grid.z > 0) {
+    BackwardParams params{};
+    if (cudaError_t e = make_maps(&params, kGradStep, kGradBlock); e != cudaSuccess) return e;
+    auto kernel = key_grad_kernel<T, kD>;
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        e != cudaSuccess) {
+      return e;
+    }
+    kernel<<<key_grid, kThreads, kSmem, stream>>>(params);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  if (query_grid.x > 0 && query_grid.y > 0 && query_grid.z > 0) {
+    BackwardParams params{};
+    if (cudaError_t e = make_maps(&params, kGradBlock, kGradStep); e != cudaSuccess) return e;
+    auto kernel = query_grad_kernel<T, kD>;
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        e != cudaSuccess) {
+      return e;
+    }
+    kernel<<<query_grid, kThreads, kSmem, stream>>>(params);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+}  // namespace attention_sm90
+}  // namespace tformer

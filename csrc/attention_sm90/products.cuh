@@ -1,0 +1,86 @@
+// The two shapes of matrix product every sm_90a attention kernel issues, on 128-byte-swizzled
+// tiles as TMA writes them: a tile of R rows x kD is kD / 64 panels of R rows x 128 bytes,
+// `panel_bytes` = R x 128 apart (forward_sm90.cuh's opening comment has the layout).
+//
+//   issue_ss  C (64 x kN) = A (64 x kD) B^T, both from shared memory with the head dim
+//             contiguous (K-major): S = Q K^T, dP = dO V^T, and their transposes K Q^T, V dO^T.
+//   issue_rs  C (64 x kD) += A (64 x kK) B, A from registers (an earlier product's
+//             accumulator, packed by pack_a), B a (kK x kD) tile with the head dim contiguous
+//             (MN-major for this product): O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K.
+// Each issues its wgmmas and commits them as one group; the caller waits (wgmma_wait).
+#pragma once
+
+#include "attention_sm90/hopper.cuh"
+#include "attention_sm90/wgmma.cuh"
+#include "common/convert.cuh"
+
+namespace tformer {
+namespace attention_sm90 {
+
+// K-major operands: a 16-column step inside a 128-byte swizzled row advances the start
+// address by 32 bytes (the hardware swizzles the final address), a 64-column step moves to
+// the next panel; 8-row groups are 1024 bytes apart.
+template <typename T, int kD, int kN>
+__device__ __forceinline__ void issue_ss(float (&c)[kN / 2], uint32_t a_address, uint32_t a_panel_bytes,
+                                         uint32_t b_address, uint32_t b_panel_bytes) {
+  static_assert(kN == 64 || kN == 128, "wgmma N of 64 or 128");
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t column_bytes = (kk % 4) * 32;
+    const uint64_t a_desc = smem_descriptor(a_address + (kk / 4) * a_panel_bytes + column_bytes, 16, 1024);
+    const uint64_t b_desc = smem_descriptor(b_address + (kk / 4) * b_panel_bytes + column_bytes, 16, 1024);
+    if constexpr (kN == 64) {
+      Wgmma<T>::ss_n64(c, a_desc, b_desc, kk > 0 ? 1u : 0u);
+    } else {
+      Wgmma<T>::ss_n128(c, a_desc, b_desc, kk > 0 ? 1u : 0u);
+    }
+  }
+  wgmma_commit();
+}
+
+// MN-major B: 64-column panels `b_panel_bytes` apart (the leading offset), 8-row groups 1024
+// bytes apart (the stride offset), 16 rows (2 KiB) per wgmma.
+template <typename T, int kD, int kK>
+__device__ __forceinline__ void issue_rs(float (&c)[kD / 2], const uint32_t (&a)[kK / 16][4], uint32_t b_address,
+                                         uint32_t b_panel_bytes) {
+  static_assert(kD == 64 || kD == 128, "wgmma N of 64 or 128");
+#pragma unroll
+  for (int t = 0; t < kK / 16; ++t) {
+    const uint64_t b_desc = smem_descriptor(b_address + t * 16 * 128, b_panel_bytes, 1024);
+    if constexpr (kD == 64) {
+      Wgmma<T>::rs_n64(c, a[t], b_desc, 1u);
+    } else {
+      Wgmma<T>::rs_n128(c, a[t], b_desc, 1u);
+    }
+  }
+  wgmma_commit();
+}
+
+// An accumulator (64 x kN, float32) as wgmma A fragments of 16 columns each: registers
+// {row r0, columns 0-7 | r0 + 8, columns 0-7 | r0, columns 8-15 | r0 + 8, columns 8-15} =
+// accumulator chunks 2t and 2t + 1 (for 16-bit types the layouts agree: FA3 3.3).
+template <typename T, int kN>
+__device__ __forceinline__ void pack_a(const float (&c)[kN / 2], uint32_t (&a)[kN / 16][4]) {
+#pragma unroll
+  for (int t = 0; t < kN / 16; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[t][i] = pack2<T>(c[8 * t + 2 * i], c[8 * t + 2 * i + 1]);
+  }
+}
+
+// Keeps the compiler from moving A fragments across an asynchronous wgmma that reads them.
+template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
+}
+
+// Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
+// 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
+__device__ __forceinline__ int accumulator_row(int lane, int warp, int r) { return 16 * warp + lane / 4 + 8 * r; }
+__device__ __forceinline__ int accumulator_column(int lane, int j, int c) { return 8 * j + 2 * (lane % 4) + c; }
+
+}  // namespace attention_sm90
+}  // namespace tformer
