@@ -142,3 +142,10 @@ def test_exclude_leaves_out_a_backend_with_its_variants(capsys):
     with pytest.raises(SystemExit):
         gpu_sweep.main(["--device", "cpu", "--backends", "triton,triton+fa2", "--exclude", "triton"])
     assert "--exclude triton: leaves no backend to sweep" in capsys.readouterr().err
+
+
+def test_gpu_cases_favour_the_head_dims_of_the_sm90a_kernels():
+    rng = random.Random(0)
+    dims = [gpu_sweep.make_case(rng, "attention", "cuda", "bfloat16", "cuda")["head_dim"] for _ in range(800)]
+    assert 0.3 < sum(d in (64, 128) for d in dims) / len(dims) < 0.45
+    assert set(dims) == set(gpu_sweep.GPU_HEAD_DIMS)  # every head dim still comes up
