@@ -113,6 +113,14 @@ def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
 BACKWARD = {"key_grad_kernel": "15key_grad_kernel", "query_grad_kernel": "17query_grad_kernel"}
 
 
+def grad_step(head_dim: int) -> int:
+    """backward_sm90.cuh's grad_step: the rows a pipeline step streams at this head dim."""
+    header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
+    limit, small, large = map(int, re.search(r"grad_step\(int head_dim\) \{ return head_dim <= (\d+) \? (\d+) : (\d+);",
+                                             header).groups())
+    return small if head_dim <= limit else large
+
+
 @pytest.fixture(scope="module")
 def sm90a_backward_kernels() -> dict[str, str]:
     elves = subprocess.run([_cuobjdump(), "-lelf", str(_extension())], capture_output=True, text=True, timeout=60)
@@ -133,10 +141,9 @@ def test_every_backward_instantiation_is_built(sm90a_backward_kernels):
 
 
 def test_backward_hot_loops_use_wgmma_and_tma(sm90a_backward_kernels):
-    header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
-    step = int(re.search(r"constexpr int kGradStep = (\d+);", header).group(1))
     for name, code in sm90a_backward_kernels.items():
         head_dim = int(re.search(r"Li(\d+)E", name).group(1))
+        step = grad_step(head_dim)
         # Two products over the head dim (S and dP, or their transposes), head_dim / 16 wgmmas
         # each; then dV and dK (two), or dQ (one), over the step's rows, step / 16 each.
         register_products = 2 if "key_grad" in name else 1
@@ -155,12 +162,13 @@ def test_backward_has_no_spills_and_fits_hopper_shared_memory(sm90a_backward_ker
                             capture_output=True, text=True, timeout=300)
     usage = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", result.stdout))
     header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
-    block, step, stages = (int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))
-                           for name in ("kGradBlock", "kGradStep", "kGradStages"))
+    block, stages = (int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))
+                     for name in ("kGradBlock", "kGradStages"))
     for name in sm90a_backward_kernels:
         fields = dict(item.split(":", 1) for item in usage[name].split())
         assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name}: {usage[name]}"
         head_dim = int(re.search(r"Li(\d+)E", name).group(1))
+        step = grad_step(head_dim)
         # GradShape<kD>::kSmemBytes: two block tiles, stages x (two step tiles + lse and delta),
         # barriers, 1 KiB of alignment.
         dynamic = 2 * block * head_dim * 2 + stages * (2 * step * head_dim * 2 + 2 * step * 4) + 64 + 1024

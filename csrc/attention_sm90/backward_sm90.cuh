@@ -4,20 +4,20 @@
 // one producer warpgroup and two consumer warpgroups issuing wgmma (forward_sm90.cuh).
 //
 //   key_grad_kernel    a block owns 128 keys of a (sequence, kv head), 64 per consumer, with
-//                      their K and V tiles loaded once; it streams 64-query steps of Q, dO,
-//                      lse and delta over every query head of the group (grouped-query
+//                      their K and V tiles loaded once; it streams query steps (128 rows at
+//                      head dim 64, 64 at 128: grad_step) of Q, dO, lse and delta over
+//                      every query head of the group (grouped-query
 //                      attention) and accumulates in registers
 //                        S^T = K Q^T,  dP^T = V dO^T             (both operands in shared memory)
 //                        P^T = exp2(S^T scale log2 e - lse),  dS^T = P^T (dP^T - delta)
 //                        dV += P^T dO,  dK += dS^T Q             (P^T, dS^T from registers)
 //   query_grad_kernel  a block owns 128 query rows of a (sequence, head), 64 per consumer,
-//                      with their Q and dO tiles loaded once; it streams 64-key steps of K
-//                      and V and accumulates dQ += dS K.
+//                      with their Q and dO tiles loaded once; it streams key steps of K
+//                      and V (the same sizes) and accumulates dQ += dS K.
 //
 // Every product is one of the forward's two shapes (products.cuh): K-major x K-major from
 // shared memory, or register A x MN-major B; the accumulator of S^T (keys x queries) is the
-// A fragment of P^T as S's is of P in the forward. 64-row steps keep the dK/dV pass's live
-// accumulators (dK, dV: kD / 2 each; S^T, dP^T: 32 each) within the consumers' registers.
+// A fragment of P^T as S's is of P in the forward.
 // What FA3's backward adds and this does not (yet): the softmax of one step overlapped with
 // the next step's products, and dQ by atomics in the same pass; bench/KERNEL_NOTES.md,
 // section c90b, has the prediction.
@@ -43,17 +43,24 @@ namespace tformer {
 namespace attention_sm90 {
 
 constexpr int kGradBlock = 128;  // rows a block owns: keys (dK/dV pass) or queries (dQ pass)
-constexpr int kGradStep = 64;    // rows a pipeline step streams: queries (dK/dV pass) or keys (dQ pass)
 constexpr int kGradStages = 2;
 constexpr int kBlockPanelBytes = kGradBlock * 128;  // a 128-row panel of 128-byte rows
-constexpr int kStepPanelBytes = kGradStep * 128;
+
+// Rows a pipeline step streams: queries (dK/dV pass) or keys (dQ pass). At head dim 64 the
+// dK/dV accumulators are small enough for 128-row steps (S^T, dP^T: 64 registers each), which
+// halve the steps' barrier and staging overhead and run wgmma at N = 128; at 128, 64-row steps
+// keep dK, dV (64 each), S^T and dP^T within the consumers' registers. (FA3's backward picks
+// the same query-block sizes.)
+constexpr int grad_step(int head_dim) { return head_dim <= 64 ? 128 : 64; }
 
 template <int kD> struct GradShape {
   static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
+  static constexpr int kStep = grad_step(kD);
   static constexpr int kPanels = kD / kPanelColumns;
+  static constexpr int kStepPanelBytes = kStep * 128;
   static constexpr int kBlockTileBytes = kPanels * kBlockPanelBytes;
   static constexpr int kStepTileBytes = kPanels * kStepPanelBytes;
-  static constexpr int kStepFloatBytes = 2 * kGradStep * 4;  // a query step's lse and delta (dK/dV pass)
+  static constexpr int kStepFloatBytes = 2 * kStep * 4;  // a query step's lse and delta (dK/dV pass)
   static constexpr int kBarrierBytes = 64;
   // Two block tiles, kGradStages x (two step tiles + lse/delta), barriers, slack to align the
   // base to 1024 bytes (every tile 1024-aligned: the swizzle's period).
@@ -140,12 +147,12 @@ __device__ __forceinline__ void load_tile_pair(unsigned char* first, const CUten
 
 // A step's two score products, awaited: s = A_s B_s^T and dp = A_dp B_dp^T (S and dP, or
 // their transposes), the A tiles of block rows, the B tiles of step rows.
-template <typename T, int kD>
-__device__ __forceinline__ void scores_and_output_grads(float (&s)[kGradStep / 2], float (&dp)[kGradStep / 2],
-                                                        uint32_t s_a, uint32_t dp_a, uint32_t s_b, uint32_t dp_b) {
+template <typename T, int kD, int kStep = GradShape<kD>::kStep>
+__device__ __forceinline__ void scores_and_output_grads(float (&s)[kStep / 2], float (&dp)[kStep / 2], uint32_t s_a,
+                                                        uint32_t dp_a, uint32_t s_b, uint32_t dp_b) {
   wgmma_fence();
-  issue_ss<T, kD, kGradStep>(s, s_a, kBlockPanelBytes, s_b, kStepPanelBytes);
-  issue_ss<T, kD, kGradStep>(dp, dp_a, kBlockPanelBytes, dp_b, kStepPanelBytes);
+  issue_ss<T, kD, kStep>(s, s_a, kBlockPanelBytes, s_b, GradShape<kD>::kStepPanelBytes);
+  issue_ss<T, kD, kStep>(dp, dp_a, kBlockPanelBytes, dp_b, GradShape<kD>::kStepPanelBytes);
   wgmma_wait<0>();
   fence_registers(s);
   fence_registers(dp);
@@ -161,8 +168,8 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   unsigned char* q_tiles = v_tile + S::kBlockTileBytes;
   unsigned char* dout_tiles = q_tiles + kGradStages * S::kStepTileBytes;
   float* lse_steps = reinterpret_cast<float*>(dout_tiles + kGradStages * S::kStepTileBytes);
-  float* delta_steps = lse_steps + kGradStages * kGradStep;
-  uint64_t* kv_full = reinterpret_cast<uint64_t*>(delta_steps + kGradStages * kGradStep);
+  float* delta_steps = lse_steps + kGradStages * S::kStep;
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(delta_steps + kGradStages * S::kStep);
   uint64_t* step_full = kv_full + 1;
   uint64_t* step_empty = step_full + kGradStages;
 
@@ -172,14 +179,14 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   const SequenceSpan span = sequence_span(p, seq);
   if (n0 >= span.k_len) return;  // packed: this sequence is shorter than max_seqlen_k
   // Causal (top-left): query i sees keys j <= i, so query steps wholly above the block are skipped.
-  const int m_first = p.causal ? n0 / kGradStep : 0;
-  const int per_head = max(0, (span.q_len + kGradStep - 1) / kGradStep - m_first);
+  const int m_first = p.causal ? n0 / S::kStep : 0;
+  const int per_head = max(0, (span.q_len + S::kStep - 1) / S::kStep - m_first);
   const int num_steps = per_head * p.group_size;  // heads of the group in order, then query steps
 
   if (threadIdx.x == 0) {
     mbarrier_init(kv_full, 1);
     for (int s = 0; s < kGradStages; ++s) {
-      mbarrier_init(&step_full[s], kGradStep);  // the 64 producer threads writing lse and delta
+      mbarrier_init(&step_full[s], S::kStep);  // the producer threads writing lse and delta, one a row
       mbarrier_init(&step_empty[s], 2 * 128);   // every consumer thread
     }
     fence_barrier_init();
@@ -187,10 +194,10 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {  // ---- producer: thread 0 issues the TMA loads, threads 0-63 stage lse, delta ----
+  if (warpgroup == 0) {  // ---- producer: thread 0 issues the TMA loads, one thread a row stages lse, delta ----
     release_registers<kProducerRegisters>();
     const int t = threadIdx.x;
-    if (t >= kGradStep) return;
+    if (t >= S::kStep) return;
     if (t == 0 && num_steps > 0) {
       prefetch_maps(params);
       mbarrier_arrive_expect_tx(kv_full, 2 * S::kBlockTileBytes);
@@ -199,11 +206,11 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
     }
     for (int step = 0; step < num_steps; ++step) {
       const int slot = step % kGradStages;
-      const int head = kv_head * p.group_size + step / per_head, m0 = (m_first + step % per_head) * kGradStep;
+      const int head = kv_head * p.group_size + step / per_head, m0 = (m_first + step % per_head) * S::kStep;
       mbarrier_wait(&step_empty[slot], ((step / kGradStages) & 1) ^ 1);
       const int row = m0 + t;
-      lse_steps[slot * kGradStep + t] = lse_log2(args, seq, head, span.q_start + row, row < span.q_len);
-      delta_steps[slot * kGradStep + t] = delta_at(args, seq, head, span.q_start + row, row < span.q_len);
+      lse_steps[slot * S::kStep + t] = lse_log2(args, seq, head, span.q_start + row, row < span.q_len);
+      delta_steps[slot * S::kStep + t] = delta_at(args, seq, head, span.q_start + row, row < span.q_len);
       if (t != 0) {
         mbarrier_arrive(&step_full[slot]);  // releases this thread's lse and delta
         continue;
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
       mbarrier_arrive_expect_tx(&step_full[slot], 2 * S::kStepTileBytes);
       load_tile_pair<S::kPanels>(q_tiles + slot * S::kStepTileBytes, &params.q_map,
                                  dout_tiles + slot * S::kStepTileBytes, &params.dout_map, &step_full[slot],
-                                 kStepPanelBytes, span.q_start + m0, head, span.coord);
+                                 S::kStepPanelBytes, span.q_start + m0, head, span.coord);
     }
     return;  // every load issued is waited for by the consumers, so none outlives the block
   }
@@ -233,19 +240,19 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
   if (num_steps > 0) mbarrier_wait(kv_full, 0);
   for (int step = 0; step < num_steps; ++step) {
-    const int slot = step % kGradStages, m0 = (m_first + step % per_head) * kGradStep;
+    const int slot = step % kGradStages, m0 = (m_first + step % per_head) * S::kStep;
     const uint32_t q_address = smem_u32(q_tiles + slot * S::kStepTileBytes);
     const uint32_t dout_address = smem_u32(dout_tiles + slot * S::kStepTileBytes);
-    float s[kGradStep / 2], dp[kGradStep / 2];
+    float s[S::kStep / 2], dp[S::kStep / 2];
     mbarrier_wait(&step_full[slot], (step / kGradStages) & 1);
     scores_and_output_grads<T, kD>(s, dp, k_address, v_address, q_address, dout_address);
     // Element 4 j + 2 r + c: key key0 + 8 r, query m0 + column (j, c).
 #pragma unroll
-    for (int j = 0; j < kGradStep / 8; ++j) {
+    for (int j = 0; j < S::kStep / 8; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int column = accumulator_column(lane, j, c), query = m0 + column;
-        const float lse = lse_steps[slot * kGradStep + column], delta = delta_steps[slot * kGradStep + column];
+        const float lse = lse_steps[slot * S::kStep + column], delta = delta_steps[slot * S::kStep + column];
         const bool query_ok = query < span.q_len;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -257,12 +264,12 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
         }
       }
     }
-    uint32_t pa[kGradStep / 16][4], dsa[kGradStep / 16][4];
-    pack_a<T, kGradStep>(s, pa);
-    pack_a<T, kGradStep>(dp, dsa);
+    uint32_t pa[S::kStep / 16][4], dsa[S::kStep / 16][4];
+    pack_a<T, S::kStep>(s, pa);
+    pack_a<T, S::kStep>(dp, dsa);
     wgmma_fence();  // orders the fragment writes before the wgmmas read them
-    issue_rs<T, kD, kGradStep>(dv, pa, dout_address, kStepPanelBytes);
-    issue_rs<T, kD, kGradStep>(dk, dsa, q_address, kStepPanelBytes);
+    issue_rs<T, kD, S::kStep>(dv, pa, dout_address, S::kStepPanelBytes);
+    issue_rs<T, kD, S::kStep>(dk, dsa, q_address, S::kStepPanelBytes);
     wgmma_wait<0>();
     fence_registers(dv);
     fence_registers(dk);
@@ -303,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
   if (m0 >= span.q_len) return;  // packed: this sequence is shorter than max_seqlen_q
   const int kv_head = head / p.group_size;
   const int key_end = p.causal ? min(span.k_len, m0 + kGradBlock) : span.k_len;
-  const int num_steps = key_end > 0 ? (key_end + kGradStep - 1) / kGradStep : 0;
+  const int num_steps = key_end > 0 ? (key_end + S::kStep - 1) / S::kStep : 0;
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
@@ -329,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
         mbarrier_arrive_expect_tx(&kv_full[slot], 2 * S::kStepTileBytes);
         load_tile_pair<S::kPanels>(k_tiles + slot * S::kStepTileBytes, &params.k_map,
                                    v_tiles + slot * S::kStepTileBytes, &params.v_map, &kv_full[slot],
-                                   kStepPanelBytes, span.k_start + step * kGradStep, kv_head, span.coord);
+                                   S::kStepPanelBytes, span.k_start + step * S::kStep, kv_head, span.coord);
       }
     }
     return;
@@ -357,15 +364,15 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
   for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
   if (num_steps > 0) mbarrier_wait(q_full, 0);
   for (int step = 0; step < num_steps; ++step) {
-    const int slot = step % kGradStages, n0 = step * kGradStep;
+    const int slot = step % kGradStages, n0 = step * S::kStep;
     const uint32_t k_address = smem_u32(k_tiles + slot * S::kStepTileBytes);
     const uint32_t v_address = smem_u32(v_tiles + slot * S::kStepTileBytes);
-    float s[kGradStep / 2], dp[kGradStep / 2];
+    float s[S::kStep / 2], dp[S::kStep / 2];
     mbarrier_wait(&kv_full[slot], (step / kGradStages) & 1);
     scores_and_output_grads<T, kD>(s, dp, q_address, dout_address, k_address, v_address);
     // Element 4 j + 2 r + c: query row0 + 8 r, key n0 + column (j, c).
 #pragma unroll
-    for (int j = 0; j < kGradStep / 8; ++j) {
+    for (int j = 0; j < S::kStep / 8; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int key = n0 + accumulator_column(lane, j, c);
@@ -379,10 +386,10 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
         }
       }
     }
-    uint32_t dsa[kGradStep / 16][4];
-    pack_a<T, kGradStep>(dp, dsa);
+    uint32_t dsa[S::kStep / 16][4];
+    pack_a<T, S::kStep>(dp, dsa);
     wgmma_fence();
-    issue_rs<T, kD, kGradStep>(dq, dsa, k_address, kStepPanelBytes);
+    issue_rs<T, kD, S::kStep>(dq, dsa, k_address, S::kStepPanelBytes);
     wgmma_wait<0>();
     fence_registers(dq);
     fence_registers(dsa);
@@ -398,10 +405,11 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
 // Builds the tensor maps and launches both kernels (host side; compiled for sm_90a).
 template <typename T, int kD>
 cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStream_t stream) {
+  using S = GradShape<kD>;
   const AttentionProblem& p = args.problem;
   const int seqs = p.cu_seqlens_q != nullptr ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
-  // The pass that owns keys loads K, V in 128-row boxes and Q, dO in 64-row ones; the other
-  // the other way round.
+  // The pass that owns keys loads K, V in 128-row boxes and Q, dO in step-row ones; the
+  // other the other way round.
   const auto make_maps = [&](BackwardParams* params, int q_rows, int k_rows) -> cudaError_t {
     params->args = args;
     if (cudaError_t e = make_tile_map(&params->q_map, dtype, p.q, p.q_strides, p.q_tokens, p.num_heads, seqs, kD, q_rows);
@@ -419,13 +427,13 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStr
     }
     return make_tile_map(&params->v_map, dtype, p.v, p.v_strides, p.k_tokens, kv_heads, seqs, kD, k_rows);
   };
-  constexpr int kSmem = GradShape<kD>::kSmemBytes;
+  constexpr int kSmem = S::kSmemBytes;
   const dim3 key_grid(static_cast<unsigned>((p.max_seqlen_k + kGradBlock - 1) / kGradBlock), kv_heads, p.num_seqs);
   const dim3 query_grid(static_cast<unsigned>((p.max_seqlen_q + kGradBlock - 1) / kGradBlock), p.num_heads,
                         p.num_seqs);
   if (key_grid.x > 0 && key_grid.y > 0 && key_grid.z > 0) {
     BackwardParams params{};
-    if (cudaError_t e = make_maps(&params, kGradStep, kGradBlock); e != cudaSuccess) return e;
+    if (cudaError_t e = make_maps(&params, S::kStep, kGradBlock); e != cudaSuccess) return e;
     auto kernel = key_grad_kernel<T, kD>;
     if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
         e != cudaSuccess) {
@@ -436,7 +444,7 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStr
   }
   if (query_grid.x > 0 && query_grid.y > 0 && query_grid.z > 0) {
     BackwardParams params{};
-    if (cudaError_t e = make_maps(&params, kGradBlock, kGradStep); e != cudaSuccess) return e;
+    if (cudaError_t e = make_maps(&params, kGradBlock, S::kStep); e != cudaSuccess) return e;
     auto kernel = query_grad_kernel<T, kD>;
     if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
         e != cudaSuccess) {
