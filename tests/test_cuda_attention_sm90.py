@@ -85,6 +85,18 @@ def _cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
 
 
+# Packed sequences: a one-token query, Sq = Sk, Sq < Sk and a one-key sequence.
+LENGTHS_Q, LENGTHS_K = [1, 300, 129, 64], [5, 300, 700, 1]
+
+
+def _packed_inputs(head_dim, seed):
+    """fp16 q (8 heads), k, v (2 heads) of the LENGTHS_* sequences, and the varlen arguments."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(sum(lens), heads, head_dim, generator=generator).to("cuda", torch.float16)
+               for lens, heads in ((LENGTHS_Q, 8), (LENGTHS_K, 2), (LENGTHS_K, 2)))
+    return q, k, v, (_cu(LENGTHS_Q), _cu(LENGTHS_K), max(LENGTHS_Q), max(LENGTHS_K))
+
+
 def test_hopper_path_is_selected_and_can_be_forced_off(monkeypatch):
     q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
     monkeypatch.delenv(FORCE_SM80, raising=False)
@@ -129,12 +141,8 @@ def test_fully_masked_rows_give_zeros_and_minus_inf(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_matches_sm80(monkeypatch, head_dim, causal):
-    lengths_q, lengths_k = [1, 300, 129, 64], [5, 300, 700, 1]
-    generator = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(sum(lens), heads, head_dim, generator=generator).to("cuda", torch.float16)
-               for lens, heads in ((lengths_q, 8), (lengths_k, 2), (lengths_k, 2)))
-
-    kwargs = dict(cu_q=_cu(lengths_q), cu_k=_cu(lengths_k), max_q=max(lengths_q), max_k=max(lengths_k), causal=causal)
+    q, k, v, (cu_q, cu_k, max_q, max_k) = _packed_inputs(head_dim, seed=3)
+    kwargs = dict(cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
     (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, **kwargs)
     torch.testing.assert_close(out, out80, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
@@ -227,17 +235,13 @@ def test_backward_of_fully_masked_rows_is_zero(monkeypatch):
 def test_varlen_backward_matches_sm80(monkeypatch, head_dim, causal):
     from tformer.ops import attention_varlen
 
-    lengths_q, lengths_k = [1, 300, 129, 64], [5, 300, 700, 1]
-    generator = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(sum(lens), heads, head_dim, generator=generator).to("cuda", torch.float16)
-               for lens, heads in ((lengths_q, 8), (lengths_k, 2), (lengths_k, 2)))
+    q, k, v, varlen = _packed_inputs(head_dim, seed=4)
     grad_out = torch.randn_like(q)
 
     def grads(bwd_force):
         _set(monkeypatch, BWD_FORCE_SM80, bwd_force)
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        attention_varlen(*leaves, _cu(lengths_q), _cu(lengths_k), max(lengths_q), max(lengths_k), causal=causal,
-                         backend="cuda").backward(grad_out)
+        attention_varlen(*leaves, *varlen, causal=causal, backend="cuda").backward(grad_out)
         return [t.grad for t in leaves]
 
     for name, hopper, ampere in zip(("dq", "dk", "dv"), grads(None), grads("1")):

@@ -63,11 +63,9 @@ cudaError_t launch_attention_forward(DType dtype, const AttentionForwardArgs& ar
 }
 
 cudaError_t launch_attention_backward(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream) {
-  // Likewise the backward; delta = rowsum(dO * O) comes from the sm_80 code either way.
+  // Likewise the backward.
   if (attention_sm90_backward_path(dtype, args, nullptr) == AttentionPath::kSm90a) {
-    const cudaError_t delta = dtype == DType::kBFloat16 ? attention::run_delta<__nv_bfloat16>(args, stream)
-                                                        : attention::run_delta<__half>(args, stream);
-    return delta != cudaSuccess ? delta : launch_attention_backward_sm90(dtype, args, stream);
+    return launch_attention_backward_sm90(dtype, args, stream);
   }
   return by_dtype(dtype, args.problem.head_dim, Backward{args, stream});
 }

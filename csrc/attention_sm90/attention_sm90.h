@@ -17,8 +17,8 @@ namespace tformer {
 // Head dims the sm_90a kernels are compiled for (exactly; others take the sm_80 kernels).
 constexpr int kAttentionSm90HeadDims[] = {64, 128};
 
-// Set to a non-empty value other than "0" to keep every attention forward on the sm_80
-// kernels (A/B benchmarks, the GPU sweep).
+// Set to a non-empty value other than "0" to keep every attention forward and backward on the
+// sm_80 kernels (A/B benchmarks, the GPU sweep).
 constexpr const char* kForceSm80Variable = "TFORMER_ATTENTION_FORCE_SM80";
 // The same for the backward alone (the forward stays on sm_90a): the A/B row of the backward,
 // and what bench/gpu_canary.py sets when only the sm_90a backward fails.
@@ -42,7 +42,7 @@ cudaError_t launch_attention_forward_sm90(DType dtype, const AttentionForwardArg
 AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardArgs& args, std::string* why_not);
 std::string attention_backward_path_name(DType dtype, int head_dim, int device);
 
-// dK/dV and dQ; args.delta must already hold rowsum(dO * O).
+// delta (the sm_80 delta_kernel), then dK/dV and dQ.
 cudaError_t launch_attention_backward_sm90(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);
 
 namespace attention_sm90 {

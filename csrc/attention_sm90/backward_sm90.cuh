@@ -35,6 +35,7 @@
 
 #include "attention/attention.h"
 #include "attention_sm90/attention_sm90.h"
+#include "attention_sm90/block_setup.cuh"
 #include "attention_sm90/hopper.cuh"
 #include "attention_sm90/products.cuh"
 #include "common/convert.cuh"
@@ -72,25 +73,6 @@ struct BackwardParams {
   AttentionBackwardArgs args;
   CUtensorMap q_map, k_map, v_map, dout_map;  // block-tile maps: 128-row boxes; step-tile maps: 64
 };
-
-struct SequenceSpan {
-  int q_start, q_len, k_start, k_len, coord;  // coord: the sequence's TMA coordinate (0 when packed)
-};
-
-__device__ __forceinline__ SequenceSpan sequence_span(const AttentionProblem& p, int seq) {
-  if (p.cu_seqlens_q == nullptr) return {0, p.max_seqlen_q, 0, p.max_seqlen_k, seq};
-  const int q_start = p.cu_seqlens_q[seq], k_start = p.cu_seqlens_k[seq];
-  return {q_start, p.cu_seqlens_q[seq + 1] - q_start, k_start, p.cu_seqlens_k[seq + 1] - k_start, 0};
-}
-
-__device__ __forceinline__ unsigned char* aligned_shared(unsigned char* raw) {
-  const uint32_t address = smem_u32(raw);
-  return raw + (((address + 1023) & ~1023u) - address);
-}
-
-__device__ __forceinline__ bool key_allowed(const AttentionProblem& p, const uint8_t* padding, int key, int k_len) {
-  return key < k_len && (padding == nullptr || padding[static_cast<int64_t>(key) * p.key_padding_token_stride] == 0);
-}
 
 // lse in log2 units, measured against 0 for fully masked rows (lse = -inf) and rows past the
 // sequence, whose scores are all masked anyway.
@@ -230,7 +212,8 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   const int wg_key0 = n0 + consumer * 64;
   const int key0 = wg_key0 + accumulator_row(lane, warp, 0);  // this thread's keys: key0, key0 + 8
   const uint8_t* const padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
-  const bool key_ok[2] = {key_allowed(p, padding, key0, span.k_len), key_allowed(p, padding, key0 + 8, span.k_len)};
+  const bool key_ok[2] = {key_allowed(padding, p.key_padding_token_stride, key0, span.k_len),
+                          key_allowed(padding, p.key_padding_token_stride, key0 + 8, span.k_len)};
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t k_address = smem_u32(k_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
   const uint32_t v_address = smem_u32(v_tile) + consumer * 64 * 128;
@@ -376,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int key = n0 + accumulator_column(lane, j, c);
-        const bool key_ok = key_allowed(p, padding, key, span.k_len);
+        const bool key_ok = key_allowed(padding, p.key_padding_token_stride, key, span.k_len);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;

@@ -1,6 +1,7 @@
 // Host side of the sm_90a attention kernels: whether a forward or backward runs on them
 // (device, build, dtype, head dim, layout, the TFORMER_ATTENTION_FORCE_SM80 and
-// TFORMER_ATTENTION_BWD_FORCE_SM80 overrides), the TMA tensor maps, and the launches. TFORMER_ATTENTION_SM90A is defined by setup.py when it compiles for sm_90a.
+// TFORMER_ATTENTION_BWD_FORCE_SM80 overrides), the TMA tensor maps, and the launches.
+// TFORMER_ATTENTION_SM90A is defined by setup.py when it compiles for sm_90a.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,6 +13,7 @@
 #include <set>
 #include <string>
 
+#include "attention/launch_templates.h"
 #include "attention_sm90/attention_sm90.h"
 
 namespace tformer {
@@ -88,6 +90,11 @@ AttentionPath decide(const char* pass, std::string reason, std::string* why_not)
   return reason.empty() ? AttentionPath::kSm90a : AttentionPath::kSm80;
 }
 
+std::string path_name(DType dtype, int head_dim, int device, bool backward) {
+  const std::string reason = general_reason(dtype, head_dim, device, backward);
+  return reason.empty() ? "sm90a" : "sm80: " + reason;
+}
+
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -156,13 +163,6 @@ AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardA
   return decide("backward", reason, why_not);
 }
 
-namespace {
-std::string path_name(DType dtype, int head_dim, int device, bool backward) {
-  const std::string reason = general_reason(dtype, head_dim, device, backward);
-  return reason.empty() ? "sm90a" : "sm80: " + reason;
-}
-}  // namespace
-
 std::string attention_forward_path_name(DType dtype, int head_dim, int device) {
   return path_name(dtype, head_dim, device, false);
 }
@@ -182,7 +182,9 @@ struct Forward {
 struct Backward {
   const AttentionBackwardArgs& args;
   template <typename T, int kD> cudaError_t run(DType dtype, cudaStream_t stream) const {
-    return attention_sm90::run_backward<T, kD>(args, dtype, stream);
+    // delta = rowsum(dO * O) is the sm_80 backward's first step, shared.
+    const cudaError_t delta = attention::run_delta<T>(args, stream);
+    return delta != cudaSuccess ? delta : attention_sm90::run_backward<T, kD>(args, dtype, stream);
   }
 };
 

@@ -36,6 +36,7 @@
 
 #include "attention/attention.h"
 #include "attention_sm90/attention_sm90.h"
+#include "attention_sm90/block_setup.cuh"
 #include "attention_sm90/hopper.cuh"
 #include "attention_sm90/products.cuh"
 #include "common/convert.cuh"
@@ -98,8 +99,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, 
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = n0 + j * 8 + 2 * (m.lane % 4) + c;
-        const bool key_ok =
-            col < m.k_len && (m.padding == nullptr || m.padding[static_cast<int64_t>(col) * m.padding_stride] == 0);
+        const bool key_ok = key_allowed(m.padding, m.padding_stride, col, m.k_len);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
@@ -163,9 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = Shape<kD>;
   extern __shared__ unsigned char shared_raw[];
-  const uint32_t raw = smem_u32(shared_raw);
-  unsigned char* shared = shared_raw + (((raw + 1023) & ~1023u) - raw);
-  unsigned char* q_tile = shared;
+  unsigned char* q_tile = aligned_shared(shared_raw);
   unsigned char* k_tiles = q_tile + S::kTileBytes;
   unsigned char* v_tiles = k_tiles + kStages * S::kTileBytes;
   uint64_t* barriers = reinterpret_cast<uint64_t*>(v_tiles + kStages * S::kTileBytes);
@@ -179,19 +177,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // Causal: the last query blocks have the most keys; start them first.
   const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int m0 = m_block * kBlockM, head = blockIdx.y, seq = blockIdx.z;
-  const bool packed = p.cu_seqlens_q != nullptr;
-  int q_start = 0, q_len = p.max_seqlen_q, k_start = 0, k_len = p.max_seqlen_k;
-  if (packed) {
-    q_start = p.cu_seqlens_q[seq];
-    q_len = p.cu_seqlens_q[seq + 1] - q_start;
-    k_start = p.cu_seqlens_k[seq];
-    k_len = p.cu_seqlens_k[seq + 1] - k_start;
-  }
+  const auto [q_start, q_len, k_start, k_len, seq_coord] = sequence_span(p, seq);
   if (m0 >= q_len) return;  // packed: this sequence is shorter than max_seqlen_q
   const int kv_head = head / p.group_size;
   const int key_end = p.causal ? min(k_len, m0 + kBlockM) : k_len;
   const int num_steps = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
-  const int seq_coord = packed ? 0 : seq;  // packed maps have one "sequence" of all tokens
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
