@@ -32,3 +32,14 @@ def test_first_call_dry_run_reaches_its_end(tmp_path):
     last_lines = done.stdout.rstrip().splitlines()[-3:]
     assert report.rstrip().splitlines()[-1] in last_lines and last_lines[-1].startswith("[wrote ")
     assert len(list(tmp_path.rglob("*"))) <= 8
+
+
+def test_device_image_rehearsal_script_parses_and_names_real_tests():
+    # bench/rehearse_device_image.sh downloads the GPU image's torch (GBs), so CI does not run it;
+    # it must at least parse, and the test files it runs by default must exist.
+    script = ROOT / "bench" / "rehearse_device_image.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    defaults = text.split("|| set -- ", 1)[1].split('\n"$VENV', 1)[0].replace("\\\n", " ").split()
+    assert defaults and all((ROOT / name).is_file() for name in defaults), defaults
+    assert 'TORCH_VERSION="${TORCH_VERSION:-2.11.0}"' in text and 'TRITON_VERSION="${TRITON_VERSION:-3.6.0}"' in text

@@ -153,6 +153,22 @@ def test_triton_backend_loads_wherever_triton_can_run():
         assert tformer.available_backends()["triton"] is None
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, conflict", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0+git1234", "2.5.0", False),
+    ("3.5.1", "2.10.0", True)])
+def test_interpreter_numpy_conflict_names_the_fix(triton_version, numpy_version, conflict):
+    # Triton < 3.7's interpreter does int() of one-element arrays, a TypeError since NumPy 2.4:
+    # the backend must say so and how to fix it, not fail inside a kernel.
+    from tformer.backends.triton import interpreter_numpy_conflict
+
+    reason = interpreter_numpy_conflict(triton_version, numpy_version)
+    if conflict:
+        assert f"Triton {triton_version}" in reason and f"NumPy {numpy_version}" in reason
+        assert "pip install 'numpy<2.4' or 'triton>=3.7'" in reason
+    else:
+        assert reason is None
+
+
 def _attention_args(head_dim, seq, causal):
     q = torch.empty(1, 2, seq, head_dim, device="meta")
     return dict(q=q, k=q, v=q, causal=causal)

@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from tformer.optional import require
+
 PAD_TOKEN = "<pad>"
 MASK_TOKEN = "<mask>"  # the input of masked-LM pretraining (tformer.tasks.mlm) at the positions to predict
 # No CLS token: the encoder prepends its own learned CLS embedding (EncoderClassifier, pooling="cls").
@@ -21,15 +23,6 @@ SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN)  # the trainer adds specials first: <pa
 # Bump when the recipe below changes, to invalidate old caches. 2: <mask> added; a version-1 file
 # (no <mask>) is never found under a version-2 key, and load_bpe rejects it if named directly.
 _FORMAT_VERSION = 2
-
-
-def _require_tokenizers():
-    try:
-        import tokenizers
-    except ImportError as error:
-        raise ImportError("tformer.data.bpe needs HF tokenizers: pip install 'tformer[train]' "
-                          "(or pip install tokenizers)") from error
-    return tokenizers
 
 
 def _check_vocab_size(vocab_size) -> None:
@@ -42,7 +35,7 @@ def _check_vocab_size(vocab_size) -> None:
 def train_bpe(texts: list[str], vocab_size: int, *, min_frequency: int = 2):
     """Train a byte-level BPE ``tokenizers.Tokenizer`` on ``texts``."""
     _check_vocab_size(vocab_size)
-    tk = _require_tokenizers()
+    tk = require("tokenizers", "tformer.data.bpe")
     tokenizer = tk.Tokenizer(tk.models.BPE())
     # add_prefix_space: " great" and "great" at the start of a review get the same tokens.
     tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -95,7 +88,7 @@ def load_bpe(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_bpe: tokenizer file {str(path)!r} does not exist")
-    tokenizer = _require_tokenizers().Tokenizer.from_file(str(path))
+    tokenizer = require("tokenizers", "tformer.data.bpe").Tokenizer.from_file(str(path))
     for token in SPECIAL_TOKENS:
         if tokenizer.token_to_id(token) is None:
             raise ValueError(f"load_bpe: {str(path)!r} lacks the special token {token!r}; it was not made by "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tformer.optional import require
+
 SAMPLE_RATE = 16000
 # Transcripts are lower-case letters, apostrophe and space: punctuation is not spoken.
 CHARACTERS = " 'abcdefghijklmnopqrstuvwxyz"
@@ -68,8 +70,7 @@ def read_manifest(corpus_dir: str | Path, split: str) -> list[dict]:
 
 def load_split(corpus_dir: str | Path, split: str, limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """``(waveforms, transcripts)`` of ``split``: float32 arrays in [-1, 1] at 16 kHz."""
-    import soundfile
-
+    soundfile = require("soundfile", "load_split")
     rows = read_manifest(corpus_dir, split)[:limit]
     waveforms = []
     for row in rows:

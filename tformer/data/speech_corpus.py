@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tformer.optional import require
+
 from .speech import SAMPLE_RATE, normalize_text
 
 TRAIN_VOICES = ("en-us+m1", "en-us+f2", "en-gb+m3", "en-gb+f1", "en-gb-scotland+m2", "en-gb-x-rp+f3",
@@ -81,9 +83,7 @@ def synthesize(text: str, voice: str, speed: int, pitch: int, snr_db: float, noi
     """espeak-ng -> float32 16 kHz waveform with white noise at ``snr_db``."""
     import io
 
-    import librosa
-    import soundfile
-
+    librosa, soundfile = require("librosa", "the speech corpus"), require("soundfile", "the speech corpus")
     result = subprocess.run([check_espeak(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
                             check=True, capture_output=True)
     audio, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
@@ -101,8 +101,7 @@ def _sha256(path: Path) -> str:
 def build_corpus(out_dir: str | Path, spec: CorpusSpec | None = None, *, progress: bool = True,
                  workers: int = 4) -> Path:
     """Build the corpus into ``out_dir`` unless it already holds one built from ``spec``."""
-    import soundfile
-
+    soundfile = require("soundfile", "the speech corpus")
     spec = spec or CorpusSpec()
     out_dir = Path(out_dir).expanduser()
     wanted = json.loads(json.dumps(asdict(spec)))  # tuples as lists, as read back

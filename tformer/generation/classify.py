@@ -21,15 +21,15 @@ import torch
 from tformer.data.bpe import pad_id
 from tformer.data.buckets import pad_batch, truncate_head_tail
 from tformer.data.imdb import clean_review
+from tformer.optional import require
 
 
 class TextClassifier:
     """A loaded classifier export: ``predict(texts)`` -> ``[(label, probability, probabilities)]``."""
 
     def __init__(self, checkpoint: str | Path, *, device: str = "cpu"):
-        from tokenizers import Tokenizer
-
         from tformer.models.pretrained import CONFIG_NAME, load_pretrained
+        Tokenizer = require("tokenizers", "TextClassifier").Tokenizer
 
         folder = resolve_export_dir(checkpoint)
         self.model, metadata = load_pretrained(folder, device=device)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.optional import require
+
 from .sampling import find_export
 from .seq2seq import beam_search, decode
 
@@ -36,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_audio(path: Path, sample_rate: int):
     """Mono float32 waveform of ``path`` at ``sample_rate``."""
-    import librosa
-    import soundfile
-
+    librosa, soundfile = require("librosa", "reading audio"), require("soundfile", "reading audio")
     audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     return librosa.resample(audio, orig_sr=rate, target_sr=sample_rate) if rate != sample_rate else audio

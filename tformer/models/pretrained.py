@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.optional import require
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -30,8 +32,7 @@ MODEL_CLASSES: dict[str, type] = {}
 def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task: str = "lm",
                     metadata: dict | None = None) -> Path:
     """Write ``model`` (weights as float32; tied weights stored once) and its config to ``out_dir``."""
-    from safetensors.torch import save_model
-
+    save_model = require("safetensors.torch", "save_pretrained").save_model
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -51,8 +52,7 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task:
 
 def load_pretrained(path: str | os.PathLike, *, device="cpu"):
     """``(model, metadata)`` from an export folder; the model is in eval mode."""
-    from safetensors.torch import load_model
-
+    load_model = require("safetensors.torch", "load_pretrained").load_model
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"load_pretrained: argument 'path' must hold {CONFIG_NAME} and {WEIGHTS_NAME}, "

@@ -19,6 +19,8 @@ import os
 import torch
 from torch import nn
 
+from tformer.optional import require
+
 from .sentence_trunks import HFTrunk, TformerTrunk, hf_max_length, is_tformer_export, resolve_pretrained
 
 POOLINGS = ("cls", "mean", "max")
@@ -122,13 +124,11 @@ class SentenceEncoder(nn.Module):
             model, metadata = load_pretrained(path, device=device)
             tokenizer = None
             if "tokenizer" in metadata:
-                from tokenizers import Tokenizer
-
+                Tokenizer = require("tokenizers", "SentenceEncoder.from_pretrained").Tokenizer
                 tokenizer = Tokenizer.from_str(json.dumps(metadata["tokenizer"]))
             trunk = TformerTrunk(model, backend=backend)
         else:
-            from transformers import AutoTokenizer
-
+            AutoTokenizer = require("transformers", "SentenceEncoder.from_pretrained").AutoTokenizer
             trunk = HFTrunk.from_pretrained(path, backend=backend, attn_implementation=attn_implementation,
                                             device=device)
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -193,8 +193,7 @@ class SentenceEncoder(nn.Module):
         out = torch.empty(len(ids), self.dim)
         starts = range(0, len(order), batch_size)
         if show_progress_bar:
-            from tqdm.auto import tqdm
-
+            tqdm = require("tqdm.auto", "show_progress_bar").tqdm
             starts = tqdm(starts, desc="encode", unit="batch")
         was_training = self.training
         self.eval()

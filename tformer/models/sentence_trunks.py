@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tformer.optional import require
 from tformer.ops.registry import backend as default_backend_scope
 
 from .config import EncoderClassifierConfig
@@ -120,8 +121,7 @@ class HFTrunk(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, *, backend: str | None = None, attn_implementation: str = "tformer",
                         device="cpu") -> HFTrunk:
-        from transformers import AutoModel
-
+        AutoModel = require("transformers", "a Hugging Face trunk").AutoModel
         if attn_implementation == "tformer":
             import tformer.integrations.transformers  # noqa: F401  (registers attn_implementation="tformer")
         try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tformer.optional import require
+
 
 class LogMel(nn.Module):
     """Waveform ``(B, N)`` -> log-mel features ``(B, T, n_mels)``, ``T = N // hop_length + 1``.
@@ -18,8 +20,7 @@ class LogMel(nn.Module):
 
     def __init__(self, sample_rate: int = 16000, n_fft: int = 400, hop_length: int = 160, n_mels: int = 80):
         super().__init__()
-        import librosa
-
+        librosa = require("librosa", "LogMel")
         self.sample_rate, self.n_fft, self.hop_length, self.n_mels = sample_rate, n_fft, hop_length, n_mels
         filters = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)  # (n_mels, n_fft // 2 + 1)
         self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)

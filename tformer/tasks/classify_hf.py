@@ -14,6 +14,7 @@ from tformer.data.buckets import truncate_head_tail
 from tformer.data.imdb import LABEL_NAMES, ReviewSet
 from tformer.models import SentenceClassifier, SentenceClassifierConfig
 from tformer.models.sentence_trunks import resolve_pretrained
+from tformer.optional import require
 from tformer.schema import ConfigError
 from tformer.tasks.classify import ClassificationTask, EncodedSplit
 
@@ -24,8 +25,7 @@ class HFClassificationTask(ClassificationTask):
 
     def _tokenizer(self):
         if getattr(self, "_hf_tokenizer", None) is None:
-            from transformers import AutoTokenizer
-
+            AutoTokenizer = require("transformers", "task 'classify_hf'").AutoTokenizer
             self._hf_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.model_name))
         return self._hf_tokenizer
 

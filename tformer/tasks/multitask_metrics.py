@@ -9,11 +9,12 @@ from typing import Sequence
 
 import torch
 
+from tformer.optional import require
+
 
 def regression_metrics(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """``mae``, ``rmse`` and ``spearman`` (scipy; ties averaged) of ``(N,)`` predictions."""
-    from scipy.stats import spearmanr
-
+    spearmanr = require("scipy.stats", "regression_metrics").spearmanr
     predictions, targets = predictions.double().flatten().cpu(), targets.double().flatten().cpu()
     if predictions.shape != targets.shape or predictions.numel() == 0:
         raise ValueError(f"regression_metrics: 'predictions' {tuple(predictions.shape)} and 'targets' "
@@ -27,11 +28,8 @@ def regression_metrics(predictions: torch.Tensor, targets: torch.Tensor) -> dict
 def entity_metrics(true_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str]]) -> dict[str, float]:
     """Entity-level ``precision``, ``recall``, ``f1`` (micro over entities, seqeval's default
     conlleval-compatible mode) and ``token_accuracy`` of IOB2 tag sequences, one per sentence."""
-    try:
-        from seqeval.metrics import f1_score, precision_score, recall_score
-    except ImportError as error:
-        raise ImportError("entity_metrics needs seqeval: pip install 'tformer[multitask]' (or pip install "
-                          "--use-pep517 seqeval)") from error
+    seqeval = require("seqeval.metrics", "entity_metrics")
+    f1_score, precision_score, recall_score = seqeval.f1_score, seqeval.precision_score, seqeval.recall_score
     true_tags, predicted_tags = [list(t) for t in true_tags], [list(p) for p in predicted_tags]
     if [len(t) for t in true_tags] != [len(p) for p in predicted_tags]:
         raise ValueError("entity_metrics: every sentence needs as many predicted tags as true tags")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from tformer.optional import require
+
 
 def error_counts(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, int]:
     """``{"char_errors", "chars", "word_errors", "words"}``: substitutions + deletions +
     insertions and reference lengths, at the character and word level."""
-    import jiwer
-
+    jiwer = require("jiwer", "error_counts")
     if len(references) != len(hypotheses):
         raise ValueError(f"error_counts: got {len(references)} references and {len(hypotheses)} hypotheses")
     if not references:

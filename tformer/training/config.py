@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tformer.optional import require
 from tformer.schema import ConfigError, check_choice, from_dict
 from tformer.training.config_checks import check_deepspeed_section, check_effective, check_finite, check_ranges
 from tformer.training.transfer import TransferConfig, check_transfer
@@ -189,8 +190,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
+        yaml = require("yaml", f"config: reading {path.name}")
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as error:

@@ -21,6 +21,7 @@ import torch
 
 from tformer.training.checkpoint import latest_checkpoint
 from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, verify_export
+from tformer.optional import require
 
 HEAD = "head"  # the task-specific output module, left freshly initialised
 # Model config fields that change what the trunk's weights mean, even where shapes would agree.
@@ -56,7 +57,7 @@ def load_trunk(model: torch.nn.Module, source: Path, *, metadata: dict | None = 
     ``metadata``: this run's export metadata, checked against the source's for the vocabulary.
     Raises ``ValueError`` naming the key, both shapes and the file on any mismatch.
     """
-    from safetensors.torch import load_file
+    load_file = require("safetensors.torch", "training.init_from").load_file
 
     weights_file = source / WEIGHTS_NAME
     problems = verify_export(source)  # the SHA-256 recorded at export time, when there is one

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from tformer.optional import require
 from tformer.training.config import LoggingConfig
 
 
@@ -60,13 +61,11 @@ class MetricsLogger:
                 truncate_metrics(out_dir / "metrics.jsonl", start_step)
             self.jsonl = open(out_dir / "metrics.jsonl", "a" if resume else "w")
         if config.progress_bar:
-            from tqdm import tqdm
-
+            tqdm = require("tqdm", "logging.progress_bar").tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if config.wandb:
             os.environ.setdefault("WANDB_MODE", config.wandb_mode)
-            import wandb
-
+            wandb = require("wandb", "logging.wandb")
             self.wandb_run = wandb.init(project=config.wandb_project, name=config.wandb_run_name, dir=str(out_dir),
                                         config=full_config, resume="allow" if resume else None)
         self.started = time.time()

@@ -29,6 +29,7 @@ from tformer.training.run_length import planned_steps
 from tformer.training.run_lock import RunLock
 from tformer.training.strategy import deepspeed_config, resolve_precision, resolve_strategy
 from tformer.training.transfer import Transfer
+from tformer.optional import require
 from tformer.tasks import get_task_class
 from tformer.visualization.gradients import gradient_warnings
 from tformer.visualization.run_plots import write_run_plots
@@ -142,8 +143,7 @@ class Trainer:
     # --- setup --------------------------------------------------------------------------------
     def _init_distributed(self) -> None:
         if self.strategy == "deepspeed":
-            import deepspeed
-
+            deepspeed = require("deepspeed", "training.strategy 'deepspeed'")
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
                 os.environ.setdefault(key, value)
             if "MASTER_PORT" not in os.environ:
@@ -177,8 +177,7 @@ class Trainer:
         self.scaler = None
         self.engine = None
         if self.strategy == "deepspeed":
-            import deepspeed
-
+            deepspeed = require("deepspeed", "training.strategy 'deepspeed'")
             optimizer = build_optimizer(model, config, torch.device("cpu") if self.device.type == "cpu" else self.device,
                                         groups=self._transfer_groups(model))
             self.ds_config = deepspeed_config(config, self.precision, self.world_size)
@@ -293,7 +292,7 @@ class Trainer:
         return {f"grad_norm/{name}": math.sqrt(value) for name, value in zip(groups, squares.tolist())}
 
     def _deepspeed_layer_norms(self) -> dict:
-        from deepspeed.utils import safe_get_full_grad
+        safe_get_full_grad = require("deepspeed.utils", "training.strategy 'deepspeed'").safe_get_full_grad
 
         result = {}
         for name, members in layer_groups(self.model).items():
@@ -365,7 +364,7 @@ class Trainer:
     def _deepspeed_fp32_state_dict(self) -> dict:
         """The fp32 master weights (not the bf16/fp16 copies the engine computes with), gathered
         from the ZeRO partitions; every rank must call it (ZeRO-3 all-gathers)."""
-        from deepspeed.utils import safe_get_full_fp32_param
+        safe_get_full_fp32_param = require("deepspeed.utils", "training.strategy 'deepspeed'").safe_get_full_fp32_param
 
         state = {}
         for name, parameter in self.model.named_parameters():

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import torch
 
+from tformer.optional import require
+
 
 @torch.no_grad()
 def pooled_states(model, token_ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> np.ndarray:
@@ -24,8 +26,7 @@ def pooled_states(model, token_ids: list[list[int]], pad_id: int, *, batch_size:
 
 def tsne_2d(states: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """``(N, 2)`` t-SNE coordinates; the perplexity is capped below N as scikit-learn requires."""
-    from sklearn.manifold import TSNE
-
+    TSNE = require("sklearn.manifold", "t-SNE").TSNE
     if len(states) < 3:
         raise ValueError(f"tsne_2d: need at least 3 examples, got {len(states)}")
     perplexity = min(perplexity, (len(states) - 1) / 3)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tformer.models.pretrained import CONFIG_NAME, MODEL_CLASSES, WEIGHTS_NAME
+from tformer.optional import require
 
 
 def resolve_export(checkpoint: str | os.PathLike) -> Path:
@@ -29,8 +30,7 @@ def resolve_export(checkpoint: str | os.PathLike) -> Path:
 def load_for_inspection(checkpoint: str | os.PathLike, *, device="cpu") -> tuple[torch.nn.Module, dict]:
     """``(model, metadata)`` from an export, rebuilt with ``backend="reference"`` (the path that
     can return attention weights; the weights are the same whatever backend trained them)."""
-    from safetensors.torch import load_model
-
+    load_model = require("safetensors.torch", "load_for_inspection").load_model
     folder = resolve_export(checkpoint)
     config = json.loads((folder / CONFIG_NAME).read_text())
     model_class = MODEL_CLASSES.get(config.get("model_class"))
@@ -52,8 +52,7 @@ def tokenize(metadata: dict, text: str) -> tuple[list[int], list[str]]:
         ids = vocab.encode(text)
         return ids, [printable(vocab.decode([i])) for i in ids]
     if "tokenizer" in metadata:
-        from tokenizers import Tokenizer
-
+        Tokenizer = require("tokenizers", "tokenize").Tokenizer
         tokenizer = Tokenizer.from_str(json.dumps(metadata["tokenizer"]))
         encoding = tokenizer.encode(text, add_special_tokens=False)
         return list(encoding.ids), [printable(tokenizer.decode([i])) for i in encoding.ids]

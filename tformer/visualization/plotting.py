@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tformer.optional import require
+
 DPI = 100
 
 
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
