@@ -8,14 +8,17 @@ Each command module keeps its ``main(argv)`` plain (it raises); the entry points
 
 What counts as a user error: :class:`UsageError` (and its subclasses, e.g. a damaged checkpoint
 or a locked run folder), ``ValueError`` (tformer's ``ConfigError`` is one; ops and loaders raise
-it naming the argument) and ``OSError`` (a missing file, a full disk). Anything else is a bug
-and keeps its traceback (exit 1).
+it naming the argument), ``OSError`` (a missing file, a full disk) and
+:class:`~tformer.optional.MissingDependency` (a feature whose pip extra is not installed).
+Anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from tformer.optional import MissingDependency
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TFORMER_DEBUG"
@@ -25,7 +28,7 @@ class UsageError(Exception):
     """An error the user can fix (a bad argument, a damaged input, a busy folder)."""
 
 
-USER_ERRORS = (UsageError, ValueError, OSError)
+USER_ERRORS = (UsageError, ValueError, OSError, MissingDependency)
 
 
 def debug_requested(argv: list[str]) -> bool:
