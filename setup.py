@@ -171,5 +171,7 @@ setup(
         # The multitask task's metrics: entity-level NER F1 (seqeval, an sdist that builds fine with
         # --no-build-isolation once setuptools is installed) and Spearman's rho (scipy).
         "multitask": ["seqeval", "scipy"],
+        # The documentation site (mkdocs.yml, docs/): mkdocs build --strict; all three ship wheels.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
 )
