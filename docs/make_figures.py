@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=DOCS / "figures", help="where the PNGs go (default: docs/figures)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the LM run (default: 300)")
-    parser.add_argument("--ablation-steps", type=int, default=150, help="steps per ablation run (default: 150)")
+    parser.add_argument("--steps", type=int, default=240, help="training steps of the LM run (default: 240)")
+    parser.add_argument("--ablation-steps", type=int, default=120, help="steps per ablation run (default: 120)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="skip a figure whose optional dependency is missing instead of failing")
     args = parser.parse_args(argv)
