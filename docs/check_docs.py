@@ -44,6 +44,9 @@ INLINE_CODE = re.compile(r"`([^`\n]+)`")
 SHELL_LANGS = ("bash", "sh", "shell", "console")
 SEPARATORS = ("&&", "||", ";", "|")
 MENTION = "MENTION"
+# Scripts that are thin shims over a tformer module with an argparse parser: parsed in-process.
+TRAIN_SHIMS = {"tformer/train.py": "tformer.training.cli", "tformer/sample.py": "tformer.generation.sampling",
+               "tformer/classify.py": "tformer.generation.classify"}
 
 
 def markdown_files() -> list[Path]:
@@ -156,7 +159,8 @@ def check_command(command: str) -> str | None:
         return None if mention and why and "arguments are required" in why else why
     if program in ("python", "python3"):
         if args[:1] == ["-m"] and len(args) >= 2:
-            return _check_module(args[1], args[2:])
+            # this project's modules only (python3 -m venv, -m build: not its commands)
+            return _check_module(args[1], args[2:]) if args[1].split(".")[0] in ("tformer", "bench") else None
         if args and args[0].endswith(".py"):
             return _check_script(args[0], args[1:])
         return None  # python -c, python3 -m venv ...: not a tformer command
@@ -198,10 +202,8 @@ def _check_module(name: str, args: list[str], load=None) -> str | None:
 def _check_script(script: str, args: list[str]) -> str | None:
     if not (REPO / script).is_file():
         return f"no such script: {script}"
-    if Path(script).as_posix() in ("tformer/train.py", "tformer/sample.py", "tformer/classify.py"):
-        module = {"tformer/train.py": "tformer.training.cli", "tformer/sample.py": "tformer.generation.sampling",
-                  "tformer/classify.py": "tformer.generation.classify"}[Path(script).as_posix()]
-        return _check_module(module, args)
+    if Path(script).as_posix() in TRAIN_SHIMS:
+        return _check_module(TRAIN_SHIMS[Path(script).as_posix()], args)
     return _answers_help((sys.executable, str(REPO / script)))
 
 
@@ -247,12 +249,33 @@ def _check_config(parsed: argparse.Namespace) -> str | None:
     return None
 
 
-@functools.cache
+_HELP_RUNS: dict[tuple[str, ...], subprocess.Popen] = {}
+
+
+def start_help(argv: tuple[str, ...]) -> None:
+    """Start ``argv --help`` in the background (it may import torch: seconds), once."""
+    if argv not in _HELP_RUNS:
+        _HELP_RUNS[argv] = subprocess.Popen([*argv, "--help"], cwd=REPO, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True)
+
+
 def _answers_help(argv: tuple[str, ...]) -> str | None:
-    result = subprocess.run([*argv, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        return f"'{' '.join(argv[1:])} --help' exits {result.returncode}: {result.stderr.strip()[-300:]}"
+    start_help(argv)
+    run = _HELP_RUNS[argv]
+    _, stderr = run.communicate(timeout=300) if run.returncode is None else (None, "")
+    if run.returncode != 0:
+        return f"'{' '.join(argv[1:])} --help' exits {run.returncode}: {(stderr or '').strip()[-300:]}"
     return None
+
+
+def prefetch_help(paths: list[Path]) -> None:
+    """Start every script's ``--help`` at once, so they overlap the checks done in this process."""
+    for path in paths:
+        for command in shell_commands(path):
+            tokens = command.split()
+            scripts = [t for t in tokens if t.endswith(".py") and (REPO / t).is_file() and t not in TRAIN_SHIMS]
+            if tokens and tokens[0] in ("python", "python3") and scripts:
+                start_help((sys.executable, str(REPO / scripts[0])))
 
 
 def _shown(path: Path) -> str:
@@ -294,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the built site (mkdocs.yml's site_dir, build/site): also check the API pages")
     args = parser.parse_args(argv)
     figures = figure_names()
+    prefetch_help(markdown_files())
     problems, commands = [], 0
     for path in markdown_files():
         problems += check_links(path, figures)
