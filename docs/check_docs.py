@@ -135,8 +135,8 @@ def shell_commands(path: Path) -> list[str]:
                     current.append(token)
     for span in INLINE_CODE.findall(text):
         words = span.split()
-        # `tformer COMMAND --help` names a placeholder (upper case), not a command
-        if len(words) >= 2 and words[0] == "tformer" and not words[1].isupper():
+        # `tformer COMMAND --help` and `tformer ...` name placeholders, not commands
+        if len(words) >= 2 and words[0] == "tformer" and words[1][0].isalpha() and not words[1].isupper():
             commands.append(f"{MENTION} {span}")
     return commands
 
