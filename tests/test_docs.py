@@ -7,6 +7,7 @@ The checks themselves live in docs/check_docs.py, which CI also runs on its own.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -101,12 +102,7 @@ def test_site_builds_strict_and_renders_every_public_name(tmp_path):
     mkdocs = shutil.which("mkdocs") or sys.executable
     command = [mkdocs] if mkdocs != sys.executable else [sys.executable, "-m", "mkdocs"]
     result = subprocess.run([*command, "build", "--strict", "--site-dir", str(site)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**_env(), "NO_MKDOCS_2_WARNING": "1"})
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert check_docs.check_api(site) == []
 
-
-def _env() -> dict:
-    import os
-
-    return dict(os.environ)
