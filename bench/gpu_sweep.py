@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .environment import environment
+from bench.environment import environment
 
 OPS = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
 DTYPES = ("bfloat16", "float16", "float32")

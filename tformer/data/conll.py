@@ -5,7 +5,7 @@ whitespace, the word first and the tag last (``EU NNP B-NP B-ORG`` or just ``EU 
 a blank line ends a sentence; ``-DOCSTART-`` lines separate documents and are skipped. Every
 token line of a file must have the same number of columns.
 
-Tags are ``O``, ``B-<type>`` or ``I-<type>``. ``scheme="iob2"`` (the default; what seqeval and
+Tags are ``O``, ``B-<type>`` or ``I-<type>``. ``scheme="iob2"`` (the default; what
 most corpora on disk use) requires every entity to begin with ``B-``; ``scheme="iob1"`` (the
 original CoNLL-2003 files) lets ``I-`` begin one, and converts to IOB2 on reading. Every error
 names the file and line.

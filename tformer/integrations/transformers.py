@@ -40,14 +40,15 @@ import torch
 
 from tformer import ops
 from tformer.nn.functional import reference_sdpa
+from tformer.optional import import_failure
 
 try:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError as error:  # an optional dependency: say how to get it
+except ImportError as error:  # an optional dependency: say how to get it, and what really failed
     raise ImportError("tformer.integrations.transformers needs Hugging Face transformers with "
-                      "AttentionInterface and masking_utils (tested with 5.24.0): "
-                      "pip install 'tformer[transformers]'") from error
+                      "AttentionInterface and masking_utils (tested with 5.25.0; pip install "
+                      f"'tformer[transformers]'), and importing them failed: {import_failure(error)}") from error
 
 logger = logging.getLogger("tformer")
 
