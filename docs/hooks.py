@@ -1,4 +1,5 @@
-"""MkDocs hook: links from a page to a repository file outside docs/ (a config, bench/RESULTS.md).
+"""MkDocs hooks: links from a page to a repository file outside docs/ (a config, bench/RESULTS.md),
+and the Sphinx roles of docstrings.
 
 MkDocs only knows the files under docs/, so it would report such a link as broken. This hook
 checks the file exists in the repository (a missing one is a warning, which fails
@@ -44,3 +45,11 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     # Leave fenced code alone: only text between fences holds links.
     parts = re.split(r"(^(?:```|~~~).*?^(?:```|~~~)[^\n]*$)", markdown, flags=re.MULTILINE | re.DOTALL)
     return "".join(part if index % 2 else LINK.sub(rewrite, part) for index, part in enumerate(parts))
+
+
+# Docstrings use Sphinx roles (:class:`X`), which mkdocstrings prints as written: keep the code.
+ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    return ROLE.sub("", html)
