@@ -27,8 +27,6 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = (REPO / "setup.py").read_text()
-# The extras CI installs (.ci/run and the README's test command); `bench` brings GPU-only anchors.
-TESTED_EXTRAS = ("train", "dev", "pretrained", "viz", "multitask", "speech")
 # The optional integrations a user reaches through tformer, by distribution and import name.
 INTEGRATIONS = {"transformers": "transformers", "sentence-transformers": "sentence_transformers",
                 "deepspeed": "deepspeed", "wandb": "wandb", "librosa": "librosa", "jiwer": "jiwer",
