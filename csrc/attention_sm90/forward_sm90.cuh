@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   float s[kBlockN / 2], alpha[2];
   uint32_t pa[kBlockN / 16][4];
 
-  const uint32_t q_address = smem_u32(q_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
+  const uint32_t q_address = smem_u32(q_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
   const auto k_address = [&](int slot) { return smem_u32(k_tiles + slot * S::kTileBytes); };
   const auto v_address = [&](int slot) { return smem_u32(v_tiles + slot * S::kTileBytes); };
   mbarrier_wait(q_full, 0);

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "attention_sm90/contracts.h"
+
 namespace tformer {
 namespace attention_sm90 {
 
@@ -90,9 +92,9 @@ template <int kN> __device__ __forceinline__ void fence_registers(float (&r)[kN]
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t leading_bytes, uint32_t stride_bytes) {
   uint64_t desc = 0;
   desc |= static_cast<uint64_t>((address & 0x3FFFF) >> 4);
-  desc |= static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16;
-  desc |= static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;
+  desc |= static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << kDescriptorLeadingShift;
+  desc |= static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << kDescriptorStrideShift;
+  desc |= static_cast<uint64_t>(kDescriptorSwizzle128B) << kDescriptorSwizzleShift;
   return desc;
 }
 
