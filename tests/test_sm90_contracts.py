@@ -72,3 +72,130 @@ def test_constants_reader_rejects_what_it_cannot_evaluate(tmp_path):
     header.write_text("constexpr int kA = sizeof(int);\n")
     with pytest.raises(ValueError, match="kA"):
         layout.read_constants(header)
+
+
+# ---- barrier schedule ------------------------------------------------------------------------------
+import re  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import sm90_schedule_model as schedule  # noqa: E402
+
+SEEDS = range(6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 32])
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+def test_schedule_never_hangs_over_arrives_or_overwrites(kernel, head_dim, steps):
+    for seed in SEEDS:  # ScheduleError on any broken contract
+        schedule.simulate(kernel, head_dim, steps=steps, seed=seed)
+
+
+def test_forward_keeps_the_tensor_cores_busy():
+    low, _ = schedule.busy_range("forward", 128)
+    assert low >= 0.85, f"forward hd 128: tensor cores busy {low:.1%} at the stated latencies"
+
+
+def test_todays_forward_schedule_fails_the_busy_bar():
+    # main at 99c1e85: one empty barrier a slot for K and V, 2 stages, K waited for inside the
+    # turn. The bar above must tell it from the fixed schedule.
+    two_stages = {**CONSTANTS, "kForwardStages": 2}
+    low, mean = schedule.busy_range("forward", 128, variant=schedule.TODAY, constants=two_stages)
+    assert mean < 0.85, f"today's schedule modelled at {mean:.1%}"
+
+
+@pytest.mark.parametrize("broken, message", [
+    (dict(wrong_parity=True), "before its TMA lands"),
+    (dict(release_k_early=True), "while a wgmma reads it"),
+    (dict(double_release=True), "over-arrival"),
+    (dict(skip_finish=True), "left half-arrived"),
+    (dict(skip_first_grant=True), "hang"),
+])
+def test_broken_forward_schedule_is_caught(broken, message):
+    with pytest.raises(schedule.ScheduleError, match=message):
+        schedule.simulate("forward", 128, variant=replace(schedule.FIXED, **broken))
+
+
+@pytest.mark.parametrize("kernel", ["key_grad", "query_grad"])
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_backward_slot_released_while_read_is_caught(kernel, head_dim):
+    with pytest.raises(schedule.ScheduleError, match="while a wgmma reads it"):
+        schedule.simulate(kernel, head_dim, release_early=True)
+
+
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+@pytest.mark.parametrize("registers", [128, 160])
+def test_too_few_registers_at_entry_hang(kernel, registers):
+    with pytest.raises(schedule.ScheduleError, match=r"hang: .*setmaxnreg"):
+        schedule.simulate(kernel, 128, registers_at_entry=registers)
+
+
+def test_transaction_bytes_past_the_tx_count_are_caught():
+    small = {**CONSTANTS, "kMaxTransactionBytes": 16 * 1024}
+    with pytest.raises(schedule.ScheduleError, match="tx-count"):
+        schedule.simulate("forward", 128, constants=small)
+
+
+# The model's forward consumer is the kernel's: the same pipeline operations in the same order.
+_SOURCE_TOKENS = [
+    (r"mbarrier_wait\(q_full", "wait q_full"), (r"mbarrier_wait\(&k_full", "wait k_full"),
+    (r"mbarrier_wait\(&v_full", "wait v_full"), (r"turns\.grant_first\(\)", "grant"),
+    (r"turns\.take\(\)", "take"), (r"turns\.pass\(\)", "pass"), (r"turns\.finish\(\)", "finish"),
+    (r"issue_qk<", "issue S"), (r"issue_pv<", "issue PV"), (r"wgmma_wait<(\d)>", "wgmma_wait"),
+    (r"mbarrier_arrive\(&k_empty", "release k"), (r"mbarrier_arrive\(&v_empty", "release v"),
+    (r"mbarrier_arrive\(&kv_empty", "release kv"),
+]
+
+
+def _source_tokens(text: str) -> list[str]:
+    found = []
+    for pattern, token in _SOURCE_TOKENS:
+        for match in re.finditer(pattern, text):
+            found.append((match.start(), token + (f"<{match.group(1)}>" if match.groups() else "")))
+    return [token for _, token in sorted(found)]
+
+
+def _model_tokens(ops) -> list[str]:
+    tokens = []
+    for op in ops:
+        kind = op[0]
+        if kind == "wait":
+            tokens.append("wait " + re.sub(r"\d+$", "", op[1]))
+        elif kind in ("bar_sync", "bar_arrive"):
+            tokens.append(op[2])
+        elif kind == "wgmma":
+            tokens.append("issue PV" if op[1].startswith("PV") else "issue S")
+        elif kind == "wait_group":
+            tokens.append(f"wgmma_wait<{op[1]}>")
+        elif kind == "arrive":
+            tokens.append("release " + re.sub(r"_empty\d+$", "", op[1]))
+    return tokens
+
+
+def forward_source_tokens(steps: int) -> list[str]:
+    source = (layout.ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
+    body = source[source.index("// ---- consumers ----"):source.index("// Fully masked rows")]
+    loop_start = body.index("for (int step = 1; step < num_steps; ++step)")
+    loop_end = body.index("if (num_steps > 0) {\n    const int last")
+    before, loop, after = (_source_tokens(part) for part in (body[:loop_start], body[loop_start:loop_end],
+                                                             body[loop_end:]))
+    return before + loop * (steps - 1) + after
+
+
+@pytest.mark.parametrize("consumer", [0, 1])
+def test_model_follows_the_forward_kernels_operation_order(consumer):
+    steps = 4
+    source = forward_source_tokens(steps)
+    if consumer == 0:
+        source = [t for t in source if t != "grant"]
+    model = _model_tokens(schedule.forward_consumer_ops(128, steps, consumer=consumer))
+    if consumer == 1:
+        source = [t for t in source if t != "finish"]  # only consumer 0 syncs in finish()
+    assert model == source
+
+
+def test_operation_order_check_catches_a_moved_wait():
+    # today's kernel waited for K after taking the turn: the model's FIXED order must differ.
+    today = _model_tokens(schedule.forward_consumer_ops(128, 4, variant=schedule.TODAY))
+    fixed = _model_tokens(schedule.forward_consumer_ops(128, 4))
+    assert today != fixed and today.index("take") < today.index("wait k_full")

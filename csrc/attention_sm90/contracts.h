@@ -56,7 +56,7 @@ constexpr int kPingpongBarrier = 1;
 constexpr int kNamedBarriers = 16;
 
 // ---- forward pipeline (forward_sm90.cuh) ---------------------------------------------------
-constexpr int kForwardStages = 2;
+constexpr int kForwardStages = 3;  // 3 x (K + V) + Q = 224 KiB at head dim 128: fits
 // q_full; per slot k_full, v_full, k_empty, v_empty (K is released as soon as S = Q K^T has
 // completed, V after O += P V: the producer refills K a whole step earlier).
 constexpr int kForwardBarriers = 1 + 4 * kForwardStages;

@@ -10,7 +10,11 @@
 // A block of 3 warpgroups (384 threads) owns 128 query rows of one (sequence, head):
 //   warpgroup 0, the producer: one thread issues TMA loads: the Q tile once, then each key
 //     block's K and V tiles into a ring of kStages slots; k_full / v_full barriers say a
-//     slot arrived (transaction bytes), kv_empty that both consumers are done with it.
+//     tile arrived (transaction bytes), k_empty / v_empty that both consumers are done with
+//     it. K and V are released apart: K as soon as S = Q K^T has completed, V after O += P V,
+//     so the K of a later step is in flight while this step's softmax and P V run (FA3's
+//     mainloop does the same); a consumer waits for its tiles before it takes the pingpong
+//     turn, never holding the turn while it waits on memory.
 //   warpgroups 1 and 2, the consumers: 64 query rows each. Per key block of 128 keys:
 //     S = Q K^T (wgmma, both operands in shared memory), mask, online softmax in registers
 //     (FA2 Algorithm 1 in log2 units, as the sm_80 kernel), then O += P V (wgmma with P
@@ -46,7 +50,7 @@ namespace attention_sm90 {
 
 constexpr int kBlockM = kBoxRows;  // query rows per block: 64 per consumer warpgroup (wgmma's M)
 constexpr int kBlockN = kBoxRows;  // keys per pipeline slot
-constexpr int kStages = 2;
+constexpr int kStages = kForwardStages;  // contracts.h: 3, which fits at head dim 128 too
 constexpr int kPanelBytes = kBlockN * 128;           // one 128-row panel (kBlockM == kBlockN)
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -54,9 +58,15 @@ template <int kD> struct Shape {
   static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
   static constexpr int kPanels = kD / kPanelColumns;
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // Q, K or V tile
-  static constexpr int kBarrierBytes = 64;
+  static constexpr int kBarrierBytes = kForwardBarrierBytes;  // q_full, per slot k/v full and empty
   // Q + kStages x (K + V) + barriers + slack to align the base to 1024 bytes.
-  static constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes + 1024;
+  static constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes + kSwizzleAtomBytes;
+  // Contracts a hang or a wrong value would break, checked at build time.
+  static_assert(kBarrierBytes >= 8 * (1 + 4 * kStages), "the barriers overflow their bytes");
+  static_assert(kSmemBytes <= kMaxSharedBytes, "over Hopper's 227 KiB of shared memory a block");
+  static_assert(kTileBytes % kSwizzleAtomBytes == 0, "every tile starts on a swizzle atom (1024 B)");
+  static_assert(kTileBytes <= kMaxTransactionBytes, "a phase's TMA bytes exceed the mbarrier tx-count");
+  static_assert(kPanelBytes < kDescriptorFieldLimit, "V's panel offset (LBO) overflows its descriptor field");
 };
 
 struct ForwardParams {
@@ -148,13 +158,18 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
 // arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
 // ptxas serializes every wgmma when a divergent path sits between issue and wait.
 struct Turns {
+  static constexpr uint32_t kThreads = kConsumers * kWarpgroupThreads;
   int consumer;
-  __device__ __forceinline__ void take() const { named_barrier_sync(1 + consumer, 256); }
-  __device__ __forceinline__ void pass() const { named_barrier_arrive(2 - consumer, 256); }
+  __device__ __forceinline__ void grant_first() const {
+    if (consumer == 1) named_barrier_arrive(kPingpongBarrier, kThreads);  // consumer 0 goes first
+  }
+  __device__ __forceinline__ void take() const { named_barrier_sync(kPingpongBarrier + consumer, kThreads); }
+  __device__ __forceinline__ void pass() const { named_barrier_arrive(kPingpongBarrier + 1 - consumer, kThreads); }
   __device__ __forceinline__ void finish() const {
-    if (consumer == 0) named_barrier_sync(1, 256);
+    if (consumer == 0) named_barrier_sync(kPingpongBarrier, kThreads);
   }
 };
+static_assert(kConsumers == 2, "the pingpong alternates two consumers");
 
 // Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
 // 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
@@ -170,7 +185,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   uint64_t* q_full = barriers;
   uint64_t* k_full = barriers + 1;
   uint64_t* v_full = k_full + kStages;
-  uint64_t* kv_empty = v_full + kStages;
+  uint64_t* k_empty = v_full + kStages;
+  uint64_t* v_empty = k_empty + kStages;
 
   const AttentionForwardArgs& args = params.args;
   const AttentionProblem& p = args.problem;
@@ -188,7 +204,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
-      mbarrier_init(&kv_empty[s], 2 * 128);  // every consumer thread arrives
+      mbarrier_init(&k_empty[s], kConsumers * kWarpgroupThreads);  // every consumer thread arrives
+      mbarrier_init(&v_empty[s], kConsumers * kWarpgroupThreads);
     }
     fence_barrier_init();
   }
@@ -210,14 +227,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       for (int step = 0; step < num_steps; ++step) {
         const int slot = step % kStages;
         const uint32_t parity = (step / kStages) & 1;
-        mbarrier_wait(&kv_empty[slot], parity ^ 1);
         const int token = k_start + step * kBlockN;
+        mbarrier_wait(&k_empty[slot], parity ^ 1);
         mbarrier_arrive_expect_tx(&k_full[slot], S::kTileBytes);
 #pragma unroll
         for (int panel = 0; panel < S::kPanels; ++panel) {
           tma_load_4d(k_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.k_map, &k_full[slot],
                       panel * kPanelColumns, token, kv_head, seq_coord);
         }
+        mbarrier_wait(&v_empty[slot], parity ^ 1);
         mbarrier_arrive_expect_tx(&v_full[slot], S::kTileBytes);
 #pragma unroll
         for (int panel = 0; panel < S::kPanels; ++panel) {
@@ -256,48 +274,50 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
   // O is rescaled (and P repacked) only once that P V has completed.
   const Turns turns{consumer};  // phases: the first Q K^T, num_steps - 1 pairs, the last P V
-  if (consumer == 1 && num_steps > 0) named_barrier_arrive(1, 256);  // consumer 0 goes first
+  if (num_steps > 0) turns.grant_first();
   if (num_steps > 0) {
-    turns.take();
     mbarrier_wait(&k_full[0], 0);
+    turns.take();
     wgmma_fence();
     issue_qk<T, kD>(s, q_address, k_address(0));
     turns.pass();
     wgmma_wait<0>();
     fence_registers(s);
+    mbarrier_arrive(&k_empty[0]);  // S is complete: K's slot may refill
     online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
     pack_a<T, kBlockN>(s, pa);
   }
   for (int step = 1; step < num_steps; ++step) {
     const int slot = step % kStages, prev = (step - 1) % kStages;
-    turns.take();
     mbarrier_wait(&k_full[slot], (step / kStages) & 1);
+    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
+    turns.take();
     wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
     issue_qk<T, kD>(s, q_address, k_address(slot));
-    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
     issue_pv<T, kD>(o, pa, v_address(prev));
     turns.pass();
     wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
     fence_registers(s);
+    mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
     online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(pa);  // pa stays allocated until P V has read it
-    mbarrier_arrive(&kv_empty[prev]);  // this thread no longer reads that slot
+    mbarrier_arrive(&v_empty[prev]);  // this thread no longer reads that V
     rescale<kD>(o, alpha);
     pack_a<T, kBlockN>(s, pa);
   }
   if (num_steps > 0) {
     const int last = num_steps - 1, slot = last % kStages;
-    turns.take();
     mbarrier_wait(&v_full[slot], (last / kStages) & 1);
+    turns.take();
     wgmma_fence();
     issue_pv<T, kD>(o, pa, v_address(slot));
     turns.pass();
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(pa);
-    mbarrier_arrive(&kv_empty[slot]);
+    mbarrier_arrive(&v_empty[slot]);
     turns.finish();
   }
 
