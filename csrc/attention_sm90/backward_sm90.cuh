@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
           const bool allowed = key_ok[r] && query_ok && (!p.causal || key0 + 8 * r <= query);
-          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse) : 0.f;
+          const float probability = allowed ? exp2_ftz(fmaf(s[i], scale_log2, -lse)) : 0.f;
           s[i] = probability;
           dp[i] = probability * (dp[i] - delta);
         }
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
           const bool allowed = key_ok && (!p.causal || key <= row0 + 8 * r);
-          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse[r]) : 0.f;
+          const float probability = allowed ? exp2_ftz(fmaf(s[i], scale_log2, -lse[r])) : 0.f;
           dp[i] = probability * (dp[i] - delta[r]);
         }
       }

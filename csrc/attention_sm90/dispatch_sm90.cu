@@ -146,6 +146,8 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
 AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArgs& args, std::string* why_not) {
   std::string reason = current_device_reason(dtype, args.problem.head_dim, false);
   if (reason.empty()) reason = layout_reason(args.problem);
+  // forward_sm90.cuh's online_softmax takes the max of the raw scores and scales it once a row.
+  if (reason.empty() && !(args.problem.scale > 0.f)) reason = "scale <= 0 (the sm_90a softmax scales the max of raw scores)";
   return decide("forward", reason, why_not);
 }
 

@@ -96,9 +96,12 @@ struct RowMask {
   int lane;
 };
 
-// Scales and masks S in place and turns it into P = exp2(S - running max) (float32), updating
+// Masks S in place and turns it into P = exp2(S scale log2 e - running max) (float32), updating
 // the running max and this lane's part of the row sums; alpha is the factor O must take.
 // Only blocks that need it are masked: padding, the sequence's end, keys right of a row.
+// The scale is folded into the exponent (FA3): the max is taken over the raw scores and scaled
+// once a row, which needs scale > 0 (the dispatch keeps other scales on the sm_80 kernels), so
+// each element costs one FFMA and one MUFU.EX2.
 __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, const RowMask& m, float scale_log2,
                                                float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
   const bool needs_mask =
@@ -113,13 +116,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, 
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
-          s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] * scale_log2 : -INFINITY;
+          s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] : -INFINITY;
         }
       }
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) s[i] *= scale_log2;
   }
   // A row with no allowed key so far keeps max -inf; exponentiating against 0 instead keeps
   // exp2(-inf - -inf) = NaN out.
@@ -128,15 +128,15 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, 
     float step_max = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) step_max = fmaxf(step_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-    const float new_max = fmaxf(row_max[r], quad_max(step_max));
+    const float new_max = fmaxf(row_max[r], quad_max(step_max) * scale_log2);  // -inf * scale = -inf
     const float safe_max = new_max == -INFINITY ? 0.f : new_max;
-    alpha[r] = exp2f(row_max[r] - safe_max);  // 0 when row_max was -inf
+    alpha[r] = exp2_ftz(row_max[r] - safe_max);  // 0 when row_max was -inf
     row_max[r] = new_max;
     row_sum[r] *= alpha[r];
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
-      s[4 * j + 2 * r] = exp2f(s[4 * j + 2 * r] - safe_max);
-      s[4 * j + 2 * r + 1] = exp2f(s[4 * j + 2 * r + 1] - safe_max);
+      s[4 * j + 2 * r] = exp2_ftz(fmaf(s[4 * j + 2 * r], scale_log2, -safe_max));
+      s[4 * j + 2 * r + 1] = exp2_ftz(fmaf(s[4 * j + 2 * r + 1], scale_log2, -safe_max));
       row_sum[r] += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
   }

@@ -98,6 +98,17 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t l
   return desc;
 }
 
+// ---- math ----------------------------------------------------------------------------------
+// 2^x on the SFU (one MUFU.EX2), subnormal results flushed to 0. exp2f wraps the same
+// instruction in a subnormal-range fix-up (FSETP + 2 FMUL an element), which is a third of the
+// softmax's issue slots; P is rounded to 16 bits and summed in float32, where anything below
+// 2^-126 of the row's maximum is 0 either way. ex2(-inf) = +0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- named barriers (bar.sync / bar.arrive on ids 1..15; 0 is __syncthreads) -------------
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
