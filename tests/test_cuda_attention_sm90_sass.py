@@ -304,3 +304,35 @@ def test_no_injected_warpgroup_arrive(all_sm90a_kernels):
 def test_no_register_traffic_inside_wgmma_windows(all_sm90a_kernels):
     for name, code in all_sm90a_kernels.items():
         assert wgmma_window_problems(code) == [], name
+
+
+def named_barriers_by_function(elf: str) -> dict[str, int]:
+    """EIATTR_NUM_BARRIERS of each kernel in ``cuobjdump -elf`` output (its .nv.info.<name> section)."""
+    found, current = {}, None
+    lines = elf.splitlines()
+    for i, line in enumerate(lines):
+        section = re.match(r"^\.nv\.info\.(\S+)$", line.strip())
+        if section:
+            current = section.group(1)
+        elif "EIATTR_NUM_BARRIERS" in line and current:
+            value = next(re.search(r"Value:\s*(0x[0-9a-f]+)", l) for l in lines[i:i + 4] if "Value" in l)
+            found[current] = int(value.group(1), 16)
+    return found
+
+
+def test_named_barrier_reader_reads_cuobjdump_elf():
+    elf = (".nv.info._ZN7tformer14attention_sm9014forward_kernelI6__halfLi64EEEvNS0_13ForwardParamsE\n"
+           "\t<0x5>\n\tAttribute:\tEIATTR_NUM_BARRIERS\n\tFormat:\tEIFMT_BVAL\n\tValue:\t0x10\n")
+    assert named_barriers_by_function(elf) == {
+        "_ZN7tformer14attention_sm9014forward_kernelI6__halfLi64EEEvNS0_13ForwardParamsE": 16}
+
+
+def test_named_barrier_ids_are_immediates(all_sm90a_kernels):
+    # A bar.sync / bar.arrive on an id in a register reserves all 16 named barriers; the forward
+    # uses 0 (__syncthreads) and the two pingpong ids, the backward 0 only.
+    elf = subprocess.run([_cuobjdump(), "-elf", str(_extension())], capture_output=True, text=True, timeout=300).stdout
+    barriers = named_barriers_by_function(elf)
+    constants = read_constants()
+    for name in all_sm90a_kernels:
+        allowed = constants["kPingpongBarrier"] + constants["kConsumers"] if "forward_kernel" in name else 1
+        assert barriers.get(name, 0) <= allowed, f"{name}: {barriers.get(name)} named barriers reserved"

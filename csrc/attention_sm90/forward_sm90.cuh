@@ -158,15 +158,19 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
 // arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
 // ptxas serializes every wgmma when a divergent path sits between issue and wait.
 struct Turns {
-  static constexpr uint32_t kThreads = kConsumers * kWarpgroupThreads;
+  static constexpr int kThreads = kConsumers * kWarpgroupThreads;
   int consumer;
-  __device__ __forceinline__ void grant_first() const {
-    if (consumer == 1) named_barrier_arrive(kPingpongBarrier, kThreads);  // consumer 0 goes first
+  __device__ __forceinline__ void grant_first() const {  // consumer 1 lets consumer 0 go first
+    if (consumer == 1) named_barrier_arrive_one_of_two<kPingpongBarrier, kThreads>(false);
   }
-  __device__ __forceinline__ void take() const { named_barrier_sync(kPingpongBarrier + consumer, kThreads); }
-  __device__ __forceinline__ void pass() const { named_barrier_arrive(kPingpongBarrier + 1 - consumer, kThreads); }
+  __device__ __forceinline__ void take() const {
+    named_barrier_sync_one_of_two<kPingpongBarrier, kThreads>(consumer != 0);
+  }
+  __device__ __forceinline__ void pass() const {
+    named_barrier_arrive_one_of_two<kPingpongBarrier, kThreads>(consumer == 0);
+  }
   __device__ __forceinline__ void finish() const {
-    if (consumer == 0) named_barrier_sync(kPingpongBarrier, kThreads);
+    if (consumer == 0) named_barrier_sync_one_of_two<kPingpongBarrier, kThreads>(false);
   }
 };
 static_assert(kConsumers == 2, "the pingpong alternates two consumers");

@@ -110,11 +110,20 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 }
 
 // ---- named barriers (bar.sync / bar.arrive on ids 1..15; 0 is __syncthreads) -------------
-__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// Ids are immediates: ptxas reserves barriers up to the highest id it can see, and an id in a
+// register reserves all 16 (tests/test_cuda_attention_sm90_sass.py checks the count). `second` picks kFirst + 1 over kFirst by predicate, not by
+// branch (a branch between wgmma issue and wait makes ptxas serialize every wgmma).
+template <int kFirst, int kThreads> __device__ __forceinline__ void named_barrier_sync_one_of_two(bool second) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@!p bar.sync %1, %2;\n@p bar.sync %3, %2;\n}\n" ::"r"(
+                   static_cast<uint32_t>(second)),
+               "n"(kFirst), "n"(kThreads), "n"(kFirst + 1)
+               : "memory");
 }
-__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+template <int kFirst, int kThreads> __device__ __forceinline__ void named_barrier_arrive_one_of_two(bool second) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@!p bar.arrive %1, %2;\n@p bar.arrive %3, %2;\n}\n" ::"r"(
+                   static_cast<uint32_t>(second)),
+               "n"(kFirst), "n"(kThreads), "n"(kFirst + 1)
+               : "memory");
 }
 
 // ---- registers -----------------------------------------------------------------------------
