@@ -304,3 +304,58 @@ def check_pack_a(n: int) -> list[str]:
                             errors.append(f"warp {warp} lane {lane} a[{t}][{i}].{half}: accumulator ({row}, {column}), "
                                           f"fragment wants ({want_row}, {16 * t + want_column})")
     return errors
+
+
+# ---- the forward's epilogue: O staged in the consumer's Q rows, then 16-byte stores --------------
+def tile_chunk_offset(row: int, chunk: int, c: dict[str, int], swizzled: bool = True) -> int:
+    """forward_sm90.cuh's tile_chunk_offset (a 128-row tile as TMA lays it out)."""
+    per_row = c["kSwizzleBytes"] // c["kChunkBytes"]
+    panel_bytes = c["kBoxRows"] * c["kSwizzleBytes"]
+    inner = (chunk % per_row) ^ (row % 8) if swizzled else chunk % per_row
+    return (chunk // per_row) * panel_bytes + row * c["kSwizzleBytes"] + inner * c["kChunkBytes"]
+
+
+def check_output_staging(head_dim: int, swizzled: bool = True, c: dict[str, int] | None = None) -> list[str]:
+    """store_output: every element of each consumer's 64 x head_dim block of O goes through
+    shared memory to the right (row, column) of the output, inside the consumer's own Q rows,
+    and the staging writes (one 4-byte word a lane) and read-backs (16 bytes a lane) are free of
+    shared-memory bank conflicts (32 banks of 4 bytes)."""
+    c = c or read_constants()
+    errors, threads = [], c["kWarpgroupThreads"]
+    chunks_per_row = head_dim // 8
+    for consumer in range(c["kConsumers"]):
+        smem: dict[int, tuple[int, int]] = {}
+        own = range(consumer * c["kWgmmaM"], (consumer + 1) * c["kWgmmaM"])
+        for r in range(2):  # staging writes, one warp instruction per (r, j)
+            for j in range(chunks_per_row):
+                for warp in range(4):
+                    banks = set()
+                    for lane in range(32):
+                        row, column = accumulator_position(lane, warp, 4 * j + 2 * r)
+                        tile_row = consumer * c["kWgmmaM"] + row
+                        address = tile_chunk_offset(tile_row, j, c, swizzled) + 4 * (lane % 4)
+                        if address // (c["kBoxRows"] * c["kSwizzleBytes"]) >= head_dim // 64 or \
+                                (address % (c["kBoxRows"] * c["kSwizzleBytes"])) // c["kSwizzleBytes"] not in own:
+                            errors.append(f"consumer {consumer}: O row {row} staged outside its own Q rows")
+                        smem[address] = (row, column)
+                        smem[address + 2] = (row, column + 1)
+                        banks.add((address // 4) % 32)
+                    if len(banks) < 32:
+                        errors.append(f"consumer {consumer} warp {warp} r {r} j {j}: staging store has "
+                                      f"{32 // len(banks)}-way bank conflicts")
+        for i in range(c["kWgmmaM"] * chunks_per_row // threads):  # read-backs, 16 bytes a thread
+            for quarter in range(threads // 8):
+                chunk_banks = set()
+                for thread in range(8 * quarter, 8 * quarter + 8):
+                    index = thread + i * threads
+                    local_row, chunk = divmod(index, chunks_per_row)
+                    address = tile_chunk_offset(consumer * c["kWgmmaM"] + local_row, chunk, c, swizzled)
+                    got = [smem.get(address + 2 * e) for e in range(8)]
+                    want = [(local_row, chunk * 8 + e) for e in range(8)]
+                    if got != want:
+                        errors.append(f"consumer {consumer}: chunk {chunk} of row {local_row} reads {got[:2]}..., "
+                                      f"wants {want[:2]}...")
+                    chunk_banks.add((address // 16) % 8)
+                if len(chunk_banks) < 8:
+                    errors.append(f"consumer {consumer}: a quarter-warp's 16-byte reads conflict ({len(chunk_banks)} of 8)")
+    return errors

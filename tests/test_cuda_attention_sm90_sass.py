@@ -102,6 +102,8 @@ def test_hot_loops_use_wgmma_and_tma(sm90a_kernels):
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, f"{name}: S is not awaited apart from P V (no overlap)"
         assert re.search(r"BAR\.ARV", code), f"{name}: no pingpong hand-over between the consumers"
         assert not re.search(r"\b(STL|LDL)\b", code), f"{name}: local memory (spills) in the kernel"
+        # The epilogue (store_output): 64 rows x head_dim a consumer, 16 bytes a thread a store.
+        assert code.count("STG.E.128") == 64 * head_dim * 2 // 16 // 128, f"{name}: O not stored in 16-byte chunks"
 
 
 def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
@@ -329,10 +331,10 @@ def test_named_barrier_reader_reads_cuobjdump_elf():
 
 def test_named_barrier_ids_are_immediates(all_sm90a_kernels):
     # A bar.sync / bar.arrive on an id in a register reserves all 16 named barriers; the forward
-    # uses 0 (__syncthreads) and the two pingpong ids, the backward 0 only.
+    # uses 0 (__syncthreads), the two pingpong ids and the two epilogue ids, the backward 0 only.
     elf = subprocess.run([_cuobjdump(), "-elf", str(_extension())], capture_output=True, text=True, timeout=300).stdout
     barriers = named_barriers_by_function(elf)
     constants = read_constants()
     for name in all_sm90a_kernels:
-        allowed = constants["kPingpongBarrier"] + constants["kConsumers"] if "forward_kernel" in name else 1
+        allowed = constants["kEpilogueBarrier"] + constants["kConsumers"] if "forward_kernel" in name else 1
         assert barriers.get(name, 0) <= allowed, f"{name}: {barriers.get(name)} named barriers reserved"

@@ -200,3 +200,19 @@ def test_operation_order_check_catches_a_moved_wait():
     today = _model_tokens(schedule.forward_consumer_ops(128, 4, variant=schedule.TODAY))
     fixed = _model_tokens(schedule.forward_consumer_ops(128, 4))
     assert today != fixed and today.index("take") < today.index("wait k_full")
+
+
+# ---- the forward's staged output store ----------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_output_staging_round_trips_without_bank_conflicts(head_dim):
+    assert layout.check_output_staging(head_dim) == []
+
+
+def test_output_staging_without_swizzle_is_caught():
+    errors = layout.check_output_staging(128, swizzled=False)
+    assert any("bank conflicts" in e for e in errors)
+
+
+def test_output_staging_in_the_other_consumers_rows_is_caught():
+    errors = layout.check_output_staging(128, c={**CONSTANTS, "kWgmmaM": 32})
+    assert errors

@@ -53,6 +53,10 @@ constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
 // Pingpong: named barrier kPingpongBarrier + c means "consumer c may issue" (0 is __syncthreads).
 constexpr int kPingpongBarrier = 1;
+// The epilogue: kEpilogueBarrier + c syncs consumer c's warpgroup between staging O in shared
+// memory and storing it in kChunkBytes pieces.
+constexpr int kEpilogueBarrier = kPingpongBarrier + kConsumers;
+constexpr int kChunkBytes = 16;
 constexpr int kNamedBarriers = 16;
 
 // ---- forward pipeline (forward_sm90.cuh) ---------------------------------------------------
@@ -84,7 +88,7 @@ static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * kCon
 static_assert(kProducerRegisters % 8 == 0 && kConsumerRegisters % 8 == 0 && kProducerRegisters >= 24 &&
                   kConsumerRegisters <= 256,
               "setmaxnreg takes multiples of 8 in [24, 256]");
-static_assert(kPingpongBarrier >= 1 && kPingpongBarrier + kConsumers <= kNamedBarriers, "named barrier ids 1..15");
+static_assert(kPingpongBarrier >= 1 && kEpilogueBarrier + kConsumers <= kNamedBarriers, "named barrier ids 1..15");
 static_assert(kSwizzleAtomBytes == 1024 && kBoxColumns * kElementBytes == kSwizzleBytes, "the 128B swizzle");
 
 }  // namespace attention_sm90

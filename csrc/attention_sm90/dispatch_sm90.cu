@@ -148,6 +148,12 @@ AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArg
   if (reason.empty()) reason = layout_reason(args.problem);
   // forward_sm90.cuh's online_softmax takes the max of the raw scores and scales it once a row.
   if (reason.empty() && !(args.problem.scale > 0.f)) reason = "scale <= 0 (the sm_90a softmax scales the max of raw scores)";
+  // forward_sm90.cuh's store_output writes 16-byte chunks of each output row.
+  const Strides3& o = args.out_strides;
+  if (reason.empty() && (reinterpret_cast<uintptr_t>(args.out) % 16 != 0 || o.token % 8 != 0 || o.head % 8 != 0 ||
+                         o.seq % 8 != 0)) {
+    reason = "out is not 16-byte aligned row by row (the sm_90a epilogue stores 16-byte chunks)";
+  }
   return decide("forward", reason, why_not);
 }
 

@@ -175,8 +175,46 @@ struct Turns {
 };
 static_assert(kConsumers == 2, "the pingpong alternates two consumers");
 
-// Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
-// 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
+// The byte of shared memory holding 16-byte chunk `chunk` (0 .. kD / 8 - 1) of row `row` of a
+// 128-row tile laid out as TMA writes it: 64-column panels, 128-byte rows, chunks swizzled.
+__device__ __forceinline__ int tile_chunk_offset(int row, int chunk) {
+  constexpr int kChunksPerSwizzleRow = kSwizzleBytes / kChunkBytes;  // 8
+  return (chunk / kChunksPerSwizzleRow) * kPanelBytes + row * kSwizzleBytes +
+         ((chunk % kChunksPerSwizzleRow) ^ (row % 8)) * kChunkBytes;
+}
+
+// The epilogue's store of one consumer's 64 rows of O / row sum: staged as T in its own 64 rows
+// of the Q tile (free: its last Q K^T has completed, and the other consumer's wgmmas read only
+// their rows), swizzled as TMA lays tiles out (the 8 rows a warp writes at once hit 8 different
+// 16-byte chunks: no bank conflicts), then read back and stored 16 bytes a thread, a warp
+// covering whole rows (full 32-byte sectors, where the accumulator layout gives each lane 4
+// bytes). Rows at or past `rows` (the sequence's end) are not written. `out`: row 0 of these 64.
+template <typename T, int kD>
+__device__ __forceinline__ void store_output(const float (&o)[kD / 2], const float (&inverse)[2],
+                                             unsigned char* q_tile, int consumer, int lane, int warp, T* out,
+                                             int64_t token_stride, int rows) {
+  static_assert(kChunkBytes == 8 * sizeof(T), "a chunk is 8 elements");
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = consumer * kWgmmaM + accumulator_row(lane, warp, r);
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {  // accumulator chunk j = the row's 16-byte chunk j
+      *reinterpret_cast<uint32_t*>(q_tile + tile_chunk_offset(row, j) + 4 * (lane % 4)) =
+          pack2<T>(o[4 * j + 2 * r] * inverse[r], o[4 * j + 2 * r + 1] * inverse[r]);
+    }
+  }
+  named_barrier_sync_one_of_two<kEpilogueBarrier, kWarpgroupThreads>(consumer != 0);  // this warpgroup only
+  constexpr int kChunksPerRow = kD / 8, kChunks = kWgmmaM * kChunksPerRow;
+  static_assert(kChunks % kWarpgroupThreads == 0, "whole chunks a thread");
+  const int thread = threadIdx.x % kWarpgroupThreads;
+#pragma unroll
+  for (int i = 0; i < kChunks / kWarpgroupThreads; ++i) {
+    const int index = thread + i * kWarpgroupThreads, local_row = index / kChunksPerRow, chunk = index % kChunksPerRow;
+    const uint4 value = *reinterpret_cast<const uint4*>(q_tile + tile_chunk_offset(consumer * kWgmmaM + local_row, chunk));
+    if (local_row < rows) *reinterpret_cast<uint4*>(out + local_row * token_stride + chunk * 8) = value;
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ ForwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -326,26 +364,21 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   }
 
   // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.
-  T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
-           static_cast<int64_t>(q_start) * args.out_strides.token;
+  float inverse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(row_sum[r]);
-    const float inverse = sum == 0.f ? 0.f : 1.f / sum;
+    inverse[r] = sum == 0.f ? 0.f : 1.f / sum;
     const int row = row0 + 8 * r;
-    if (row >= q_len) continue;
-    T* out_row = out + static_cast<int64_t>(row) * args.out_strides.token;
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * (lane % 4)) =
-          pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
-    }
-    if (lane % 4 == 0) {
+    if (row < q_len && lane % 4 == 0) {
       args.lse[seq * args.lse_strides.seq + head * args.lse_strides.head +
                static_cast<int64_t>(q_start + row) * args.lse_strides.token] =
           sum == 0.f ? -INFINITY : (row_max[r] + log2f(sum)) * kLn2;
     }
   }
+  T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
+           static_cast<int64_t>(q_start + wg_row0) * args.out_strides.token;
+  store_output<T, kD>(o, inverse, q_tile, consumer, lane, warp, out, args.out_strides.token, q_len - wg_row0);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
