@@ -251,7 +251,8 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
           const bool allowed = key_ok[r] && query_ok && (!p.causal || key0 + 8 * r <= query);
-          const float probability = allowed ? exp2_ftz(fmaf(s[i], scale_log2, -lse)) : 0.f;
+          // exp2f, not exp2_ftz as the dQ pass: with it ptxas spills 10 bytes at head dim 64 (bf16).
+          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse) : 0.f;
           s[i] = probability;
           dp[i] = probability * (dp[i] - delta);
         }
