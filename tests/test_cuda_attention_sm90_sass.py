@@ -2,8 +2,12 @@
 the built extension tformer._C is disassembled (``cuobjdump -sass``, ``-res-usage``) and each
 instantiation of the forward and of the backward's key_grad_kernel and query_grad_kernel must
 issue warpgroup MMA (HGMMA) and TMA loads (UTMALDG) inside loops, keep everything in registers
-(no local memory, no spill loads or stores), and fit Hopper's 227 KiB of shared memory. Their
-numerical tests are GPU tests (tests/test_cuda_attention_sm90.py)."""
+(no local memory, no spill loads or stores), and fit Hopper's 227 KiB of shared memory. Guards
+for hazards that would hang or corrupt silently: REG at entry equal to the setmaxnreg budget's
+168, no ptxas-injected WARPGROUP.ARRIVE, no register traffic inside an in-flight wgmma's window,
+named-barrier ids as immediates. Their numerical tests are GPU tests
+(tests/test_cuda_attention_sm90.py); the CPU emulators of the same contracts are
+tests/test_sm90_contracts.py."""
 
 import re
 import subprocess

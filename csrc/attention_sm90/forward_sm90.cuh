@@ -24,7 +24,9 @@
 // products twice over (FA3 3.1-3.2): inside a warpgroup, block j's P V runs during block
 // j + 1's softmax; between the two warpgroups, they take turns issuing (pingpong), so one's
 // softmax runs while the other's products hold the tensor cores. bench/KERNEL_NOTES.md,
-// section c90, has the prediction and what is left.
+// sections c90 and c90c, has the predictions and what is left. The constants every address,
+// descriptor and barrier below is computed from are in contracts.h, which the CPU emulators of
+// the swizzle/descriptors and of this barrier schedule (tests/sm90_*_model.py) read too.
 //
 // Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
 // rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
@@ -158,19 +160,19 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
 // arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
 // ptxas serializes every wgmma when a divergent path sits between issue and wait.
 struct Turns {
-  static constexpr int kThreads = kConsumers * kWarpgroupThreads;
+  static constexpr int kPingpongThreads = kConsumers * kWarpgroupThreads;
   int consumer;
   __device__ __forceinline__ void grant_first() const {  // consumer 1 lets consumer 0 go first
-    if (consumer == 1) named_barrier_arrive_one_of_two<kPingpongBarrier, kThreads>(false);
+    if (consumer == 1) named_barrier_arrive_one_of_two<kPingpongBarrier, kPingpongThreads>(false);
   }
   __device__ __forceinline__ void take() const {
-    named_barrier_sync_one_of_two<kPingpongBarrier, kThreads>(consumer != 0);
+    named_barrier_sync_one_of_two<kPingpongBarrier, kPingpongThreads>(consumer != 0);
   }
   __device__ __forceinline__ void pass() const {
-    named_barrier_arrive_one_of_two<kPingpongBarrier, kThreads>(consumer == 0);
+    named_barrier_arrive_one_of_two<kPingpongBarrier, kPingpongThreads>(consumer == 0);
   }
   __device__ __forceinline__ void finish() const {
-    if (consumer == 0) named_barrier_sync_one_of_two<kPingpongBarrier, kThreads>(false);
+    if (consumer == 0) named_barrier_sync_one_of_two<kPingpongBarrier, kPingpongThreads>(false);
   }
 };
 static_assert(kConsumers == 2, "the pingpong alternates two consumers");
