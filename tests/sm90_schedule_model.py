@@ -227,7 +227,9 @@ class Machine:
                                     f"reads it until {end}")
         arrival = max(self.now + self.rng.randint(*self.lat.tma_latency), self.tma_free)
         self.tma_free = arrival + size // self.lat.tma_bytes_per_cycle
-        slot.content, slot.landed, slot.reads = content, self.tma_free, []
+        if slot.content != content:  # the first box of new data
+            slot.content, slot.reads = content, []
+        slot.landed = self.tma_free  # boxes land in issue order: the last one completes the tile
         self._schedule(self.tma_free, "tx", (barrier, size))
         return 2
 
@@ -324,7 +326,9 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
     """forward_sm90.cuh: the producer's loads and each consumer's loop, op by op."""
     c = machine.c
     stages, threads = c["kForwardStages"], c["kWarpgroupThreads"]
-    tile = head_dim // c["kPanelColumns"] * c["kBoxRows"] * c["kSwizzleBytes"]
+    panels = head_dim // c["kPanelColumns"]
+    tile = panels * c["kBoxRows"] * c["kSwizzleBytes"]             # Shape::kTileBytes: what expect_tx announces
+    box = c["kBoxRows"] * c["kBoxColumns"] * c["kElementBytes"]  # what one TMA box delivers
     consumers = {f"consumer{i}": threads for i in range(c["kConsumers"])}
     machine.mbarrier("q_full", 1, {"producer": 1})
     for s in range(stages):
@@ -342,16 +346,19 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
     def producer():
         yield ("setmaxnreg", "dec", c["kProducerRegisters"])
         yield ("expect_tx", "q_full", tile)
-        yield ("tma", "q_full", tile, ("Q", 0), 0)
+        for _ in range(panels):
+            yield ("tma", "q_full", box, ("Q", 0), 0)
         for step in range(steps):
             slot, parity = step % stages, (step // stages) & 1
             yield ("wait", f"{k_empty}{slot}", parity ^ 1)
             yield ("expect_tx", f"k_full{slot}", tile)
-            yield ("tma", f"k_full{slot}", tile, ("K", slot), step)
+            for _ in range(panels):
+                yield ("tma", f"k_full{slot}", box, ("K", slot), step)
             if variant.split_release:
                 yield ("wait", f"v_empty{slot}", parity ^ 1)
             yield ("expect_tx", f"v_full{slot}", tile)
-            yield ("tma", f"v_full{slot}", tile, ("V", slot), step)
+            for _ in range(panels):
+                yield ("tma", f"v_full{slot}", box, ("V", slot), step)
         yield ("exit",)
 
     def consumer(i: int):
@@ -436,6 +443,7 @@ def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, 
     step_rows = grad_step(head_dim, c)
     panels = head_dim // c["kPanelColumns"]
     block_tile, step_tile = panels * block * c["kSwizzleBytes"], panels * step_rows * c["kSwizzleBytes"]
+    block_box, step_box = (rows * c["kBoxColumns"] * c["kElementBytes"] for rows in (block, step_rows))
     consumers = {f"consumer{i}": threads for i in range(c["kConsumers"])}
     staged = kernel == "key_grad"  # the producer's threads stage each step's lse and delta, one a row
     machine.mbarrier("block_full", 1, {"producer": 1})
@@ -450,8 +458,9 @@ def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, 
     def producer():
         yield ("setmaxnreg", "dec", c["kProducerRegisters"])
         yield ("expect_tx", "block_full", 2 * block_tile)
-        yield ("tma", "block_full", block_tile, (a0, 0), 0)
-        yield ("tma", "block_full", block_tile, (a1, 0), 0)
+        for _ in range(panels):  # load_tile_pair: a box of each tile a panel
+            yield ("tma", "block_full", block_box, (a0, 0), 0)
+            yield ("tma", "block_full", block_box, (a1, 0), 0)
         for step in range(steps):
             slot = step % stages
             yield ("wait", f"step_empty{slot}", ((step // stages) & 1) ^ 1)
@@ -459,8 +468,9 @@ def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, 
                 yield ("compute", 600, False)  # lse and delta from global memory
                 yield ("arrive", f"step_full{slot}", step_rows - 1)
             yield ("expect_tx", f"step_full{slot}", 2 * step_tile)
-            yield ("tma", f"step_full{slot}", step_tile, (b0, slot), step)
-            yield ("tma", f"step_full{slot}", step_tile, (b1, slot), step)
+            for _ in range(panels):
+                yield ("tma", f"step_full{slot}", step_box, (b0, slot), step)
+                yield ("tma", f"step_full{slot}", step_box, (b1, slot), step)
         yield ("exit",)
 
     def consumer(i: int):

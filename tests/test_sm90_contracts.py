@@ -131,6 +131,13 @@ def test_too_few_registers_at_entry_hang(kernel, registers):
         schedule.simulate(kernel, 128, registers_at_entry=registers)
 
 
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+def test_boxes_short_of_the_announced_bytes_hang(kernel):
+    # 32-column boxes deliver half of what expect_tx announces: the phase never completes.
+    with pytest.raises(schedule.ScheduleError, match="hang"):
+        schedule.simulate(kernel, 128, constants={**CONSTANTS, "kBoxColumns": 32})
+
+
 def test_transaction_bytes_past_the_tx_count_are_caught():
     small = {**CONSTANTS, "kMaxTransactionBytes": 16 * 1024}
     with pytest.raises(schedule.ScheduleError, match="tx-count"):
