@@ -90,6 +90,11 @@ static_assert(kProducerRegisters % 8 == 0 && kConsumerRegisters % 8 == 0 && kPro
               "setmaxnreg takes multiples of 8 in [24, 256]");
 static_assert(kPingpongBarrier >= 1 && kEpilogueBarrier + kConsumers <= kNamedBarriers, "named barrier ids 1..15");
 static_assert(kSwizzleAtomBytes == 1024 && kBoxColumns * kElementBytes == kSwizzleBytes, "the 128B swizzle");
+// cuTensorMapEncodeTiled: a box spans at most 256 elements a dimension, and with SWIZZLE_128B its
+// inner dimension at most 128 bytes.
+static_assert(kBoxRows <= 256 && kGradBlock <= 256 && kGradStepSmall <= 256 && kGradStepLarge <= 256,
+              "TMA box rows <= 256");
+static_assert(kBoxColumns * kElementBytes <= kSwizzleBytes, "SWIZZLE_128B: a box row spans <= 128 bytes");
 
 }  // namespace attention_sm90
 }  // namespace tformer

@@ -122,7 +122,7 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
                           int heads, int seqs, int head_dim, int box_rows) {
   EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
-  constexpr int64_t kBytes = 2;
+  constexpr int64_t kBytes = kElementBytes;
   // A dim of extent 1 is never stepped over; any valid stride will do (one row's bytes).
   const auto stride = [&](int64_t elements, int64_t extent) { return (extent > 1 ? elements : head_dim) * kBytes; };
   const int64_t token_stride = stride(strides.token, tokens);
