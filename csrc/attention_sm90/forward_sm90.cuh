@@ -196,6 +196,7 @@ __device__ __forceinline__ void store_output(const float (&o)[kD / 2], const flo
                                              unsigned char* q_tile, int consumer, int lane, int warp, T* out,
                                              int64_t token_stride, int rows) {
   static_assert(kChunkBytes == 8 * sizeof(T), "a chunk is 8 elements");
+  fence_proxy_async_shared();  // the rows were Q, written by TMA and read by wgmma (async proxy)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = consumer * kWgmmaM + accumulator_row(lane, warp, r);
