@@ -50,6 +50,7 @@ class Latencies:
     tma_bytes_per_cycle: int = 48
     softmax_cycles: int = 520       # forward, one 64 x 128 score block (~750 before fix 2)
     rescale_cycles: int = 100       # forward, O *= alpha and P repacked
+    epilogue_cycles: int = 400      # forward, O staged in shared memory and stored
     grad_cycles_per_element: int = 12
     jitter: float = 0.05            # +- on every product and elementwise step
 
@@ -66,6 +67,9 @@ class ForwardVariant:
     double_release: bool = False      # consumer 0 releases its K twice a step
     skip_finish: bool = False         # consumer 0 does not absorb consumer 1's last pass
     skip_first_grant: bool = False    # consumer 1 does not grant consumer 0 the first turn
+    # A persistent grid (several query blocks a CTA; not built yet, see KERNEL_NOTES c90c):
+    persistent: bool = False
+    release_q_early: bool = False     # broken: Q released before O has left its rows
 
 
 TODAY = ForwardVariant(split_release=False, release_k_after_s=False, wait_before_turn=False)
@@ -224,7 +228,7 @@ class Machine:
         for old, start, end in slot.reads:
             if end > self.now:
                 raise ScheduleError(f"TMA overwrites {slot_key} (step {old} -> {content}) at {self.now} while a wgmma "
-                                    f"reads it until {end}")
+                                    f"or the epilogue reads it until {end}")
         arrival = max(self.now + self.rng.randint(*self.lat.tma_latency), self.tma_free)
         self.tma_free = arrival + size // self.lat.tma_bytes_per_cycle
         if slot.content != content:  # the first box of new data
@@ -252,6 +256,15 @@ class Machine:
         self.last_product = max(self.last_product, end)
         agent.groups.append(end)
         return 8
+
+    def _op_use_slot(self, agent, slot_key, content, cycles):
+        """Generic loads and stores on a slot's rows for `cycles` (the epilogue's staging of O)."""
+        slot = self.slots.get(slot_key)
+        if slot is None or slot.content != content or slot.landed > self.now:
+            raise ScheduleError(f"{agent.name} reuses {slot_key} for tile {content}, which holds "
+                                f"{None if slot is None else slot.content}")
+        slot.reads.append((content, self.now, self.now + cycles))
+        return cycles
 
     def _op_wait_group(self, agent, pending):
         agent.groups = [end for end in agent.groups if end > self.now]
@@ -322,8 +335,13 @@ def _flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 
 
-def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: ForwardVariant, lat: Latencies):
-    """forward_sm90.cuh: the producer's loads and each consumer's loop, op by op."""
+def forward_schedule(machine: Machine, head_dim: int, tiles: tuple[int, ...], variant: ForwardVariant,
+                     lat: Latencies):
+    """forward_sm90.cuh: the producer's loads and each consumer's loop, op by op, for one query
+    block of `tiles[0]` key steps; with variant.persistent, for a block that runs the query
+    blocks of `tiles` in turn (the persistent grid of fix 3, modelled before it is built: Q's
+    slot is refilled only after both consumers have released it on q_empty, once their O has
+    left the rows they staged it in; step numbers, slots and parities run on across tiles)."""
     c = machine.c
     stages, threads = c["kForwardStages"], c["kWarpgroupThreads"]
     panels = head_dim // c["kPanelColumns"]
@@ -331,6 +349,8 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
     box = c["kBoxRows"] * c["kBoxColumns"] * c["kElementBytes"]  # what one TMA box delivers
     consumers = {f"consumer{i}": threads for i in range(c["kConsumers"])}
     machine.mbarrier("q_full", 1, {"producer": 1})
+    if variant.persistent:
+        machine.mbarrier("q_empty", c["kConsumers"] * threads, consumers)
     for s in range(stages):
         machine.mbarrier(f"k_full{s}", 1, {"producer": 1})
         machine.mbarrier(f"v_full{s}", 1, {"producer": 1})
@@ -345,24 +365,29 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
 
     def producer():
         yield ("setmaxnreg", "dec", c["kProducerRegisters"])
-        yield ("expect_tx", "q_full", tile)
-        for _ in range(panels):
-            yield ("tma", "q_full", box, ("Q", 0), 0)
-        for step in range(steps):
-            slot, parity = step % stages, (step // stages) & 1
-            yield ("wait", f"{k_empty}{slot}", parity ^ 1)
-            yield ("expect_tx", f"k_full{slot}", tile)
+        base = 0
+        for number, steps in enumerate(tiles):
+            if variant.persistent:
+                yield ("wait", "q_empty", (number & 1) ^ 1)
+            yield ("expect_tx", "q_full", tile)
             for _ in range(panels):
-                yield ("tma", f"k_full{slot}", box, ("K", slot), step)
-            if variant.split_release:
-                yield ("wait", f"v_empty{slot}", parity ^ 1)
-            yield ("expect_tx", f"v_full{slot}", tile)
-            for _ in range(panels):
-                yield ("tma", f"v_full{slot}", box, ("V", slot), step)
+                yield ("tma", "q_full", box, ("Q", 0), number)
+            for step in range(base, base + steps):
+                slot, parity = step % stages, (step // stages) & 1
+                yield ("wait", f"{k_empty}{slot}", parity ^ 1)
+                yield ("expect_tx", f"k_full{slot}", tile)
+                for _ in range(panels):
+                    yield ("tma", f"k_full{slot}", box, ("K", slot), step)
+                if variant.split_release:
+                    yield ("wait", f"v_empty{slot}", parity ^ 1)
+                yield ("expect_tx", f"v_full{slot}", tile)
+                for _ in range(panels):
+                    yield ("tma", f"v_full{slot}", box, ("V", slot), step)
+            base += steps
         yield ("exit",)
 
     def consumer(i: int):
-        me, turn, other = f"consumer{i}", c["kPingpongBarrier"] + i, c["kPingpongBarrier"] + 1 - i
+        turn, other = c["kPingpongBarrier"] + i, c["kPingpongBarrier"] + 1 - i
         k_parity = (lambda step: ((step // stages) & 1) ^ (1 if variant.wrong_parity else 0))
         v_parity = (lambda step: (step // stages) & 1)
 
@@ -372,23 +397,37 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
                 yield ("arrive", f"{k_empty}{slot}", threads)
 
         yield ("setmaxnreg", "inc", c["kConsumerRegisters"])
-        yield ("wait", "q_full", 0)
+        base = 0
+        for number, steps in enumerate(tiles):
+            yield ("wait", "q_full", number & 1)
+            q = (("Q", 0), number)
+            if steps > 0:
+                yield from mainloop(i, base, steps, q, turn, other, k_parity, v_parity, release_k)
+            if variant.persistent and variant.release_q_early:
+                yield ("arrive", "q_empty", threads)
+            yield ("use_slot", ("Q", 0), number, lat.epilogue_cycles)  # O staged in this consumer's Q rows
+            if variant.persistent and not variant.release_q_early:
+                yield ("arrive", "q_empty", threads)
+            base += steps
+        yield ("exit",)
+
+    def mainloop(i, base, steps, q, turn, other, k_parity, v_parity, release_k):
         if i == 1 and not variant.skip_first_grant:
             yield ("bar_arrive", c["kPingpongBarrier"], "grant")  # consumer 0 goes first
         if variant.wait_before_turn:
-            yield ("wait", "k_full0", k_parity(0))
+            yield ("wait", f"k_full{base % stages}", k_parity(base))
         yield ("bar_sync", turn, "take")
         if not variant.wait_before_turn:
-            yield ("wait", "k_full0", k_parity(0))
-        yield ("wgmma", "S0", [(("Q", 0), 0), (("K", 0), 0)], qk)
+            yield ("wait", f"k_full{base % stages}", k_parity(base))
+        yield ("wgmma", f"S{base}", [q, (("K", base % stages), base)], qk)
         if variant.release_k_early:
-            yield from release_k(0)
+            yield from release_k(base % stages)
         yield ("bar_arrive", other, "pass")
         yield ("wait_group", 0)
         if variant.release_k_after_s and not variant.release_k_early:
-            yield from release_k(0)
+            yield from release_k(base % stages)
         yield ("compute", lat.softmax_cycles)
-        for step in range(1, steps):
+        for step in range(base + 1, base + steps):
             slot, prev = step % stages, (step - 1) % stages
             if variant.wait_before_turn:
                 yield ("wait", f"k_full{slot}", k_parity(step))
@@ -396,7 +435,7 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
             yield ("bar_sync", turn, "take")
             if not variant.wait_before_turn:
                 yield ("wait", f"k_full{slot}", k_parity(step))
-            yield ("wgmma", f"S{step}", [(("Q", 0), 0), (("K", slot), step)], qk)
+            yield ("wgmma", f"S{step}", [q, (("K", slot), step)], qk)
             if variant.release_k_early:
                 yield from release_k(slot)
             if not variant.wait_before_turn:
@@ -413,7 +452,7 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
             if variant.split_release:
                 yield ("arrive", f"v_empty{prev}", threads)
             yield ("compute", lat.rescale_cycles)
-        last = steps - 1
+        last = base + steps - 1
         if variant.wait_before_turn:
             yield ("wait", f"v_full{last % stages}", v_parity(last))
         yield ("bar_sync", turn, "take")
@@ -428,7 +467,6 @@ def forward_schedule(machine: Machine, head_dim: int, steps: int, variant: Forwa
             yield ("arrive", f"v_empty{last % stages}", threads)
         if i == 0 and not variant.skip_finish:
             yield ("bar_sync", c["kPingpongBarrier"], "finish")  # absorbs consumer 1's last pass
-        yield ("exit",)
 
     machine.agent("producer", producer())
     for i in range(c["kConsumers"]):
@@ -507,19 +545,20 @@ def forward_consumer_ops(head_dim: int, steps: int, variant: ForwardVariant = FI
     with the kernel source's order)."""
     c = read_constants()
     machine = Machine(c, Latencies(), random.Random(0), c["kRegistersAtEntry"])
-    forward_schedule(machine, head_dim, steps, variant, Latencies())
+    forward_schedule(machine, head_dim, (steps,), variant, Latencies())
     return list(machine.agents[f"consumer{consumer}"].program)
 
 
 def simulate(kernel: str, head_dim: int, steps: int = 32, seed: int = 0, variant: ForwardVariant = FIXED,
              lat: Latencies = Latencies(), registers_at_entry: int | None = None,
-             constants: dict[str, int] | None = None, release_early: bool = False) -> float:
+             constants: dict[str, int] | None = None, release_early: bool = False,
+             tiles: tuple[int, ...] | None = None) -> float:
     """The tensor cores' busy fraction over one block's products (first start to last end);
     raises ScheduleError on a broken contract."""
     c = constants or read_constants()
     machine = Machine(c, lat, random.Random(seed), registers_at_entry or c["kRegistersAtEntry"])
     if kernel == "forward":
-        forward_schedule(machine, head_dim, steps, variant, lat)
+        forward_schedule(machine, head_dim, tiles or (steps,), variant, lat)
     else:
         backward_schedule(machine, kernel, head_dim, steps, lat, release_early)
     machine.run()

@@ -107,7 +107,7 @@ def test_todays_forward_schedule_fails_the_busy_bar():
 
 @pytest.mark.parametrize("broken, message", [
     (dict(wrong_parity=True), "before its TMA lands"),
-    (dict(release_k_early=True), "while a wgmma reads it"),
+    (dict(release_k_early=True), "reads it until"),
     (dict(double_release=True), "over-arrival"),
     (dict(skip_finish=True), "left half-arrived"),
     (dict(skip_first_grant=True), "hang"),
@@ -120,7 +120,7 @@ def test_broken_forward_schedule_is_caught(broken, message):
 @pytest.mark.parametrize("kernel", ["key_grad", "query_grad"])
 @pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
 def test_backward_slot_released_while_read_is_caught(kernel, head_dim):
-    with pytest.raises(schedule.ScheduleError, match="while a wgmma reads it"):
+    with pytest.raises(schedule.ScheduleError, match="reads it until"):
         schedule.simulate(kernel, head_dim, release_early=True)
 
 
@@ -223,3 +223,21 @@ def test_output_staging_without_swizzle_is_caught():
 def test_output_staging_in_the_other_consumers_rows_is_caught():
     errors = layout.check_output_staging(128, c={**CONSTANTS, "kWgmmaM": 32})
     assert errors
+
+
+# A persistent forward (fix 3's second half, not built yet): the schedule it needs is proved here
+# first. Q is refilled only after both consumers released it on q_empty, once O has left the rows
+# it was staged in; step numbers, slots, parities and the per-tile pingpong run on across tiles.
+PERSISTENT = replace(schedule.FIXED, persistent=True)
+
+
+@pytest.mark.parametrize("tiles", [(4, 4, 4), (8, 7, 6, 5, 4, 3, 2, 1), (1, 1, 1, 1), (0, 3, 0, 2), (32, 32)], ids=str)
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_persistent_forward_schedule_is_sound(tiles, head_dim):
+    for seed in SEEDS:
+        schedule.simulate("forward", head_dim, variant=PERSISTENT, tiles=tiles, seed=seed)
+
+
+def test_persistent_forward_releasing_q_before_the_epilogue_is_caught():
+    with pytest.raises(schedule.ScheduleError, match="reads it until|reuses"):
+        schedule.simulate("forward", 128, variant=replace(PERSISTENT, release_q_early=True), tiles=(3, 3, 3))
