@@ -30,4 +30,5 @@ def main(plan_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # The DeepSpeed launcher adds --local_rank=N; the plan is the one other argument.
+    main(next(arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")))
