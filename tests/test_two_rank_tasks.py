@@ -190,3 +190,49 @@ def test_every_task_on_two_ranks_evaluates_like_one_process(task_configs, tmp_pa
         assert set(two_ranks) == set(one), name
         for key, value in one.items():
             assert two_ranks[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key, two_ranks[key], value)
+
+
+# ----------------------------------------------------------------------------- the rules, in one process
+
+@pytest.mark.parametrize("num_batches, world_size", [(0, 2), (1, 2), (5, 2), (7, 3), (6, 3)])
+def test_deal_batches_gives_every_rank_as_many_and_every_batch_once(num_batches, world_size):
+    from tformer.data.dealing import deal_batches
+
+    batches = [[index] for index in range(num_batches)]
+    dealt = [deal_batches(batches, world_size=world_size, rank=rank) for rank in range(world_size)]
+    assert len({len(share) for share in dealt}) == 1
+    assert sorted(b[0] for share in dealt for b in share if b is not None) == list(range(num_batches))
+    with pytest.raises(ValueError, match="rank=2 must be in"):
+        deal_batches(batches, world_size=2, rank=2)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_decoding_keeps_stepping_until_every_rank_is_done(beams):
+    """A rank whose rows finished keeps running decoder steps (each would gather sharded
+    weights) until ``all_done`` says every rank is done; its own output does not change."""
+    import torch
+
+    from tformer.generation.seq2seq import beam_search, decode
+    from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
+
+    torch.manual_seed(0)
+    model = EncoderDecoderTransformer(EncoderDecoderConfig(
+        vocab_size=8, max_seq_len=12, d_model=16, n_heads=2, n_layers=1, n_encoder_layers=1, encoder_input="tokens",
+        src_vocab_size=8, backend="reference"))
+    with torch.no_grad():  # EOS (id 2) always wins: every row finishes at the first step
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[2] = 1.0
+        model.decoder_norm.weight.zero_()
+        model.decoder_norm.bias.fill_(1.0)
+    source, lengths = torch.randint(3, 8, (2, 5)), torch.tensor([5, 3])
+    steps = []
+    model.decode = (lambda original: lambda *a, **k: steps.append(1) or original(*a, **k))(model.decode)
+    run = (lambda **k: decode(model, source, lengths, bos_id=1, eos_id=2, max_len=9, **k)) if beams == 1 else \
+        (lambda **k: beam_search(model, source, lengths, bos_id=1, eos_id=2, max_len=9, num_beams=beams, **k))
+    alone = run()
+    own_steps = len(steps)
+    assert own_steps <= 2 and alone == [[], []]
+    steps.clear()
+    # The other rank finishes 3 steps later than this one.
+    assert run(all_done=lambda local_done: local_done and len(steps) >= own_steps + 3) == alone
+    assert len(steps) == own_steps + 3
