@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tformer.cli_errors import run_cli
+from tformer.cli_errors import UsageError, run_cli
 from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_verify
 from tformer.training.config import ConfigError, load_config
@@ -362,3 +362,51 @@ def test_bad_imdb_input_is_a_clear_error_naming_it(tmp_path, kind):
         path, expected = root, review.name
     with pytest.raises(ImdbDataError, match=expected.replace(".", r"\.")):
         load_imdb(path, expected_per_class=None)
+
+
+# ----------------------------------------------------------------------------- a second run into the same out_dir
+
+def test_a_second_run_into_a_used_out_dir_is_refused_until_resume_or_overwrite(finished_run, tmp_path, capsys):
+    """Without --resume, a run into a folder holding another run's checkpoints, metrics and
+    export stops before writing anything, with one line naming the folder and both ways out;
+    --overwrite starts afresh; nothing of the first run is truncated or pruned meanwhile."""
+    from tformer.training.cli import main
+
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    run_dir = tmp_path / "run"
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--config", str(path)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith(f"error: run.out_dir {run_dir} holds another run")
+    assert "checkpoints/" in message and "metrics.jsonl" in message and "export/" in message
+    assert "--resume" in message and "new run.out_dir" in message and "--overwrite" in message
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert not (run_dir / ".lock").exists() and not any(p.name == LOCK_NAME for p in run_dir.iterdir())
+
+    config["run"]["steps"] = 2
+    path.write_text(json.dumps(config))
+    run_cli(main, ["--config", str(path), "--overwrite"])
+    assert sorted(p.name for p in checkpoints.iterdir()) == [ckpt.step_dir_name(2)]
+    assert max(_logged_losses(run_dir)) == 2
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(finished_run, tmp_path):
+    """Resumed from step 2 of a run that went on to 6, with keep_checkpoints=1: the run's own
+    step 3 stays (it used to rank below 4 and 6 and be deleted at once); 4 and 6 are untouched."""
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    config["run"].update(steps=3, keep_checkpoints=1)
+    Trainer(load_config(config), resume=str(checkpoints / ckpt.step_dir_name(2))).fit()
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == [ckpt.step_dir_name(step) for step in (3, 4, 6)]
+    assert checkpoint_verify.choose_resume_checkpoint(checkpoints, strict=True) == checkpoints / ckpt.step_dir_name(6)
+
+
+def test_an_out_dir_that_is_a_file_is_named(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    Path(config.run.out_dir).write_text("not a folder")
+    with pytest.raises(UsageError, match=rf"run.out_dir {tmp_path / 'run'} is a file, not a folder"):
+        Trainer(config)

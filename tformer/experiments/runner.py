@@ -50,7 +50,8 @@ def train_one(grid: Grid, variant: Variant, seed: int, folder: Path) -> dict:
                  "logging.progress_bar=false"]
     config = load_config(grid.base, overrides)
     started = time.time()
-    trainer = Trainer(config)
+    # A folder without a result is an attempt that never finished: it is trained again from scratch.
+    trainer = Trainer(config, overwrite=True)
     try:
         history = trainer.fit()
     finally:
