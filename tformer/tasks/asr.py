@@ -105,6 +105,13 @@ class AsrTask(Task):
         waves, texts = self.splits["train"]
         return self.collate([waves[i] for i in chosen], [texts[i] for i in chosen])
 
+    def steps_per_epoch(self) -> int:
+        """Each rank reads every world_size-th utterance of the epoch's order, micro-batch by
+        micro-batch (:meth:`next_train_batch`), so one pass takes this many optimizer steps."""
+        training = self.config.training
+        per_rank = -(-len(self.splits["train"][0]) // self.world_size)
+        return max(1, -(-per_rank // (training.micro_batch_size * training.grad_accum_steps)))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 

@@ -419,7 +419,7 @@ class Trainer:
                                start_step=self.step, full_config=config.to_dict(), resume=self.step > 0)
         logger.write(f"tformer: task={config.task} strategy={self.strategy} precision={self.precision} "
                      f"device={self.device} world_size={self.world_size} "
-                     f"params={sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M "
+                     f"params={parameter_count(self.raw_model) / 1e6:.2f}M "
                      f"start_step={self.step}")
         if self.init_from_summary:
             logger.write(self.init_from_summary)
@@ -486,6 +486,12 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameters, counted whole: ZeRO-3 leaves each rank an empty placeholder
+    (``numel() == 0``) and records the full size as ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
