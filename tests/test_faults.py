@@ -67,7 +67,9 @@ def _last_logged_step(run_dir: Path) -> int:
 @pytest.mark.timeout(300)
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     steps = 40
-    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "keep_checkpoints": 2}, **DROPOUT)
+    # Evaluations every 5 steps fall between checkpoints, so some are inside a killed interval.
+    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "keep_checkpoints": 2,
+                                        "eval_interval": 5}, **DROPOUT)
     reference = [h["train/loss"] for h in Trainer(load_config(
         {**config, "run": {**config["run"], "out_dir": str(tmp_path / "reference")}})).fit()]
     path = tmp_path / "config.json"
@@ -98,6 +100,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     assert kills == 3, "the run finished before it could be killed three times; make it longer"
     losses = _logged_losses(run_dir)
     assert [losses[step] for step in range(1, steps + 1)] == reference
+    assert _logged_evaluations(run_dir) == _logged_evaluations(tmp_path / "reference")
 
 
 # Two ranks of each multi-rank layout: the launcher, its port, and the strategy's settings.
@@ -108,6 +111,10 @@ TWO_RANK_RUNS = {
                         {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
                                       "grad_accum_steps": 2},
                          "deepspeed": {"zero_optimization": {"stage": 2}}}),
+    "deepspeed_zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29745"],
+                        {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
+                                      "grad_accum_steps": 2},
+                         "deepspeed": {"zero_optimization": {"stage": 3}}}),
 }
 
 
@@ -116,13 +123,15 @@ TWO_RANK_RUNS = {
 @pytest.mark.parametrize("layout", sorted(TWO_RANK_RUNS))
 def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     """Both ranks killed at once (the whole process group, as a node failure) mid-run; the
-    resumed run's losses equal an uninterrupted two-rank run's bitwise (fp32, gloo), for the
-    FSDP2/DCP and the DeepSpeed ZeRO-2 checkpoint layouts."""
+    resumed run's losses and evaluations equal an uninterrupted two-rank run's bitwise (fp32,
+    gloo), for the FSDP2/DCP and the DeepSpeed ZeRO-2 and ZeRO-3 checkpoint layouts. An
+    evaluation (every 3 steps, between the checkpoints every 2) falls inside the killed interval."""
     if layout.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     launcher, settings = TWO_RANK_RUNS[layout]
     steps = 12
-    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2}, **settings, **DROPOUT)
+    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "eval_interval": 3}, **settings,
+                         **DROPOUT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def launch(name: str, *extra: str) -> subprocess.Popen:
@@ -138,9 +147,11 @@ def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     assert reference.returncode == 0, err[-3000:]
     killed = launch("killed")
     deadline = time.time() + 180
-    while time.time() < deadline and killed.poll() is None and _last_logged_step(tmp_path / "killed") < 5:
+    # Killed just after the step-3 evaluation, before or while step 4 is checkpointed: the resume
+    # from step 2 (or 4) repeats what the evaluation may have disturbed.
+    while time.time() < deadline and killed.poll() is None and 3 not in _logged_evaluations(tmp_path / "killed"):
         time.sleep(0.005)
-    time.sleep(random.Random(2).uniform(0.0, 0.05))
+    time.sleep(random.Random(2).uniform(0.0, 0.02))
     assert killed.poll() is None, "the run finished before the kill"
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -149,6 +160,22 @@ def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     assert resumed.returncode == 0, err[-3000:]
     want = _logged_losses(tmp_path / "reference")
     assert _logged_losses(tmp_path / "killed") == want and len(want) == steps
+    assert _logged_evaluations(tmp_path / "killed") == _logged_evaluations(tmp_path / "reference")
+    assert sorted(_logged_evaluations(tmp_path / "reference")) == [3, 6, 9, 12]
+
+
+def _logged_evaluations(run_dir: Path) -> dict[int, float]:
+    """``{step: val/loss}`` of the evaluations in metrics.jsonl so far (a line being written is skipped)."""
+    records = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    steps = [r["step"] for r in records if "val/loss" in r]
+    assert len(steps) == len(set(steps)), f"metrics.jsonl repeats evaluations: {steps}"
+    return {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
