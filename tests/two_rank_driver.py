@@ -9,6 +9,7 @@ evaluations) under ``tformer.training.trainer.Trainer``.
 
 import json
 import sys
+import time
 from pathlib import Path
 
 # The repository goes last on the path: its top-level ``kernels/`` folder must not shadow the
@@ -22,9 +23,10 @@ from tformer.training.trainer import Trainer  # noqa: E402
 def main(plan_path: str) -> None:
     trainer = None
     for config in json.loads(Path(plan_path).read_text()):
+        started = time.time()
         trainer = Trainer(load_config(config))
         trainer.fit()
-        print(f"two_rank_driver: finished {config['task']}", flush=True)
+        print(f"two_rank_driver: finished {config['task']} in {time.time() - started:.1f} s", flush=True)
     if trainer is not None:
         trainer.close()
 
