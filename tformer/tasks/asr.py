@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.speech import BOS_ID, EOS_ID, PAD_ID, SAMPLE_RATE, AsrVocab, load_split
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
 from tformer.schema import ConfigError
-from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.tasks.base import Task, cross_entropy_sum, every_rank_done, loss_metrics
 from tformer.tasks.speech_metrics import error_counts
 
