@@ -52,7 +52,7 @@ IMDB_DATA = {"expected_per_class": None, "bpe_vocab_size": 300, "max_tokens": 24
 def write_noise_corpus(folder: Path, counts: dict[str, int]) -> Path:
     """A speech corpus in :mod:`tformer.data.speech_corpus`'s layout (manifest and WAVs), of
     noise and short transcripts: enough to train a step and decode, without espeak-ng."""
-    import soundfile
+    soundfile = pytest.importorskip("soundfile")
 
     from tformer.data.speech_corpus import CorpusSpec
 
