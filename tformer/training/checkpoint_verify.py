@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     exports = [path / "export"] if (path / "export").is_dir() else []
     incomplete = incomplete_checkpoints(path) if not (path / COMPLETE).is_file() else []
     for folder in incomplete:
-        newer = not folders or _step(folder) > _step(folders[0])
+        newest = bool(folders) and _step(folder) > _step(folders[0])
         print(f"{folder}: INCOMPLETE: no {COMPLETE} marker (a save that was killed); --resume skips it"
-              + (f" and continues {folders[0].name}" if newer and folders else ""))
+              + (f" and continues {folders[0].name}" if newest else ""))
     if not folders and not exports:
         raise UsageError(f"verify: {str(path)!r} holds no complete checkpoint (no step_*/{COMPLETE}) and no export/")
     damaged = 0
