@@ -13,9 +13,12 @@ from tformer.nn import SelfAttention
 
 
 @torch.no_grad()
-def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, **forward_kwargs) -> list[torch.Tensor]:
+def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, *, forward=None,
+                   **forward_kwargs) -> list[torch.Tensor]:
     """Run ``model(tokens, **forward_kwargs)`` once and return each attention layer's weights, in
-    depth order, as ``(B, H, Sq, Sk)`` float tensors.
+    depth order, as ``(B, H, Sq, Sk)`` float tensors. ``forward`` replaces ``model`` as what is
+    called (e.g. ``model.encode`` for a model whose forward needs more than tokens, such as a
+    multi-task model's task name).
 
     Each :class:`~tformer.nn.SelfAttention` is given a pre-forward hook that projects its input
     with the layer's own :meth:`~tformer.nn.SelfAttention.project_qkv` and passes q and k to
@@ -40,7 +43,7 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, **forward_kwarg
     was_training = model.training
     try:
         model.eval()
-        model(tokens, **forward_kwargs)
+        (forward or model)(tokens, **forward_kwargs)
     finally:
         for handle in handles:
             handle.remove()
