@@ -295,7 +295,8 @@ def _log_once(level: int, message: str) -> None:
         log.log(level, message)
 
 
-def forward_path(q, k, v, varlen: bool, dropout_p: float, path: str | None = None) -> str:
+def forward_path(q, k, v, varlen: bool, dropout_p: float, path: str | None = None,
+                 mask_feature: str | None = None) -> str:
     """"hopper" or "fa2" for this call. "auto": hopper on a CUDA device of capability 9.x when
     ``hopper_problem`` finds nothing, else fa2 (logged once per reason, a warning on sm_90).
     "hopper" on an input it cannot take is an error, never a silent fallback; on a CPU tensor it
@@ -308,7 +309,9 @@ def forward_path(q, k, v, varlen: bool, dropout_p: float, path: str | None = Non
     if chosen == "fa2":
         _log_once(logging.INFO, "attention forward: FlashAttention-2 kernel (forced)")
         return "fa2"
-    reason = hopper_problem(q, k, v, varlen, dropout_p)
+    # The Hopper kernel masks full or top-left causal attention only; ``mask_feature`` names
+    # what else this call asks for (a window, bottom-right alignment, soft-capping).
+    reason = mask_feature or hopper_problem(q, k, v, varlen, dropout_p)
     if chosen == "hopper":
         if reason:
             raise ValueError(f"attention: the Hopper forward was forced ({PATH_ENV}=hopper or fwd_path='hopper') "
