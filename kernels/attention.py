@@ -137,10 +137,25 @@ def allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, offset, window_
 
 
 @triton.jit
+def narrow(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even. On a GPU that is what ``.to`` does; Triton
+    3.8's interpreter truncates float32 -> bfloat16 instead, which biases every bf16 result on
+    the CPU, so under ``UPCAST`` (the interpreter) a bf16 target is rounded here first (add half
+    an ulp of bf16, ties to even, in the float32 bits) and the truncation is then exact."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b (+ acc) with float32 accumulation. ``UPCAST`` converts the operands to float32
-    first: only under TRITON_INTERPRET=1 with bf16, which the interpreter's tl.dot gets wrong;
-    the conversion is exact, so the math is unchanged."""
+    first: only under TRITON_INTERPRET=1 with 16-bit inputs, whose tl.dot the interpreter gets
+    wrong (bf16) or runs as a slow NumPy float16 matmul (fp16); the conversion is exact, so the
+    math is unchanged."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -191,7 +206,7 @@ def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, 
     if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
         keep = dropout_keep(seed, dropout_p, batch_head, rows, cols)
         p = tl.where(keep, p, 0.0)
-    acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    acc = tile_dot(narrow(p, v.dtype, UPCAST), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
 
 
@@ -290,7 +305,7 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + first_row * stride_os
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, narrow(out, Out.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     l_base = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + first_row * stride_ls
@@ -340,7 +355,7 @@ def block_d(head_dim: int) -> int:
 def dot_meta(t: torch.Tensor) -> dict:
     """Constexprs of every tl.dot (see ``tile_dot``). "tf32" is ignored for fp16/bf16 operands."""
     return dict(DOT_PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-                UPCAST=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+                UPCAST=t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16))
 
 
 def problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):

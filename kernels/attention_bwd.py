@@ -51,7 +51,8 @@ from typing import Callable
 from tformer.ops.attention_mask import Band
 
 from .attention import (allowed_scores, band_args, band_meta, band_offset, block_d, dot_meta, key_block_range,
-                        lse_strides, problem, scores_log2, seqlen_buckets, sequence_bounds, strides4, tanh, tile_dot)
+                        lse_strides, narrow, problem, scores_log2, seqlen_buckets, sequence_bounds, strides4, tanh,
+                        tile_dot)
 from .dropout import dropout_keep
 from .launch import autotuned, check_tile_strides, config, launch
 
@@ -218,9 +219,9 @@ def _dkdv_kernel(
                 dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
             else:
                 p_dropped_t = p_t
-            dv = tile_dot(p_dropped_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+            dv = tile_dot(narrow(p_dropped_t, do.dtype, UPCAST), do, dv, DOT_PRECISION, UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-            ds_t = (ds_t * softcap_grad(qk_t, softcap_in, HAS_SOFTCAP)).to(q_t.dtype)
+            ds_t = narrow(ds_t * softcap_grad(qk_t, softcap_in, HAS_SOFTCAP), q_t.dtype, UPCAST)
             dk = tile_dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
             if ATOMIC_DQ:
                 # dQ^T += K^T dS^T: D rows (wgmma on sm_90 from head dim 64), added where the
@@ -232,9 +233,9 @@ def _dkdv_kernel(
     dk = dk * scale
     out_head64 = out_head.to(tl.int64)
     tl.store(DK + batch64 * stride_dkb + out_head64 * stride_dkh + first_col * stride_dks
-             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, narrow(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
     tl.store(DV + batch64 * stride_dvb + out_head64 * stride_dvh + first_col * stride_dvs
-             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, narrow(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["seqlen_q_bucket", "seqlen_k_bucket"])
@@ -308,11 +309,11 @@ def _dq_kernel(
             keep = dropout_keep(seed, dropout_p, batch64 * num_heads + head64, rows, cols)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None]) * softcap_grad(qk, softcap_in, HAS_SOFTCAP)
-        dq = tile_dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+        dq = tile_dot(narrow(ds, k.dtype, UPCAST), k, dq, DOT_PRECISION, UPCAST)
 
     dq = dq * scale
     tl.store(DQ + batch64 * stride_dqb + head64 * stride_dqh + first_row * stride_dqs
-             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, narrow(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)
 
 
 # Backward candidates (see the forward's), from `python -m bench.compile_audit --only attention_bwd`

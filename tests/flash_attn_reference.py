@@ -14,12 +14,13 @@ import torch
 
 
 def attention_ref(q, k, v, query_padding_mask=None, key_padding_mask=None, causal=False, window_size=(-1, -1),
-                  softcap=0.0, softmax_scale=None, upcast=True, reorder_ops=False):
+                  softcap=0.0, softmax_scale=None, upcast=True, reorder_ops=False, alignment="bottom_right"):
     """q ``(B, Sq, H, D)``, k and v ``(B, Sk, Hk, D)``; padding masks ``(B, S)`` bool with
     FlashAttention's polarity (True = a real token). Returns (out ``(B, Sq, H, D)``, probs
     ``(B, H, Sq, Sk)``) in q's dtype. ``upcast``: compute in float32 (float64 stays float64);
     else in q's dtype, with ``reorder_ops`` scaling k instead of q (FlashAttention's estimate of
-    the error of a same-precision PyTorch implementation)."""
+    the error of a same-precision PyTorch implementation). ``alignment="top_left"`` (tformer's
+    default, SDPA's) places the diagonal at offset 0 instead of ``len_k - len_q``."""
     dtype = q.dtype
     if upcast:
         work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -45,7 +46,8 @@ def attention_ref(q, k, v, query_padding_mask=None, key_padding_mask=None, causa
         # Each batch row's real lengths place its diagonal (bottom-right alignment).
         len_k = key_padding_mask.sum(-1) if key_padding_mask is not None else torch.full((batch,), seq_k)
         len_q = query_padding_mask.sum(-1) if query_padding_mask is not None else torch.full((batch,), seq_q)
-        rows = torch.arange(seq_q, device=q.device)[None, :, None] + (len_k - len_q).to(q.device)[:, None, None]
+        offset = (len_k - len_q) if alignment == "bottom_right" else torch.zeros(batch, dtype=torch.long)
+        rows = torch.arange(seq_q, device=q.device)[None, :, None] + offset.to(q.device)[:, None, None]
         cols = torch.arange(seq_k, device=q.device)[None, None, :]
         band = torch.ones(batch, seq_q, seq_k, dtype=torch.bool, device=q.device)
         if right >= 0:
@@ -92,11 +94,18 @@ def pad(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# An absolute floor for a quantity that is exactly 0 in float64 and in the PyTorch path (a query
+# that sees a single key has p = 1 and dS = 0, so dq = 0): float32 softmax arithmetic leaves
+# ~1e-7 there, which no multiple of 0 allows.
+ZERO_FLOOR = 1e-6
+
+
 def rounding_floor(reference: torch.Tensor) -> float:
     """FlashAttention's floor on an error bound: twice the float32 rounding at the reference's
-    magnitude (``(x + 0.3 - 0.3 - x)``), so an exact same-precision path does not demand 0."""
+    magnitude (``(x + 0.3 - 0.3 - x)``), so an exact same-precision path does not demand 0,
+    plus :data:`ZERO_FLOOR`."""
     ref = reference.float()
-    return 2 * (ref + 0.3 - 0.3 - ref).abs().max().item()
+    return 2 * (ref + 0.3 - 0.3 - ref).abs().max().item() + ZERO_FLOOR
 
 
 def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
