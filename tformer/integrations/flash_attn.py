@@ -34,6 +34,7 @@ import os
 import torch
 
 from tformer import ops
+from tformer.backends.reference.attention import attention_weights
 
 _DQ_ENV = "TFORMER_ATTENTION_DQ"  # tformer.kernels.attention_bwd.DQ_ENV, without importing Triton here
 
@@ -86,7 +87,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out = out.transpose(1, 2).contiguous()
     if not return_attn_probs:
         return out
-    probs = ops.attention_weights(qt.detach(), kt.detach(), scale=softmax_scale, **mask).to(q.dtype)
+    probs = attention_weights(qt.detach(), kt.detach(), scale=softmax_scale, **mask).to(q.dtype)
     return out, _flash_lse(lse), probs
 
 
@@ -138,7 +139,7 @@ def _varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, mask) -
     for i in range(len(starts_q) - 1):
         qi = q[starts_q[i]:starts_q[i + 1]].detach().transpose(0, 1)[None]
         ki = k[starts_k[i]:starts_k[i + 1]].detach().transpose(0, 1)[None]
-        weights = ops.attention_weights(qi, ki, scale=scale, **mask)[0]
+        weights = attention_weights(qi, ki, scale=scale, **mask)[0]
         probs[i, :, :weights.shape[1], :weights.shape[2]] = weights.to(q.dtype)
     return probs
 

@@ -62,7 +62,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         check_shape(op, "key_padding_mask", key_padding_mask, (batch, seq_k), "(B, Sk)")
         check_device(op, "key_padding_mask", key_padding_mask, q.device)
     check_probability(op, "dropout_p", dropout_p)
-    scale = _resolve_scale(op, scale, head_dim)
+    scale = resolve_scale(op, scale, head_dim)
     band = resolve_band(op, causal, window, alignment)
     args = dict(q=q, k=k, v=v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                 dropout_p=float(dropout_p), return_lse=bool(return_lse), band=band,
@@ -113,7 +113,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _check_offsets(op, "q", cu_seqlens_q, q.shape[0], max_seqlen_q)
         _check_offsets(op, "k", cu_seqlens_k, total_k, max_seqlen_k)
     check_probability(op, "dropout_p", dropout_p)
-    scale = _resolve_scale(op, scale, head_dim)
+    scale = resolve_scale(op, scale, head_dim)
     band = resolve_band(op, causal, window, alignment)
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, dropout_p=float(dropout_p),
@@ -151,29 +151,7 @@ def _as_length(op: str, name: str, value) -> int:
     return length
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, alignment: str = "top_left",
-                      window: tuple[int, int] | None = None, softcap: float = 0.0,
-                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """The attention probabilities ``(B, Hq, Sq, Sk)`` that :func:`attention` applies to v (before
-    dropout), with the same arguments, computed by the reference backend (float32, or float64 for
-    float64 inputs). For looking inside a model (``tformer.visualization``) and for tests: it
-    builds the full score matrix, which the fused kernels never do. Fully masked rows are zeros."""
-    from tformer.backends.reference.attention import attention_probabilities
-
-    op = "attention_weights"
-    check_tensor(op, "q", q, ndim=4)
-    check_tensor(op, "k", k, ndim=4)
-    check_same(op, "q", q, k=k)
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{op}: q has {q.shape[1]} heads and k has {k.shape[1]}; the number of query heads must be "
-                         f"a multiple of the number of key heads")
-    band = resolve_band(op, causal, window, alignment)
-    probs, _ = attention_probabilities(q, k, band=band, softcap=softcap_value(op, softcap),
-                                       key_padding_mask=key_padding_mask, scale=_resolve_scale(op, scale, q.shape[-1]))
-    return probs
-
-
-def _resolve_scale(op: str, scale, head_dim: int) -> float:
+def resolve_scale(op: str, scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):

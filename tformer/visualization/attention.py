@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from tformer.ops import attention_weights
+from tformer.backends.reference.attention import attention_weights
 from tformer.nn import SelfAttention
 
 
@@ -19,8 +19,8 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, **forward_kwarg
 
     Each :class:`~tformer.nn.SelfAttention` is given a pre-forward hook that projects its input
     with the layer's own :meth:`~tformer.nn.SelfAttention.project_qkv` and passes q and k to
-    :func:`tformer.ops.attention_weights`, the reference attention's own softmax; nothing of the
-    math is repeated here.
+    :func:`tformer.backends.reference.attention.attention_weights`, the reference attention's
+    own softmax; nothing of the math is repeated here.
     """
     maps: list[torch.Tensor] = []
 

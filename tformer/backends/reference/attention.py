@@ -1,9 +1,17 @@
-"""Reference attention: materializes the (Sq, Sk) scores; the definition of correct."""
+"""Reference attention: materializes the (Sq, Sk) scores; the definition of correct.
+
+The only place in tformer that builds a score matrix: the fused kernels never do, and the
+paths that must (attention weights for a visualizer or ``need_weights=True``, masks of any
+shape that SDPA accepts) call :func:`attention_weights` or :func:`masked_attention` here.
+"""
 
 import torch
+import torch.nn.functional as F
 
-from tformer.ops.attention_mask import Band, allowed_keys
+from tformer.ops.attention import resolve_scale
+from tformer.ops.attention_mask import Band, allowed_keys, resolve_band, softcap_value
 from tformer.ops.registry import register
+from tformer.ops.validation import check_same, check_tensor
 
 from .softmax import ALL_DEVICES, ALL_DTYPES, apply_mask, compute_dtype, safe_softmax
 
@@ -63,3 +71,38 @@ def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     out = torch.cat([*pieces, out[used:]], dim=0) if pieces else out
     lse = torch.cat([*lses, lse[:, used:]], dim=1) if lses else lse
     return (out, lse) if return_lse else out
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, alignment: str = "top_left",
+                      window: tuple[int, int] | None = None, softcap: float = 0.0,
+                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """The attention probabilities ``(B, Hq, Sq, Sk)`` that ``tformer.ops.attention`` applies to v
+    (before dropout), with the same arguments, in float32 (float64 for float64 inputs). Fully
+    masked rows are zeros. For looking inside a model (``tformer.visualization``) and for tests."""
+    op = "attention_weights"
+    check_tensor(op, "q", q, ndim=4)
+    check_tensor(op, "k", k, ndim=4)
+    check_same(op, "q", q, k=k)
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{op}: q has {q.shape[1]} heads and k has {k.shape[1]}; the number of query heads must be "
+                         f"a multiple of the number of key heads")
+    band = resolve_band(op, causal, window, alignment)
+    probs, _ = attention_probabilities(q, k, band=band, softcap=softcap_value(op, softcap),
+                                       key_padding_mask=key_padding_mask, scale=resolve_scale(op, scale, q.shape[-1]))
+    return probs
+
+
+def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *,
+                     scale: float, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(query @ key^T * scale + mask) @ value, weights)`` for any mask SDPA takes: bool
+    (True = takes part) or float (added to the scaled scores), broadcast to ``(..., Sq, Sk)``;
+    key/value heads already repeated to the query's. The softmax is the reference softmax
+    (float32 inside; fully masked rows give zeros). The weights are returned after dropout, as
+    ``torch.nn.MultiheadAttention`` returns them."""
+    from .softmax import softmax
+
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    weights = softmax(scores, scale=scale, mask=None if mask is None else mask.expand_as(scores))
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return torch.matmul(weights, value), weights
