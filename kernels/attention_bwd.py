@@ -94,13 +94,13 @@ def _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls):
 
 
 @triton.jit
-def softcap_grad(qk, softcap_in, HAS_SOFTCAP: tl.constexpr):
-    """d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2 at the scaled score x (1 without
-    soft-capping): the factor dS picks up on its way back to the raw scores."""
+def softcap_grad(ds, qk, softcap_in, HAS_SOFTCAP: tl.constexpr):
+    """dS carried back through soft-capping to the raw scores: times
+    d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2 at the scaled score x (unchanged without)."""
     if HAS_SOFTCAP:
         t = tanh(qk * softcap_in)
-        return 1.0 - t * t
-    return 1.0
+        ds = ds * (1.0 - t * t)
+    return ds
 
 
 @triton.jit
@@ -221,7 +221,7 @@ def _dkdv_kernel(
                 p_dropped_t = p_t
             dv = tile_dot(narrow(p_dropped_t, do.dtype, UPCAST), do, dv, DOT_PRECISION, UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-            ds_t = narrow(ds_t * softcap_grad(qk_t, softcap_in, HAS_SOFTCAP), q_t.dtype, UPCAST)
+            ds_t = narrow(softcap_grad(ds_t, qk_t, softcap_in, HAS_SOFTCAP), q_t.dtype, UPCAST)
             dk = tile_dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
             if ATOMIC_DQ:
                 # dQ^T += K^T dS^T: D rows (wgmma on sm_90 from head dim 64), added where the
@@ -308,7 +308,7 @@ def _dq_kernel(
         if HAS_DROPOUT:
             keep = dropout_keep(seed, dropout_p, batch64 * num_heads + head64, rows, cols)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None]) * softcap_grad(qk, softcap_in, HAS_SOFTCAP)
+        ds = softcap_grad(p * (dp - delta[:, None]), qk, softcap_in, HAS_SOFTCAP)
         dq = tile_dot(narrow(ds, k.dtype, UPCAST), k, dq, DOT_PRECISION, UPCAST)
 
     dq = dq * scale

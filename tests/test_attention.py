@@ -616,6 +616,19 @@ assert len(rows) >= 88 and not failed, failed
 unpipelined = [row for row in rows if row.kernel == "attention_fwd" and not row.cp_async]
 assert not unpipelined, unpipelined
 print("compiled", len(rows))
+
+# A sliding window aligned bottom-right with soft-capping: the forward, dK/dV and dQ kernels.
+from bench.compile_audit import attention_launches, lower_launch, measure
+from tformer.ops.attention_mask import Band
+
+masked = attention_launches("bf16", 128, ("gqa-causal", True, False, False, False, 16, 4),
+                            mask=dict(band=Band(5, 0, True), softcap=30.0))
+for name, kernel, tuned, args, meta in masked[:3]:
+    assert meta["HAS_BAND"] and meta["BOTTOM_RIGHT"] and meta["HAS_SOFTCAP"], meta
+    config = tuned.first_config(meta)
+    stats = measure(lower_launch(kernel, args, {**meta, **config.kwargs}, config.num_warps, config.num_stages))
+    assert stats["shared_bytes"] <= H100_SHARED_BYTES and stats["wgmma"], (name, stats)
+print("compiled masked", len(masked[:3]))
 """
 
 
@@ -632,7 +645,7 @@ def test_triton_kernels_compile_for_sm90():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                             timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled masked 3" in result.stdout, result.stderr[-3000:]
 
 
 def test_autotune_off_runs_the_leading_candidate(monkeypatch):
