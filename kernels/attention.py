@@ -2,8 +2,9 @@
 
 One kernel serves every variant through ``tl.constexpr`` parameters: a causal/sliding-window
 band (``HAS_BAND``: top-left or bottom-right aligned, ``tformer.ops.attention_mask``; key blocks
-outside the band are skipped, not masked), logit soft-capping (``HAS_SOFTCAP``), key padding mask, packed variable-length sequences (``IS_VARLEN``: per-sequence
-offsets read from ``cu_seqlens``), grouped-query attention (query head ``h`` reads key/value
+outside the band are skipped, not masked), logit soft-capping (``HAS_SOFTCAP``), key padding
+mask, packed variable-length sequences (``IS_VARLEN``: per-sequence offsets read from
+``cu_seqlens``), grouped-query attention (query head ``h`` reads key/value
 head ``h // group_size``; k and v are never repeated in memory) and dropout (``dropout.py``:
 Philox keyed by seed and the element's (batch, head, row, col) index, so the backward
 regenerates the same mask and the result does not depend on the block sizes).
@@ -305,7 +306,8 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + first_row * stride_os
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, narrow(out, Out.dtype.element_ty, UPCAST),
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             narrow(out, Out.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     l_base = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + first_row * stride_ls

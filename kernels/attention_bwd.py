@@ -233,9 +233,11 @@ def _dkdv_kernel(
     dk = dk * scale
     out_head64 = out_head.to(tl.int64)
     tl.store(DK + batch64 * stride_dkb + out_head64 * stride_dkh + first_col * stride_dks
-             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, narrow(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
+             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             narrow(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
     tl.store(DV + batch64 * stride_dvb + out_head64 * stride_dvh + first_col * stride_dvs
-             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, narrow(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
+             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+             narrow(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["seqlen_q_bucket", "seqlen_k_bucket"])
@@ -313,7 +315,8 @@ def _dq_kernel(
 
     dq = dq * scale
     tl.store(DQ + batch64 * stride_dqb + head64 * stride_dqh + first_row * stride_dqs
-             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, narrow(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)
+             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             narrow(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)
 
 
 # Backward candidates (see the forward's), from `python -m bench.compile_audit --only attention_bwd`

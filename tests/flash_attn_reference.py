@@ -118,4 +118,5 @@ def assert_within_flash_rule(name: str, got, same_precision, reference, factor: 
     the rounding floor."""
     err = max_error(got, reference)
     bound = factor * max_error(same_precision, reference) + rounding_floor(reference) + extra_floor
-    assert err <= bound, f"{name}: max error {err:.3e} > {factor} x PyTorch's same-precision error + floor = {bound:.3e}"
+    assert err <= bound, \
+        f"{name}: max error {err:.3e} > {factor} x PyTorch's same-precision error + floor = {bound:.3e}"
