@@ -411,13 +411,9 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max
     from . import attention_hopper  # it imports this module's helpers
 
     band, (window_left, window_right) = band_args(causal, band)
-    plain_band = band == Band(-1, -1) or band == Band(-1, 0)  # the Hopper kernel's: full or top-left causal
-    if attention_hopper.forward_path(q, k, v, cu_seqlens_q is not None, dropout_p, fwd_path,
-                                     mask_feature=None if plain_band and softcap == 0.0 else
-                                     "a sliding window, bottom-right alignment or soft-capping") == "hopper":
-        causal = band.right == 0
+    if attention_hopper.forward_path(q, k, v, cu_seqlens_q is not None, dropout_p, fwd_path) == "hopper":
         return attention_hopper.attention_forward_hopper(q, k, v, key_padding_mask, max_seqlen_q, max_seqlen_k,
-                                                         causal, scale, launcher)
+                                                         causal, scale, launcher, band, softcap)
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     check_tile_strides(**{name: strides4(t, varlen)[2:] for name, t in dict(q=q, k=k, v=v).items()})
     # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
