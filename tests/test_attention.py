@@ -542,6 +542,25 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
 
 
+def test_compile_fullgraph_with_masks(backend):
+    # The band and soft-capping travel through the custom ops' schemas and fake implementations.
+    q, k, v, kwargs = _mask_case("softcap_causal_window_padding")
+
+    def step(q, k, v):
+        return attention(q, k, v, backend=backend, **kwargs)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    traced = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_eager = call_or_skip(step, *eager)
+    out_eager.sum().backward()
+    out_traced = compiled(*traced)
+    out_traced.sum().backward()
+    torch.testing.assert_close(out_traced, out_eager, atol=1e-6, rtol=1e-6)
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # GPU-only sizes (too slow for the interpreter)
 # ---------------------------------------------------------------------------------------
