@@ -11,7 +11,7 @@ from torch import nn
 from tformer.generation.seq2seq import beam_search, decode
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
 from tformer.models.pretrained import load_pretrained, save_pretrained
-from tformer.nn import CrossAttention
+from tformer.nn import Attention
 
 from conftest import DEVICE, call_or_skip
 from tolerances import assert_close_to_reference
@@ -40,7 +40,7 @@ def test_cross_attention_matches_reference_with_encoder_padding(backend, dtype):
     # Plain PyTorch implementation in float64: Sq=7 decoder positions over Sk=19 encoder frames,
     # the second row padded after 5 frames.
     torch.manual_seed(0)
-    layer = CrossAttention(32, 4, backend=backend).to(device=DEVICE, dtype=torch.float64)
+    layer = Attention(32, 4, cross=True, backend=backend).to(device=DEVICE, dtype=torch.float64)
     x = torch.randn(2, 7, 32, dtype=torch.float64, device=DEVICE)
     memory = torch.randn(2, 19, 32, dtype=torch.float64, device=DEVICE)
     padding = torch.arange(19, device=DEVICE)[None, :] >= torch.tensor([19, 5], device=DEVICE)[:, None]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tformer.generation.embed import main as embed_main
-from tformer.models import EncoderClassifierConfig, SentenceEncoder, TformerTrunk, pool
+from tformer.models import EncoderClassifierConfig, SentenceEncoder, TformerTrunk
+from tformer.nn import Pooling
 from tformer.models.sentence_trunks import resolve_pretrained
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the packaged model must load without a network
@@ -48,22 +49,36 @@ def test_mean_and_max_pooling_never_see_padding():
     expected_mean = torch.stack([hidden[0, :3].mean(0), hidden[1, :2].mean(0)])
     expected_max = torch.stack([hidden[0, :3].amax(0), hidden[1, :2].amax(0)])
     # Check results
-    torch.testing.assert_close(pool(hidden, keep, "mean"), expected_mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(pool(hidden, keep, "max"), expected_max, rtol=0, atol=0)
-    torch.testing.assert_close(pool(hidden, keep, "cls"), hidden[:, 0], rtol=0, atol=0)
-    assert pool(hidden, keep, "max").max() < 1e3  # the padding's 1e6 never wins
+    torch.testing.assert_close(Pooling("mean")(hidden, keep), expected_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(Pooling("max")(hidden, keep), expected_max, rtol=0, atol=0)
+    torch.testing.assert_close(Pooling("cls")(hidden, keep), hidden[:, 0], rtol=0, atol=0)
+    assert Pooling("max")(hidden, keep).max() < 1e3  # the padding's 1e6 never wins
 
 
-def test_all_padding_row_and_hidden_cls_are_refused():
+def test_all_padding_row_and_hidden_cls_are_refused_by_check():
     hidden, keep = padded_batch()
     keep[1] = False
     with pytest.raises(ValueError, match=r"rows \[1\].*all padding"):
-        pool(hidden, keep, "mean")
+        Pooling("mean").check(keep)
     left = torch.tensor([[True, True, True, True], [False, True, True, True]])
     with pytest.raises(ValueError, match="'cls' pooling reads position 0"):
-        pool(hidden, left, "cls")
+        Pooling("cls").check(left)
     with pytest.raises(ValueError, match="'mode' must be one of"):
-        pool(hidden, left, "sum")
+        Pooling("sum")
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_pooling_an_all_padding_row_gives_zeros_without_reading_the_mask(mode, monkeypatch):
+    # The forward pass must not read the mask on the host (a device sync on an accelerator):
+    # Tensor.__bool__, .item() and .tolist() are made to fail while it runs.
+    hidden, keep = padded_batch()
+    keep[1] = False
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *args: pytest.fail(f"Pooling read the mask ({name})"))
+    pooled = Pooling(mode)(hidden, keep)
+    monkeypatch.undo()
+    assert torch.equal(pooled[1], torch.zeros(3, dtype=hidden.dtype))
+    assert torch.isfinite(pooled).all()
 
 
 def tiny_encoder(**kwargs) -> SentenceEncoder:

@@ -13,7 +13,7 @@ import torch
 
 from tformer import ops
 from tformer.models import DecoderLM, EncoderClassifier, EncoderClassifierConfig, ModelConfig
-from tformer.nn import SelfAttention
+from tformer.nn import Attention
 from tformer.training import cli as train_cli
 from tformer.training.config import LoggingConfig
 from tformer.training.trainer import layer_groups
@@ -44,7 +44,7 @@ def assert_png(path, size=None):
 # ----------------------------------------------------------------------------- attention weights
 
 def _captured_qkv(model, tokens, **kwargs):
-    """q, k, v of every SelfAttention as its op receives them (captured independently of the
+    """q, k, v of every self-attention Attention as its op receives them (captured independently of the
     visualization's hook, by the module's forward output)."""
     captured = []
 
@@ -53,7 +53,7 @@ def _captured_qkv(model, tokens, **kwargs):
                                            position_offset=kwargs_.get("position_offset", 0)))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
-               if isinstance(m, SelfAttention)]
+               if isinstance(m, Attention) and not m.cross]
     with torch.no_grad():
         model(tokens, **kwargs)
     for handle in handles:

@@ -11,10 +11,10 @@ from .kv_cache import KVCache
 from .multitask import HeadConfig, MultiTaskConfig, MultiTaskModel
 from .multitask_loss import MultiTaskLoss
 from .sentence_classifier import SentenceClassifier, SentenceClassifierConfig
-from .sentence_encoder import SentenceEncoder, pool
+from .sentence_encoder import SentenceEncoder
 from .sentence_trunks import HFTrunk, TformerTrunk
 
 __all__ = ["ModelConfig", "EncoderClassifierConfig", "DecoderLM", "EncoderClassifier", "EncoderMaskedLM", "KVCache",
-           "SentenceEncoder", "SentenceClassifier", "SentenceClassifierConfig", "TformerTrunk", "HFTrunk", "pool",
+           "SentenceEncoder", "SentenceClassifier", "SentenceClassifierConfig", "TformerTrunk", "HFTrunk",
            "HeadConfig", "MultiTaskConfig", "MultiTaskModel", "MultiTaskLoss",
            "EncoderDecoderConfig", "EncoderDecoderTransformer"]

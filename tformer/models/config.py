@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from tformer.nn.choices import check_choice
 from tformer.nn.normalization import NORMS
+from tformer.nn.pooling import POOLINGS
 from tformer.nn.positional import POSITIONAL_ENCODINGS
 from tformer.nn.transformer_block import NORM_POSITIONS
 from tformer.ops.registry import BACKENDS
@@ -82,14 +83,11 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-POOLINGS: tuple[str, ...] = ("cls", "mean")
-
-
 @dataclass
 class EncoderClassifierConfig(ModelConfig):
     """A bidirectional encoder with a classification head. ``pooling="cls"`` reads a learned
     CLS token the model prepends (so positions go up to ``max_seq_len + 1``); ``"mean"``
-    averages the non-padding tokens."""
+    averages and ``"max"`` takes the maximum over the non-padding tokens (:class:`~tformer.nn.Pooling`)."""
 
     num_classes: int = 2
     pooling: str = "cls"

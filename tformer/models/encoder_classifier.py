@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
-from tformer.nn import add_and_norm, make_norm
+from tformer.nn import Pooling, add_and_norm, make_norm
 
 from .config import EncoderClassifierConfig
 from .trunk import build_blocks, init_gpt2, model_positional_encoding
@@ -16,8 +16,9 @@ class EncoderClassifier(PretrainedMixin, nn.Module):
     """Token embedding, positional encoding, ``config.n_layers`` bidirectional pre-LN blocks that
     ignore padding keys, a final norm, pooling and a linear head.
 
-    Pooling: ``"cls"`` prepends a learned CLS embedding at position 0 and classifies its
-    output; ``"mean"`` averages the outputs of the non-padding tokens. Padding never changes
+    Pooling (:class:`~tformer.nn.Pooling`): ``"cls"`` prepends a learned CLS embedding at position
+    0 and classifies its output; ``"mean"`` averages (``"max"`` takes the maximum of) the outputs
+    of the non-padding tokens. Padding never changes
     the logits: padding keys are masked in every layer and excluded from the pooling.
     """
 
@@ -37,6 +38,7 @@ class EncoderClassifier(PretrainedMixin, nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = build_blocks(config, causal=False)
         self.final_norm = make_norm(config.norm, config.d_model, bias=config.bias, backend=config.backend)
+        self.pool = Pooling(config.pooling)
         self.head = nn.Linear(config.d_model, config.num_classes, bias=True)
         init_gpt2(self, self.blocks, config.n_layers)
         if self.cls_embedding is not None:
@@ -50,7 +52,7 @@ class EncoderClassifier(PretrainedMixin, nn.Module):
     def pooled(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled state the head reads, ``(B, d_model)`` (t-SNE plots, embeddings)."""
         hidden, key_padding_mask = self.encode(tokens, key_padding_mask)
-        return self._pool(hidden, key_padding_mask)
+        return self.pool(hidden, None if key_padding_mask is None else ~key_padding_mask)
 
     def encode(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
         """The trunk without the head: ``(hidden, key_padding_mask)``, the final-norm outputs
@@ -79,12 +81,3 @@ class EncoderClassifier(PretrainedMixin, nn.Module):
             hidden, residual = block(hidden, residual, key_padding_mask=key_padding_mask, positional=self.positional)
         hidden, _ = add_and_norm(self.final_norm, hidden, residual)
         return hidden, key_padding_mask
-
-    def _pool(self, hidden: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.uses_cls:
-            return hidden[:, 0]
-        if key_padding_mask is None:
-            return hidden.mean(dim=1)
-        keep = (~key_padding_mask).to(hidden.dtype).unsqueeze(-1)
-        # A row that is all padding pools to zeros rather than 0/0.
-        return (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
-from tformer.nn import make_norm
+from tformer.nn import TransformerBlock, add_and_norm, make_norm
 from tformer.nn.choices import check_choice
-from tformer.nn.seq2seq_block import Seq2SeqBlock
 from tformer.nn.speech import SpeechEmbedding
 
 from .config import ModelConfig, _check_positive_int
@@ -32,7 +31,9 @@ class EncoderDecoderConfig(ModelConfig):
         "tokens" (``src_vocab_size`` embeddings).
     n_encoder_layers: encoder depth.
     max_source_len: encoder positions (after the x4 subsampling for speech).
-    norm_first: pre-LN (True, default) or the original post-LN (False).
+    norm_position: "pre" (pre-LN, default) or "post" (the original post-LN), as every model.
+    norm_first: the older spelling of the same choice, kept for the configs that write it:
+        False means ``norm_position="post"``. Either key set to post-LN makes both say so.
     ctc: add a linear CTC head on the encoder output (for an auxiliary loss); blank = id 0.
     """
 
@@ -40,7 +41,7 @@ class EncoderDecoderConfig(ModelConfig):
     n_encoder_layers: int = 4
     src_vocab_size: int = 256
     max_source_len: int = 512
-    norm_first: bool = True
+    norm_first: bool = True  # alias: False = norm_position "post"
     ctc: bool = False
     sample_rate: int = 16000
     n_mels: int = 80
@@ -50,6 +51,11 @@ class EncoderDecoderConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         owner = type(self).__name__
+        if not isinstance(self.norm_first, bool):
+            raise ValueError(f"{owner}: argument 'norm_first' must be a bool, got {self.norm_first!r}")
+        if not self.norm_first:
+            self.norm_position = "post"
+        self.norm_first = self.norm_position == "pre"
         check_choice(owner, "encoder_input", self.encoder_input, ENCODER_INPUTS)
         for name in ("n_encoder_layers", "src_vocab_size", "max_source_len", "sample_rate", "n_mels", "conv_channels"):
             _check_positive_int(owner, name, getattr(self, name))
@@ -88,18 +94,18 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
         source_std = 1.0 if config.encoder_input == "speech" else EMBEDDING_STD
         self.encoder_positional = model_positional_encoding(config, config.max_source_len, embedding_std=source_std)
         self.decoder_positional = model_positional_encoding(config, config.max_seq_len)
-        block = dict(d_ff=config.d_ff, norm_first=config.norm_first, dropout=config.dropout,
+        block = dict(d_ff=config.d_ff, norm_position=config.norm_position, dropout=config.dropout,
                      attn_dropout=config.attn_dropout, norm=config.norm, bias=config.bias, backend=config.backend)
         self.encoder_blocks = nn.ModuleList(
-            Seq2SeqBlock(config.d_model, config.n_heads, causal=False, cross_attention=False, layer_index=index,
-                         **block) for index in range(config.n_encoder_layers))
+            TransformerBlock(config.d_model, config.n_heads, causal=False, cross_attention=False, layer_index=index,
+                             **block) for index in range(config.n_encoder_layers))
         self.decoder_blocks = nn.ModuleList(
-            Seq2SeqBlock(config.d_model, config.n_heads, causal=True, cross_attention=True, layer_index=index,
-                         **block) for index in range(config.n_layers))
+            TransformerBlock(config.d_model, config.n_heads, causal=True, cross_attention=True, layer_index=index,
+                             **block) for index in range(config.n_layers))
         # Pre-LN leaves the stream un-normalized, so each stack ends with a norm; post-LN's
         # stream is already normalized.
         final_norm = (lambda: make_norm(config.norm, config.d_model, bias=config.bias, backend=config.backend)) \
-            if config.norm_first else nn.Identity
+            if config.norm_position == "pre" else nn.Identity
         self.encoder_norm = final_norm()
         self.decoder_norm = final_norm()
         self.dropout = nn.Dropout(config.dropout)
@@ -135,9 +141,12 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
             raise ValueError(f"EncoderDecoderTransformer: the encoder input has {hidden.shape[1]} positions, more "
                              f"than config.max_source_len={self.config.max_source_len}")
         hidden = self.dropout(self.encoder_positional.add_to_embeddings(hidden, 0))
+        residual = None
         for block in self.encoder_blocks:
-            hidden = block(hidden, key_padding_mask=padding_mask, positional=self.encoder_positional)
-        return self.encoder_norm(hidden), padding_mask
+            hidden, residual = block(hidden, residual, key_padding_mask=padding_mask,
+                                     positional=self.encoder_positional)
+        hidden, _ = add_and_norm(self.encoder_norm, hidden, residual)
+        return hidden, padding_mask
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's cross-attention keys and values of ``memory``, computed once per
@@ -158,12 +167,14 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
         offset = first_position("EncoderDecoderTransformer", tokens, cache)
         length = tokens.shape[1]
         hidden = self.dropout(self.decoder_positional.add_to_embeddings(self.token_embedding(tokens), offset))
+        residual = None
         for block, kv in zip(self.decoder_blocks, memory_kv):
-            hidden = block(hidden, positional=self.decoder_positional, position_offset=offset, kv_cache=cache,
-                           memory_kv=kv, memory_padding_mask=memory_padding_mask)
+            hidden, residual = block(hidden, residual, positional=self.decoder_positional, position_offset=offset,
+                                     kv_cache=cache, memory_kv=kv, memory_padding_mask=memory_padding_mask)
         if cache is not None:
             cache.advance(length)
-        return self.lm_head(self.decoder_norm(hidden))
+        hidden, _ = add_and_norm(self.decoder_norm, hidden, residual)
+        return self.lm_head(hidden)
 
     def forward(self, source: torch.Tensor, source_lengths: torch.Tensor, tokens: torch.Tensor, *,
                 return_ctc: bool = False):

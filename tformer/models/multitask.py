@@ -139,7 +139,9 @@ class MultiTaskModel(EncoderClassifier):
     ``weighted_loss`` (what :class:`MultiTaskLoss` makes of it), ``task_weight`` (the factor
     on ``loss`` now, detached) and ``count`` (the items the
     mean is over: examples, or labelled tokens). Padding positions never enter a token loss:
-    their labels must be :data:`IGNORE_INDEX`, which :meth:`forward` checks.
+    their labels must be :data:`IGNORE_INDEX`, which :meth:`forward` checks when the labels are
+    on the CPU (on an accelerator that check would sync the host; the loss skips padding anyway).
+    The forward pass never waits for the device.
     """
 
     config_class = MultiTaskConfig
@@ -167,7 +169,7 @@ class MultiTaskModel(EncoderClassifier):
                 hidden = hidden[:, 1:]  # the CLS position is not a token
             output = self.head.tasks[task](hidden)
         else:
-            output = self.head.tasks[task](self._pool(hidden, mask))
+            output = self.head.tasks[task](self.pool(hidden, None if mask is None else ~mask))
         result = {"output": output}
         if "labels" in batch:
             smoothing = head_config.label_smoothing if label_smoothing is None else label_smoothing
@@ -204,13 +206,18 @@ def task_loss(head: HeadConfig, output: torch.Tensor, labels: torch.Tensor, key_
             loss = F.huber_loss(output, labels, delta=head.huber_delta)
         else:
             loss = F.mse_loss(output, labels)
-        return loss, torch.tensor(labels.numel(), device=output.device)
+        # A fill on the device, not torch.tensor(...): copying a host scalar up would sync.
+        return loss, torch.full((), labels.numel(), dtype=torch.long, device=output.device)
     if head.kind == "token_classification":
         if tuple(labels.shape) != tuple(output.shape[:2]):
             raise ValueError(f"MultiTaskModel: token labels must have shape (B, S) = {tuple(output.shape[:2])}, got "
                              f"{tuple(labels.shape)}")
-        if key_padding_mask is not None and bool((labels[key_padding_mask] != IGNORE_INDEX).any()):
-            raise ValueError(f"MultiTaskModel: token labels at padding positions must be {IGNORE_INDEX}")
+        if key_padding_mask is not None:
+            # Reading the labels on the host is free for CPU tensors only; on a device the check
+            # would sync, so there padding labels are ignored without it.
+            if labels.device.type == "cpu" and bool((labels[key_padding_mask] != IGNORE_INDEX).any()):
+                raise ValueError(f"MultiTaskModel: token labels at padding positions must be {IGNORE_INDEX}")
+            labels = labels.masked_fill(key_padding_mask, IGNORE_INDEX)
         labels = labels.reshape(-1)
         output = output.reshape(-1, output.shape[-1])
     count = (labels != IGNORE_INDEX).sum()

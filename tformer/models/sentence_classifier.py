@@ -11,7 +11,9 @@ from torch import nn
 from tformer.models.pretrained import PretrainedMixin
 from tformer.schema import ConfigError, check_choice, from_dict
 
-from .sentence_encoder import POOLINGS, SentenceEncoder
+from tformer.nn.pooling import POOLINGS
+
+from .sentence_encoder import SentenceEncoder
 from .sentence_trunks import HFTrunk, resolve_pretrained
 
 

@@ -6,9 +6,11 @@ The interface follows sentence-transformers, so its users find what they expect:
     embeddings = encoder.encode(["A cat sat.", "Stocks fell."])     # (2, 384) float32, unit norm
     embeddings = encoder(input_ids, attention_mask)                  # (B, dim), for training
 
-Pooling never reads padding: ``mean`` averages and ``max`` takes the maximum over the tokens
-whose ``attention_mask`` is 1, ``cls`` reads position 0. A row that is all padding has nothing
-to pool and is refused.
+Pooling (:class:`~tformer.nn.Pooling`) never reads padding: ``mean`` averages and ``max`` takes
+the maximum over the tokens whose ``attention_mask`` is 1, ``cls`` reads position 0. A row that
+is all padding has nothing to pool: it is refused when the mask is on the CPU (as
+:meth:`SentenceEncoder.encode` builds it), where checking costs no device sync; on an
+accelerator the forward pass does not read the mask on the host, and such a row embeds to zeros.
 """
 
 from __future__ import annotations
@@ -20,43 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tformer.nn.pooling import POOLINGS, Pooling
 from tformer.optional import require
 
 from .encoder_classifier import EncoderClassifier
 from .sentence_trunks import HFTrunk, TformerTrunk, hf_max_length, is_tformer_export, resolve_pretrained
 
-POOLINGS = ("cls", "mean", "max")
 PROJECTIONS = (None, "linear", "mlp")
-
-
-def pool(hidden: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool ``hidden (B, S, D)`` over the positions where ``keep (B, S)`` is True -> ``(B, D)``.
-
-    Raises:
-        ValueError: ``mode`` unknown, a row with no kept position, or (``cls``) a row whose
-            position 0 is padding (left padding hides the CLS token).
-    """
-    if mode not in POOLINGS:
-        raise ValueError(f"pool: argument 'mode' must be one of {POOLINGS}, got {mode!r}")
-    if keep.shape != hidden.shape[:2]:
-        raise ValueError(f"pool: argument 'keep' must have shape (B, S) = {tuple(hidden.shape[:2])}, got "
-                         f"{tuple(keep.shape)}")
-    keep = keep.bool()
-    empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"pool: rows {empty} of the attention mask are all padding; there is nothing to pool "
-                         f"(every sequence needs at least one token)")
-    if mode == "cls":
-        if not bool(keep[:, 0].all()):
-            rows = (~keep[:, 0]).nonzero().flatten().tolist()
-            raise ValueError(f"pool: 'cls' pooling reads position 0, which is padding in rows {rows}; pad on the "
-                             f"right")
-        return hidden[:, 0]
-    mask = keep.unsqueeze(-1)
-    if mode == "max":
-        return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
-    weights = mask.to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 def projection_head(kind: str | None, in_dim: int, out_dim: int | None) -> nn.Module | None:
@@ -98,6 +70,7 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"SentenceEncoder: argument 'pooling' must be one of {POOLINGS}, got {pooling!r}")
         self.trunk = trunk
         self.pooling = pooling
+        self.pool = Pooling(pooling)
         self.normalize = bool(normalize)
         self.projection = projection_head(projection, trunk.hidden_size, projection_dim)
         self.dim = projection_dim if projection is not None else trunk.hidden_size
@@ -150,12 +123,18 @@ class SentenceEncoder(nn.Module):
         if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"SentenceEncoder: arguments 'input_ids' and 'attention_mask' must both be (B, S), got "
                              f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-        if not bool(attention_mask.bool().any(dim=1).all()):
-            rows = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
-            raise ValueError(f"SentenceEncoder: rows {rows} of 'attention_mask' are all padding; every sequence "
-                             f"needs at least one token")
+        # The degenerate rows are refused where the mask is a host tensor, so reading it costs no
+        # device sync; a forward pass on an accelerator never waits for the device.
+        on_host = attention_mask.device.type == "cpu"
+        if on_host:
+            empty = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"SentenceEncoder: rows {empty} of 'attention_mask' are all padding; every "
+                                 f"sequence needs at least one token")
         hidden, keep = self.trunk(input_ids, attention_mask)
-        embeddings = pool(hidden, keep, self.pooling)
+        if on_host:
+            self.pool.check(keep, "SentenceEncoder", "the trunk's mask")
+        embeddings = self.pool(hidden, keep)
         if self.projection is not None:
             embeddings = self.projection(embeddings)
         if self.normalize:

@@ -1,4 +1,6 @@
-"""``TransformerBlock``: a pre-LN (or post-LN) block (attention, then MLP) on the fused residual-add norm."""
+"""``TransformerBlock``: the one transformer block, pre-LN or post-LN (``norm_position``), on the
+fused residual-add norm: self-attention, optional cross-attention over an encoder's output, then
+the MLP. The decoder LM, the encoders and both stacks of the encoder-decoder are built of it."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from torch import nn
 
 from .choices import check_choice
 from .normalization import make_norm
-from .self_attention import SelfAttention
+from .attention import Attention
 
 # "pre": norm before each sublayer (GPT-2, Xiong et al. 2020); "post": norm after each residual
 # add (the original Transformer, Vaswani et al. 2017).
@@ -40,6 +42,11 @@ class MLP(nn.Module):
         return self.proj(self.activation(self.fc(x)))
 
 
+# The state-dict names an encoder-decoder layer had before it became a TransformerBlock; old
+# checkpoints load through this mapping (see TransformerBlock._rename_old_keys).
+_OLD_KEY_PREFIXES = {"self_attention.": "attention.", "self_attention_norm.": "attention_norm."}
+
+
 class TransformerBlock(nn.Module):
     """Pre-LN transformer block (GPT-2 / Xiong et al., 2020), written on the residual stream.
 
@@ -54,50 +61,97 @@ class TransformerBlock(nn.Module):
     ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``: the stream is normalized after every add,
     so the block returns ``(x, None)`` (its output is the whole stream) and the same fused
     kernel computes each ``norm(sublayer + x)``.
+
+    ``cross_attention=True`` adds a cross-attention sublayer between the self-attention and the
+    MLP (a decoder layer of Vaswani et al., 2017): it reads ``memory_kv``, the encoder output
+    projected by :meth:`project_memory`, under ``memory_padding_mask``.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, d_ff: int | None = None,
                  dropout: float = 0.0, attn_dropout: float = 0.0, norm: str = "layernorm", bias: bool = True,
-                 causal: bool = True, layer_index: int = 0, norm_position: str = "pre", backend: str | None = None,
-                 device=None, dtype=None):
+                 causal: bool = True, layer_index: int = 0, norm_position: str = "pre", cross_attention: bool = False,
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         check_choice("TransformerBlock", "norm_position", norm_position, NORM_POSITIONS)
         self.norm_position = norm_position
         factory = dict(device=device, dtype=dtype)
         self.attention_norm = make_norm(norm, d_model, bias=bias, backend=backend, **factory)
-        self.attention = SelfAttention(d_model, num_heads, num_kv_heads=num_kv_heads, bias=bias,
-                                       attn_dropout=attn_dropout, causal=causal, layer_index=layer_index,
-                                       backend=backend, **factory)
+        self.attention = Attention(d_model, num_heads, num_kv_heads=num_kv_heads, bias=bias,
+                                   attn_dropout=attn_dropout, causal=causal, layer_index=layer_index,
+                                   backend=backend, **factory)
+        self.cross_attention = None
+        self.cross_attention_norm = None
+        # Methods besides ``forward`` that read this block's weights. A wrapper that gathers sharded
+        # weights around ``forward`` (FSDP2, see tformer.training.parallelize) gathers around these too.
+        self.forward_methods: tuple[str, ...] = ()
+        if cross_attention:
+            self.cross_attention = Attention(d_model, num_heads, num_kv_heads=num_kv_heads, cross=True, bias=bias,
+                                             attn_dropout=attn_dropout, layer_index=layer_index, backend=backend,
+                                             **factory)
+            self.cross_attention_norm = make_norm(norm, d_model, bias=bias, backend=backend, **factory)
+            self.forward_methods = ("project_memory",)
         self.mlp_norm = make_norm(norm, d_model, bias=bias, backend=backend, **factory)
         self.mlp = MLP(d_model, d_ff if d_ff is not None else 4 * d_model, bias=bias, **factory)
         self.residual_dropout = nn.Dropout(dropout)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def residual_projections(self) -> list[nn.Linear]:
         """The layers that write into the residual stream (GPT-2 scales their init)."""
-        return [self.attention.proj, self.mlp.proj]
+        layers = [self.attention.proj, self.mlp.proj]
+        if self.cross_attention is not None:
+            layers.append(self.cross_attention.proj)
+        return layers
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cross-attention keys and values of the encoder output ``memory``
+        ``(B, Sk, d_model)`` (:meth:`Attention.project_memory`), passed back as ``memory_kv``."""
+        if self.cross_attention is None:
+            raise ValueError("TransformerBlock: project_memory needs a block with cross_attention=True")
+        return self.cross_attention.project_memory(memory)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, positional=None, position_offset: int = 0,
-                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden, residual ``(B, T, d_model)``; the keyword arguments go to
-        :meth:`SelfAttention.forward`."""
-        attention_kwargs = dict(key_padding_mask=key_padding_mask, positional=positional,
-                                position_offset=position_offset, kv_cache=kv_cache)
+                kv_cache=None, memory_kv=None,
+                memory_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden, residual ``(B, T, d_model)``. ``key_padding_mask``, ``positional``,
+        ``position_offset`` and ``kv_cache`` go to the self-attention (:meth:`Attention.forward`);
+        ``memory_kv`` (this layer's :meth:`project_memory` of the encoder output) and
+        ``memory_padding_mask`` ``(B, Sk)`` to the cross-attention."""
+        if self.cross_attention is not None and memory_kv is None:
+            raise ValueError("TransformerBlock: a block with cross-attention needs argument 'memory_kv'")
+        if self.cross_attention is None and (memory_kv is not None or memory_padding_mask is not None):
+            raise ValueError("TransformerBlock: 'memory_kv' and 'memory_padding_mask' need a block with "
+                             "cross_attention=True")
+        sublayers = [(self.attention_norm, lambda x: self.attention(
+            x, key_padding_mask=key_padding_mask, positional=positional, position_offset=position_offset,
+            kv_cache=kv_cache))]
+        if self.cross_attention is not None:
+            sublayers.append((self.cross_attention_norm, lambda x: self.cross_attention(
+                x, memory_kv, memory_padding_mask=memory_padding_mask)))
+        sublayers.append((self.mlp_norm, self.mlp))
         if self.norm_position == "post":
-            return self._post_norm_forward(hidden, residual, attention_kwargs)
-        normed, residual = add_and_norm(self.attention_norm, hidden, residual)
-        hidden = self.residual_dropout(self.attention(normed, key_padding_mask=key_padding_mask,
-                                                      positional=positional, position_offset=position_offset,
-                                                      kv_cache=kv_cache))
-        normed, residual = add_and_norm(self.mlp_norm, hidden, residual)
-        hidden = self.residual_dropout(self.mlp(normed))
+            return self._post_norm_forward(hidden, residual, sublayers)
+        for norm, sublayer in sublayers:
+            normed, residual = add_and_norm(norm, hidden, residual)  # norm(x), x = hidden + residual
+            hidden = self.residual_dropout(sublayer(normed))
         return hidden, residual
 
     def _post_norm_forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                           attention_kwargs: dict) -> tuple[torch.Tensor, None]:
+                           sublayers: list) -> tuple[torch.Tensor, None]:
         stream = hidden if residual is None else hidden.to(residual.dtype) + residual
-        attended = self.residual_dropout(self.attention(stream, **attention_kwargs))
-        stream, _ = add_and_norm(self.attention_norm, attended, stream)  # norm1(x + attn(x))
-        transformed = self.residual_dropout(self.mlp(stream))
-        stream, _ = add_and_norm(self.mlp_norm, transformed, stream)  # norm2(x + mlp(x))
+        for norm, sublayer in sublayers:
+            transformed = self.residual_dropout(sublayer(stream))
+            stream, _ = add_and_norm(norm, transformed, stream)  # norm(x + f(x))
         return stream, None
+
+
+def _rename_old_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    """Map a pre-unification encoder-decoder layer's keys (``self_attention.*``,
+    ``self_attention_norm.*``) to this block's (``attention.*``, ``attention_norm.*``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        for old, new in _OLD_KEY_PREFIXES.items():
+            if local.startswith(old):
+                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
+                break

@@ -9,7 +9,7 @@ import os
 import torch
 
 from tformer.backends.reference.attention import attention_weights
-from tformer.nn import SelfAttention
+from tformer.nn import Attention
 
 
 @torch.no_grad()
@@ -20,14 +20,14 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, *, forward=None
     called (e.g. ``model.encode`` for a model whose forward needs more than tokens, such as a
     multi-task model's task name).
 
-    Each :class:`~tformer.nn.SelfAttention` is given a pre-forward hook that projects its input
-    with the layer's own :meth:`~tformer.nn.SelfAttention.project_qkv` and passes q and k to
+    Each self-attention :class:`~tformer.nn.Attention` is given a pre-forward hook that projects its
+    input with the layer's own :meth:`~tformer.nn.Attention.project_qkv` and passes q and k to
     :func:`tformer.backends.reference.attention.attention_weights`, the reference attention's
     own softmax; nothing of the math is repeated here.
     """
     maps: list[torch.Tensor] = []
 
-    def capture(module: SelfAttention, args, kwargs):
+    def capture(module: Attention, args, kwargs):
         if kwargs.get("kv_cache") is not None:
             raise ValueError("attention_maps: run without a kv_cache")
         q, k, _ = module.project_qkv(args[0], positional=kwargs.get("positional"),
@@ -36,9 +36,9 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, *, forward=None
                                   scale=1.0 / math.sqrt(module.head_dim))
         maps.append(probs.detach().cpu())
 
-    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    layers = [m for m in model.modules() if isinstance(m, Attention) and not m.cross]
     if not layers:
-        raise ValueError(f"attention_maps: {type(model).__name__} has no tformer.nn.SelfAttention layers")
+        raise ValueError(f"attention_maps: {type(model).__name__} has no tformer.nn.Attention self-attention layers")
     handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
     was_training = model.training
     try:
