@@ -11,7 +11,8 @@ from torch import nn
 from tformer.generation.seq2seq import beam_search, decode
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
 from tformer.models.pretrained import load_pretrained, save_pretrained
-from tformer.nn import Attention
+from tformer.nn import Attention, TransformerBlock
+from tformer.nn.transformer_block import rename_old_keys
 
 from conftest import DEVICE, call_or_skip
 from tolerances import assert_close_to_reference
@@ -73,6 +74,65 @@ def test_decoder_never_sees_the_future(norm_first):
         other = model(source, lengths, changed)
         assert torch.equal(logits[:, :position + 1], other[:, :position + 1])
         assert not torch.equal(logits[:, position + 1:], other[:, position + 1:])
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_decoder_block_computes_the_single_stream_layer(norm_position):
+    # Plain PyTorch implementation in float64 of one decoder layer of Vaswani et al. on one
+    # stream: pre-LN x + f(norm(x)), post-LN norm(x + f(x)), for self-attention, cross-attention
+    # and the MLP in turn (the formulas of the encoder-decoder's former layer class).
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 4, causal=True, cross_attention=True, norm_position=norm_position,
+                             backend="reference").to(torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    memory = torch.randn(2, 7, 16, dtype=torch.float64)
+    padding = torch.arange(7)[None, :] >= torch.tensor([7, 3])[:, None]
+    memory_kv = block.project_memory(memory)
+    sublayers = [(block.attention_norm, lambda h: block.attention(h)),
+                 (block.cross_attention_norm, lambda h: block.cross_attention(h, memory_kv,
+                                                                              memory_padding_mask=padding)),
+                 (block.mlp_norm, block.mlp)]
+    expected = x
+    for norm, f in sublayers:
+        expected = expected + f(norm(expected)) if norm_position == "pre" else norm(expected + f(expected))
+
+    # Check results
+    hidden, residual = block(x, memory_kv=memory_kv, memory_padding_mask=padding)
+    out = hidden if residual is None else hidden + residual
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs argument 'memory_kv'"):
+        block(x)
+
+
+def test_norm_first_is_an_alias_of_norm_position():
+    assert EncoderDecoderConfig(norm_first=False).norm_position == "post"
+    assert EncoderDecoderConfig(norm_position="post").norm_first is False
+    assert EncoderDecoderConfig().norm_position == "pre" and EncoderDecoderConfig().norm_first is True
+    post = token_model(norm_first=False)
+    assert all(block.norm_position == "post" for block in post.blocks)
+    assert isinstance(post.encoder_norm, nn.Identity)
+    config = EncoderDecoderConfig(norm_first=False)
+    assert EncoderDecoderConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
+def test_checkpoints_with_the_former_layer_keys_still_load(norm_first):
+    # The encoder-decoder's layers saved their self-attention as 'self_attention.*' and
+    # 'self_attention_norm.*'; the one block names them 'attention.*' and 'attention_norm.*'.
+    model = token_model(seed=0, norm_first=norm_first)
+    old_state = {}
+    for key, value in model.state_dict().items():
+        for new, old in ((".attention.", ".self_attention."), (".attention_norm.", ".self_attention_norm.")):
+            if "_blocks." in key and new in key and ".cross_attention" not in key:
+                key = key.replace(new, old, 1)
+        old_state[key] = value
+    assert any(".self_attention." in key for key in old_state)
+    assert rename_old_keys(model, old_state).keys() == model.state_dict().keys()
+    fresh = token_model(seed=1, norm_first=norm_first)
+    fresh.load_state_dict(old_state, strict=True)
+    source, lengths = source_batch()
+    targets = torch.randint(3, 11, (3, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fresh(source, lengths, targets), model(source, lengths, targets))
 
 
 def test_encoder_padding_does_not_change_the_output():

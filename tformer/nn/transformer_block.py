@@ -43,7 +43,7 @@ class MLP(nn.Module):
 
 
 # The state-dict names an encoder-decoder layer had before it became a TransformerBlock; old
-# checkpoints load through this mapping (see TransformerBlock._rename_old_keys).
+# checkpoints load through this mapping (_rename_old_keys, rename_old_keys).
 _OLD_KEY_PREFIXES = {"self_attention.": "attention.", "self_attention_norm.": "attention_norm."}
 
 
@@ -147,11 +147,31 @@ class TransformerBlock(nn.Module):
 
 def _rename_old_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                      error_msgs) -> None:
-    """Map a pre-unification encoder-decoder layer's keys (``self_attention.*``,
-    ``self_attention_norm.*``) to this block's (``attention.*``, ``attention_norm.*``)."""
+    """Load-time hook: a pre-unification encoder-decoder layer's keys (``self_attention.*``,
+    ``self_attention_norm.*``) become this block's (``attention.*``, ``attention_norm.*``)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        local = key[len(prefix):]
-        for old, new in _OLD_KEY_PREFIXES.items():
-            if local.startswith(old):
-                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
-                break
+        renamed = _renamed(key, prefix)
+        if renamed != key:
+            state_dict[renamed] = state_dict.pop(key)
+
+
+def _renamed(key: str, prefix: str) -> str:
+    local = key[len(prefix):]
+    for old, new in _OLD_KEY_PREFIXES.items():
+        if local.startswith(old):
+            return prefix + new + local[len(old):]
+    return key
+
+
+def rename_old_keys(model: nn.Module, state: dict) -> dict:
+    """``state`` (a stored state dict of ``model``) with the keys its :class:`TransformerBlock` s
+    had before the encoder-decoder layer became one renamed to today's, for readers that match
+    stored names themselves instead of calling ``model.load_state_dict`` (which renames them by
+    itself)."""
+    prefixes = [f"{name}." if name else "" for name, module in model.named_modules()
+                if isinstance(module, TransformerBlock)]
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        renamed[key if prefix is None else _renamed(key, prefix)] = value
+    return renamed

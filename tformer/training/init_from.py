@@ -21,6 +21,7 @@ import torch
 
 from tformer.training.checkpoint import latest_checkpoint
 from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, verify_export
+from tformer.nn.transformer_block import rename_old_keys
 from tformer.optional import require
 
 HEAD = "head"  # the task-specific output module, left freshly initialised
@@ -64,7 +65,7 @@ def load_trunk(model: torch.nn.Module, source: Path, *, metadata: dict | None = 
     if problems:
         raise ValueError(f"init_from: {source} is damaged: {'; '.join(problems)}")
     _check_source_config(model, source / CONFIG_NAME, metadata or {})
-    stored = load_file(str(weights_file))
+    stored = rename_old_keys(model, load_file(str(weights_file)))  # exports from before a module rename
     state = model.state_dict()
     trunk, head = [], []
     for names in _alias_groups(state):
