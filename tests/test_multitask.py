@@ -48,6 +48,37 @@ def token_labels(batch: dict, seed=2) -> torch.Tensor:
 
 
 # --- heads ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("uncertainty", [False, True])
+def test_forward_never_reads_a_tensor_on_the_host(uncertainty, monkeypatch):
+    # A host read of a device tensor (bool(t), t.item(), t.tolist(), torch.tensor(...) of a host
+    # value) syncs with the device. CPU tensors stand in for device ones here: every such read
+    # fails while the forward passes run. The token head's padding-label check reads labels on
+    # the host on purpose when they are CPU tensors, so its batch here has no padding mask.
+    model = tiny_model(uncertainty=uncertainty)
+    batch = padded_batch()
+    labelled = {"sentiment": {**batch, "labels": torch.tensor([0, 1, 1])},
+                "rating": {**batch, "labels": torch.tensor([2.0, 7.5, 9.0])},
+                "ner": {"tokens": batch["tokens"], "labels": token_labels(batch)}}
+    for name in ("__bool__", "item", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *args, name=name: pytest.fail(f"forward called Tensor.{name}"))
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: pytest.fail("forward called torch.tensor"))
+    results = {task: model(task_batch, task=task) for task, task_batch in labelled.items()}
+    monkeypatch.undo()
+    for task, result in results.items():
+        assert torch.isfinite(result["weighted_loss"]), task
+    assert int(results["rating"]["count"]) == 3
+
+
+def test_token_labels_at_padding_are_refused_on_the_cpu_and_never_counted():
+    model = tiny_model()
+    batch = padded_batch()
+    labels = token_labels(batch)
+    bad = labels.masked_fill(batch["key_padding_mask"], 1)
+    with pytest.raises(ValueError, match="padding positions must be -100"):
+        model({**batch, "labels": bad}, task="ner")
+    assert int(model({**batch, "labels": labels}, task="ner")["count"]) == int((labels != IGNORE_INDEX).sum())
+
+
 def test_head_shapes_bounds_and_predictions():
     model = tiny_model().eval()
     batch = padded_batch()
