@@ -447,3 +447,37 @@ def test_multihead_attention_takes_torch_float_padding_mask():
     expected, _ = mha(x, x, x, key_padding_mask=padding, need_weights=False)
     actual, _ = mha(x, x, x, key_padding_mask=as_float, need_weights=False)
     torch.testing.assert_close(actual, expected)
+
+
+def test_nothing_outside_the_reference_backend_builds_a_score_matrix():
+    # Every attention path runs tformer.ops.attention (or, for returned weights and arbitrary
+    # masks, the reference backend's masked_attention): a q @ k^T written anywhere else would be
+    # a second, unfused attention. The patterns are how a score matrix gets written in torch.
+    import re
+    from pathlib import Path
+
+    package = Path(tformer.__file__).resolve().parent
+    reference = package / "backends" / "reference"
+    pattern = re.compile(r"@\s*\w+\.(transpose\(\s*-[12]\s*,\s*-[12]\s*\)|mT\b)|torch\.(matmul|bmm|baddbmm|einsum)\(")
+    found = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+             for path in package.rglob("*.py") if reference not in path.parents
+             for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []
+
+
+def test_one_attention_module_for_self_and_cross_attention():
+    torch.manual_seed(0)
+    self_attention = tnn.Attention(16, 4, num_kv_heads=2, causal=True, backend="reference")
+    cross = tnn.Attention(16, 4, cross=True, backend="reference")
+    assert set(self_attention.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    assert set(cross.state_dict()) == {"q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias"}
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    assert cross(x, cross.project_memory(memory)).shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="no causal order"):
+        tnn.Attention(16, 4, cross=True, causal=True)
+    with pytest.raises(ValueError, match="needs argument 'memory_kv'"):
+        cross(x)
+    with pytest.raises(ValueError, match="are for cross-attention"):
+        self_attention(x, cross.project_memory(memory))
+    with pytest.raises(ValueError, match="project_memory is for cross-attention"):
+        self_attention.project_memory(memory)
