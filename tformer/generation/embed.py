@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.nn.pooling import POOLINGS
+
 PROGRESS_MIN_LINES = 256  # below this many lines a progress bar is noise
 
 
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model name or folder (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=10, help="lines to print (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward (default: %(default)s)")
-    parser.add_argument("--pooling", default="mean", choices=("cls", "mean", "max"))
+    parser.add_argument("--pooling", default="mean", choices=POOLINGS)
     parser.add_argument("--backend", default=None, help="tformer backend for attention (default: tformer's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
