@@ -69,6 +69,25 @@ def test_forward_never_reads_a_tensor_on_the_host(uncertainty, monkeypatch):
     assert int(results["rating"]["count"]) == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode detects "
+                    "host syncs on a CUDA device only")
+def test_forward_does_not_sync_a_cuda_device():
+    model = tiny_model().cuda()
+    batch = {key: value.cuda() for key, value in padded_batch().items()}
+    labelled = {"sentiment": {**batch, "labels": torch.tensor([0, 1, 1], device="cuda")},
+                "rating": {**batch, "labels": torch.tensor([2.0, 7.5, 9.0], device="cuda")},
+                "ner": {**batch, "labels": token_labels(padded_batch()).cuda()}}
+    for task, task_batch in labelled.items():  # warm up: lazy initialization may sync once
+        model(task_batch, task=task)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for task, task_batch in labelled.items():
+            model(task_batch, task=task)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_token_labels_at_padding_are_refused_on_the_cpu_and_never_counted():
     model = tiny_model()
     batch = padded_batch()

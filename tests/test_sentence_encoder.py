@@ -103,6 +103,22 @@ def test_tformer_trunk_shapes_normalization_and_padding_invariance(projection, d
         encoder(ids, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode detects "
+                    "host syncs on a CUDA device only")
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
+def test_forward_does_not_sync_a_cuda_device(pooling):
+    encoder = tiny_encoder(pooling=pooling).cuda()
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 0, 0, 0]], device="cuda")
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], device="cuda")
+    encoder(ids, mask)  # warm up: lazy initialization may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        encoder(ids, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="'pooling' must be one of"):
         tiny_encoder(pooling="avg")
