@@ -127,6 +127,9 @@ def test_checkpoints_with_the_former_layer_keys_still_load(norm_first):
                 key = key.replace(new, old, 1)
         old_state[key] = value
     assert any(".self_attention." in key for key in old_state)
+    # The former sublayer order too: seeded init draws and optimizer states follow it.
+    assert [name for name, _ in model.decoder_blocks[0].named_children()][:6] == [
+        "attention", "attention_norm", "cross_attention", "cross_attention_norm", "mlp", "mlp_norm"]
     assert rename_old_keys(model, old_state).keys() == model.state_dict().keys()
     fresh = token_model(seed=1, norm_first=norm_first)
     fresh.load_state_dict(old_state, strict=True)

@@ -102,6 +102,8 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
         self.decoder_blocks = nn.ModuleList(
             TransformerBlock(config.d_model, config.n_heads, causal=True, cross_attention=True, layer_index=index,
                              **block) for index in range(config.n_layers))
+        for layer in (*self.encoder_blocks, *self.decoder_blocks):
+            _in_former_order(layer)
         # Pre-LN leaves the stream un-normalized, so each stack ends with a norm; post-LN's
         # stream is already normalized.
         final_norm = (lambda: make_norm(config.norm, config.d_model, bias=config.bias, backend=config.backend)) \
@@ -187,3 +189,16 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
         if return_ctc:
             return logits, self.ctc_logits(memory), padding_mask
         return logits
+
+
+# The order this model's layers registered their sublayers in before they became
+# TransformerBlocks. It fixes the order of the seeded initialization draws (init_gpt2 walks
+# modules in order) and of ``parameters()`` (what optimizer states index by), so a run seeded as
+# before starts from the same weights and an optimizer state saved before still lines up.
+_FORMER_ORDER = ("attention", "attention_norm", "cross_attention", "cross_attention_norm", "mlp", "mlp_norm")
+
+
+def _in_former_order(block: TransformerBlock) -> None:
+    first = [name for name in _FORMER_ORDER if name in block._modules]
+    block._modules = {**{name: block._modules[name] for name in first}, **block._modules}
+
