@@ -10,9 +10,9 @@
 // strides in the same way.
 //
 // Semantics (those of tformer.ops.attention): the causal/sliding-window band of
-// AttentionProblem (top-left or bottom-right aligned, per sequence), soft-capping; key_padding True removes a key; grouped-query attention: query head
-// h reads key/value head h / group_size; a query row with no allowed key gives zeros and
-// lse = -inf, and zero gradients.
+// AttentionProblem (top-left or bottom-right aligned, per sequence) and soft-capping; key_padding
+// True removes a key; grouped-query attention: query head h reads key/value head h / group_size;
+// a query row with no allowed key gives zeros and lse = -inf, and zero gradients.
 #pragma once
 
 #include <cuda_runtime.h>
