@@ -63,6 +63,24 @@ def test_autograd_and_fake_carry_the_band_on_meta(cuda_attention):
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
+@pytest.mark.parametrize("seq_k, bottom_right_passed", [(7, False), (9, True)])
+def test_equal_lengths_pass_bottom_right_as_top_left(cuda_attention, seq_k, bottom_right_passed):
+    # Sq == Sk: both alignments are one band, so the op gets top-left (and the Hopper kernels
+    # stay eligible); Sq != Sk keeps bottom-right.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def call(q, k, v):
+        return cuda_attention.attention(q, k, v, causal=True, key_padding_mask=None, scale=0.125, dropout_p=0.0,
+                                        return_lse=False, band=Band(-1, 0, True))
+
+    graph = make_fx(call, tracing_mode="fake")(_meta((1, 2, 7, 64)), _meta((1, 2, seq_k, 64)),
+                                               _meta((1, 2, seq_k, 64)))
+    (node,) = [n for n in graph.graph.nodes if str(n.target) == "tformer.cuda_attention_fwd.default"]
+    defaults = [-1, -1, False, 0.0]  # window_left, window_right, bottom_right, softcap (the trace omits defaults)
+    band_args = list(node.args[10:]) + defaults[len(node.args[10:]):]
+    assert band_args == [-1, 0, bottom_right_passed, 0.0]
+
+
 # ---- GPU only -----------------------------------------------------------------------------------
 
 # (batch, Hq, Hkv, Sq, Sk, D, mask arguments, key lengths or None). Lengths of a few hundred

@@ -91,10 +91,12 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(reason)
 
 
-def _band_args(band) -> tuple[int, int, bool]:
-    """The kernels' (window_left, window_right, bottom_right); the band already folds causal in."""
+def _band_args(band, same_lengths: bool = False) -> tuple[int, int, bool]:
+    """The kernels' (window_left, window_right, bottom_right); the band already folds causal in.
+    With equal query and key lengths both alignments are the same band: passed as top-left, so
+    FlashAttention-style causal calls with Sq == Sk keep the Hopper kernels."""
     band = Band() if band is None else band
-    return band.left, band.right, band.bottom_right
+    return band.left, band.right, band.bottom_right and not same_lengths
 
 
 @register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
@@ -102,7 +104,8 @@ def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_
               band=None, softcap: float = 0.0):
     _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
-                                                    False, scale, *_band_args(band), float(softcap))
+                                                    False, scale, *_band_args(band, q.shape[2] == k.shape[2]),
+                                                    float(softcap))
     return (out, lse.detach()) if return_lse else out
 
 
