@@ -7,6 +7,8 @@ for the others (a hang, not an error). Two rules follow, one per phase:
 * training: :class:`BatchStream` deals each epoch's batches round-robin and drops the tail
   that not every rank can share, so every rank yields exactly as many batches; its state is
   the epoch and the position in it, so a resumed stream continues exactly;
+* random draws without epochs (the LM's windows): every rank draws the same global batch
+  from one seeded generator and keeps its :func:`rank_share`;
 * evaluation: :func:`deal_batches` deals batches round-robin and pads the ranks that run
   short with ``None``; the task turns each ``None`` into a filler batch (real data, any size)
   whose results it drops.
@@ -37,6 +39,17 @@ def deal_batches(batches: Sequence[T], *, world_size: int, rank: int) -> list[T 
     per_rank = -(-len(batches) // world_size)
     mine: list[T | None] = list(batches[rank::world_size])
     return mine + [None] * (per_rank - len(mine))
+
+
+def rank_share(global_batch: Sequence[T], *, rank: int, world_size: int) -> Sequence[T]:
+    """Rank ``rank``'s contiguous ``len / world_size`` items of a global batch every rank drew
+    alike, so N ranks with batch B see exactly what one process with batch N*B sees."""
+    _check_rank(rank, world_size)
+    if len(global_batch) % world_size:
+        raise ValueError(f"rank_share: a global batch of {len(global_batch)} items does not split over "
+                         f"world_size={world_size} ranks")
+    size = len(global_batch) // world_size
+    return global_batch[rank * size:(rank + 1) * size]
 
 
 class EpochBatches(Protocol):
