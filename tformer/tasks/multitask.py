@@ -52,8 +52,8 @@ class MultiTaskDataConfig(ClassifyDataConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("data.schedule", self.schedule, SCHEDULES)
-        check_choice("data.ner_scheme", self.ner_scheme, ("iob2", "iob1"))
+        check_choice("config: data.schedule", self.schedule, SCHEDULES)
+        check_choice("config: data.ner_scheme", self.ner_scheme, ("iob2", "iob1"))
         if not self.temperature > 0:
             raise ConfigError(f"config: data.temperature must be > 0, got {self.temperature}")
         if self.ner_synthetic and self.ner_path is not None:
