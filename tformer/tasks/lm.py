@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tformer.schema import ConfigError
+from tformer.schema import ConfigError, check_choice
 from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
@@ -33,17 +33,11 @@ class LMDataConfig:
     min_count: int = 1  # wikitext2 words: rarer training words become <unk>
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            import difflib
-
-            close = difflib.get_close_matches(self.source, SOURCES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config: data.source must be one of {SOURCES}, got {self.source!r}.{hint}")
+        check_choice("config: data.source", self.source, SOURCES)
         if self.source == "wikitext2" and not self.path:
             raise ConfigError("config: data.source='wikitext2' needs data.path, the folder holding wiki.train.raw, "
                               "wiki.valid.raw and wiki.test.raw (wikitext-2-raw-v1)")
-        if self.level not in ("word", "char"):
-            raise ConfigError(f"config: data.level must be 'word' or 'char', got {self.level!r}")
+        check_choice("config: data.level", self.level, ("word", "char"))
         if self.source == "text" and not self.path:
             raise ConfigError("config: data.source='text' needs data.path, the text file")
         if self.seq_len < 1:
