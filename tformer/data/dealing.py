@@ -73,14 +73,18 @@ class ShuffledBatches:
         return split_into_batches(torch.randperm(self.num_items, generator=generator).tolist(), self.batch_size)
 
 
-def _usable(num_batches: int, world_size: int) -> int:
-    """The batches of an epoch that every rank can share (all, when there are fewer than ranks)."""
-    return num_batches - num_batches % world_size or num_batches
+def _rank_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Rank ``rank``'s batches of one epoch: every ``world_size``-th, up to the batches every rank
+    can share. An epoch of fewer batches than ranks gives each rank one (some batches twice), so
+    no rank is left with none while the others step."""
+    if len(batches) < world_size:
+        return [batches[rank % len(batches)]]
+    return batches[rank:len(batches) - len(batches) % world_size:world_size]
 
 
 def batches_per_rank(batches: EpochBatches, world_size: int) -> int:
     """How many batches each rank's :class:`BatchStream` takes from one epoch."""
-    return _usable(len(batches.batches(0)), world_size) // world_size
+    return max(1, len(batches.batches(0)) // world_size)
 
 
 class BatchStream:
@@ -103,8 +107,7 @@ class BatchStream:
         batch is batch r + p * world_size), which does not depend on the number of ranks."""
         while True:
             if self._epoch_batches is None:
-                batches = self.batches.batches(self.epoch)
-                self._epoch_batches = batches[self.rank:_usable(len(batches), self.world_size):self.world_size]
+                self._epoch_batches = _rank_batches(self.batches.batches(self.epoch), self.rank, self.world_size)
             if self.position < len(self._epoch_batches):
                 break
             self.epoch, self.position, self._epoch_batches = self.epoch + 1, 0, None
