@@ -18,7 +18,7 @@ def _inputs():
 
 def test_available_backends_lists_every_backend_with_a_reason_or_none():
     backends = tformer.available_backends()
-    assert set(backends) == {"reference", "triton", "cuda"}
+    assert set(backends) == {"reference", "torch", "triton", "cuda"}
     assert backends["reference"] is None
     for name, reason in backends.items():
         assert reason is None or (isinstance(reason, str) and len(reason) > 20), (name, reason)

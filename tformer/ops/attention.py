@@ -29,7 +29,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     - A query row whose keys are all masked returns zeros (never NaN) and gets zero gradients.
     - ``return_lse``: also return the float32 log-sum-exp of the scaled, masked scores,
       ``(B, Hq, Sq)``; ``-inf`` for fully masked rows. It carries no gradient.
-    - ``backend``: ``"reference"``, ``"triton"``, ``"cuda"`` or ``"auto"``; None takes the
+    - ``backend``: ``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``; None takes the
       default (``tformer.backend(...)`` block, else ``TFORMER_BACKEND``, else ``"auto"``).
 
     Returns ``out`` ``(B, Hq, Sq, D)`` in q's dtype, or ``(out, lse)``.

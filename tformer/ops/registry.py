@@ -29,7 +29,7 @@ from .validation import dtype_name
 
 logger = logging.getLogger("tformer")
 
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch", "reference")
 OPS: tuple[str, ...] = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
 
 # "auto" tries backends in this order per op and takes the first one that is available and
