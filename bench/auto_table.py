@@ -33,7 +33,9 @@ def build_entries(rows: list[dict]) -> list[dict]:
     """One entry per (op, dtype, shape) that at least one tformer backend ran on a GPU."""
     times = defaultdict(lambda: defaultdict(dict))  # (op, dtype, shape...) -> backend -> pass -> seconds
     for row in rows:
-        if row.get("op") in TABLE_OPS and row.get("kind") == "tformer" and row.get("median_s"):
+        # auto's own row is a choice among the others, not a candidate for the table.
+        if (row.get("op") in TABLE_OPS and row.get("kind") == "tformer" and row.get("median_s")
+                and row["impl"] != "tformer-auto"):
             fields = _shape_fields(row["op"], row)
             key = (row["op"], row["dtype"], *sorted(fields.items()))
             times[key][row["impl"].removeprefix("tformer-")][row["pass"]] = row["median_s"]

@@ -68,7 +68,8 @@ def decide(op: str, dtype: str, key: dict, entries: list[dict], passed: set[str]
     shape = {k: v for k, v in entry.items() if k not in ("op", "dtype", "times_ms", "seconds", "order")}
     if "torch" not in times:
         return FALLBACK, f"{source} has no torch timing at {shape}: torch"
-    kernels = {name: t for name, t in times.items() if name not in FALLBACK and (passed is None or name in passed)}
+    kernels = {name: t for name, t in times.items()
+               if name not in (*FALLBACK, "auto") and (passed is None or name in passed)}
     if not kernels:
         return FALLBACK, f"no verified tformer kernel is timed at {shape} in {source}: torch"
     best = min(kernels, key=kernels.get)
