@@ -181,3 +181,14 @@ def test_selftest_command_runs_on_the_cpu_and_says_what_it_checked(standin_env):
     assert rows["cuda"][0] == "unavailable"
     assert any(line.strip().startswith("attention float32") for line in lines)
     assert "cached at " + str(standin_env) in result.stdout
+
+
+def test_auto_never_starts_a_check_inside_a_trace(monkeypatch):
+    monkeypatch.setattr(auto, "_memo", {})
+    monkeypatch.setattr(check, "_verdicts", {})
+    monkeypatch.setenv("TFORMER_SELFTEST", "1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(auto, "measurements", lambda device: pytest.fail("a check started inside a trace"))
+    q = torch.empty(2, 4, 128, 64, device="meta")
+    order, why = auto.candidates("attention", torch.device("cuda"), torch.bfloat16, dict(q=q, k=q, v=q, causal=True))
+    assert order == auto.FALLBACK and "torch.compile" in why

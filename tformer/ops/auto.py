@@ -39,8 +39,21 @@ def candidates(op: str, device: torch.device, dtype: torch.dtype, args: dict) ->
         return FALLBACK, "symbolic shapes: torch, which takes every shape"
     memo_key = (str(device), op, dtype, *key.values())
     if memo_key not in _memo:
+        if torch.compiler.is_compiling() and not verdict_ready(device):
+            # A self-check cannot start inside a trace (it runs subprocesses): torch, never wrong.
+            # Calling tformer.selftest.verdict_for(device) before compiling avoids this.
+            return FALLBACK, "traced by torch.compile before this device's self-check: torch"
         _memo[memo_key] = decide(op, dtype_name(dtype), key, *measurements(device))
     return _memo[memo_key]
+
+
+def verdict_ready(device: torch.device) -> bool:
+    """Whether reading this device's measurements needs no check to run (off, or already read)."""
+    if not overrides.selftest():
+        return True
+    from tformer.selftest import check
+
+    return str(device) in check._verdicts
 
 
 def measurements(device: torch.device) -> tuple[list[dict], set[str] | None, str]:

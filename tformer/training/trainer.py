@@ -93,6 +93,15 @@ class Trainer:
         self.strategy = resolve_strategy(config)
         self._init_distributed()
         self.precision = resolve_precision(config, self.device)
+        if self.device.type == "cuda" and config.model.get("backend", "auto") in (None, "auto"):
+            # backend="auto" on a GPU: this device's kernel self-check now (cached after the first
+            # run; LOCAL_RANK 0 runs it, the other ranks wait), not inside the first traced step.
+            from tformer.ops import overrides
+
+            if overrides.selftest():
+                from tformer.selftest import verdict_for
+
+                verdict_for(self.device)
         if self.strategy == "deepspeed" and self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("config: fp16 under DeepSpeed needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                               "use bf16 or fp32 on the CPU")
