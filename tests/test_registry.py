@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tformer
-from tformer.ops import registry
+from tformer.ops import dispatch, registry
 
 from conftest import DEVICE
 
@@ -61,7 +61,7 @@ def test_backend_refuses_dtype_it_cannot_run(monkeypatch):
 
 
 def test_auto_on_cpu_picks_torch_and_logs_once_with_the_reason(caplog):
-    registry._auto_logged.clear()
+    dispatch._auto_logged.clear()
     x = torch.randn(4, 8)
     with caplog.at_level(logging.INFO, logger="tformer"):
         tformer.ops.layer_norm(x, backend="auto")
@@ -72,7 +72,7 @@ def test_auto_on_cpu_picks_torch_and_logs_once_with_the_reason(caplog):
 
 
 def test_auto_on_cpu_takes_reference_where_torch_refuses(caplog):
-    registry._auto_logged.clear()
+    dispatch._auto_logged.clear()
     with caplog.at_level(logging.INFO, logger="tformer"):
         tformer.ops.layer_norm(torch.randn(4, 1), backend="auto")  # one-element rows: torch's backward is inexact
     (message,) = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
@@ -86,7 +86,7 @@ def test_auto_falls_back_past_backends_that_refuse_and_says_why(monkeypatch, cap
     real = registry._backends["reference"].impls["softmax"]
     monkeypatch.setitem(registry._backends["reference"].impls, "softmax",
                         registry.Implementation(real.fn, real.devices | {"meta"}, real.dtypes))
-    registry._auto_logged.clear()
+    dispatch._auto_logged.clear()
     with caplog.at_level(logging.INFO, logger="tformer"):
         out = tformer.ops.softmax(torch.empty(2, 3, device="meta"), backend="auto")
     assert out.device.type == "meta"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tformer.ops import auto
-from tformer.selftest import cache, check
+from tformer.ops.selftest import cache, check
 
 TESTS = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -43,7 +43,7 @@ def test_misbehaving_paths_are_excluded_or_demoted(standin_env, caplog):
     assert len(warnings) == 3 and all("\n" not in w for w in warnings)
     for name in ("hangs", "crashes", "wrong"):
         (line,) = [w for w in warnings if w.startswith(f"tformer self-check: {name} excluded")]
-        assert f"reproduce: python -m tformer.selftest.worker {name} --device cpu --standin {STANDINS[name]}" in line
+        assert f"reproduce: python -m tformer.ops.selftest.worker {name} --device cpu --standin {STANDINS[name]}" in line
 
     # The slow path answered right: it keeps its timings and is demoted, never picked over torch.
     (entry,) = verdict["timings"]
@@ -55,7 +55,7 @@ def test_misbehaving_paths_are_excluded_or_demoted(standin_env, caplog):
 
     # The table says what was checked, and how to reproduce each exclusion.
     table = "\n".join(check.format_table(verdict))
-    assert "hangs" in table and "reproduce: python -m tformer.selftest.worker crashes" in table
+    assert "hangs" in table and "reproduce: python -m tformer.ops.selftest.worker crashes" in table
 
 
 def _entries(**times):
@@ -156,7 +156,7 @@ def test_other_ranks_wait_for_local_rank_0(standin_env, monkeypatch):
 def test_two_processes_never_write_at_once(standin_env):
     # A second process blocks on the lock while this one holds it.
     path = standin_env / "selftest-lock.json"
-    script = (f"import time; from pathlib import Path; from tformer.selftest import cache\n"
+    script = (f"import time; from pathlib import Path; from tformer.ops.selftest import cache\n"
               f"print('ready', flush=True); start = time.monotonic()\n"
               f"with cache.locked(Path({str(path)!r})): print(time.monotonic() - start)")
     with cache.locked(path):

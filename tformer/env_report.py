@@ -168,7 +168,7 @@ def _auto_report(torch) -> dict:
     """What backend="auto" picks here and why (one sample call per op), the overrides set, and
     the self-check's verdict for the first GPU when one is cached (no check is started)."""
     from tformer.ops import auto, overrides, registry
-    from tformer.selftest import cache
+    from tformer.ops.selftest import cache
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     choices = {}

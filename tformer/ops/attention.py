@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import registry
+from . import dispatch
 from .validation import check_device, check_probability, check_same, check_shape, check_tensor
 
 
@@ -54,7 +54,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = _resolve_scale(op, scale, head_dim)
     args = dict(q=q, k=k, v=v, causal=bool(causal), key_padding_mask=key_padding_mask, scale=scale,
                 dropout_p=float(dropout_p), return_lse=bool(return_lse))
-    impl = registry.resolve(op, backend, q.device, q.dtype, args)
+    impl = dispatch.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
 
 
@@ -102,7 +102,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, causal=bool(causal), scale=scale, dropout_p=float(dropout_p),
                 return_lse=bool(return_lse))
-    impl = registry.resolve(op, backend, q.device, q.dtype, args)
+    impl = dispatch.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
 
 

@@ -5,7 +5,7 @@
 - On a GPU: ``torch`` unless a tformer kernel path (a backend or a variant such as
   ``triton:atomic_dq``) passed this device's self-check and measured at least ``MARGIN`` faster
   than torch at the nearest measured shape; then that path, then ``torch``, then ``reference``.
-  Timings come from the self-check's verdict for this device (:mod:`tformer.selftest`); with the
+  Timings come from the self-check's verdict for this device (:mod:`tformer.ops.selftest`); with the
   self-check off (``TFORMER_SELFTEST=0``) or not yet able to run, the shipped table
   (``measured_auto.json``, entries with ``times_ms``) is the starting guess.
 
@@ -41,7 +41,7 @@ def candidates(op: str, device: torch.device, dtype: torch.dtype, args: dict) ->
     if memo_key not in _memo:
         if torch.compiler.is_compiling() and not verdict_ready(device):
             # A self-check cannot start inside a trace (it runs subprocesses): torch, never wrong.
-            # Calling tformer.selftest.verdict_for(device) before compiling avoids this.
+            # Calling tformer.ops.selftest.verdict_for(device) before compiling avoids this.
             return FALLBACK, "traced by torch.compile before this device's self-check: torch"
         _memo[memo_key] = decide(op, dtype_name(dtype), key, *measurements(device))
     return _memo[memo_key]
@@ -51,7 +51,7 @@ def verdict_ready(device: torch.device) -> bool:
     """Whether reading this device's measurements needs no check to run (off, or already read)."""
     if not overrides.selftest():
         return True
-    from tformer.selftest import check
+    from tformer.ops.selftest import check
 
     return str(device) in check._verdicts
 
@@ -59,7 +59,7 @@ def verdict_ready(device: torch.device) -> bool:
 def measurements(device: torch.device) -> tuple[list[dict], set[str] | None, str]:
     """(timing entries, the kernel paths verified on this device or None when unverified, source)."""
     if overrides.selftest():
-        from tformer.selftest import verdict_for  # deferred: only a GPU call gets here
+        from tformer.ops.selftest import verdict_for  # deferred: only a GPU call gets here
 
         verdict = verdict_for(device)
         if verdict is not None:

@@ -10,7 +10,8 @@ the compiled extension.
 Selection order for an op call: the ``backend=`` argument, else the innermost
 ``with tformer.backend(...)`` block, else the ``TFORMER_BACKEND`` environment variable,
 else ``"auto"``. A backend may declare variants (``"triton:atomic_dq"``, see
-:mod:`tformer.ops.variants`); ``auto`` picks among backends and variants (:mod:`tformer.ops.auto`).
+:mod:`tformer.ops.variants`). :mod:`tformer.ops.dispatch` resolves a call: an explicit name here,
+``auto`` through :mod:`tformer.ops.auto`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import difflib
 import functools
 import importlib
-import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -29,7 +29,6 @@ from . import overrides
 from .validation import dtype_name
 from .variants import Variant, split
 
-logger = logging.getLogger("tformer")
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch", "reference")
 OPS: tuple[str, ...] = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
@@ -72,7 +71,6 @@ _backends: dict[str, _Backend] = {
     name: _Backend(name, f"tformer.backends.{name}") for name in BACKENDS
 }
 _default_stack: list[str] = []
-_auto_logged: set[tuple] = set()
 
 
 def variants(backend_name: str) -> dict[str, Variant]:
@@ -230,39 +228,13 @@ def refusal(op: str, name: str, device: torch.device, dtype: torch.dtype, args: 
     return why
 
 
-def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
-    """The implementation of ``op`` to call for inputs on ``device`` with ``dtype``."""
-    name = requested or default_backend()
+def resolve_named(op: str, name: str, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
+    """The implementation of ``op`` in backend or variant ``name`` for this call; UnsupportedInput
+    (with the reason) when it does not take the input."""
     _check_name(name)
-    if name != "auto":
-        base = split(name)[0]
-        _load(base)
-        impl, fn = implementation(op, name)
-        reason = _refusal(impl, op, name, device, dtype, args)
-        if reason is not None:
-            raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
-        return fn
-
-    from . import auto  # deferred: auto reads the self-check's verdicts
-
-    skipped = []
-    order, why_order = auto.candidates(op, device, dtype, args)
-    for candidate in order:
-        why = refusal(op, candidate, device, dtype, args)
-        if why is None:
-            _log_choice(op, candidate, device, dtype, skipped, why_order)
-            return implementation(op, candidate)[1]
-        skipped.append(f"{candidate}: {why}")
-    raise BackendError(f"{op}: no backend can run this input: " + "; ".join(skipped))
-
-
-def _log_choice(op: str, name: str, device: torch.device, dtype: torch.dtype, skipped: list[str],
-                why_order: str) -> None:
-    key = (op, name, device.type, dtype)
-    if key in _auto_logged or torch.compiler.is_compiling():
-        return
-    _auto_logged.add(key)
-    passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
-    why = f": {why_order}" if why_order else ""
-    logger.info("backend='auto' chose %r for %s on %s %s%s%s", name, op, device.type, dtype_name(dtype), why,
-                passed_over)
+    _load(split(name)[0])
+    impl, fn = implementation(op, name)
+    reason = _refusal(impl, op, name, device, dtype, args)
+    if reason is not None:
+        raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
+    return fn

@@ -99,7 +99,7 @@ class Trainer:
             from tformer.ops import overrides
 
             if overrides.selftest():
-                from tformer.selftest import verdict_for
+                from tformer.ops.selftest import verdict_for
 
                 verdict_for(self.device)
         if self.strategy == "deepspeed" and self.device.type == "cpu" and self.precision == "fp16":

@@ -1,9 +1,9 @@
 """One kernel path's self-check, run in its own process so a hang or a crash cannot take the
 caller down:
 
-    python -m tformer.selftest.worker triton:atomic_dq --device cuda:0
+    python -m tformer.ops.selftest.worker triton:atomic_dq --device cuda:0
 
-checks the path against the float64 reference on :func:`tformer.selftest.cases.correctness_cases`,
+checks the path against the float64 reference on :func:`tformer.ops.selftest.cases.correctness_cases`,
 then times it against torch, and prints (or writes to ``--out``) one JSON result:
 ``{"path", "status": "ok" | "wrong" | "unavailable", "checked", "detail", "timings"}``.
 ``--standin module:attribute`` checks a ``{op: implementation}`` mapping instead of a registered
@@ -75,7 +75,7 @@ def check(path: str, device: torch.device, standin: str | None = None, repeats: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tformer.selftest.worker", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tformer.ops.selftest.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a backend or variant name, e.g. triton, triton:atomic_dq, cuda")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

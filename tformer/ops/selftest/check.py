@@ -6,7 +6,7 @@ that passed (:mod:`tformer.ops.auto`).
   with a one-line warning that names it and the command that reproduces it.
 - A path that answers right is kept with its timings; one slower than torch is simply never
   picked (``auto`` wants it 3% faster).
-- The verdict is cached per device key (:mod:`tformer.selftest.cache`). Under torchrun or
+- The verdict is cached per device key (:mod:`tformer.ops.selftest.cache`). Under torchrun or
   DeepSpeed only ``LOCAL_RANK`` 0 runs the check; the node's other ranks wait for its verdict.
 - ``TFORMER_SELFTEST=0`` turns it off (``auto`` then uses the shipped table, else torch).
 """
@@ -43,7 +43,7 @@ def kernel_paths() -> list[str]:
 
 
 def reproduce_command(path: str, device: torch.device, standin: str | None = None) -> str:
-    command = f"python -m tformer.selftest.worker {path} --device {device}"
+    command = f"python -m tformer.ops.selftest.worker {path} --device {device}"
     return command + (f" --standin {standin}" if standin else "")
 
 
@@ -55,7 +55,7 @@ def run_path(path: str, device: torch.device, timeout_s: float, standin: str | N
         env["TRITON_INTERPRET"] = "1"
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "tformer.selftest.worker", path, "--device", str(device), "--out", str(out),
+        command = [sys.executable, "-m", "tformer.ops.selftest.worker", path, "--device", str(device), "--out", str(out),
                    "--repeats", str(repeats), *(["--standin", standin] if standin else [])]
         started = time.perf_counter()
         try:

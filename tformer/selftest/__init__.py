@@ -1,5 +1,0 @@
-"""The per-device self-check behind ``backend="auto"``: see :mod:`tformer.selftest.check`."""
-
-from .check import verdict_for
-
-__all__ = ["verdict_for"]
