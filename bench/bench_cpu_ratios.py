@@ -77,7 +77,7 @@ def test_model_step_against_plain_pytorch(benchmark, backend):
     benchmark.extra_info.update({"backend": backend, "tformer_median_s": statistics.median(ours_s),
                                  "plain_median_s": statistics.median(plain_s), "time_ratio": ratio,
                                  "speed_vs_plain": 1.0 / ratio, "pairs": STEP_PAIRS,
-                                 "shape": f"d96 L3 H4, batch {BATCH} x {SEQ_LEN}"})
+                                 "shape": f"d96 L3 H4, batch {BATCH} x {SEQ_LEN}", "threads": torch.get_num_threads()})
     benchmark.pedantic(ours, rounds=5, iterations=1)
 
 
@@ -106,7 +106,7 @@ def test_main_job_against_a_plain_pytorch_loop(benchmark, tmp_path):
         plain.append(_run(plain_command, None))
     ours_s, plain_s = statistics.median(s for s, _ in ours), statistics.median(s for s, _ in plain)
     benchmark.extra_info.update({
-        "steps": JOB_STEPS, "pairs": JOB_PAIRS, "tformer_median_s": ours_s, "plain_median_s": plain_s,
+        "steps": JOB_STEPS, "pairs": JOB_PAIRS, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "tformer_median_s": ours_s, "plain_median_s": plain_s,
         "time_ratio": ours_s / plain_s, "tformer_runs_s": [s for s, _ in ours], "plain_runs_s": [s for s, _ in plain],
         "tformer_final_val_loss": [m["final_val_loss"] for _, m in ours],
         "plain_final_val_loss": [m["final_val_loss"] for _, m in plain],

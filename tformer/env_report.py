@@ -171,6 +171,10 @@ def _auto_report(torch) -> dict:
     from tformer.ops.selftest import cache
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    verdict_path = cache.key_file(cache.device_key(device))
+    verdict = cache.read(verdict_path, cache.device_key(device))
+    # On a GPU without a cached verdict, asking auto would start the self-check: report instead.
+    unchecked = device.type == "cuda" and overrides.selftest() and verdict is None
     choices = {}
     x = torch.empty(8, 1024, device="meta")
     q = torch.empty(4, 8, 1024, 64, device="meta")
@@ -178,14 +182,15 @@ def _auto_report(torch) -> dict:
                "softmax": dict(x=x)}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for op, args in samples.items():
+        if unchecked:
+            choices[op] = {"backend": "torch", "why": "until this device's self-check has run ('tformer selftest')"}
+            continue
         try:
             order, why = auto.candidates(op, device, dtype, args)
         except Exception as error:  # noqa: BLE001 - reported, the rest of the report still prints
             order, why = (), f"{type(error).__name__}: {error}"
         chosen = next((name for name in order if registry.unavailable_reason(name) is None), None)
         choices[op] = {"backend": chosen, "why": why}
-    verdict_path = cache.key_file(cache.device_key(device))
-    verdict = cache.read(verdict_path, cache.device_key(device))
     selftest = ("off (TFORMER_SELFTEST=0)" if not overrides.selftest() else
                 f"verdict cached at {verdict_path}" if verdict else
                 "no verdict cached for this device yet (run 'tformer selftest')")
