@@ -1,7 +1,6 @@
 """The training loop reads nothing back from the device between log steps: the loss, the grad
 norm and the layer norms stay tensors until a log step reads them all at once."""
 
-import pytest
 import torch
 
 from tformer.training.config import load_config

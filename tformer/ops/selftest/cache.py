@@ -78,7 +78,8 @@ def device_key(device: torch.device) -> dict:
     else:
         import platform
 
-        name, capability, driver = f"CPU {platform.machine()} ({platform.processor() or 'unknown'})", None, None
+        processor = platform.processor()
+        name, capability, driver = f"CPU {platform.machine()}" + (f" ({processor})" if processor else ""), None, None
     return {"format": FORMAT, "device": name, "capability": capability, "driver": driver,
             "torch": torch.__version__, "triton": triton_version, "build": build_hash()}
 

@@ -161,7 +161,10 @@ def format_table(verdict: dict) -> list[str]:
         for entry in verdict["timings"]:
             shape = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("op", "dtype", "times_ms"))
             torch_ms = entry["times_ms"]["torch"]
-            paths = "  ".join(f"{name} {t:.3f} ({torch_ms / t:.2f}x)" for name, t in entry["times_ms"].items()
+            paths = "  ".join(f"{name} {t:.3g} ({torch_ms / t:.3g}x)" for name, t in entry["times_ms"].items()
                               if name != "torch")
-            lines.append(f"  {entry['op']} {entry['dtype']} {shape}: torch {torch_ms:.3f}  {paths}")
+            lines.append(f"  {entry['op']} {entry['dtype']} {shape}: torch {torch_ms:.3g}  {paths}")
+    checked = dict.fromkeys(case for result in verdict["paths"].values() for case in result["checked"])
+    if checked:
+        lines.append("cases checked against the float64 reference (forward and gradients): " + ", ".join(checked))
     return lines

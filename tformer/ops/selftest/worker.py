@@ -25,6 +25,7 @@ CHECKED_OPS = ("attention", "layer_norm", "rms_norm", "softmax")
 def _implementations(path: str, standin: str | None, device: torch.device) -> tuple[dict, str | None]:
     """({op: callable}, why the path cannot run here or None)."""
     from tformer.ops import registry
+    from tformer.ops.variants import split
 
     if standin is not None:
         module, _, attribute = standin.partition(":")
@@ -32,8 +33,11 @@ def _implementations(path: str, standin: str | None, device: torch.device) -> tu
     why = registry.unavailable_reason(path)
     if why is not None:
         return {}, why
+    base, variant = split(path)
+    # A variant changes only the ops it names; the others are its backend's, checked under that name.
+    ops = registry.variants(base)[variant].ops if variant else CHECKED_OPS
     return {op: registry.implementation(op, path)[1] for op in CHECKED_OPS
-            if registry.implementation(op, path)[0] is not None}, None
+            if op in ops and registry.implementation(op, path)[0] is not None}, None
 
 
 def check(path: str, device: torch.device, standin: str | None = None, repeats: int = 5) -> dict:
