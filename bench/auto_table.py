@@ -1,5 +1,6 @@
-"""The table behind ``backend="auto"`` on a GPU (tformer/ops/measured_order.py), from a
-benchmark run: per op, dtype and measured shape, tformer's backends fastest first.
+"""The shipped starting guess of ``backend="auto"`` on a GPU (tformer/ops/measured_order.py; the
+device's own self-check replaces it), from a benchmark run: per op, dtype and measured shape,
+tformer's backends (torch's included) fastest first, with their times.
 
     python -m bench.report RESULTS.json --auto-table tformer/ops/measured_auto.json
 
