@@ -218,3 +218,29 @@ def test_the_shipped_measured_table_is_well_formed():
     table = load_table(TABLE_PATH)
     for entry in table["entries"]:
         assert entry["op"] in ("attention", "layer_norm", "softmax") and set(entry["order"]) <= set(registry.backend_names())
+
+
+def test_kernels_and_backends_read_no_environment():
+    """Choices are arguments; the environment is read as overrides in tformer/ops/overrides.py only."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readers = [str(path.relative_to(root)) for folder in ("kernels", "tformer/backends")
+               for path in sorted((root / folder).rglob("*.py"))
+               if any(word in path.read_text() for word in ("os.environ", "os.getenv", "getenv("))]
+    assert readers == []
+
+
+def test_variants_are_listed_chosen_by_name_and_set_kernel_arguments(monkeypatch):
+    assert {"triton:atomic_dq", "triton:fa2"} <= set(tformer.available_backends())
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
+    impl, fn = registry.implementation("attention", "triton:atomic_dq")
+    assert fn.keywords["dq_mode"] == "atomic" and fn.keywords["fwd_path"] == "auto"
+    assert registry.implementation("attention", "triton:fa2")[1].keywords["fwd_path"] == "fa2"
+    # An op the variant does not change runs the backend's default path.
+    assert registry.implementation("layer_norm", "triton:atomic_dq")[1] is registry.implementation(
+        "layer_norm", "triton")[1]
+    monkeypatch.setenv("TFORMER_ATTENTION_DQ", "atomic")  # the override, read at call time
+    assert registry.implementation("attention", "triton")[1].keywords["dq_mode"] == "atomic"
+    with pytest.raises(tformer.BackendError, match="unknown backend 'triton:atomic'.*Did you mean 'triton:atomic_dq'"):
+        tformer.ops.softmax(torch.randn(2, 3), backend="triton:atomic")
