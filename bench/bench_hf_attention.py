@@ -16,10 +16,10 @@ import torch
 
 import tformer
 
-from .candidates import Candidate, candidate_params
-from .metrics import check_training_works, describe, record_train_step
-from .shapes import DEVICE, ON_GPU
-from .timing import run_benchmark
+from bench.candidates import Candidate, candidate_params
+from bench.metrics import check_training_works, describe, record_train_step
+from bench.shapes import DEVICE, ON_GPU
+from bench.timing import run_benchmark
 
 if importlib.util.find_spec("transformers") is None:
     pytest.skip("transformers is not installed (pip install 'tformer[transformers]')", allow_module_level=True)

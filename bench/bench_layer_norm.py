@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import tformer
 
-from .candidates import candidate_params, tformer_candidates
-from .row_ops import check_then_time, row_anchors
-from .shapes import DEVICE, case_id, row_cases
+from bench.candidates import candidate_params, tformer_candidates
+from bench.row_ops import check_then_time, row_anchors
+from bench.shapes import DEVICE, case_id, row_cases
 
 EPS = 1e-5
 

@@ -10,9 +10,9 @@ import torch
 
 import tformer
 
-from .candidates import candidate_params, tformer_candidates
-from .row_ops import check_then_time, row_anchors
-from .shapes import DEVICE, case_id, row_cases
+from bench.candidates import candidate_params, tformer_candidates
+from bench.row_ops import check_then_time, row_anchors
+from bench.shapes import DEVICE, case_id, row_cases
 
 
 def _torch(x):

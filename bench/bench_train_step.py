@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 import tformer
 
-from .candidates import Candidate, candidate_params
-from .metrics import check_training_works, describe, record_train_step
-from .plain_gpt import PlainGPT, PlainGPTConfig
-from .shapes import DEVICE, ON_GPU
-from .timing import run_benchmark
+from bench.candidates import Candidate, candidate_params
+from bench.metrics import check_training_works, describe, record_train_step
+from bench.plain_gpt import PlainGPT, PlainGPTConfig
+from bench.shapes import DEVICE, ON_GPU
+from bench.timing import run_benchmark
 
 VOCAB_SIZE = 256
 # (name, dimensions, batch): the two model sizes of ANCHORS.md at T = 1024 on a GPU; a tiny

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .timing import median_seconds
+from bench.timing import median_seconds
 
 # GPU: the figures ANCHORS.md calls the ceilings (1 GiB device-to-device copy, bf16 8192^3).
 # CPU: smaller sizes so the session stays fast; float32, the dtype the CPU rows run in.

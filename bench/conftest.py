@@ -11,9 +11,9 @@ import torch
 
 import tformer
 
-from .ceilings import Ceilings, measure_ceilings
-from .shapes import DEVICE
-from .timing import L2Flusher, clock_for
+from bench.ceilings import Ceilings, measure_ceilings
+from bench.shapes import DEVICE
+from bench.timing import L2Flusher, clock_for
 
 
 def pytest_collect_file(file_path, parent):

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .environment import environment
+from bench.environment import environment
 
 # Child exit codes.
 OK, WRONG, SKIPPED = 0, 3, 4

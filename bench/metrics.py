@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .ceilings import Ceilings
+from bench.ceilings import Ceilings
 
 # Attention: the forward is 4·B·H·Sq·Sk·D FLOPs (two matmuls), halved when causal; the
 # backward counts as 2.5 forwards (five matmuls against two).

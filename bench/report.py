@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .auto_table import AutoTableError, write_auto_table
+from bench.auto_table import AutoTableError, write_auto_table
 
 OPS = {"attention": ("tflops", "TFLOP/s"), "layer_norm": ("gbps", "GB/s"), "softmax": ("gbps", "GB/s")}
 # Anchors the targets name (ANCHORS.md): each tformer backend also gets its ratio to each of

@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from .candidates import Candidate, compiled, cuda_only, first_call_or_skip, needs_package
-from .checks import check_against_reference
-from .metrics import describe, record_throughput, row_bytes
-from .timing import time_pass
+from bench.candidates import Candidate, compiled, cuda_only, first_call_or_skip, needs_package
+from bench.checks import check_against_reference
+from bench.metrics import describe, record_throughput, row_bytes
+from bench.timing import time_pass
 
 
 def row_anchors(torch_call: Callable, liger_call: Callable, liger_module: str) -> list[Candidate]:

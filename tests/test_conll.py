@@ -1,5 +1,5 @@
 """The CoNLL-2003 / IOB2 reader on the hand-made sample and on each kind of bad input, sub-word
-label alignment, the synthetic corpus, and seqeval's entity F1 on a hand-checked example."""
+label alignment, the synthetic corpus, and entity F1 against conlleval's figures."""
 
 from __future__ import annotations
 
@@ -76,7 +76,49 @@ def test_first_sub_token_carries_the_label():
     assert labels[1] == 2 and set(labels[2:-1]) == {IGNORE_INDEX}
 
 
-def test_seqeval_entity_f1_by_hand():
+# conlleval's figures (the CoNLL shared tasks' scorer, version 2004-01-26, run on each case):
+# (tokens, true entities, predicted entities, correct entities, correct tags).
+CONLLEVAL_CASES = {
+    # An I- that follows no entity of its type begins one, for the truth and the prediction.
+    "i_without_b": ([["B-PER", "I-PER", "O", "B-LOC"]], [["I-PER", "I-PER", "O", "I-LOC"]], "iob2", (4, 2, 2, 2, 2)),
+    "stray_i_after_other_type": ([["B-PER", "I-PER", "I-PER", "O"]], [["B-PER", "I-LOC", "I-PER", "O"]], "iob2",
+                                 (4, 1, 3, 0, 3)),
+    "adjacent_same_type": ([["B-PER", "B-PER", "O", "B-ORG", "I-ORG", "B-ORG"]],
+                           [["B-PER", "I-PER", "O", "B-ORG", "I-ORG", "B-ORG"]], "iob2", (6, 4, 3, 2, 5)),
+    # The same entities written in IOB1 and in IOB2 score alike.
+    "iob1_input": ([["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "O"]], [["I-PER", "I-PER", "O", "I-LOC", "I-LOC", "I-MISC"]],
+                   "iob1", (6, 3, 3, 1, 4)),
+    "iob2_of_the_same": ([["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "O"]],
+                         [["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "B-MISC"]], "iob2", (6, 3, 3, 1, 4)),
+    "empty_sentences": ([[], ["B-PER", "O"], [], ["O"]], [[], ["B-PER", "O"], [], ["B-ORG"]], "iob2", (3, 1, 2, 1, 2)),
+    "type_change_inside": ([["B-PER", "I-PER", "O"]], [["B-PER", "I-ORG", "O"]], "iob2", (3, 1, 2, 0, 2)),
+}
+
+
+def _conlleval_scores(tokens, true_entities, predicted_entities, correct_entities, correct_tags):
+    precision = correct_entities / predicted_entities if predicted_entities else 0.0
+    recall = correct_entities / true_entities if true_entities else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "token_accuracy": correct_tags / tokens}
+
+
+@pytest.mark.parametrize("case", sorted(CONLLEVAL_CASES))
+def test_entity_metrics_give_conllevals_figures(case):
+    true, predicted, scheme, figures = CONLLEVAL_CASES[case]
+    assert entity_metrics(true, predicted, scheme=scheme) == pytest.approx(_conlleval_scores(*figures))
+
+
+def test_entity_metrics_on_the_shipped_sample_give_conllevals_figures():
+    true = [sentence.tags for sentence in read_conll(SAMPLE)]
+    # A fixed damage of the truth: every third entity token typed MISC, every fifth other token O.
+    predicted = [["B-PER", "I-PER", "O", "O", "O", "O", "O", "B-ORG", "I-MISC", "O"], ["O", "O", "O", "B-LOC", "O"],
+                 ["O", "B-ORG", "I-MISC", "I-ORG", "O", "O", "O", "B-LOC", "I-MISC", "O", "O", "O"],
+                 ["O", "O", "B-MISC", "O"]]
+    assert entity_metrics(true, predicted) == pytest.approx(_conlleval_scores(31, 7, 10, 2, 26))
+    assert entity_metrics(true, true)["f1"] == 1.0
+
+
+def test_entity_metrics_by_hand():
     true = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O", "B-PER"]]
     predicted = [["B-PER", "I-PER", "O", "B-ORG"],  # PER right; LOC typed wrong (1 FP ORG, 1 FN LOC)
                  ["B-ORG", "O", "O"]]  # ORG right; PER missed (1 FN)
@@ -90,4 +132,5 @@ def test_seqeval_entity_f1_by_hand():
     assert entity_metrics([["B-PER", "I-PER"]], [["B-PER", "O"]])["f1"] == 0.0
     with pytest.raises(ValueError, match="as many"):
         entity_metrics([["O"]], [["O", "O"]])
-
+    with pytest.raises(ValueError, match="'scheme'.*'bio'"):
+        entity_metrics([["O"]], [["O"]], scheme="bio")

@@ -126,6 +126,19 @@ def test_matches_sm80_and_reference(monkeypatch, dtype, head_dim, causal, seq):
     torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [-0.125, 0.0, 0.01, 4.0], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=str)
+def test_any_scale_and_large_scores_match_reference(monkeypatch, scale, causal):
+    # The sm_90a softmax takes the row max of raw scores and folds the scale into one FFMA with
+    # ex2.approx.ftz; scale <= 0 stays on the sm_80 forward. Scores up to ~1e3 x scale here.
+    q, k, v = _inputs(1, 2, 2, 700, 700, 128, torch.bfloat16, seed=3)
+    q = q * 8
+    (out, lse), _ = _both_paths(monkeypatch, q, k, v, causal=causal, scale=scale)
+    out64, lse64 = _reference(q, k, v, None, causal, scale)
+    assert_close_to_reference(out, out64, torch.bfloat16, what=f"sm90a scale={scale} causal={causal} out")
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-2, rtol=1e-3)
+
+
 def test_fully_masked_rows_give_zeros_and_minus_inf(monkeypatch):
     q, k, v = _inputs(2, 2, 2, 300, 300, 128, torch.bfloat16)
     mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")

@@ -2,8 +2,12 @@
 the built extension tformer._C is disassembled (``cuobjdump -sass``, ``-res-usage``) and each
 instantiation of the forward and of the backward's key_grad_kernel and query_grad_kernel must
 issue warpgroup MMA (HGMMA) and TMA loads (UTMALDG) inside loops, keep everything in registers
-(no local memory, no spill loads or stores), and fit Hopper's 227 KiB of shared memory. Their
-numerical tests are GPU tests (tests/test_cuda_attention_sm90.py)."""
+(no local memory, no spill loads or stores), and fit Hopper's 227 KiB of shared memory. Guards
+for hazards that would hang or corrupt silently: REG at entry equal to the setmaxnreg budget's
+168, no ptxas-injected WARPGROUP.ARRIVE, no register traffic inside an in-flight wgmma's window,
+named-barrier ids as immediates. Their numerical tests are GPU tests
+(tests/test_cuda_attention_sm90.py); the CPU emulators of the same contracts are
+tests/test_sm90_contracts.py."""
 
 import re
 import subprocess
@@ -13,6 +17,7 @@ import pytest
 
 from tformer.build_info import load_record
 
+from sm90_layout_model import read_constants
 from test_cuda_row_kernels_sass import _cuobjdump, _extension, sass_by_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +106,8 @@ def test_hot_loops_use_wgmma_and_tma(sm90a_kernels):
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code, f"{name}: S is not awaited apart from P V (no overlap)"
         assert re.search(r"BAR\.ARV", code), f"{name}: no pingpong hand-over between the consumers"
         assert not re.search(r"\b(STL|LDL)\b", code), f"{name}: local memory (spills) in the kernel"
+        # The epilogue (store_output): 64 rows x head_dim a consumer, 16 bytes a thread a store.
+        assert code.count("STG.E.128") == 64 * head_dim * 2 // 16 // 128, f"{name}: O not stored in 16-byte chunks"
 
 
 def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
@@ -108,17 +115,15 @@ def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
     result = subprocess.run([_cuobjdump(), "-res-usage", "-fun", names, str(_extension())], capture_output=True,
                             text=True, timeout=300)
     usage = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", result.stdout))
-    header = (ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
-    stages = int(re.search(r"constexpr int kStages = (\d+);", header).group(1))
-    rows = int(re.search(r"constexpr int kBoxRows = (\d+);",
-                         (ROOT / "csrc" / "attention_sm90" / "attention_sm90.h").read_text()).group(1))
+    constants = read_constants()  # csrc/attention_sm90/contracts.h
+    stages, rows = constants["kForwardStages"], constants["kBoxRows"]
     for name in sm90a_kernels:
         fields = dict(item.split(":", 1) for item in usage[name].split())
         assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name}: {usage[name]}"
         head_dim = int(re.search(r"Li(\d+)E", name).group(1))
         # Shape<kD>::kSmemBytes: Q + stages x (K + V) tiles of rows x head_dim 16-bit elements,
-        # 64 bytes of barriers and 1 KiB to align the base; plus the static shared memory.
-        dynamic = (1 + 2 * stages) * rows * head_dim * 2 + 64 + 1024
+        # the barriers and 1 KiB to align the base; plus the static shared memory.
+        dynamic = (1 + 2 * stages) * rows * head_dim * 2 + constants["kForwardBarrierBytes"] + 1024
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
 
 
@@ -128,10 +133,8 @@ BACKWARD = {"key_grad_kernel": "15key_grad_kernel", "query_grad_kernel": "17quer
 
 def grad_step(head_dim: int) -> int:
     """backward_sm90.cuh's grad_step: the rows a pipeline step streams at this head dim."""
-    header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
-    limit, small, large = map(int, re.search(r"grad_step\(int head_dim\) \{ return head_dim <= (\d+) \? (\d+) : (\d+);",
-                                             header).groups())
-    return small if head_dim <= limit else large
+    c = read_constants()
+    return c["kGradStepSmall"] if head_dim <= c["kGradStepSmallHeadDim"] else c["kGradStepLarge"]
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +175,8 @@ def test_backward_has_no_spills_and_fits_hopper_shared_memory(sm90a_backward_ker
     result = subprocess.run([_cuobjdump(), "-res-usage", "-fun", ",".join(sm90a_backward_kernels), str(_extension())],
                             capture_output=True, text=True, timeout=300)
     usage = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", result.stdout))
-    header = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
-    block, stages = (int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))
-                     for name in ("kGradBlock", "kGradStages"))
+    constants = read_constants()
+    block, stages = constants["kGradBlock"], constants["kGradStages"]
     for name in sm90a_backward_kernels:
         fields = dict(item.split(":", 1) for item in usage[name].split())
         assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name}: {usage[name]}"
@@ -184,3 +186,159 @@ def test_backward_has_no_spills_and_fits_hopper_shared_memory(sm90a_backward_ker
         # barriers, 1 KiB of alignment.
         dynamic = 2 * block * head_dim * 2 + stages * (2 * step * head_dim * 2 + 2 * step * 4) + 64 + 1024
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
+
+
+# ---- guards for silent hazards (issue: a hang or a wrong value instead of an error) -------------
+ALL_KERNELS = ("forward_kernel", "key_grad_kernel", "query_grad_kernel")
+# wgmma_fence() calls each kernel executes in its source (forward_sm90.cuh: the first S, the
+# loop, the last P V; backward_sm90.cuh: scores_and_output_grads and the register-A products).
+# Every WARPGROUP.ARRIVE beyond these is one ptxas injected to repair a register move into an
+# in-flight wgmma (C7519): it works, but means the kernel's register fences are not what run.
+FENCES = {"forward_kernel": 3, "key_grad_kernel": 2, "query_grad_kernel": 2}
+_NO_DESTINATION = ("ST", "RED", "BAR", "BRA", "EXIT", "WARPGROUP", "SYNCS", "UTMA", "NOP", "CALL", "RET", "MEMBAR",
+                   "FENCE", "DEPBAR", "ERRBAR", "CCTL", "UBLKCP", "WARPSYNC", "BSSY", "BSYNC", "YIELD", "ELECT",
+                   "UCGABAR", "JMP", "PREEXIT", "USETMAXREG", "HGMMA")
+
+
+def registers_at_entry_problem(usage: str, constants: dict[str, int]) -> str | None:
+    """Why a setmaxnreg kernel with this `-res-usage` line would hang, or None. The block's pool
+    is REG x threads; the consumers' setmaxnreg.inc spins until the pool holds what they claim."""
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    claimed = (constants["kProducerRegisters"] + constants["kConsumers"] * constants["kConsumerRegisters"]) * \
+        constants["kWarpgroupThreads"]
+    if registers != constants["kRegistersAtEntry"] or registers * constants["kThreads"] < claimed:
+        return (f"REG:{registers} at entry, expected {constants['kRegistersAtEntry']}: the pool of "
+                f"{registers * constants['kThreads']} registers is not the {claimed} setmaxnreg redistributes")
+    return None
+
+
+def wgmma_window_problems(code: str) -> list[str]:
+    """Instructions that write a register of an in-flight wgmma (its accumulator or A fragment)
+    or read its accumulator, between the HGMMA and the WARPGROUP.DEPBAR that retires its group
+    (commit groups end at the HGMMA marked gsb0; DEPBAR.LE gsb0, n leaves the newest n in flight)."""
+    groups, current, problems = [], None, []
+    for address, text in instructions(code):
+        match = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][\w.]*)\s*(.*)", text)
+        if not match:
+            continue
+        opcode, operands = match.groups()
+        if opcode.startswith("HGMMA"):
+            n = int(re.search(r"64x(\d+)x", opcode).group(1))
+            fields = [f.strip() for f in operands.split(",")]
+            current = current or (set(), set())
+            current[0].update(range(int(fields[0][1:]), int(fields[0][1:]) + n // 2))
+            if fields[1].startswith("R"):
+                current[1].update(range(int(fields[1][1:]), int(fields[1][1:]) + 4))
+            if "gsb0" in operands:
+                groups, current = groups + [current], None
+            continue
+        depbar = re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", text)
+        if depbar:
+            keep = int(depbar.group(1), 16)
+            groups = groups[len(groups) - keep:] if keep else []
+            continue
+        in_flight = groups + ([current] if current else [])
+        if not in_flight:
+            continue
+        accumulators = set().union(*(g[0] for g in in_flight))
+        fragments = set().union(*(g[1] for g in in_flight))
+        destination = re.match(r"R(\d+)\b", operands)
+        writes = set()
+        if destination and not opcode.startswith(_NO_DESTINATION):
+            width = 4 if ".128" in opcode else 2 if (".64" in opcode or "WIDE" in opcode) else 1
+            writes = set(range(int(destination.group(1)), int(destination.group(1)) + width))
+            operands = operands.split(",", 1)[1] if "," in operands else ""
+        reads = {int(r) for r in re.findall(r"\bR(\d+)\b", operands)}
+        if writes & (accumulators | fragments):
+            problems.append(f"{address:#06x} {text}: writes a register of an in-flight wgmma")
+        elif reads & accumulators:
+            problems.append(f"{address:#06x} {text}: reads an accumulator of an in-flight wgmma")
+    return problems
+
+
+def test_register_budget_check_fails_on_too_few_registers():
+    constants = read_constants()
+    assert registers_at_entry_problem("REG:168 STACK:0 SHARED:1024 LOCAL:0", constants) is None
+    assert "REG:128" in registers_at_entry_problem("REG:128 STACK:0 SHARED:1024 LOCAL:0", constants)
+
+
+def test_window_check_reads_in_flight_groups():
+    code = ("        /*0000*/                   WARPGROUP.ARRIVE ;\n"
+            "        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;\n"
+            "        /*0020*/                   HGMMA.64x64x16.F32.BF16 R56, R120, gdesc[UR8], R56, gsb0 ;\n"
+            "        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n"
+            "        /*0040*/                   FMUL R30, R30, R2 ;\n"    # first group done: fine
+            "        /*0050*/                   MOV R121, R3 ;\n"        # A fragment of the second: hazard
+            "        /*0060*/                   FADD R4, R60, R5 ;\n"    # its accumulator: hazard
+            "        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+            "        /*0080*/                   FADD R60, R60, R5 ;\n")  # done: fine
+    problems = wgmma_window_problems(code)
+    assert [p[:6] for p in problems] == ["0x0050", "0x0060"], problems
+
+
+def test_fence_counts_follow_the_sources():
+    forward = (ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
+    backward = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
+    assert forward.count("wgmma_fence();") == FENCES["forward_kernel"]
+    # scores_and_output_grads (inlined into both passes) and one in each pass
+    assert backward.count("wgmma_fence();") == 3 and FENCES["key_grad_kernel"] == FENCES["query_grad_kernel"] == 2
+
+
+@pytest.fixture(scope="module")
+def all_sm90a_kernels(sm90a_kernels, sm90a_backward_kernels) -> dict[str, str]:
+    return {**sm90a_kernels, **sm90a_backward_kernels}
+
+
+def test_every_setmaxnreg_kernel_has_the_registers_it_redistributes(all_sm90a_kernels):
+    result = subprocess.run([_cuobjdump(), "-res-usage", "-fun", ",".join(all_sm90a_kernels), str(_extension())],
+                            capture_output=True, text=True, timeout=300)
+    usage = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", result.stdout))
+    constants = read_constants()
+    for name, code in all_sm90a_kernels.items():
+        assert "USETMAXREG" in code, f"{name}: expected a setmaxnreg kernel"
+        assert registers_at_entry_problem(usage[name], constants) is None, f"{name}: " + \
+            registers_at_entry_problem(usage[name], constants)
+
+
+def test_no_injected_warpgroup_arrive(all_sm90a_kernels):
+    for name, code in all_sm90a_kernels.items():
+        kernel = next(k for k in ALL_KERNELS if k in name)
+        assert code.count("WARPGROUP.ARRIVE") == FENCES[kernel], \
+            f"{name}: {code.count('WARPGROUP.ARRIVE')} WARPGROUP.ARRIVE for {FENCES[kernel]} wgmma_fence() (ptxas C7519)"
+
+
+def test_no_register_traffic_inside_wgmma_windows(all_sm90a_kernels):
+    for name, code in all_sm90a_kernels.items():
+        assert wgmma_window_problems(code) == [], name
+
+
+def named_barriers_by_function(elf: str) -> dict[str, int]:
+    """EIATTR_NUM_BARRIERS of each kernel in ``cuobjdump -elf`` output (its .nv.info.<name> section)."""
+    found, current = {}, None
+    lines = elf.splitlines()
+    for i, line in enumerate(lines):
+        section = re.match(r"^\.nv\.info\.(\S+)$", line.strip())
+        if section:
+            current = section.group(1)
+        elif "EIATTR_NUM_BARRIERS" in line and current:
+            value = next(re.search(r"Value:\s*(0x[0-9a-f]+)", l) for l in lines[i:i + 4] if "Value" in l)
+            found[current] = int(value.group(1), 16)
+    return found
+
+
+def test_named_barrier_reader_reads_cuobjdump_elf():
+    elf = (".nv.info._ZN7tformer14attention_sm9014forward_kernelI6__halfLi64EEEvNS0_13ForwardParamsE\n"
+           "\t<0x5>\n\tAttribute:\tEIATTR_NUM_BARRIERS\n\tFormat:\tEIFMT_BVAL\n\tValue:\t0x10\n")
+    assert named_barriers_by_function(elf) == {
+        "_ZN7tformer14attention_sm9014forward_kernelI6__halfLi64EEEvNS0_13ForwardParamsE": 16}
+
+
+def test_named_barrier_ids_are_immediates(all_sm90a_kernels):
+    # A bar.sync / bar.arrive on an id in a register reserves all 16 named barriers; the forward
+    # uses 0 (__syncthreads), the two pingpong ids and the two epilogue ids, the backward 0 only.
+    elf = subprocess.run([_cuobjdump(), "-elf", str(_extension())], capture_output=True, text=True, timeout=300).stdout
+    barriers = named_barriers_by_function(elf)
+    constants = read_constants()
+    for name in all_sm90a_kernels:
+        allowed = constants["kEpilogueBarrier"] + constants["kConsumers"] if "forward_kernel" in name else 1
+        assert barriers.get(name, 0) <= allowed, f"{name}: {barriers.get(name)} named barriers reserved"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tformer.cli_errors import run_cli
+from tformer.cli_errors import UsageError, run_cli
 from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_verify
 from tformer.training.config import ConfigError, load_config
@@ -67,7 +67,9 @@ def _last_logged_step(run_dir: Path) -> int:
 @pytest.mark.timeout(300)
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     steps = 40
-    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "keep_checkpoints": 2}, **DROPOUT)
+    # Evaluations every 5 steps fall between checkpoints, so some are inside a killed interval.
+    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "keep_checkpoints": 2,
+                                        "eval_interval": 5}, **DROPOUT)
     reference = [h["train/loss"] for h in Trainer(load_config(
         {**config, "run": {**config["run"], "out_dir": str(tmp_path / "reference")}})).fit()]
     path = tmp_path / "config.json"
@@ -98,6 +100,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     assert kills == 3, "the run finished before it could be killed three times; make it longer"
     losses = _logged_losses(run_dir)
     assert [losses[step] for step in range(1, steps + 1)] == reference
+    assert _logged_evaluations(run_dir) == _logged_evaluations(tmp_path / "reference")
 
 
 # Two ranks of each multi-rank layout: the launcher, its port, and the strategy's settings.
@@ -108,6 +111,10 @@ TWO_RANK_RUNS = {
                         {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
                                       "grad_accum_steps": 2},
                          "deepspeed": {"zero_optimization": {"stage": 2}}}),
+    "deepspeed_zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29745"],
+                        {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
+                                      "grad_accum_steps": 2},
+                         "deepspeed": {"zero_optimization": {"stage": 3}}}),
 }
 
 
@@ -116,13 +123,15 @@ TWO_RANK_RUNS = {
 @pytest.mark.parametrize("layout", sorted(TWO_RANK_RUNS))
 def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     """Both ranks killed at once (the whole process group, as a node failure) mid-run; the
-    resumed run's losses equal an uninterrupted two-rank run's bitwise (fp32, gloo), for the
-    FSDP2/DCP and the DeepSpeed ZeRO-2 checkpoint layouts."""
+    resumed run's losses and evaluations equal an uninterrupted two-rank run's bitwise (fp32,
+    gloo), for the FSDP2/DCP and the DeepSpeed ZeRO-2 and ZeRO-3 checkpoint layouts. An
+    evaluation (every 3 steps, between the checkpoints every 2) falls inside the killed interval."""
     if layout.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     launcher, settings = TWO_RANK_RUNS[layout]
     steps = 12
-    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2}, **settings, **DROPOUT)
+    config = tiny_config(tmp_path, run={"steps": steps, "checkpoint_interval": 2, "eval_interval": 3}, **settings,
+                         **DROPOUT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def launch(name: str, *extra: str) -> subprocess.Popen:
@@ -138,9 +147,11 @@ def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     assert reference.returncode == 0, err[-3000:]
     killed = launch("killed")
     deadline = time.time() + 180
-    while time.time() < deadline and killed.poll() is None and _last_logged_step(tmp_path / "killed") < 5:
+    # Killed just after the step-3 evaluation, before or while step 4 is checkpointed: the resume
+    # from step 2 (or 4) repeats what the evaluation may have disturbed.
+    while time.time() < deadline and killed.poll() is None and 3 not in _logged_evaluations(tmp_path / "killed"):
         time.sleep(0.005)
-    time.sleep(random.Random(2).uniform(0.0, 0.05))
+    time.sleep(random.Random(2).uniform(0.0, 0.02))
     assert killed.poll() is None, "the run finished before the kill"
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -149,6 +160,22 @@ def test_two_ranks_sigkill_then_resume_is_bitwise_exact(tmp_path, layout):
     assert resumed.returncode == 0, err[-3000:]
     want = _logged_losses(tmp_path / "reference")
     assert _logged_losses(tmp_path / "killed") == want and len(want) == steps
+    assert _logged_evaluations(tmp_path / "killed") == _logged_evaluations(tmp_path / "reference")
+    assert sorted(_logged_evaluations(tmp_path / "reference")) == [3, 6, 9, 12]
+
+
+def _logged_evaluations(run_dir: Path) -> dict[int, float]:
+    """``{step: val/loss}`` of the evaluations in metrics.jsonl so far (a line being written is skipped)."""
+    records = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    steps = [r["step"] for r in records if "val/loss" in r]
+    assert len(steps) == len(set(steps)), f"metrics.jsonl repeats evaluations: {steps}"
+    return {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -362,3 +389,51 @@ def test_bad_imdb_input_is_a_clear_error_naming_it(tmp_path, kind):
         path, expected = root, review.name
     with pytest.raises(ImdbDataError, match=expected.replace(".", r"\.")):
         load_imdb(path, expected_per_class=None)
+
+
+# ----------------------------------------------------------------------------- a second run into the same out_dir
+
+def test_a_second_run_into_a_used_out_dir_is_refused_until_resume_or_overwrite(finished_run, tmp_path, capsys):
+    """Without --resume, a run into a folder holding another run's checkpoints, metrics and
+    export stops before writing anything, with one line naming the folder and both ways out;
+    --overwrite starts afresh; nothing of the first run is truncated or pruned meanwhile."""
+    from tformer.training.cli import main
+
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    run_dir = tmp_path / "run"
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--config", str(path)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith(f"error: run.out_dir {run_dir} holds another run")
+    assert "checkpoints/" in message and "metrics.jsonl" in message and "export/" in message
+    assert "--resume" in message and "new run.out_dir" in message and "--overwrite" in message
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert not (run_dir / ".lock").exists() and not any(p.name == LOCK_NAME for p in run_dir.iterdir())
+
+    config["run"]["steps"] = 2
+    path.write_text(json.dumps(config))
+    run_cli(main, ["--config", str(path), "--overwrite"])
+    assert sorted(p.name for p in checkpoints.iterdir()) == [ckpt.step_dir_name(2)]
+    assert max(_logged_losses(run_dir)) == 2
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(finished_run, tmp_path):
+    """Resumed from step 2 of a run that went on to 6, with keep_checkpoints=1: the run's own
+    step 3 stays (it used to rank below 4 and 6 and be deleted at once); 4 and 6 are untouched."""
+    config, checkpoints = _copy_run(finished_run, tmp_path)
+    config["run"].update(steps=3, keep_checkpoints=1)
+    Trainer(load_config(config), resume=str(checkpoints / ckpt.step_dir_name(2))).fit()
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == [ckpt.step_dir_name(step) for step in (3, 4, 6)]
+    assert checkpoint_verify.choose_resume_checkpoint(checkpoints, strict=True) == checkpoints / ckpt.step_dir_name(6)
+
+
+def test_an_out_dir_that_is_a_file_is_named(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    Path(config.run.out_dir).write_text("not a folder")
+    with pytest.raises(UsageError, match=rf"run.out_dir {tmp_path / 'run'} is a file, not a folder"):
+        Trainer(config)

@@ -1,4 +1,12 @@
-"""kernels/ installs as tformer.kernels (never as a top-level 'kernels'), editable or not."""
+"""kernels/ installs as tformer.kernels, editable or not, and no top-level folder of the
+repository can hide an installed package of the same name.
+
+PyPI has packages named ``kernels`` (Hugging Face's, which transformers imports), ``bench``,
+``configs`` and ``examples``. Python run from the project root (``python -m pytest``, a notebook,
+``python -c``) has the root first on sys.path; a folder there with an ``__init__.py`` would be
+imported instead of the installed package. Without one, the folder is only a namespace portion,
+and a regular package anywhere on sys.path wins over it.
+"""
 
 import os
 import subprocess
@@ -9,27 +17,77 @@ import pytest
 
 import tformer
 import tformer.kernels
+import tformer.kernels.attention
 
 REPO = Path(__file__).resolve().parents[1]
+# Every top-level folder that holds Python, and the names PyPI has for some of them.
+TOP_LEVEL = ("bench", "configs", "csrc", "examples", "kernels", "tests")
+
+
+def _fake_site(tmp_path: Path) -> Path:
+    """A folder of regular packages named like the top-level folders, each saying where it is."""
+    site = tmp_path / "fake_site"
+    for name in TOP_LEVEL:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"WHO = 'installed {name}'\n")
+    return site
+
+
+def _which_packages(cwd: Path, pythonpath: list[Path]) -> list[str]:
+    probe = ("import importlib; "
+             f"print([getattr(importlib.import_module(n), 'WHO', 'the project folder') for n in {TOP_LEVEL!r}]); "
+             "import tformer.kernels.attention as a; print(a.__file__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in pythonpath))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
 
 
 def test_this_environment_imports_tformer_kernels_from_the_repository():
-    # Under `pip install -e .` the mapping package_dir={"tformer.kernels": "kernels"} points here.
-    assert Path(tformer.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+    # tformer/kernels/__init__.py adds the checkout's kernels/ folder to the package's path.
+    assert Path(tformer.kernels.attention.__file__).resolve() == REPO / "kernels" / "attention.py"
+    assert Path(tformer.kernels.__file__).resolve() == REPO / "tformer" / "kernels" / "__init__.py"
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL)
+def test_top_level_folder_is_not_a_regular_package(name):
+    assert not (REPO / name / "__init__.py").exists(), (
+        f"{name}/__init__.py makes the folder hide any installed package named {name!r} from code run "
+        "at the project root")
+
+
+def test_checkout_root_never_hides_installed_packages(tmp_path):
+    # cwd first on sys.path (as for `python -c` or `python -m pytest` at the root), the installed
+    # packages after it: the installed ones must win, and tformer's kernels still import.
+    names, kernels_file = _which_packages(REPO, [_fake_site(tmp_path)])
+    assert names == str([f"installed {name}" for name in TOP_LEVEL])
+    assert Path(kernels_file).resolve() == REPO / "kernels" / "attention.py"
+
+
+def test_hugging_face_kernels_is_what_the_root_imports():
+    kernels = pytest.importorskip("kernels", reason="Hugging Face's kernels package is not installed")
+    result = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Path(result.stdout.strip()).resolve() == Path(kernels.__file__).resolve()
+    assert REPO / "kernels" not in Path(result.stdout.strip()).resolve().parents
 
 
 @pytest.mark.slow
-def test_plain_install_puts_kernels_under_tformer(tmp_path):
+def test_plain_install_puts_kernels_under_tformer_and_hides_nothing(tmp_path):
     target = tmp_path / "site"
     env = dict(os.environ, TFORMER_BUILD_CUDA="0")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, env=env, cwd=tmp_path, timeout=600)
-    assert (target / "tformer" / "kernels" / "__init__.py").exists()
-    assert not (target / "kernels").exists(), "kernels/ must not install as a top-level package"
-    probe = "import tformer.kernels, tformer.ops; print(tformer.kernels.__file__)"
-    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=str(target)), timeout=300).stdout
-    assert Path(out.strip()).resolve() == (target / "tformer" / "kernels" / "__init__.py").resolve()
+    kernel_modules = {p.name for p in (REPO / "kernels").glob("*.py")}
+    assert kernel_modules and kernel_modules <= {p.name for p in (target / "tformer" / "kernels").glob("*.py")}
+    for name in TOP_LEVEL:
+        assert not (target / name).exists(), f"{name}/ must not install as a top-level package"
+    # The installed tformer first, then packages named like the repository's folders: both import.
+    names, kernels_file = _which_packages(tmp_path, [target, _fake_site(tmp_path)])
+    assert names == str([f"installed {name}" for name in TOP_LEVEL])
+    assert Path(kernels_file).resolve() == (target / "tformer" / "kernels" / "attention.py").resolve()
 
 
 def test_import_tformer_needs_neither_triton_nor_the_extension(tmp_path):

@@ -230,6 +230,12 @@ def test_init_from_errors_name_what_is_wrong(archive, pretrained, tmp_path):
     from safetensors.torch import load_file, save_file
 
     _, out_dir, shared_tmp = pretrained
+
+    def task_config(*args, **sections):  # the shared tokenizer cache, but a run folder of this test's own
+        config = globals()["task_config"](*args, **sections)
+        config["run"]["out_dir"] = str(tmp_path / "classify")
+        return config
+
     missing = tmp_path / "no_such_run"
     # A mistyped path fails before the data is read (data.path is wrong too, and is not reached).
     with pytest.raises(FileNotFoundError, match="no_such_run.*does not exist"):

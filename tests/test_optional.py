@@ -2,6 +2,7 @@
 
 import ast
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,8 +45,38 @@ def test_an_installed_dependency_is_returned():
 def test_a_missing_dependency_names_what_needed_it_and_the_extra(monkeypatch):
     monkeypatch.setitem(OPTIONAL, "tformer_absent_package", ("tformer-absent-package", "speech"))
     with pytest.raises(MissingDependency, match=r"^LogMel needs tformer-absent-package, which is not installed: "
-                                                r"pip install 'tformer\[speech\]' \(or pip install tformer-absent-package\)$"):
+                                                r"pip install 'tformer\[speech\]' \(or pip install tformer-absent-package\) "
+                                                r"\[ModuleNotFoundError: No module named 'tformer_absent_package'\]$") as raised:
         require("tformer_absent_package.sub", "LogMel")
+    assert isinstance(raised.value.__cause__, ModuleNotFoundError)
+
+
+def test_import_failure_names_where_a_shadowing_module_came_from(tmp_path, monkeypatch):
+    # A package that loads but lacks what the importer wanted: the message says where it came from.
+    (tmp_path / "tformer_shadow_package").mkdir()
+    (tmp_path / "tformer_shadow_package" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError) as raised:
+        exec("from tformer_shadow_package import Missing")
+    described = optional.import_failure(raised.value)
+    assert described.startswith("ImportError: cannot import name 'Missing' from 'tformer_shadow_package'")
+    assert str(tmp_path / "tformer_shadow_package") in described
+
+
+def test_a_clash_with_the_integrations_dependencies_reads_as_a_clash(tmp_path):
+    # The failure this guards against: a folder named like a package transformers imports
+    # (Hugging Face's `kernels`) in the directory Python runs from.
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    probe = ("import tformer.integrations.transformers as hf; print('imported')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    if result.returncode == 0:
+        pytest.skip("this transformers does not import 'kernels' on the integration's path")
+    last = result.stderr.strip().splitlines()[-1]
+    assert "tformer.integrations.transformers needs Hugging Face transformers" in last
+    assert "'kernels'" in last and str(tmp_path / "kernels") in last, last
+    assert "The above exception was the direct cause" in result.stderr
 
 
 def test_a_broken_install_keeps_its_own_error(tmp_path, monkeypatch):
@@ -84,4 +115,4 @@ def test_the_module_has_no_third_party_imports():
                if isinstance(node, (ast.Import, ast.ImportFrom))]
     names = {alias.name for node in imports for alias in node.names} | {node.module for node in imports
                                                                          if isinstance(node, ast.ImportFrom)}
-    assert names <= {"__future__", "annotations", "importlib", "types", "ModuleType"}, names
+    assert names <= {"__future__", "annotations", "importlib", "sys", "types", "ModuleType"}, names

@@ -2,9 +2,10 @@
 
 import sys
 
+from tformer.cli_errors import run_cli
 from tformer.experiments.ablate import build_parser, main
 
 __all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -73,7 +73,7 @@ def load_command(name: str):
                   f"exist (it comes with a newer tformer)", file=sys.stderr)
         else:
             print(f"error: 'tformer {name}' needs {error.name!r}, which is not installed ({error})", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2) from error
 
 
 def dispatch(argv: list[str] | None = None) -> int:

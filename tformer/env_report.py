@@ -37,7 +37,7 @@ OPTIONAL_LIBRARIES: tuple[tuple[str, str, str], ...] = (
     ("sentence_transformers", "sentence-transformers", "tformer embed"),
     ("librosa", "librosa", "tformer transcribe"),
     ("jiwer", "jiwer", "tformer transcribe (WER/CER)"),
-    ("seqeval", "seqeval", "token-classification metrics"),
+    ("seqscore", "seqscore", "NER entity metrics"),
     ("sklearn", "scikit-learn", "classification metrics"),
 )
 

@@ -9,6 +9,7 @@ deep inside a training run.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 # Import name -> (the distribution on PyPI, the tformer extra that installs it): setup.py's extras.
@@ -24,10 +25,23 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "librosa": ("librosa", "speech"),
     "soundfile": ("soundfile", "speech"),
     "jiwer": ("jiwer", "speech"),
-    "seqeval": ("seqeval", "multitask"),
+    "seqscore": ("seqscore", "multitask"),
     "scipy": ("scipy", "multitask"),
     "transformers": ("transformers", "transformers"),
 }
+
+
+def import_failure(error: ImportError) -> str:
+    """What failed, in one line, for a message that wraps ``error``: its type and text, and where
+    the module it names was loaded from when that module did load. A package of the same name
+    shadowing the installed one (a folder on sys.path, an old copy) then reads as what it is:
+    ``ImportError: cannot import name 'X' from 'kernels' (/repo/kernels/__init__.py)``."""
+    what = f"{type(error).__name__}: {error}"
+    module = sys.modules.get(error.name or "")
+    location = getattr(module, "__file__", None) or list(getattr(module, "__path__", []) or [])
+    if location and str(location) not in what:
+        what += f" ({error.name!r} was imported from {location}: another package of that name may hide the installed one)"
+    return what
 
 
 class MissingDependency(ImportError):
@@ -49,4 +63,5 @@ def require(module: str, needed_by: str) -> ModuleType:
             raise
         distribution, extra = OPTIONAL[top]
         raise MissingDependency(f"{needed_by} needs {distribution}, which is not installed: "
-                                f"pip install 'tformer[{extra}]' (or pip install {distribution})") from error
+                                f"pip install 'tformer[{extra}]' (or pip install {distribution}) "
+                                f"[{import_failure(error)}]") from error

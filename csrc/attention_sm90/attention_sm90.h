@@ -11,6 +11,7 @@
 #include <string>
 
 #include "attention/attention.h"
+#include "attention_sm90/contracts.h"  // box, register and pipeline constants
 
 namespace tformer {
 
@@ -47,13 +48,6 @@ cudaError_t launch_attention_backward_sm90(DType dtype, const AttentionBackwardA
 
 namespace attention_sm90 {
 
-constexpr int kBoxColumns = 64;  // a TMA box row: 128 bytes of 16-bit elements (the swizzle width)
-constexpr int kBoxRows = 128;    // = the forward's query and key block
-constexpr int kPanelColumns = kBoxColumns;
-// Every sm_90a kernel: one producer warpgroup (TMA) and two consumer warpgroups (wgmma); the
-// producer gives registers to the consumers (setmaxnreg): 128 x 40 + 256 x 232 <= 64K.
-constexpr int kThreads = 384;
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Launches the forward kernel for T = __half or __nv_bfloat16 and head dim kD (defined in

@@ -43,8 +43,8 @@
 namespace tformer {
 namespace attention_sm90 {
 
-constexpr int kGradBlock = 128;  // rows a block owns: keys (dK/dV pass) or queries (dQ pass)
-constexpr int kGradStages = 2;
+// kGradBlock (rows a block owns: keys in the dK/dV pass, queries in the dQ pass) and
+// kGradStages are in contracts.h.
 constexpr int kBlockPanelBytes = kGradBlock * 128;  // a 128-row panel of 128-byte rows
 
 // Rows a pipeline step streams: queries (dK/dV pass) or keys (dQ pass). At head dim 64 the
@@ -52,7 +52,7 @@ constexpr int kBlockPanelBytes = kGradBlock * 128;  // a 128-row panel of 128-by
 // halve the steps' barrier and staging overhead and run wgmma at N = 128; at 128, 64-row steps
 // keep dK, dV (64 each), S^T and dP^T within the consumers' registers. (FA3's backward picks
 // the same query-block sizes.)
-constexpr int grad_step(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+constexpr int grad_step(int head_dim) { return head_dim <= kGradStepSmallHeadDim ? kGradStepSmall : kGradStepLarge; }
 
 template <int kD> struct GradShape {
   static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
@@ -66,7 +66,17 @@ template <int kD> struct GradShape {
   // Two block tiles, kGradStages x (two step tiles + lse/delta), barriers, slack to align the
   // base to 1024 bytes (every tile 1024-aligned: the swizzle's period).
   static constexpr int kSmemBytes =
-      2 * kBlockTileBytes + kGradStages * (2 * kStepTileBytes + kStepFloatBytes) + kBarrierBytes + 1024;
+      2 * kBlockTileBytes + kGradStages * (2 * kStepTileBytes + kStepFloatBytes) + kBarrierBytes + kSwizzleAtomBytes;
+  // Contracts a hang or a wrong value would break, checked at build time.
+  static_assert(kGradBarrierBytes <= kBarrierBytes, "the barriers overflow their bytes");
+  static_assert(kSmemBytes <= kMaxSharedBytes, "over Hopper's 227 KiB of shared memory a block");
+  static_assert(kBlockTileBytes % kSwizzleAtomBytes == 0 && kStepTileBytes % kSwizzleAtomBytes == 0,
+                "every tile starts on a swizzle atom (1024 B); lse and delta follow the tiles");
+  static_assert(2 * kBlockTileBytes <= kMaxTransactionBytes && 2 * kStepTileBytes <= kMaxTransactionBytes,
+                "a phase's TMA bytes exceed the mbarrier tx-count");
+  static_assert(kBlockPanelBytes < kDescriptorFieldLimit && kStepPanelBytes < kDescriptorFieldLimit,
+                "an MN-major panel offset (LBO) overflows its descriptor field");
+  static_assert(kStep <= kWarpgroupThreads, "one producer thread stages each step row's lse and delta");
 };
 
 struct BackwardParams {
@@ -215,8 +225,8 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   const bool key_ok[2] = {key_allowed(padding, p.key_padding_token_stride, key0, span.k_len),
                           key_allowed(padding, p.key_padding_token_stride, key0 + 8, span.k_len)};
   const float scale_log2 = p.scale * kLog2e;
-  const uint32_t k_address = smem_u32(k_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
-  const uint32_t v_address = smem_u32(v_tile) + consumer * 64 * 128;
+  const uint32_t k_address = smem_u32(k_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
+  const uint32_t v_address = smem_u32(v_tile) + consumer * kConsumerRowBytes;
 
   float dk[kD / 2], dv[kD / 2];
 #pragma unroll
@@ -241,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
           const bool allowed = key_ok[r] && query_ok && (!p.causal || key0 + 8 * r <= query);
+          // exp2f, not exp2_ftz as the dQ pass: with it ptxas spills 10 bytes at head dim 64 (bf16).
           const float probability = allowed ? exp2f(s[i] * scale_log2 - lse) : 0.f;
           s[i] = probability;
           dp[i] = probability * (dp[i] - delta);
@@ -339,8 +350,8 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
     lse[r] = lse_log2(args, seq, head, span.q_start + row, row < span.q_len);
     delta[r] = delta_at(args, seq, head, span.q_start + row, row < span.q_len);
   }
-  const uint32_t q_address = smem_u32(q_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
-  const uint32_t dout_address = smem_u32(dout_tile) + consumer * 64 * 128;
+  const uint32_t q_address = smem_u32(q_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
+  const uint32_t dout_address = smem_u32(dout_tile) + consumer * kConsumerRowBytes;
 
   float dq[kD / 2];
 #pragma unroll
@@ -364,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
           const bool allowed = key_ok && (!p.causal || key <= row0 + 8 * r);
-          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse[r]) : 0.f;
+          const float probability = allowed ? exp2_ftz(fmaf(s[i], scale_log2, -lse[r])) : 0.f;
           dp[i] = probability * (dp[i] - delta[r]);
         }
       }

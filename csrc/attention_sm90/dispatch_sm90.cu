@@ -122,7 +122,7 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
                           int heads, int seqs, int head_dim, int box_rows) {
   EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
-  constexpr int64_t kBytes = 2;
+  constexpr int64_t kBytes = kElementBytes;
   // A dim of extent 1 is never stepped over; any valid stride will do (one row's bytes).
   const auto stride = [&](int64_t elements, int64_t extent) { return (extent > 1 ? elements : head_dim) * kBytes; };
   const int64_t token_stride = stride(strides.token, tokens);
@@ -146,6 +146,14 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
 AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArgs& args, std::string* why_not) {
   std::string reason = current_device_reason(dtype, args.problem.head_dim, false);
   if (reason.empty()) reason = layout_reason(args.problem);
+  // forward_sm90.cuh's online_softmax takes the max of the raw scores and scales it once a row.
+  if (reason.empty() && !(args.problem.scale > 0.f)) reason = "scale <= 0 (the sm_90a softmax scales the max of raw scores)";
+  // forward_sm90.cuh's store_output writes 16-byte chunks of each output row.
+  const Strides3& o = args.out_strides;
+  if (reason.empty() && (reinterpret_cast<uintptr_t>(args.out) % 16 != 0 || o.token % 8 != 0 || o.head % 8 != 0 ||
+                         o.seq % 8 != 0)) {
+    reason = "out is not 16-byte aligned row by row (the sm_90a epilogue stores 16-byte chunks)";
+  }
   return decide("forward", reason, why_not);
 }
 

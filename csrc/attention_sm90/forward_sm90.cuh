@@ -10,7 +10,11 @@
 // A block of 3 warpgroups (384 threads) owns 128 query rows of one (sequence, head):
 //   warpgroup 0, the producer: one thread issues TMA loads: the Q tile once, then each key
 //     block's K and V tiles into a ring of kStages slots; k_full / v_full barriers say a
-//     slot arrived (transaction bytes), kv_empty that both consumers are done with it.
+//     tile arrived (transaction bytes), k_empty / v_empty that both consumers are done with
+//     it. K and V are released apart: K as soon as S = Q K^T has completed, V after O += P V,
+//     so the K of a later step is in flight while this step's softmax and P V run (FA3's
+//     mainloop does the same); a consumer waits for its tiles before it takes the pingpong
+//     turn, never holding the turn while it waits on memory.
 //   warpgroups 1 and 2, the consumers: 64 query rows each. Per key block of 128 keys:
 //     S = Q K^T (wgmma, both operands in shared memory), mask, online softmax in registers
 //     (FA2 Algorithm 1 in log2 units, as the sm_80 kernel), then O += P V (wgmma with P
@@ -20,7 +24,9 @@
 // products twice over (FA3 3.1-3.2): inside a warpgroup, block j's P V runs during block
 // j + 1's softmax; between the two warpgroups, they take turns issuing (pingpong), so one's
 // softmax runs while the other's products hold the tensor cores. bench/KERNEL_NOTES.md,
-// section c90, has the prediction and what is left.
+// sections c90 and c90c, has the predictions and what is left. The constants every address,
+// descriptor and barrier below is computed from are in contracts.h, which the CPU emulators of
+// the swizzle/descriptors and of this barrier schedule (tests/sm90_*_model.py) read too.
 //
 // Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
 // rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
@@ -46,7 +52,7 @@ namespace attention_sm90 {
 
 constexpr int kBlockM = kBoxRows;  // query rows per block: 64 per consumer warpgroup (wgmma's M)
 constexpr int kBlockN = kBoxRows;  // keys per pipeline slot
-constexpr int kStages = 2;
+constexpr int kStages = kForwardStages;  // contracts.h: 3, which fits at head dim 128 too
 constexpr int kPanelBytes = kBlockN * 128;           // one 128-row panel (kBlockM == kBlockN)
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -54,9 +60,15 @@ template <int kD> struct Shape {
   static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
   static constexpr int kPanels = kD / kPanelColumns;
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // Q, K or V tile
-  static constexpr int kBarrierBytes = 64;
+  static constexpr int kBarrierBytes = kForwardBarrierBytes;  // q_full, per slot k/v full and empty
   // Q + kStages x (K + V) + barriers + slack to align the base to 1024 bytes.
-  static constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes + 1024;
+  static constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes + kSwizzleAtomBytes;
+  // Contracts a hang or a wrong value would break, checked at build time.
+  static_assert(kBarrierBytes >= 8 * (1 + 4 * kStages), "the barriers overflow their bytes");
+  static_assert(kSmemBytes <= kMaxSharedBytes, "over Hopper's 227 KiB of shared memory a block");
+  static_assert(kTileBytes % kSwizzleAtomBytes == 0, "every tile starts on a swizzle atom (1024 B)");
+  static_assert(kTileBytes <= kMaxTransactionBytes, "a phase's TMA bytes exceed the mbarrier tx-count");
+  static_assert(kPanelBytes < kDescriptorFieldLimit, "V's panel offset (LBO) overflows its descriptor field");
 };
 
 struct ForwardParams {
@@ -86,9 +98,12 @@ struct RowMask {
   int lane;
 };
 
-// Scales and masks S in place and turns it into P = exp2(S - running max) (float32), updating
+// Masks S in place and turns it into P = exp2(S scale log2 e - running max) (float32), updating
 // the running max and this lane's part of the row sums; alpha is the factor O must take.
 // Only blocks that need it are masked: padding, the sequence's end, keys right of a row.
+// The scale is folded into the exponent (FA3): the max is taken over the raw scores and scaled
+// once a row, which needs scale > 0 (the dispatch keeps other scales on the sm_80 kernels), so
+// each element costs one FFMA and one MUFU.EX2.
 __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, const RowMask& m, float scale_log2,
                                                float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
   const bool needs_mask =
@@ -103,13 +118,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, 
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
-          s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] * scale_log2 : -INFINITY;
+          s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] : -INFINITY;
         }
       }
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) s[i] *= scale_log2;
   }
   // A row with no allowed key so far keeps max -inf; exponentiating against 0 instead keeps
   // exp2(-inf - -inf) = NaN out.
@@ -118,15 +130,15 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, 
     float step_max = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) step_max = fmaxf(step_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-    const float new_max = fmaxf(row_max[r], quad_max(step_max));
+    const float new_max = fmaxf(row_max[r], quad_max(step_max) * scale_log2);  // -inf * scale = -inf
     const float safe_max = new_max == -INFINITY ? 0.f : new_max;
-    alpha[r] = exp2f(row_max[r] - safe_max);  // 0 when row_max was -inf
+    alpha[r] = exp2_ftz(row_max[r] - safe_max);  // 0 when row_max was -inf
     row_max[r] = new_max;
     row_sum[r] *= alpha[r];
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
-      s[4 * j + 2 * r] = exp2f(s[4 * j + 2 * r] - safe_max);
-      s[4 * j + 2 * r + 1] = exp2f(s[4 * j + 2 * r + 1] - safe_max);
+      s[4 * j + 2 * r] = exp2_ftz(fmaf(s[4 * j + 2 * r], scale_log2, -safe_max));
+      s[4 * j + 2 * r + 1] = exp2_ftz(fmaf(s[4 * j + 2 * r + 1], scale_log2, -safe_max));
       row_sum[r] += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
   }
@@ -148,16 +160,64 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
 // arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
 // ptxas serializes every wgmma when a divergent path sits between issue and wait.
 struct Turns {
+  static constexpr int kPingpongThreads = kConsumers * kWarpgroupThreads;
   int consumer;
-  __device__ __forceinline__ void take() const { named_barrier_sync(1 + consumer, 256); }
-  __device__ __forceinline__ void pass() const { named_barrier_arrive(2 - consumer, 256); }
+  __device__ __forceinline__ void grant_first() const {  // consumer 1 lets consumer 0 go first
+    if (consumer == 1) named_barrier_arrive_one_of_two<kPingpongBarrier, kPingpongThreads>(false);
+  }
+  __device__ __forceinline__ void take() const {
+    named_barrier_sync_one_of_two<kPingpongBarrier, kPingpongThreads>(consumer != 0);
+  }
+  __device__ __forceinline__ void pass() const {
+    named_barrier_arrive_one_of_two<kPingpongBarrier, kPingpongThreads>(consumer == 0);
+  }
   __device__ __forceinline__ void finish() const {
-    if (consumer == 0) named_barrier_sync(1, 256);
+    if (consumer == 0) named_barrier_sync_one_of_two<kPingpongBarrier, kPingpongThreads>(false);
   }
 };
+static_assert(kConsumers == 2, "the pingpong alternates two consumers");
 
-// Accumulator layout of wgmma m64nN (float32), per thread: element 4 j + 2 r + c is row
-// 16 warp + lane / 4 + 8 r of the warpgroup's 64, column 8 j + 2 (lane % 4) + c.
+// The byte of shared memory holding 16-byte chunk `chunk` (0 .. kD / 8 - 1) of row `row` of a
+// 128-row tile laid out as TMA writes it: 64-column panels, 128-byte rows, chunks swizzled.
+__device__ __forceinline__ int tile_chunk_offset(int row, int chunk) {
+  constexpr int kChunksPerSwizzleRow = kSwizzleBytes / kChunkBytes;  // 8
+  return (chunk / kChunksPerSwizzleRow) * kPanelBytes + row * kSwizzleBytes +
+         ((chunk % kChunksPerSwizzleRow) ^ (row % 8)) * kChunkBytes;
+}
+
+// The epilogue's store of one consumer's 64 rows of O / row sum: staged as T in its own 64 rows
+// of the Q tile (free: its last Q K^T has completed, and the other consumer's wgmmas read only
+// their rows), swizzled as TMA lays tiles out (the 8 rows a warp writes at once hit 8 different
+// 16-byte chunks: no bank conflicts), then read back and stored 16 bytes a thread, a warp
+// covering whole rows (full 32-byte sectors, where the accumulator layout gives each lane 4
+// bytes). Rows at or past `rows` (the sequence's end) are not written. `out`: row 0 of these 64.
+template <typename T, int kD>
+__device__ __forceinline__ void store_output(const float (&o)[kD / 2], const float (&inverse)[2],
+                                             unsigned char* q_tile, int consumer, int lane, int warp, T* out,
+                                             int64_t token_stride, int rows) {
+  static_assert(kChunkBytes == 8 * sizeof(T), "a chunk is 8 elements");
+  fence_proxy_async_shared();  // the rows were Q, written by TMA and read by wgmma (async proxy)
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = consumer * kWgmmaM + accumulator_row(lane, warp, r);
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {  // accumulator chunk j = the row's 16-byte chunk j
+      *reinterpret_cast<uint32_t*>(q_tile + tile_chunk_offset(row, j) + 4 * (lane % 4)) =
+          pack2<T>(o[4 * j + 2 * r] * inverse[r], o[4 * j + 2 * r + 1] * inverse[r]);
+    }
+  }
+  named_barrier_sync_one_of_two<kEpilogueBarrier, kWarpgroupThreads>(consumer != 0);  // this warpgroup only
+  constexpr int kChunksPerRow = kD / 8, kChunks = kWgmmaM * kChunksPerRow;
+  static_assert(kChunks % kWarpgroupThreads == 0, "whole chunks a thread");
+  const int thread = threadIdx.x % kWarpgroupThreads;
+#pragma unroll
+  for (int i = 0; i < kChunks / kWarpgroupThreads; ++i) {
+    const int index = thread + i * kWarpgroupThreads, local_row = index / kChunksPerRow, chunk = index % kChunksPerRow;
+    const uint4 value = *reinterpret_cast<const uint4*>(q_tile + tile_chunk_offset(consumer * kWgmmaM + local_row, chunk));
+    if (local_row < rows) *reinterpret_cast<uint4*>(out + local_row * token_stride + chunk * 8) = value;
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ ForwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -170,7 +230,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   uint64_t* q_full = barriers;
   uint64_t* k_full = barriers + 1;
   uint64_t* v_full = k_full + kStages;
-  uint64_t* kv_empty = v_full + kStages;
+  uint64_t* k_empty = v_full + kStages;
+  uint64_t* v_empty = k_empty + kStages;
 
   const AttentionForwardArgs& args = params.args;
   const AttentionProblem& p = args.problem;
@@ -188,7 +249,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
-      mbarrier_init(&kv_empty[s], 2 * 128);  // every consumer thread arrives
+      mbarrier_init(&k_empty[s], kConsumers * kWarpgroupThreads);  // every consumer thread arrives
+      mbarrier_init(&v_empty[s], kConsumers * kWarpgroupThreads);
     }
     fence_barrier_init();
   }
@@ -210,14 +272,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       for (int step = 0; step < num_steps; ++step) {
         const int slot = step % kStages;
         const uint32_t parity = (step / kStages) & 1;
-        mbarrier_wait(&kv_empty[slot], parity ^ 1);
         const int token = k_start + step * kBlockN;
+        mbarrier_wait(&k_empty[slot], parity ^ 1);
         mbarrier_arrive_expect_tx(&k_full[slot], S::kTileBytes);
 #pragma unroll
         for (int panel = 0; panel < S::kPanels; ++panel) {
           tma_load_4d(k_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.k_map, &k_full[slot],
                       panel * kPanelColumns, token, kv_head, seq_coord);
         }
+        mbarrier_wait(&v_empty[slot], parity ^ 1);
         mbarrier_arrive_expect_tx(&v_full[slot], S::kTileBytes);
 #pragma unroll
         for (int panel = 0; panel < S::kPanels; ++panel) {
@@ -247,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   float s[kBlockN / 2], alpha[2];
   uint32_t pa[kBlockN / 16][4];
 
-  const uint32_t q_address = smem_u32(q_tile) + consumer * 64 * 128;  // 8 KiB: stays 1024-aligned
+  const uint32_t q_address = smem_u32(q_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
   const auto k_address = [&](int slot) { return smem_u32(k_tiles + slot * S::kTileBytes); };
   const auto v_address = [&](int slot) { return smem_u32(v_tiles + slot * S::kTileBytes); };
   mbarrier_wait(q_full, 0);
@@ -256,72 +319,69 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
   // O is rescaled (and P repacked) only once that P V has completed.
   const Turns turns{consumer};  // phases: the first Q K^T, num_steps - 1 pairs, the last P V
-  if (consumer == 1 && num_steps > 0) named_barrier_arrive(1, 256);  // consumer 0 goes first
+  if (num_steps > 0) turns.grant_first();
   if (num_steps > 0) {
-    turns.take();
     mbarrier_wait(&k_full[0], 0);
+    turns.take();
     wgmma_fence();
     issue_qk<T, kD>(s, q_address, k_address(0));
     turns.pass();
     wgmma_wait<0>();
     fence_registers(s);
+    mbarrier_arrive(&k_empty[0]);  // S is complete: K's slot may refill
     online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
     pack_a<T, kBlockN>(s, pa);
   }
   for (int step = 1; step < num_steps; ++step) {
     const int slot = step % kStages, prev = (step - 1) % kStages;
-    turns.take();
     mbarrier_wait(&k_full[slot], (step / kStages) & 1);
+    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
+    turns.take();
     wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
     issue_qk<T, kD>(s, q_address, k_address(slot));
-    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
     issue_pv<T, kD>(o, pa, v_address(prev));
     turns.pass();
     wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
     fence_registers(s);
+    mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
     online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(pa);  // pa stays allocated until P V has read it
-    mbarrier_arrive(&kv_empty[prev]);  // this thread no longer reads that slot
+    mbarrier_arrive(&v_empty[prev]);  // this thread no longer reads that V
     rescale<kD>(o, alpha);
     pack_a<T, kBlockN>(s, pa);
   }
   if (num_steps > 0) {
     const int last = num_steps - 1, slot = last % kStages;
-    turns.take();
     mbarrier_wait(&v_full[slot], (last / kStages) & 1);
+    turns.take();
     wgmma_fence();
     issue_pv<T, kD>(o, pa, v_address(slot));
     turns.pass();
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(pa);
-    mbarrier_arrive(&kv_empty[slot]);
+    mbarrier_arrive(&v_empty[slot]);
     turns.finish();
   }
 
   // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.
-  T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
-           static_cast<int64_t>(q_start) * args.out_strides.token;
+  float inverse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(row_sum[r]);
-    const float inverse = sum == 0.f ? 0.f : 1.f / sum;
+    inverse[r] = sum == 0.f ? 0.f : 1.f / sum;
     const int row = row0 + 8 * r;
-    if (row >= q_len) continue;
-    T* out_row = out + static_cast<int64_t>(row) * args.out_strides.token;
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * (lane % 4)) =
-          pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
-    }
-    if (lane % 4 == 0) {
+    if (row < q_len && lane % 4 == 0) {
       args.lse[seq * args.lse_strides.seq + head * args.lse_strides.head +
                static_cast<int64_t>(q_start + row) * args.lse_strides.token] =
           sum == 0.f ? -INFINITY : (row_max[r] + log2f(sum)) * kLn2;
     }
   }
+  T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
+           static_cast<int64_t>(q_start + wg_row0) * args.out_strides.token;
+  store_output<T, kD>(o, inverse, q_tile, consumer, lane, warp, out, args.out_strides.token, q_len - wg_row0);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "attention_sm90/contracts.h"
+
 namespace tformer {
 namespace attention_sm90 {
 
@@ -65,6 +67,12 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// Orders this thread's shared-memory accesses through the async proxy (TMA, wgmma operand
+// reads) with its generic ones, both ways: before reusing a tile that wgmma read.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // ---- wgmma ---------------------------------------------------------------------------------
 // Orders this thread's register writes (accumulators, A fragments) before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -90,18 +98,38 @@ template <int kN> __device__ __forceinline__ void fence_registers(float (&r)[kN]
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t leading_bytes, uint32_t stride_bytes) {
   uint64_t desc = 0;
   desc |= static_cast<uint64_t>((address & 0x3FFFF) >> 4);
-  desc |= static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16;
-  desc |= static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;
+  desc |= static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << kDescriptorLeadingShift;
+  desc |= static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << kDescriptorStrideShift;
+  desc |= static_cast<uint64_t>(kDescriptorSwizzle128B) << kDescriptorSwizzleShift;
   return desc;
 }
 
-// ---- named barriers (bar.sync / bar.arrive on ids 1..15; 0 is __syncthreads) -------------
-__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// ---- math ----------------------------------------------------------------------------------
+// 2^x on the SFU (one MUFU.EX2), subnormal results flushed to 0. exp2f wraps the same
+// instruction in a subnormal-range fix-up (FSETP + 2 FMUL an element), which is a third of the
+// softmax's issue slots; P is rounded to 16 bits and summed in float32, where anything below
+// 2^-126 of the row's maximum is 0 either way. ex2(-inf) = +0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
-__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+
+// ---- named barriers (bar.sync / bar.arrive on ids 1..15; 0 is __syncthreads) -------------
+// Ids are immediates: ptxas reserves barriers up to the highest id it can see, and an id in a
+// register reserves all 16 (tests/test_cuda_attention_sm90_sass.py checks the count). `second` picks kFirst + 1 over kFirst by predicate, not by
+// branch (a branch between wgmma issue and wait makes ptxas serialize every wgmma).
+template <int kFirst, int kThreads> __device__ __forceinline__ void named_barrier_sync_one_of_two(bool second) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@!p bar.sync %1, %2;\n@p bar.sync %3, %2;\n}\n" ::"r"(
+                   static_cast<uint32_t>(second)),
+               "n"(kFirst), "n"(kThreads), "n"(kFirst + 1)
+               : "memory");
+}
+template <int kFirst, int kThreads> __device__ __forceinline__ void named_barrier_arrive_one_of_two(bool second) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@!p bar.arrive %1, %2;\n@p bar.arrive %3, %2;\n}\n" ::"r"(
+                   static_cast<uint32_t>(second)),
+               "n"(kFirst), "n"(kThreads), "n"(kFirst + 1)
+               : "memory");
 }
 
 // ---- registers -----------------------------------------------------------------------------

@@ -17,6 +17,12 @@
 namespace tformer {
 namespace attention_sm90 {
 
+// The descriptor fields fit their 14-bit (16-byte unit) fields and are multiples of 16.
+static_assert(kKMajorStrideBytes % 16 == 0 && kKMajorStrideBytes < kDescriptorFieldLimit, "K-major SBO field");
+static_assert(kMNMajorStrideBytes % 16 == 0 && kMNMajorStrideBytes < kDescriptorFieldLimit, "MN-major SBO field");
+static_assert(kKMajorLeadingBytes == 16, "swizzled K-major: LBO unused, 1 by convention");
+static_assert(kKStepsPerPanel * kKStepBytes == kSwizzleBytes, "k-steps tile one swizzled row");
+
 // K-major operands: a 16-column step inside a 128-byte swizzled row advances the start
 // address by 32 bytes (the hardware swizzles the final address), a 64-column step moves to
 // the next panel; 8-row groups are 1024 bytes apart.
@@ -26,9 +32,11 @@ __device__ __forceinline__ void issue_ss(float (&c)[kN / 2], uint32_t a_address,
   static_assert(kN == 64 || kN == 128, "wgmma N of 64 or 128");
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
-    const uint32_t column_bytes = (kk % 4) * 32;
-    const uint64_t a_desc = smem_descriptor(a_address + (kk / 4) * a_panel_bytes + column_bytes, 16, 1024);
-    const uint64_t b_desc = smem_descriptor(b_address + (kk / 4) * b_panel_bytes + column_bytes, 16, 1024);
+    const uint32_t column_bytes = (kk % kKStepsPerPanel) * kKStepBytes;
+    const uint64_t a_desc = smem_descriptor(a_address + (kk / kKStepsPerPanel) * a_panel_bytes + column_bytes,
+                                            kKMajorLeadingBytes, kKMajorStrideBytes);
+    const uint64_t b_desc = smem_descriptor(b_address + (kk / kKStepsPerPanel) * b_panel_bytes + column_bytes,
+                                            kKMajorLeadingBytes, kKMajorStrideBytes);
     if constexpr (kN == 64) {
       Wgmma<T>::ss_n64(c, a_desc, b_desc, kk > 0 ? 1u : 0u);
     } else {
@@ -44,9 +52,10 @@ template <typename T, int kD, int kK>
 __device__ __forceinline__ void issue_rs(float (&c)[kD / 2], const uint32_t (&a)[kK / 16][4], uint32_t b_address,
                                          uint32_t b_panel_bytes) {
   static_assert(kD == 64 || kD == 128, "wgmma N of 64 or 128");
+  static_assert(kK % kWgmmaK == 0, "whole k-steps");
 #pragma unroll
   for (int t = 0; t < kK / 16; ++t) {
-    const uint64_t b_desc = smem_descriptor(b_address + t * 16 * 128, b_panel_bytes, 1024);
+    const uint64_t b_desc = smem_descriptor(b_address + t * kMNStepBytes, b_panel_bytes, kMNMajorStrideBytes);
     if constexpr (kD == 64) {
       Wgmma<T>::rs_n64(c, a[t], b_desc, 1u);
     } else {

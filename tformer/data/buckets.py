@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from tformer.data.dealing import deal_batches, split_into_batches
+
 
 def truncate_head_tail(ids: Sequence[int], max_len: int, head: int) -> list[int]:
     """Keep the first ``head`` and the last ``max_len - head`` tokens of a sequence longer than
@@ -136,7 +138,4 @@ def deal_eval_batches(lengths: Sequence[int], batch_size: int, max_batches: int 
     if max_batches is not None and max_batches * batch_size * world_size < len(indices):
         indices = sorted(random.Random(seed).sample(indices, max_batches * batch_size * world_size))
     indices.sort(key=lambda i: lengths[i])
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    per_rank = -(-len(batches) // world_size)
-    mine = batches[rank::world_size]
-    return [mine[index] if index < len(mine) else None for index in range(per_rank)]
+    return deal_batches(split_into_batches(indices, batch_size), world_size=world_size, rank=rank)

@@ -5,7 +5,7 @@ whitespace, the word first and the tag last (``EU NNP B-NP B-ORG`` or just ``EU 
 a blank line ends a sentence; ``-DOCSTART-`` lines separate documents and are skipped. Every
 token line of a file must have the same number of columns.
 
-Tags are ``O``, ``B-<type>`` or ``I-<type>``. ``scheme="iob2"`` (the default; what seqeval and
+Tags are ``O``, ``B-<type>`` or ``I-<type>``. ``scheme="iob2"`` (the default; what
 most corpora on disk use) requires every entity to begin with ``B-``; ``scheme="iob1"`` (the
 original CoNLL-2003 files) lets ``I-`` begin one, and converts to IOB2 on reading. Every error
 names the file and line.
@@ -13,6 +13,7 @@ names the file and line.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -59,31 +60,43 @@ def read_conll(path: str | os.PathLike, *, scheme: str = "iob2", entity_types: S
     words: list[str] = []
     tags: list[str] = []
     columns = None
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            fields = line.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if words:
-                    sentences.append(Sentence(words, tags))
-                    words, tags = [], []
-                continue
-            where = f"{path}:{line_number}"
-            if columns is None:
-                if len(fields) < 2:
-                    raise ConllFormatError(f"{where}: a token line needs at least 2 columns (word ... tag), got "
-                                           f"{len(fields)}: {line.rstrip()!r}")
-                columns = len(fields)
-            elif len(fields) != columns:
-                raise ConllFormatError(f"{where}: expected {columns} columns like the file's first token line, got "
+    for line_number, line in enumerate(_utf8_lines(path), start=1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if words:
+                sentences.append(Sentence(words, tags))
+                words, tags = [], []
+            continue
+        where = f"{path}:{line_number}"
+        if columns is None:
+            if len(fields) < 2:
+                raise ConllFormatError(f"{where}: a token line needs at least 2 columns (word ... tag), got "
                                        f"{len(fields)}: {line.rstrip()!r}")
-            tag = _check_tag(fields[-1], tags[-1] if tags else "O", scheme, entity_types, where)
-            words.append(fields[0])
-            tags.append(tag)
+            columns = len(fields)
+        elif len(fields) != columns:
+            raise ConllFormatError(f"{where}: expected {columns} columns like the file's first token line, got "
+                                   f"{len(fields)}: {line.rstrip()!r}")
+        tag = _check_tag(fields[-1], tags[-1] if tags else "O", scheme, entity_types, where)
+        words.append(fields[0])
+        tags.append(tag)
     if words:
         sentences.append(Sentence(words, tags))
     if not sentences:
         raise ConllFormatError(f"{path}: holds no sentence (no token lines)")
     return sentences
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    """The file's lines, strictly UTF-8; another encoding is a ConllFormatError naming the file,
+    line and byte (CoNLL-2003's own files are Latin-1 in places: convert them first)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConllFormatError(f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                               f"convert the file, e.g. iconv -f latin1 -t utf-8") from None
+    return io.StringIO(text, newline=None).readlines()  # universal newlines, as open() reads them
 
 
 def _check_tag(tag: str, previous: str, scheme: str, entity_types, where: str) -> str:

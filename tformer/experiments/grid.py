@@ -130,11 +130,15 @@ def expand_axes(axes) -> list[Variant]:
     maps a label to what it needs to run (``"cuda"``)."""
     if not isinstance(axes, list) or not axes:
         raise ConfigError(f"ablation grid: 'axes' must be a non-empty list, got {axes!r}")
-    variants, names = [], set()
+    variants, names, axis_names = [], set(), {}
     for number, axis in enumerate(axes):
         if not isinstance(axis, dict) or "name" not in axis:
             raise ConfigError(f"ablation grid: axes[{number}] must be a mapping with a 'name', got {axis!r}")
         name = axis["name"]
+        if name in axis_names:  # the report groups by axis name: two would be mixed into one
+            raise ConfigError(f"ablation grid: axes[{axis_names[name]}] and axes[{number}] are both named {name!r}; "
+                              f"give each axis its own name")
+        axis_names[name] = number
         unknown = sorted(set(axis) - {"name", "key", "values", "variants", "requires"})
         if unknown:
             raise ConfigError(f"ablation grid: axis {name!r}: unknown keys {unknown}")

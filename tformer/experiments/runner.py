@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tformer.training.config import load_config
-from tformer.training.trainer import Trainer
+from tformer.training.trainer import Trainer, parameter_count
 from tformer.visualization.curves import read_metrics
 
 from .grid import Grid, Variant
@@ -50,7 +50,8 @@ def train_one(grid: Grid, variant: Variant, seed: int, folder: Path) -> dict:
                  "logging.progress_bar=false"]
     config = load_config(grid.base, overrides)
     started = time.time()
-    trainer = Trainer(config)
+    # A folder without a result is an attempt that never finished: it is trained again from scratch.
+    trainer = Trainer(config, overwrite=True)
     try:
         history = trainer.fit()
     finally:
@@ -59,7 +60,7 @@ def train_one(grid: Grid, variant: Variant, seed: int, folder: Path) -> dict:
     logged = [r for r in read_metrics(folder) if "train/items_per_s" in r]  # the trainer logs throughput there
     result = {
         "variant": variant.name, "seed": seed, "overrides": overrides, "steps": trainer.step,
-        "params": sum(p.numel() for p in trainer.raw_model.parameters()),
+        "params": parameter_count(trainer.raw_model),
         "tokens_per_s": logged[-1]["train/items_per_s"] if logged else None,
         "wall_s": time.time() - started,
         **{key: value for key, value in final.items() if key.startswith(("val/", "test/"))},

@@ -43,6 +43,21 @@ def rank(query_embedding: torch.Tensor, embeddings: torch.Tensor, top_k: int) ->
     return list(zip(rows.tolist(), values.tolist()))
 
 
+def read_lines_text(path: Path) -> str:
+    """``path``'s text, strictly UTF-8: a binary file or another encoding is refused with the
+    file and the offending byte's place, never turned into U+FFFD junk that would be ranked."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"FILE {str(path)!r} looks binary (a NUL byte at offset {data.index(0)}); embed reads "
+                         f"UTF-8 text, one candidate per line")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"FILE {str(path)!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                         f"{error.start}, line {line}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     elif not Path(args.file).is_file():
         parser.error(f"FILE {args.file!r} does not exist or is not a file")
     else:
-        text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+        text = read_lines_text(Path(args.file))
     numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not numbered:
         parser.error(f"FILE {args.file!r} has no non-empty lines")
@@ -76,4 +91,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tformer.cli_errors import run_cli
+
+    run_cli(main)

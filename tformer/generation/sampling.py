@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -208,8 +209,16 @@ def main(argv=None) -> None:
 
     from tformer.models.pretrained import load_pretrained
 
-    model, metadata = load_pretrained(find_export(args.checkpoint), device=args.device)
+    export = find_export(args.checkpoint)
+    model, metadata = load_pretrained(export, device=args.device)
     from tformer.data.text import vocab_from_dict
+    from tformer.models import DecoderLM
+
+    if not isinstance(model, DecoderLM):
+        task = json.loads((Path(export) / "config.json").read_text()).get("task")
+        hint = "; use tformer transcribe for speech" if task == "asr" else ""
+        raise ValueError(f"sample: argument --checkpoint: {export} holds a {type(model).__name__} (task {task!r}), "
+                         f"not a language model (task 'lm'){hint}")
 
     vocab = vocab_from_dict(metadata["vocab"])
     try:

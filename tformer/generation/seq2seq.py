@@ -23,6 +23,14 @@ def _check_lengths(caller: str, model, max_len: int) -> int:
     return min(max_len, model.config.max_seq_len - 1)
 
 
+def _stop(local_done: bool, all_done) -> bool:
+    """Whether decoding stops after this step: when this process's rows are done, or, with
+    ``all_done`` (data-parallel ranks decoding sharded weights), when every rank's are. Each
+    step's forward gathers sharded weights collectively, so every rank must run as many steps;
+    finished rows keep stepping (their outputs are masked) until then."""
+    return bool(local_done) if all_done is None else bool(all_done(bool(local_done)))
+
+
 def _strip(row: list[int], eos_id: int) -> list[int]:
     return row[:row.index(eos_id)] if eos_id in row else row
 
@@ -30,10 +38,11 @@ def _strip(row: list[int], eos_id: int) -> list[int]:
 @torch.no_grad()
 def decode(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bos_id: int, eos_id: int, max_len: int,
            greedy: bool = True, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
+           generator: torch.Generator | None = None, use_cache: bool = True, all_done=None) -> list[list[int]]:
     """Greedy (default) or sampled decoding of a batch; returns each row's tokens without BOS
     and EOS. ``use_cache=False`` reruns the decoder over the whole prefix at every step (the
-    reference the cached path is tested against)."""
+    reference the cached path is tested against). ``all_done(local_done: bool) -> bool``, given
+    under data parallelism, says whether every rank's rows are finished (see :func:`_stop`)."""
     max_len = _check_lengths("decode", model, max_len)
     was_training = model.training
     model.eval()
@@ -51,7 +60,7 @@ def decode(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bos_id:
         next_ids = next_ids.masked_fill(finished[:, None], eos_id)
         tokens = torch.cat([tokens, next_ids], dim=1)
         finished |= next_ids[:, 0] == eos_id
-        if bool(finished.all()):
+        if _stop(finished.all(), all_done):
             break
     model.train(was_training)
     return [_strip(row[1:], eos_id) for row in tokens.tolist()]
@@ -59,7 +68,7 @@ def decode(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bos_id:
 
 @torch.no_grad()
 def beam_search(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bos_id: int, eos_id: int,
-                max_len: int, num_beams: int = 4, length_penalty: float = 1.0) -> list[list[int]]:
+                max_len: int, num_beams: int = 4, length_penalty: float = 1.0, all_done=None) -> list[list[int]]:
     """Batched beam search; returns each row's best tokens without BOS and EOS.
 
     A hypothesis ends when it emits ``eos_id``; its score is the sum of its token
@@ -67,7 +76,8 @@ def beam_search(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bo
     EOS; ``length_penalty=0`` is the raw sum, larger values favour longer outputs). A row is done
     once it holds ``num_beams`` finished hypotheses; hypotheses still open at ``max_len`` compete
     with the finished ones. The ``B * num_beams`` live beams share one KV cache, reordered
-    every step, and the cross-attention keys/values are repeated once per beam.
+    every step, and the cross-attention keys/values are repeated once per beam. ``all_done``:
+    as in :func:`decode`.
     """
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"beam_search: argument 'num_beams' must be a positive int, got {num_beams!r}")
@@ -123,7 +133,7 @@ def beam_search(model, source: torch.Tensor, source_lengths: torch.Tensor, *, bo
         sequences = torch.cat([sequences[index], torch.tensor(tokens, device=source.device)[:, None]], dim=1)
         scores = torch.tensor(new_scores, device=source.device).view(batch, beams)
         cache.reorder(index)
-        if all(done):
+        if _stop(all(done), all_done):
             break
     results = []
     for item in range(batch):

@@ -4,7 +4,10 @@
 
 Prints one transcript per file. ``--checkpoint`` takes an export folder, a run folder or a
 checkpoint folder (as ``python -m tformer.sample``). Audio at another sample rate is resampled
-with librosa; stereo is averaged to mono.
+with librosa; stereo is averaged to mono. Audio longer than the encoder's ``max_source_len``
+positions is cut into equal chunks that fit, transcribed one by one and joined with spaces.
+A file too short to hold one analysis window gets a warning and an empty line; the other files
+are still transcribed, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def read_audio(path: Path, sample_rate: int):
     return librosa.resample(audio, orig_sr=rate, target_sr=sample_rate) if rate != sample_rate else audio
 
 
+def max_chunk_samples(model) -> int:
+    """The most samples one encoder pass takes: ``max_source_len`` positions after the speech
+    front end's x4 subsampling of ``samples // hop + 1`` frames (see ``SpeechEmbedding``)."""
+    hop = model.source_embedding.log_mel.hop_length
+    return (4 * model.config.max_source_len - 4) * hop
+
+
+def chunks(audio, limit: int) -> list:
+    """``audio`` cut into the fewest equal pieces of at most ``limit`` samples."""
+    count = -(-len(audio) // limit)
+    size = -(-len(audio) // count)
+    return [audio[start:start + size] for start in range(0, len(audio), size)]
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,28 +85,44 @@ def main(argv: list[str] | None = None) -> list[str]:
         parser.error(f"argument --checkpoint: {export} is not a speech recognizer (task 'asr')")
     vocab = AsrVocab.from_dict(metadata["vocab"])
     options = dict(bos_id=metadata["bos_id"], eos_id=metadata["eos_id"], max_len=metadata["max_text_len"] + 1)
-    transcripts = []
+    transcripts, skipped = [], []
+    limit = max_chunk_samples(model)
+    shortest = model.source_embedding.log_mel.n_fft  # one STFT window; fewer samples hold no speech
     for name in args.files:
         try:
             audio = read_audio(Path(name), metadata["sample_rate"])
         except RuntimeError as error:  # soundfile's error for a file it cannot read
-            print(f"error: argument FILE.wav: cannot read {name!r} as audio ({error})", file=sys.stderr)
-            raise SystemExit(2)
-        waveform = torch.from_numpy(audio)[None].to(args.device)
-        lengths = torch.tensor([waveform.shape[1]], device=args.device)
-        if args.beams > 1:
-            ids = beam_search(model, waveform, lengths, num_beams=args.beams, length_penalty=args.length_penalty,
-                              **options)
-        elif args.temperature is not None:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
-            ids = decode(model, waveform, lengths, greedy=False, temperature=args.temperature, top_k=args.top_k,
-                         generator=generator, **options)
-        else:
-            ids = decode(model, waveform, lengths, **options)
-        transcripts.append(vocab.decode(ids[0]))
-        print(transcripts[-1])
+            raise ValueError(f"argument FILE.wav: cannot read {name!r} as audio ({error})") from error
+        if len(audio) < shortest:
+            print(f"warning: {name}: {len(audio)} samples ({len(audio) / metadata['sample_rate']:.4f} s) are too "
+                  f"short to transcribe (at least {shortest}); printed an empty line", file=sys.stderr)
+            skipped.append(name)
+            transcripts.append("")
+            print("")
+            continue
+        pieces = []
+        for piece in chunks(audio, limit):
+            waveform = torch.from_numpy(piece)[None].to(args.device)
+            lengths = torch.tensor([waveform.shape[1]], device=args.device)
+            if args.beams > 1:
+                ids = beam_search(model, waveform, lengths, num_beams=args.beams,
+                                  length_penalty=args.length_penalty, **options)
+            elif args.temperature is not None:
+                generator = torch.Generator(device=args.device).manual_seed(args.seed)
+                ids = decode(model, waveform, lengths, greedy=False, temperature=args.temperature,
+                             top_k=args.top_k, generator=generator, **options)
+            else:
+                ids = decode(model, waveform, lengths, **options)
+            pieces.append(vocab.decode(ids[0]).strip())
+        transcripts.append(" ".join(piece for piece in pieces if piece))
+        print(transcripts[-1], flush=True)
+    if skipped:
+        print(f"warning: {len(skipped)} of {len(args.files)} files were too short to transcribe: "
+              f"{', '.join(skipped)}", file=sys.stderr)
+        raise SystemExit(1)
     return transcripts
 
-
 if __name__ == "__main__":
-    main()
+    from tformer.cli_errors import run_cli
+
+    run_cli(main)

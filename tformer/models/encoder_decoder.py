@@ -142,7 +142,7 @@ class EncoderDecoderTransformer(PretrainedMixin, nn.Module):
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's cross-attention keys and values of ``memory``, computed once per
         input and reused at every decoding step."""
-        return [block.cross_attention.project_memory(memory) for block in self.decoder_blocks]
+        return [block.project_memory(memory) for block in self.decoder_blocks]
 
     def ctc_logits(self, memory: torch.Tensor) -> torch.Tensor:
         """``(B, S', vocab_size)`` CTC logits of the encoder output (needs ``config.ctc``)."""

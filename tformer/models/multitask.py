@@ -67,8 +67,18 @@ class MultiTaskConfig(EncoderClassifierConfig):
         if not self.heads:
             raise ConfigError("config: model.heads is empty; declare at least one task head, e.g. "
                               "{\"sentiment\": {\"kind\": \"classification\"}}")
-        self.heads = {name: head if isinstance(head, HeadConfig)
-                      else from_dict(HeadConfig, head, f"model.heads.{name}.") for name, head in self.heads.items()}
+        heads = {}
+        for name, head in self.heads.items():
+            try:
+                heads[name] = head if isinstance(head, HeadConfig) else from_dict(HeadConfig, head,
+                                                                                  f"model.heads.{name}.")
+            except ConfigError as error:  # name the head: "head weight must be >= 0" alone says not which
+                message = str(error).removeprefix("config: ")
+                raise ConfigError(f"config: model.heads.{name}: {message}") from error
+        self.heads = heads
+        if all(head.weight == 0 for head in heads.values()):
+            raise ConfigError(f"config: every head in model.heads ({', '.join(heads)}) has weight 0, so the loss is 0 "
+                              f"and nothing trains; give at least one head a weight > 0")
         for name in self.heads:
             if not name.isidentifier():
                 raise ConfigError(f"config: head name {name!r} must be an identifier (it names modules and metrics)")

@@ -62,6 +62,11 @@ class SentenceClassifier(PretrainedMixin, nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(trunk.hidden_size, config.num_classes)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The trunk's layers (the trainer shards and checkpoints per layer)."""
+        return self.encoder.trunk.blocks
+
     def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens ``(B, S)``, key_padding_mask ``(B, S)`` bool (True = padding) -> logits ``(B, C)``."""
         attention_mask = torch.ones_like(tokens) if key_padding_mask is None else (~key_padding_mask).long()

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tformer.optional import require
 
+from .encoder_classifier import EncoderClassifier
 from .sentence_trunks import HFTrunk, TformerTrunk, hf_max_length, is_tformer_export, resolve_pretrained
 
 POOLINGS = ("cls", "mean", "max")
@@ -122,6 +124,11 @@ class SentenceEncoder(nn.Module):
             from tformer.models.pretrained import load_pretrained
 
             model, metadata = load_pretrained(path, device=device)
+            if not isinstance(model, EncoderClassifier):
+                task = json.loads((Path(path) / "config.json").read_text()).get("task")
+                raise ValueError(f"SentenceEncoder.from_pretrained: {path} holds a {type(model).__name__} (task "
+                                 f"{task!r}), not a text encoder; "
+                                 f"use an export of a classify, mlm or multitask run, or a Hugging Face encoder")
             tokenizer = None
             if "tokenizer" in metadata:
                 Tokenizer = require("tokenizers", "SentenceEncoder.from_pretrained").Tokenizer

@@ -118,6 +118,16 @@ class HFTrunk(nn.Module):
         self.num_layers = getattr(model.config, "num_hidden_layers", None)
         self.max_length = getattr(model.config, "max_position_embeddings", None)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's layers (BERT's ``encoder.layer``): the one ``nn.ModuleList`` with
+        ``num_hidden_layers`` entries. The trainer shards (FSDP2) and checkpoints per layer."""
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return module
+        raise ValueError(f"HFTrunk: found no nn.ModuleList of num_hidden_layers={self.num_layers} layers in "
+                         f"{type(self.model).__name__}")
+
     @classmethod
     def from_pretrained(cls, path: str, *, backend: str | None = None, attn_implementation: str = "tformer",
                         device="cpu") -> HFTrunk:

@@ -23,6 +23,10 @@ class Seq2SeqBlock(nn.Module):
     post-LN's norm sits on the stream itself.
     """
 
+    # Methods besides ``forward`` that read this block's weights. A wrapper that gathers sharded
+    # weights around ``forward`` (FSDP2, see tformer.training.parallelize) gathers around these too.
+    forward_methods = ("project_memory",)
+
     def __init__(self, d_model: int, num_heads: int, *, d_ff: int | None = None, causal: bool,
                  cross_attention: bool, norm_first: bool = True, dropout: float = 0.0, attn_dropout: float = 0.0,
                  norm: str = "layernorm", bias: bool = True, layer_index: int = 0, backend: str | None = None):
@@ -48,6 +52,13 @@ class Seq2SeqBlock(nn.Module):
             layers.append(self.cross_attention.proj)
         return layers
 
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cross-attention keys and values of the encoder output ``memory``
+        ``(B, Sk, d_model)`` (:meth:`CrossAttention.project_memory`), passed back as ``memory_kv``."""
+        if self.cross_attention is None:
+            raise ValueError("Seq2SeqBlock: project_memory needs a block with cross-attention")
+        return self.cross_attention.project_memory(memory)
+
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
         if self.norm_first:
             return x + self.residual_dropout(fn(norm(x)))
@@ -58,7 +69,7 @@ class Seq2SeqBlock(nn.Module):
                 memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x ``(B, T, d_model)``. ``key_padding_mask``, ``positional``, ``position_offset`` and
         ``kv_cache`` go to the self-attention (:class:`SelfAttention`); ``memory_kv`` (this
-        layer's :meth:`CrossAttention.project_memory` of the encoder output) and
+        layer's :meth:`project_memory` of the encoder output) and
         ``memory_padding_mask`` ``(B, Sk)`` to the cross-attention."""
         x = self._sublayer(x, self.self_attention_norm, lambda h: self.self_attention(
             h, key_padding_mask=key_padding_mask, positional=positional, position_offset=position_offset,

@@ -29,6 +29,7 @@ def get_task_class(name: str):
         module = importlib.import_module(TASKS[name])
     except ModuleNotFoundError as error:
         if error.name == TASKS[name]:
-            raise ConfigError(f"config: task {name!r} is registered but {TASKS[name]} is not installed") from None
+            raise ConfigError(f"config: task {name!r} is registered but {TASKS[name]} is not installed "
+                              f"({type(error).__name__}: {error})") from error
         raise
     return module.TASK

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.speech import BOS_ID, EOS_ID, PAD_ID, SAMPLE_RATE, AsrVocab, load_split
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
 from tformer.schema import ConfigError
-from tformer.tasks.base import Task, cross_entropy_sum, loss_metrics
+from tformer.tasks.base import Task, cross_entropy_sum, every_rank_done, loss_metrics
 from tformer.tasks.speech_metrics import error_counts
 
 
@@ -104,6 +105,13 @@ class AsrTask(Task):
         waves, texts = self.splits["train"]
         return self.collate([waves[i] for i in chosen], [texts[i] for i in chosen])
 
+    def steps_per_epoch(self) -> int:
+        """Each rank reads every world_size-th utterance of the epoch's order, micro-batch by
+        micro-batch (:meth:`next_train_batch`), so one pass takes this many optimizer steps."""
+        training = self.config.training
+        per_rank = -(-len(self.splits["train"][0]) // self.world_size)
+        return max(1, -(-per_rank // (training.micro_batch_size * training.grad_accum_steps)))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
@@ -153,22 +161,23 @@ class AsrTask(Task):
     def _eval_rows(self, split: str) -> list[int]:
         total = len(self.splits[split][0])
         limit = self.data_config.eval_utterances
-        rows = list(range(total if limit is None else min(limit, total)))
-        return rows[self.rank::self.world_size]
+        return list(range(total if limit is None else min(limit, total)))
 
     def _batches(self, split: str):
+        """This rank's ``(batch, references)`` of ``split``, dealt by :func:`deal_batches`; a
+        rank that runs short gets filler (references None: results dropped)."""
         waves, texts = self.splits[split]
-        rows = self._eval_rows(split)
-        size = self.config.training.micro_batch_size
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            yield self.collate([waves[i] for i in chunk], [texts[i] for i in chunk]), [texts[i] for i in chunk]
+        batches = split_into_batches(self._eval_rows(split), self.config.training.micro_batch_size)
+        for chunk in deal_batches(batches, world_size=self.world_size, rank=self.rank):
+            rows = chunk if chunk is not None else [0]
+            batch = self.collate([waves[i] for i in rows], [texts[i] for i in rows])
+            yield batch, ([texts[i] for i in rows] if chunk is not None else None)
 
-    def transcribe(self, model, batch: dict) -> list[str]:
+    def transcribe(self, model, batch: dict, all_done=None) -> list[str]:
         from tformer.generation.seq2seq import beam_search, decode
 
         data = self.data_config
-        options = dict(bos_id=BOS_ID, eos_id=EOS_ID, max_len=data.max_text_len + 1)
+        options = dict(bos_id=BOS_ID, eos_id=EOS_ID, max_len=data.max_text_len + 1, all_done=all_done)
         if data.eval_beams > 1:
             ids = beam_search(model, batch["waveform"], batch["num_samples"], num_beams=data.eval_beams,
                               length_penalty=data.length_penalty, **options)
@@ -179,12 +188,16 @@ class AsrTask(Task):
     @torch.no_grad()
     def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:
         metrics = {}
+        all_done = every_rank_done(all_reduce)
         for split in self.eval_splits(final):
             totals = torch.zeros(6, dtype=torch.float64)
             for batch, references in self._batches(split):
                 batch = self.to_device(batch)
                 loss, count = self.loss_sum(model, batch)
-                counts = error_counts(references, self.transcribe(model, batch))
+                hypotheses = self.transcribe(model, batch, all_done)
+                if references is None:  # filler: it ran only to keep the ranks in step
+                    continue
+                counts = error_counts(references, hypotheses)
                 totals += torch.tensor([loss.item(), count, counts["char_errors"], counts["chars"],
                                         counts["word_errors"], counts["words"]], dtype=torch.float64)
             totals = all_reduce(totals)

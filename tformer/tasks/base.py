@@ -24,6 +24,10 @@ Contract (``B`` = ``config.training.micro_batch_size``):
 * ``evaluate(model, final, all_reduce)`` returns ``{"<split>/<metric>": float}``. It runs on
   every rank (sharded models need every rank in each forward); ``all_reduce(tensor)`` sums a
   tensor over ranks. The default evaluates ``loss_sum`` over ``eval_batches(split, final)``.
+  Every rank must run the same number of forward passes: batches are dealt to ranks by
+  :func:`tformer.data.dealing.deal_batches` (filler for a rank that runs short, its results
+  dropped), and step-by-step decoding stops only when every rank is done
+  (:func:`every_rank_done`).
 * ``check_ready()`` runs after ``load_data()``, before the first step: it raises on anything the
   run will need later (sample settings against the vocabulary, a split shorter than one window),
   so no run is lost to an error found only at its end.
@@ -145,6 +149,14 @@ class Task:
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def every_rank_done(all_reduce):
+    """``all_done(local_done) -> bool`` for step-by-step decoding under data parallelism: True
+    once no rank has rows left. ``all_reduce`` sums a tensor over ranks (identity on one)."""
+    def all_done(local_done: bool) -> bool:
+        return all_reduce(torch.tensor(0.0 if local_done else 1.0, dtype=torch.float64)).item() == 0.0
+    return all_done
 
 
 def loss_metrics(split: str, loss_sum: float, count: float) -> dict[str, float]:

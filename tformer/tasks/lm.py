@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tformer.schema import ConfigError
+from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
 from tformer.models import DecoderLM, ModelConfig
@@ -165,17 +166,15 @@ class LanguageModelTask(Task):
         max_windows = None if max_batches is None else max_batches * batch_size * self.world_size
         tokens = self.splits[split]
         windows = evaluation_windows(len(tokens), seq_len, max_windows)
-        mine = windows[self.rank::self.world_size]
-        per_rank = -(-len(windows) // self.world_size)
-        num_batches = -(-per_rank // batch_size)
-        for index in range(num_batches):
-            chunk = mine[index * batch_size:(index + 1) * batch_size]
-            rows, weights = [], torch.zeros(max(len(chunk), 1), seq_len)
+        dealt = deal_batches(split_into_batches(windows, batch_size), world_size=self.world_size, rank=self.rank)
+        for chunk in dealt:
+            filler = chunk is None  # a rank that ran out of windows: one window, weight 0
+            chunk = chunk or [(0, seq_len)]
+            rows, weights = [], torch.zeros(len(chunk), seq_len)
             for row, (start, first_counted) in enumerate(chunk):
                 rows.append(torch.from_numpy(tokens[start:start + seq_len + 1].astype("int64")))
-                weights[row, first_counted:] = 1.0
-            if not rows:  # padding for a rank that ran out of windows
-                rows.append(torch.from_numpy(tokens[:seq_len + 1].astype("int64")))
+                if not filler:
+                    weights[row, first_counted:] = 1.0
             windows_tensor = torch.stack(rows)
             yield {"inputs": windows_tensor[:, :-1], "targets": windows_tensor[:, 1:], "weights": weights}
 

@@ -1,7 +1,7 @@
 """Metrics of the multi-task heads beyond classification's (:mod:`tformer.tasks.metrics`):
-regression error and rank correlation, and entity-level NER scores with seqeval (the library
-NER results are reported with; conlleval's exact-match rule: an entity counts only when its
-type and both boundaries are right)."""
+regression error and rank correlation, and entity-level NER scores with seqscore (conlleval's
+figures: an entity counts only when its type and both boundaries are right, and an ``I-`` that
+follows no entity of its type begins one, as conlleval reads it)."""
 
 from __future__ import annotations
 
@@ -25,17 +25,23 @@ def regression_metrics(predictions: torch.Tensor, targets: torch.Tensor) -> dict
     return {"mae": errors.abs().mean().item(), "rmse": errors.pow(2).mean().sqrt().item(), "spearman": spearman}
 
 
-def entity_metrics(true_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Entity-level ``precision``, ``recall``, ``f1`` (micro over entities, seqeval's default
-    conlleval-compatible mode) and ``token_accuracy`` of IOB2 tag sequences, one per sentence."""
-    seqeval = require("seqeval.metrics", "entity_metrics")
-    f1_score, precision_score, recall_score = seqeval.f1_score, seqeval.precision_score, seqeval.recall_score
+# tformer's tag schemes (tformer.data.conll.SCHEMES) by seqscore's encoding names.
+_SEQSCORE_ENCODING = {"iob2": "BIO", "iob1": "IOB"}
+
+
+def entity_metrics(true_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str]], *,
+                   scheme: str = "iob2") -> dict[str, float]:
+    """Entity-level ``precision``, ``recall``, ``f1`` (micro over entities, conlleval's figures)
+    and ``token_accuracy`` of tag sequences, one per sentence, in ``scheme`` ``"iob2"`` (every
+    entity begins with ``B-``) or ``"iob1"`` (the original CoNLL-2003 files: ``B-`` only between
+    two entities of one type). Tags that break the scheme are read as conlleval reads them."""
+    if scheme not in _SEQSCORE_ENCODING:
+        raise ValueError(f"entity_metrics: 'scheme' must be one of {sorted(_SEQSCORE_ENCODING)}, got {scheme!r}")
+    scoring = require("seqscore.scoring", "entity_metrics")
     true_tags, predicted_tags = [list(t) for t in true_tags], [list(p) for p in predicted_tags]
     if [len(t) for t in true_tags] != [len(p) for p in predicted_tags]:
         raise ValueError("entity_metrics: every sentence needs as many predicted tags as true tags")
-    tokens = sum(len(t) for t in true_tags)
-    correct = sum(a == b for t, p in zip(true_tags, predicted_tags) for a, b in zip(t, p))
-    return {"precision": float(precision_score(true_tags, predicted_tags, zero_division=0)),
-            "recall": float(recall_score(true_tags, predicted_tags, zero_division=0)),
-            "f1": float(f1_score(true_tags, predicted_tags, zero_division=0)),
-            "token_accuracy": correct / tokens if tokens else 0.0}
+    entities, tokens = scoring.score_label_sequences(predicted_tags, true_tags, _SEQSCORE_ENCODING[scheme],
+                                                     repair="conlleval")
+    return {"precision": entities.precision, "recall": entities.recall, "f1": entities.f1,
+            "token_accuracy": tokens.hits / tokens.total if tokens.total else 0.0}

@@ -85,7 +85,7 @@ class CheckpointWriter:
             if self.final.exists():
                 remove_checkpoint(self.final)
             os.replace(self.tmp, self.final)
-            prune(self.final.parent, keep)
+            prune(self.final.parent, keep, written=self.final)
         self.barrier()
         return self.final
 
@@ -121,12 +121,20 @@ def complete_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def prune(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints; remove leftovers of killed saves."""
+def prune(checkpoints_dir: Path, keep: int, written: Path | None = None) -> None:
+    """Keep the ``keep`` newest complete checkpoints; remove leftovers of killed saves.
+
+    ``written``, the checkpoint just committed, is always kept, and counts as the newest: a run
+    resumed from an older checkpoint (``--resume <folder>``) writes lower steps than the
+    abandoned ones after it, which it never removes (they are not older than its own)."""
     complete = sorted((int(m.group(1)), p) for p in checkpoints_dir.iterdir()
                       if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file())
+    if written is not None:
+        newest = int(_STEP_DIR.match(written.name).group(1))
+        complete = [(step, path) for step, path in complete if step <= newest]
     for _, path in complete[:-keep] if keep > 0 else []:
-        remove_checkpoint(path)
+        if path != written:
+            remove_checkpoint(path)
     # Runs on rank 0 right after a commit, when no other save is in flight: a .tmp folder is a
     # killed save, a step folder without its marker a killed removal.
     for leftover in checkpoints_dir.iterdir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -87,6 +88,22 @@ def checkpoint_folders(path: Path) -> list[Path]:
     return []
 
 
+def _step(folder: Path) -> int:
+    return int(re.search(r"\d+", folder.name).group(0))
+
+
+def incomplete_checkpoints(path: Path) -> list[Path]:
+    """Step folders under a run folder (or its ``checkpoints/``) without a COMPLETE marker, and
+    half-written ``.step_*.tmp`` folders: saves that were killed, which --resume skips."""
+    for folder in (path / "checkpoints", path):
+        if folder.is_dir():
+            found = sorted(p for p in folder.iterdir() if p.is_dir() and not (p / COMPLETE).is_file()
+                           and (re.match(r"^step_\d+$", p.name) or re.match(r"^\.step_\d+\.tmp$", p.name)))
+            if found:
+                return found
+    return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tformer.checkpoint", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"verify: argument 'path' must be a run or checkpoint folder, got {str(path)!r}")
     folders = checkpoint_folders(path)
     exports = [path / "export"] if (path / "export").is_dir() else []
+    incomplete = incomplete_checkpoints(path) if not (path / COMPLETE).is_file() else []
+    for folder in incomplete:
+        newest = bool(folders) and _step(folder) > _step(folders[0])
+        print(f"{folder}: INCOMPLETE: no {COMPLETE} marker (a save that was killed); --resume skips it"
+              + (f" and continues {folders[0].name}" if newest else ""))
     if not folders and not exports:
         raise UsageError(f"verify: {str(path)!r} holds no complete checkpoint (no step_*/{COMPLETE}) and no export/")
     damaged = 0

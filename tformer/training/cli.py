@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 tformer/train.py --config fsdp2.json
     python tformer/train.py --config enwik8.json --set run.steps=100 --set data.path=/data/enwik8.zip
     python tformer/train.py --config ds.json --resume         # continue the latest checkpoint in run.out_dir
+    python tformer/train.py --config ds.json --overwrite      # start afresh, deleting run.out_dir's earlier run
 
 ``--config`` takes a path, or a bare name (``ds.json``, ``zero3``) looked up in the
 repository's ``configs/`` (or the copy inside the installed package) when no such file exists.
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from the newest checkpoint in run.out_dir whose files verify (a damaged newer "
                              "one is skipped with a warning); --resume=strict refuses a damaged one instead; or "
                              "continue from this checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.out_dir that holds another run: delete its checkpoints, "
+                             "metrics.jsonl, export and plots first (without this, such a folder is refused)")
     parser.add_argument("--visualize", action="store_true",
                         help="draw training curves and gradient flow into run.out_dir/plots at every evaluation "
                              "(and log them to W&B as images when W&B is on); same as --set logging.visualize=true")
@@ -51,7 +55,7 @@ def main(argv=None) -> list[dict]:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     config = load_config(args.config, args.set + (["logging.visualize=true"] if args.visualize else []))
-    trainer = Trainer(config, resume=args.resume)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
     try:
         return trainer.fit()
     finally:

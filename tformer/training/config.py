@@ -161,10 +161,12 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- files and overrides
 
 def configs_dir() -> Path:
-    """The ready configs: ``configs/`` at the repository root in a source checkout, else the
-    copy shipped inside the package (``tformer/configs``)."""
+    """The ready configs: the copy shipped inside an installed package (``tformer/configs``),
+    else ``configs/`` at the repository root of a source checkout. The package's own copy is
+    tried first: beside an installed package, ``configs/`` is site-packages' (PyPI has a
+    ``configs`` package)."""
     package = Path(__file__).resolve().parent.parent
-    for candidate in (package.parent / "configs", package / "configs"):
+    for candidate in (package / "configs", package.parent / "configs"):
         if candidate.is_dir():
             return candidate
     return package.parent / "configs"

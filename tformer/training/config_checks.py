@@ -157,8 +157,10 @@ def check_deepspeed_section(config: TrainConfig) -> None:
         return
     try:
         from deepspeed.runtime.config import DeepSpeedConfig
-    except ImportError:
-        return  # the run itself will say DeepSpeed is missing
+    except ImportError as error:
+        if error.name is not None and error.name.split(".")[0] == "deepspeed":
+            return  # DeepSpeed is not installed: the run itself says so, naming the extra
+        raise  # a broken DeepSpeed install keeps its own error
     section = {k: v for k, v in config.deepspeed.items() if k != "train_batch_size"}
     section.setdefault("train_micro_batch_size_per_gpu", config.training.micro_batch_size)
     section.setdefault("gradient_accumulation_steps", config.training.grad_accum_steps)

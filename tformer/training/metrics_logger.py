@@ -59,7 +59,9 @@ class MetricsLogger:
         if config.jsonl:
             if resume:
                 truncate_metrics(out_dir / "metrics.jsonl", start_step)
-            self.jsonl = open(out_dir / "metrics.jsonl", "a" if resume else "w")
+            # Appended, never truncated: a fresh run starts in a folder without one (the trainer
+            # refuses another run's folder), a resumed one cut it back to its checkpoint above.
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")
         if config.progress_bar:
             tqdm = require("tqdm", "logging.progress_bar").tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)

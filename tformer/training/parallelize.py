@@ -39,11 +39,16 @@ def apply_fsdp2(model: nn.Module, *, param_dtype: torch.dtype | None = None, red
     """Shard each block, then the rest of the model, with ``torch.distributed.fsdp.fully_shard``.
     ``param_dtype`` (bf16/fp16) is the compute dtype of the MixedPrecisionPolicy; gradients are
     reduced in ``reduce_dtype`` and the sharded master weights stay float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in _blocks(model):
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward, mesh=mesh)
+        # A block method other than forward that reads its weights (an encoder-decoder's
+        # cross-attention projection of the encoder output, computed once before its decoder
+        # layers run) must gather them too, else it meets sharded DTensor weights.
+        for method in getattr(block, "forward_methods", ()):
+            register_fsdp_forward_method(block, method)
     # The root keeps its parameters (embedding, final norm, head) gathered after forward: they
     # are needed again at the start of backward.
     fully_shard(model, mp_policy=policy, reshard_after_forward=False, mesh=mesh)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tformer.training import checkpoint as ckpt
-from tformer.training import checkpoint_verify
+from tformer.training import checkpoint_verify, run_folder
 from tformer.training.config import ConfigError, TrainConfig
 from tformer.training.init_from import load_trunk, resolve_init_source
 from tformer.training.metrics_logger import MetricsLogger
@@ -78,17 +78,19 @@ def layer_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.P
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: bool | str = False):
+    def __init__(self, config: TrainConfig, *, resume: bool | str = False, overwrite: bool = False):
         """``resume``: True continues the newest checkpoint in run.out_dir that verifies (older
-        ones after damage, with a warning); "strict" refuses a damaged one; a path, that folder."""
+        ones after damage, with a warning); "strict" refuses a damaged one; a path, that folder.
+        Without it, an out_dir holding another run's outputs is refused unless ``overwrite``
+        (which deletes them; :mod:`tformer.training.run_folder`)."""
         self.lock = None
         try:
-            self._setup(config, resume)
+            self._setup(config, resume, overwrite)
         except BaseException:
             self.release_lock()  # a run that never started must not leave its out_dir locked
             raise
 
-    def _setup(self, config: TrainConfig, resume: bool | str) -> None:
+    def _setup(self, config: TrainConfig, resume: bool | str, overwrite: bool = False) -> None:
         self.config = config
         self.strategy = resolve_strategy(config)
         self._init_distributed()
@@ -117,7 +119,9 @@ class Trainer:
         self.out_dir = Path(config.run.out_dir)
         self.checkpoints_dir = self.out_dir / "checkpoints"
         # One run per out_dir (rank 0 holds the lock for all ranks); taken before anything is written.
+        run_folder.check_is_folder(self.out_dir)
         self.lock = RunLock(self.out_dir).acquire() if self.rank == 0 else None
+        self._claim_out_dir(resume, overwrite)
 
         # A mistyped init_from fails here, before any data is read; --resume takes the checkpoint's weights.
         init_source, self.init_from_summary = None, None
@@ -153,6 +157,19 @@ class Trainer:
             self._resume(resume)
 
     # --- setup --------------------------------------------------------------------------------
+    def _claim_out_dir(self, resume, overwrite: bool) -> None:
+        """Rank 0 refuses (or, with ``overwrite``, clears) an out_dir holding another run; every
+        rank learns the answer, so all stop together instead of waiting for rank 0."""
+        refusal = None
+        if self.rank == 0:
+            try:
+                run_folder.claim(self.out_dir, resume=resume, overwrite=overwrite)
+            except run_folder.OutDirHoldsARun as error:
+                refusal = error
+        if self.all_reduce(torch.tensor(float(refusal is not None), dtype=torch.float64)).item() > 0:
+            raise refusal or run_folder.OutDirHoldsARun(f"run.out_dir {self.out_dir} holds another run (rank 0 "
+                                                     f"refused it; see its error)")
+
     def _init_distributed(self) -> None:
         if self.strategy == "deepspeed":
             deepspeed = require("deepspeed", "training.strategy 'deepspeed'")
@@ -416,7 +433,7 @@ class Trainer:
                                start_step=self.step, full_config=config.to_dict(), resume=self.step > 0)
         logger.write(f"tformer: task={config.task} strategy={self.strategy} precision={self.precision} "
                      f"device={self.device} world_size={self.world_size} "
-                     f"params={sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M "
+                     f"params={parameter_count(self.raw_model) / 1e6:.2f}M "
                      f"start_step={self.step}")
         if self.init_from_summary:
             logger.write(self.init_from_summary)
@@ -496,6 +513,12 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameters, counted whole: ZeRO-3 leaves each rank an empty placeholder
+    (``numel() == 0``) and records the full size as ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:

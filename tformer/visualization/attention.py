@@ -8,19 +8,22 @@ import os
 
 import torch
 
-from tformer.backends.reference.attention import attention_probabilities
+from tformer.backends.reference.attention import attention_weights
 from tformer.nn import SelfAttention
 
 
 @torch.no_grad()
-def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, **forward_kwargs) -> list[torch.Tensor]:
+def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, *, forward=None,
+                   **forward_kwargs) -> list[torch.Tensor]:
     """Run ``model(tokens, **forward_kwargs)`` once and return each attention layer's weights, in
-    depth order, as ``(B, H, Sq, Sk)`` float tensors.
+    depth order, as ``(B, H, Sq, Sk)`` float tensors. ``forward`` replaces ``model`` as what is
+    called (e.g. ``model.encode`` for a model whose forward needs more than tokens, such as a
+    multi-task model's task name).
 
     Each :class:`~tformer.nn.SelfAttention` is given a pre-forward hook that projects its input
     with the layer's own :meth:`~tformer.nn.SelfAttention.project_qkv` and passes q and k to
-    :func:`tformer.backends.reference.attention.attention_probabilities`, the very function
-    the reference attention op computes its softmax with; nothing of the math is repeated here.
+    :func:`tformer.backends.reference.attention.attention_weights`, the reference attention's
+    own softmax; nothing of the math is repeated here.
     """
     maps: list[torch.Tensor] = []
 
@@ -29,8 +32,8 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, **forward_kwarg
             raise ValueError("attention_maps: run without a kv_cache")
         q, k, _ = module.project_qkv(args[0], positional=kwargs.get("positional"),
                                      position_offset=kwargs.get("position_offset", 0))
-        probs, _ = attention_probabilities(q, k, causal=module.causal, key_padding_mask=kwargs.get("key_padding_mask"),
-                                           scale=1.0 / math.sqrt(module.head_dim))
+        probs = attention_weights(q, k, causal=module.causal, key_padding_mask=kwargs.get("key_padding_mask"),
+                                  scale=1.0 / math.sqrt(module.head_dim))
         maps.append(probs.detach().cpu())
 
     layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
@@ -40,7 +43,7 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, **forward_kwarg
     was_training = model.training
     try:
         model.eval()
-        model(tokens, **forward_kwargs)
+        (forward or model)(tokens, **forward_kwargs)
     finally:
         for handle in handles:
             handle.remove()

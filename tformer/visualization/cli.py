@@ -67,7 +67,12 @@ def _attention(args) -> str:
         raise ValueError("argument '--text' is empty after tokenization")
     if getattr(model, "uses_cls", False):
         labels = ["<cls>", *labels]
-    maps = attention_maps(model, torch.tensor([ids], dtype=torch.long))
+    from tformer.models.encoder_classifier import EncoderClassifier
+
+    # Encoders (classify, mlm, multitask) run their trunk: a multi-task forward also needs a task
+    # name and labels, and a head changes no attention weight.
+    forward = model.encode if isinstance(model, EncoderClassifier) else None
+    maps = attention_maps(model, torch.tensor([ids], dtype=torch.long), forward=forward)
     return str(plot_attention(maps, labels, args.out, title=args.text if len(args.text) <= 80 else None))
 
 
@@ -79,7 +84,7 @@ def _curves(args) -> str:
     runs = {}
     for run in args.runs:
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
-        runs[label if label not in runs else run] = read_metrics(run)
+        runs[label if label not in runs else run] = _some_metrics(run)
     return str(plot_training_curves(runs, args.out))
 
 
@@ -87,7 +92,17 @@ def _gradients(args) -> str:
     from .curves import read_metrics
     from .gradients import plot_gradient_flow
 
-    return str(plot_gradient_flow(read_metrics(args.run), args.out))
+    return str(plot_gradient_flow(_some_metrics(args.run), args.out))
+
+
+def _some_metrics(run: str) -> list[dict]:
+    """The run's metric records; a run with none (an empty metrics.jsonl) is an error, not a blank plot."""
+    from .curves import read_metrics
+
+    records = read_metrics(run)
+    if not records:
+        raise ValueError(f"{run}: metrics.jsonl holds no metric records yet (nothing to plot)")
+    return records
 
 
 def _embeddings(args) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 # (panel title, metric keys tried in order: the first one present in a run is drawn)
@@ -27,11 +28,21 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"read_metrics: argument 'run' must be a run folder holding metrics.jsonl or the "
                                 f"file itself, got {str(run)!r}")
     records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if "samples" not in record:
-                records.append(record)
+        except ValueError as error:
+            if number == len(lines):
+                # What a killed run leaves: its last line cut short. The rest is plotted.
+                warnings.warn(f"read_metrics: {path}: skipping line {number}, the last, which is damaged ({error}; "
+                              f"a run killed while writing leaves this)", stacklevel=2)
+                continue
+            raise ValueError(f"read_metrics: {path}: line {number} is not JSON ({error})") from error
+        if isinstance(record, dict) and "samples" not in record:
+            records.append(record)
     return records
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from tformer.ops.attention_mask import Band
+
 # (forward atol=rtol, gradient atol=rtol) per dtype: the project's tolerance table, scaled by
 # each result's magnitude below.
 TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 6e-2)}
@@ -30,8 +32,9 @@ def attention_case(device, dtype, batch, heads, kv_heads, seq_q, seq_k, head_dim
     mask = None
     if lengths is not None:
         mask = torch.arange(seq_k, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+    band = Band(left=-1, right=0) if causal else Band()
     return dict(q=q, k=k, v=v, causal=causal, key_padding_mask=mask, scale=head_dim ** -0.5, dropout_p=0.0,
-                return_lse=False)
+                return_lse=False, band=band, softcap=0.0)
 
 
 def norm_case(op, device, dtype, rows, n, residual):

@@ -1,1 +1,0 @@
-"""tformer's Triton kernels, one module per op. Installed as ``tformer.kernels``."""

@@ -1,0 +1,243 @@
+"""The sm_90a attention kernels' hardware contracts, proved on the CPU from the kernels' own
+constants (csrc/attention_sm90/contracts.h): the TMA swizzle and wgmma descriptors
+(tests/sm90_layout_model.py) and the barrier schedule (tests/sm90_schedule_model.py). Each
+contract also has a deliberately broken variant that must fail, so none of these can pass
+vacuously. The SASS-side guards (registers at entry, injected warpgroup.arrive) are in
+tests/test_cuda_attention_sm90_sass.py."""
+
+import pytest
+
+import sm90_layout_model as layout
+
+CONSTANTS = layout.read_constants()
+
+
+# ---- descriptors, 128B swizzle, TMA ---------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+def test_every_wgmma_fetches_the_intended_element(kernel, head_dim):
+    assert layout.check_kernel(kernel, head_dim) == []
+
+
+@pytest.mark.parametrize("base", [1024, 7 * 1024])
+def test_contract_holds_wherever_the_aligned_base_lands(base):
+    # aligned_shared() puts the carve-up on some 1024-byte boundary; the swizzle uses absolute bits.
+    assert layout.check_kernel("forward", 128, base=base) == []
+
+
+@pytest.mark.parametrize("broken, what", [
+    ({"kKMajorStrideBytes": 512}, "elements wrong"),     # wrong SBO of the K-major operands
+    ({"kMNMajorStrideBytes": 2048}, "elements wrong"),   # wrong SBO of the MN-major V / dO / Q / K
+    ({"kKStepBytes": 16}, "elements wrong"),             # k-step advancing half a step in the row
+    ({"kKStepsPerPanel": 8}, "elements wrong"),          # running past the 128-byte row into the next
+    ({"kMNStepBytes": 1024}, "elements wrong"),          # MN-major k-step of 8 rows, not 16
+    ({"kConsumerRowBytes": 4096}, "elements wrong"),     # consumer 1 reading rows 32-95
+    ({"kDescriptorSwizzle128B": 2}, "not 128B swizzle"),  # 64B swizzle mode in the descriptor
+])
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+def test_broken_layout_is_caught(kernel, broken, what):
+    errors = layout.check_kernel(kernel, 128, broken)
+    assert any(what in e for e in errors), errors[:3]
+
+
+def test_misaligned_tile_is_caught():
+    errors = layout.check_kernel("forward", 64, base=512)
+    assert any("not on a 1024-byte swizzle atom" in e for e in errors)
+
+
+def test_swizzle_permutes_chunks_within_each_row():
+    import numpy as np
+
+    rows = np.arange(8)[:, None] * 128 + np.arange(0, 128, 16)[None, :]
+    swizzled = layout.swizzle_128b(rows)
+    assert (swizzled // 128 == rows // 128).all()  # stays in its row
+    assert all(sorted(swizzled[r] % 128) == list(range(0, 128, 16)) for r in range(8))  # a permutation
+    assert (swizzled[0] == rows[0]).all() and swizzled[1, 0] == 128 + 16  # row 1: chunk 0 <-> 1
+
+
+@pytest.mark.parametrize("n", [64, 128])
+def test_accumulator_is_the_next_products_a_fragment(n):
+    assert layout.check_pack_a(n) == []
+
+
+def test_constants_parse_and_match_the_kernels_budget():
+    c = CONSTANTS
+    assert c["kThreads"] == 384 and c["kRegistersAtEntry"] == 168
+    assert c["kProducerRegisters"] * 128 + c["kConsumerRegisters"] * 256 <= c["kRegistersAtEntry"] * c["kThreads"]
+    assert c["kKStepsPerPanel"] * c["kKStepBytes"] == c["kSwizzleBytes"]
+
+
+def test_constants_reader_rejects_what_it_cannot_evaluate(tmp_path):
+    header = tmp_path / "bad.h"
+    header.write_text("constexpr int kA = sizeof(int);\n")
+    with pytest.raises(ValueError, match="kA"):
+        layout.read_constants(header)
+
+
+# ---- barrier schedule ------------------------------------------------------------------------------
+import re  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import sm90_schedule_model as schedule  # noqa: E402
+
+SEEDS = range(6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 32])
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+def test_schedule_never_hangs_over_arrives_or_overwrites(kernel, head_dim, steps):
+    for seed in SEEDS:  # ScheduleError on any broken contract
+        schedule.simulate(kernel, head_dim, steps=steps, seed=seed)
+
+
+def test_forward_keeps_the_tensor_cores_busy():
+    low, _ = schedule.busy_range("forward", 128)
+    assert low >= 0.85, f"forward hd 128: tensor cores busy {low:.1%} at the stated latencies"
+
+
+def test_todays_forward_schedule_fails_the_busy_bar():
+    # main at 99c1e85: one empty barrier a slot for K and V, 2 stages, K waited for inside the
+    # turn. The bar above must tell it from the fixed schedule.
+    two_stages = {**CONSTANTS, "kForwardStages": 2}
+    before_fix_2 = schedule.Latencies(softmax_cycles=750)
+    low, mean = schedule.busy_range("forward", 128, variant=schedule.TODAY, constants=two_stages, lat=before_fix_2)
+    assert mean < 0.85, f"today's schedule modelled at {mean:.1%}"
+
+
+@pytest.mark.parametrize("broken, message", [
+    (dict(wrong_parity=True), "before its TMA lands"),
+    (dict(release_k_early=True), "reads it until"),
+    (dict(double_release=True), "over-arrival"),
+    (dict(skip_finish=True), "left half-arrived"),
+    (dict(skip_first_grant=True), "hang"),
+])
+def test_broken_forward_schedule_is_caught(broken, message):
+    with pytest.raises(schedule.ScheduleError, match=message):
+        schedule.simulate("forward", 128, variant=replace(schedule.FIXED, **broken))
+
+
+@pytest.mark.parametrize("kernel", ["key_grad", "query_grad"])
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_backward_slot_released_while_read_is_caught(kernel, head_dim):
+    with pytest.raises(schedule.ScheduleError, match="reads it until"):
+        schedule.simulate(kernel, head_dim, release_early=True)
+
+
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+@pytest.mark.parametrize("registers", [128, 160])
+def test_too_few_registers_at_entry_hang(kernel, registers):
+    with pytest.raises(schedule.ScheduleError, match=r"hang: .*setmaxnreg"):
+        schedule.simulate(kernel, 128, registers_at_entry=registers)
+
+
+@pytest.mark.parametrize("kernel", layout.KERNELS)
+def test_boxes_short_of_the_announced_bytes_hang(kernel):
+    # 32-column boxes deliver half of what expect_tx announces: the phase never completes.
+    with pytest.raises(schedule.ScheduleError, match="hang"):
+        schedule.simulate(kernel, 128, constants={**CONSTANTS, "kBoxColumns": 32})
+
+
+def test_transaction_bytes_past_the_tx_count_are_caught():
+    small = {**CONSTANTS, "kMaxTransactionBytes": 16 * 1024}
+    with pytest.raises(schedule.ScheduleError, match="tx-count"):
+        schedule.simulate("forward", 128, constants=small)
+
+
+# The model's forward consumer is the kernel's: the same pipeline operations in the same order.
+_SOURCE_TOKENS = [
+    (r"mbarrier_wait\(q_full", "wait q_full"), (r"mbarrier_wait\(&k_full", "wait k_full"),
+    (r"mbarrier_wait\(&v_full", "wait v_full"), (r"turns\.grant_first\(\)", "grant"),
+    (r"turns\.take\(\)", "take"), (r"turns\.pass\(\)", "pass"), (r"turns\.finish\(\)", "finish"),
+    (r"issue_qk<", "issue S"), (r"issue_pv<", "issue PV"), (r"wgmma_wait<(\d)>", "wgmma_wait"),
+    (r"mbarrier_arrive\(&k_empty", "release k"), (r"mbarrier_arrive\(&v_empty", "release v"),
+    (r"mbarrier_arrive\(&kv_empty", "release kv"),
+]
+
+
+def _source_tokens(text: str) -> list[str]:
+    found = []
+    for pattern, token in _SOURCE_TOKENS:
+        for match in re.finditer(pattern, text):
+            found.append((match.start(), token + (f"<{match.group(1)}>" if match.groups() else "")))
+    return [token for _, token in sorted(found)]
+
+
+def _model_tokens(ops) -> list[str]:
+    tokens = []
+    for op in ops:
+        kind = op[0]
+        if kind == "wait":
+            tokens.append("wait " + re.sub(r"\d+$", "", op[1]))
+        elif kind in ("bar_sync", "bar_arrive"):
+            tokens.append(op[2])
+        elif kind == "wgmma":
+            tokens.append("issue PV" if op[1].startswith("PV") else "issue S")
+        elif kind == "wait_group":
+            tokens.append(f"wgmma_wait<{op[1]}>")
+        elif kind == "arrive":
+            tokens.append("release " + re.sub(r"_empty\d+$", "", op[1]))
+    return tokens
+
+
+def forward_source_tokens(steps: int) -> list[str]:
+    source = (layout.ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
+    body = source[source.index("// ---- consumers ----"):source.index("// Fully masked rows")]
+    loop_start = body.index("for (int step = 1; step < num_steps; ++step)")
+    loop_end = body.index("if (num_steps > 0) {\n    const int last")
+    before, loop, after = (_source_tokens(part) for part in (body[:loop_start], body[loop_start:loop_end],
+                                                             body[loop_end:]))
+    return before + loop * (steps - 1) + after
+
+
+@pytest.mark.parametrize("consumer", [0, 1])
+def test_model_follows_the_forward_kernels_operation_order(consumer):
+    steps = 4
+    source = forward_source_tokens(steps)
+    if consumer == 0:
+        source = [t for t in source if t != "grant"]
+    model = _model_tokens(schedule.forward_consumer_ops(128, steps, consumer=consumer))
+    if consumer == 1:
+        source = [t for t in source if t != "finish"]  # only consumer 0 syncs in finish()
+    assert model == source
+
+
+def test_operation_order_check_catches_a_moved_wait():
+    # today's kernel waited for K after taking the turn: the model's FIXED order must differ.
+    today = _model_tokens(schedule.forward_consumer_ops(128, 4, variant=schedule.TODAY))
+    fixed = _model_tokens(schedule.forward_consumer_ops(128, 4))
+    assert today != fixed and today.index("take") < today.index("wait k_full")
+
+
+# ---- the forward's staged output store ----------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_output_staging_round_trips_without_bank_conflicts(head_dim):
+    assert layout.check_output_staging(head_dim) == []
+
+
+def test_output_staging_without_swizzle_is_caught():
+    errors = layout.check_output_staging(128, swizzled=False)
+    assert any("bank conflicts" in e for e in errors)
+
+
+def test_output_staging_in_the_other_consumers_rows_is_caught():
+    errors = layout.check_output_staging(128, c={**CONSTANTS, "kWgmmaM": 32})
+    assert errors
+
+
+# A persistent forward (fix 3's second half, not built yet): the schedule it needs is proved here
+# first. Q is refilled only after both consumers released it on q_empty, once O has left the rows
+# it was staged in; step numbers, slots, parities and the per-tile pingpong run on across tiles.
+PERSISTENT = replace(schedule.FIXED, persistent=True)
+
+
+@pytest.mark.parametrize("tiles", [(4, 4, 4), (8, 7, 6, 5, 4, 3, 2, 1), (1, 1, 1, 1), (0, 3, 0, 2), (32, 32)], ids=str)
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_persistent_forward_schedule_is_sound(tiles, head_dim):
+    for seed in SEEDS:
+        schedule.simulate("forward", head_dim, variant=PERSISTENT, tiles=tiles, seed=seed)
+
+
+def test_persistent_forward_releasing_q_before_the_epilogue_is_caught():
+    with pytest.raises(schedule.ScheduleError, match="reads it until|reuses"):
+        schedule.simulate("forward", 128, variant=replace(PERSISTENT, release_q_early=True), tiles=(3, 3, 3))
