@@ -39,16 +39,13 @@ def cache_dir() -> Path:
 def build_hash() -> str:
     """A hash of what was built: the Triton kernel sources, the backends' Python and the compiled
     extension (a rebuilt or edited kernel must be checked again)."""
-    import importlib.util
-
     import tformer
+    import tformer.kernels  # its __init__ imports no Triton; its __path__ says where the kernels are
 
     package = Path(tformer.__file__).parent
-    # tformer.kernels installs from the repository's kernels/: ask where it is, without importing Triton.
-    kernels = Path(next(iter(importlib.util.find_spec("tformer.kernels").submodule_search_locations)))
+    kernels = [path for folder in tformer.kernels.__path__ for path in sorted(Path(folder).glob("*.py"))]
     digest = hashlib.sha256()
-    files = [*sorted(kernels.glob("*.py")), *sorted((package / "backends").rglob("*.py")),
-             *sorted(package.glob("_C*.so"))]
+    files = [*kernels, *sorted((package / "backends").rglob("*.py")), *sorted(package.glob("_C*.so"))]
     for path in files:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
