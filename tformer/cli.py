@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
     "ablate": Command("tformer.experiments.ablate", "run an ablation grid of training runs"),
     "visualize": Command("tformer.visualization.cli", "plot training runs and attention maps"),
     "env": Command("tformer.env_report", "report versions, GPUs, backends and the CUDA build (--json)"),
+    "selftest": Command("tformer.ops.selftest.cli", "check and time every kernel path on this device; print the table"),
 }
 
 

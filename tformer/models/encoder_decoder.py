@@ -10,7 +10,7 @@ from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
 from tformer.nn import TransformerBlock, add_and_norm, make_norm
-from tformer.nn.choices import check_choice
+from tformer.schema import check_choice
 from tformer.nn.speech import SpeechEmbedding
 
 from .config import ModelConfig, _check_positive_int
@@ -56,7 +56,7 @@ class EncoderDecoderConfig(ModelConfig):
         if not self.norm_first:
             self.norm_position = "post"
         self.norm_first = self.norm_position == "pre"
-        check_choice(owner, "encoder_input", self.encoder_input, ENCODER_INPUTS)
+        check_choice(f"{owner}: argument 'encoder_input'", self.encoder_input, ENCODER_INPUTS)
         for name in ("n_encoder_layers", "src_vocab_size", "max_source_len", "sample_rate", "n_mels", "conv_channels"):
             _check_positive_int(owner, name, getattr(self, name))
         if self.n_kv_heads != self.n_heads:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .choices import check_choice
+from tformer.schema import check_choice
 
 # cls: position 0 (a CLS token); mean: the average of the kept positions; max: their maximum.
 POOLINGS: tuple[str, ...] = ("cls", "mean", "max")
@@ -23,7 +23,7 @@ class Pooling(nn.Module):
 
     def __init__(self, mode: str):
         super().__init__()
-        self.mode = check_choice("Pooling", "mode", mode, POOLINGS)
+        self.mode = check_choice("Pooling: argument 'mode'", mode, POOLINGS)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
