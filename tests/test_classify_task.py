@@ -10,7 +10,8 @@ import pytest
 import torch
 from imdb_synthetic import make_imdb_archive
 
-from tformer.generation.classify import TextClassifier, main as classify_main
+from tformer.cli.classify import main as classify_main
+from tformer.generation.classify import TextClassifier
 from tformer.training.config import ConfigError, load_config
 from tformer.tasks import get_task_class
 from tformer.training.trainer import Trainer

@@ -49,7 +49,7 @@ def test_top_level_help_lists_every_command_on_one_line(capsys):
 @pytest.mark.parametrize("name", PRESENT)
 def test_command_help_shows_every_option_of_its_module(name, capsys):
     module = importlib.import_module(cli.COMMANDS[name].module)
-    parser = module.build_parser()
+    parser = module.build_parser(f"tformer {name}")
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
     assert exit_info.value.code == 0
@@ -85,11 +85,33 @@ def test_unknown_command_is_a_usage_error(capsys):
 def test_arguments_reach_the_command_unchanged(monkeypatch):
     seen = {}
     fake = type(sys)("fake_command")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
-    monkeypatch.setitem(sys.modules, "tformer.generation.classify", fake)
+    fake.main = lambda argv, prog: seen.update(argv=argv, prog=prog) or 3
+    monkeypatch.setitem(sys.modules, "tformer.cli.classify", fake)
     argv = ["--checkpoint", "runs/x", "a review", "--", "-dashed text", "--help"]
     assert cli.main(["classify", *argv]) == 3
-    assert seen["argv"] == argv
+    assert seen == {"argv": argv, "prog": "tformer classify"}
+
+
+def test_every_command_is_one_module_of_the_cli_package():
+    assert all(command.module == f"tformer.cli.{name}" for name, command in cli.COMMANDS.items())
+    assert {"checkpoint", "env"} <= set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_usage_line_names_the_command_as_typed(name, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: tformer {name} ")
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"], prog="python -m tformer")
+    assert capsys.readouterr().out.startswith(f"usage: python -m tformer {name} ")
+
+
+def test_python_m_tformer_is_the_tformer_command():
+    result = subprocess.run([sys.executable, "-m", "tformer", "checkpoint", "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parent)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m tformer checkpoint ")
+    assert "verify" in result.stdout
 
 
 def test_help_does_not_import_torch_and_the_console_script_is_installed():

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tformer.generation.embed import main as embed_main
+from tformer.cli.embed import main as embed_main
 from tformer.models import EncoderClassifierConfig, SentenceEncoder, TformerTrunk, pool
 from tformer.models.sentence_trunks import resolve_pretrained
 

@@ -78,3 +78,8 @@ def check_choice(where: str, value, choices) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"config: {where} must be one of {choices}, got {value!r}.{hint}")
+
+
+class UsageError(Exception):
+    """An error the user can fix (a bad argument, a damaged input, a busy folder). Commands print
+    it as one ``error: ...`` line (:func:`tformer.cli.errors.run_cli`)."""
