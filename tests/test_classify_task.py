@@ -1,6 +1,6 @@
 """The 'classify' task on a small synthetic IMDb archive: batches and masks, resumable batch
 order, padding-invariant logits, sharded evaluation, a full run through tformer/train.py with
-export, and the ``python -m tformer.classify`` CLI."""
+export, and the ``tformer classify`` command."""
 
 from __future__ import annotations
 
