@@ -73,7 +73,7 @@ def test_sample_good_flags_and_temperature_zero_is_greedy(export, capsys):
 
 
 def test_sample_and_classify_refuse_missing_or_damaged_exports(export, tmp_path, capsys):
-    from tformer.generation import classify, sampling
+    from tformer.cli import classify, sample as sampling
 
     _fails(sampling.main, ["--checkpoint", str(tmp_path / "nowhere")], capsys, "--checkpoint")
     _fails(classify.main, ["--checkpoint", str(tmp_path / "nowhere"), "text"], capsys, "--checkpoint")

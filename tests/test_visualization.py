@@ -14,7 +14,7 @@ import torch
 from tformer import ops
 from tformer.models import DecoderLM, EncoderClassifier, EncoderClassifierConfig, ModelConfig
 from tformer.nn import SelfAttention
-from tformer.training import cli as train_cli
+from tformer.cli import train as train_cli
 from tformer.training.config import LoggingConfig
 from tformer.training.trainer import layer_groups
 from tformer.cli import visualize as cli
