@@ -213,6 +213,13 @@ def test_every_task_on_two_ranks_evaluates_like_one_process(task_configs, tmp_pa
         if name in SAME_TRAINING:
             want = single_process_train_losses(task_configs[name], tmp_path / f"train_{name}")
             assert train_losses(tmp_path / name) == pytest.approx(want, rel=1e-4), name
+    if strategy == "fsdp2":
+        # Started again into the LM's folder without --resume: every rank stops at once with
+        # rank 0's one line, none waits for the others.
+        (tmp_path / "again.json").write_text(json.dumps(plan[0]))
+        again = subprocess.run([*launcher, str(REPO / "tformer" / "train.py"), "--config", str(tmp_path / "again.json")],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode != 0 and f"error: run.out_dir {tmp_path / 'lm'} holds another run" in again.stderr
 
 
 # ----------------------------------------------------------------------------- the rules, in one process
