@@ -134,3 +134,36 @@ def test_tformer_train_runs_a_tiny_job(tmp_path):
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+
+
+def test_one_function_finds_export_folders(tmp_path):
+    """Commands and training.init_from accept the same folders: an export, a run or checkpoint
+    folder holding export/, or a run whose newest complete checkpoint holds one."""
+    from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, find_export
+
+    def export_at(folder):
+        folder.mkdir(parents=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            (folder / name).write_text("{}")
+        return folder
+
+    run = tmp_path / "run"
+    for step, complete in ((2, True), (10, True), (11, False)):
+        export_at(run / "checkpoints" / f"step_{step}" / "export")
+        if complete:
+            (run / "checkpoints" / f"step_{step}" / "COMPLETE").write_text("{}")
+    assert find_export(run) == run / "checkpoints" / "step_10" / "export"  # newest complete, by number
+    assert find_export(run / "checkpoints" / "step_2") == run / "checkpoints" / "step_2" / "export"
+    export_at(run / "export")
+    assert find_export(run) == find_export(run / "export") == run / "export"
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / WEIGHTS_NAME).write_text("")
+    assert find_export(tmp_path / "bare", argument="training.init_from", need_config=False) == tmp_path / "bare"
+    with pytest.raises(FileNotFoundError, match=r"argument '--checkpoint' = .*bare.* holds no config.json"):
+        find_export(tmp_path / "bare")
+    # No other module keeps its own finder.
+    package = Path(cli.__file__).resolve().parent.parent
+    finders = [str(path.relative_to(package)) for path in package.rglob("*.py")
+               if any(f"def {name}(" in path.read_text() for name in ("find_export", "resolve_export",
+                                                                       "resolve_export_dir"))]
+    assert finders == ["models/pretrained.py"]

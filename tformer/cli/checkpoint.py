@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tformer.schema import UsageError
 from tformer.training.checkpoint import COMPLETE
-from tformer.training.checkpoint_verify import checkpoint_step, checkpoint_folders, incomplete_checkpoints, verify_checkpoint
+from tformer.training.checkpoint_verify import (checkpoint_folders, checkpoint_step, incomplete_checkpoints,
+                                                verify_checkpoint)
 
 
 def build_parser(prog: str = "tformer checkpoint") -> argparse.ArgumentParser:

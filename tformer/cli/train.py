@@ -1,4 +1,5 @@
-"""``tformer train`` and ``tformer/train.py``'s command line: arguments in, :class:`~tformer.training.trainer.Trainer` out.
+"""``tformer train`` and ``tformer/train.py``'s command line: arguments in,
+:class:`~tformer.training.trainer.Trainer` out.
 
     python tformer/train.py                                   # configs/ds.json: Tiny Shakespeare char LM
     deepspeed tformer/train.py --config ds.json               # same job through the DeepSpeed launcher
@@ -23,7 +24,8 @@ from tformer.training.trainer import Trainer
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """``prog`` None: the script's own name (``train.py`` under ``deepspeed tformer/train.py``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ds.json",
                         help="config file (JSON or YAML): a path, or a bare name such as ds.json or zero2 resolved "
                              "against configs/ in the repository or the installed package (default: ds.json)")
