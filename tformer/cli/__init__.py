@@ -46,7 +46,7 @@ COMMANDS: dict[str, Command] = {
 def build_parser(prog: str = "tformer") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="tformer: fused attention kernels and a transformer training system.",
-        epilog="Run 'tformer COMMAND --help' for a command's options.",
+        epilog=f"Run '{prog} COMMAND --help' for a command's options.",
         formatter_class=functools.partial(argparse.HelpFormatter, width=120))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # argparse sizes the summary column by the metavar and the names at one indent less than it
