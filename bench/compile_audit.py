@@ -152,9 +152,11 @@ AUDIT_BATCH, AUDIT_SEQLEN = 2, 2048
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def attention_launches(data: str, head_dim: int, feature: tuple, fwd_path: str = "fa2") -> list[tuple]:
+def attention_launches(data: str, head_dim: int, feature: tuple, fwd_path: str = "fa2",
+                       mask: dict | None = None) -> list[tuple]:
     """(kernel name, kernel, tuned, args, meta) of every tuned launch of one forward + backward,
-    or of the forward alone for ``fwd_path="hopper"``."""
+    or of the forward alone for ``fwd_path="hopper"``. ``mask``: the kernels' ``band`` and
+    ``softcap`` keyword arguments (a sliding window, bottom-right alignment, soft-capping)."""
     import torch
 
     from tformer.kernels.attention import attention_forward
@@ -178,20 +180,21 @@ def attention_launches(data: str, head_dim: int, feature: tuple, fwd_path: str =
             recorded.append((kernel, tuned, args, meta))
 
     common = (cu_seqlens, cu_seqlens, AUDIT_SEQLEN, AUDIT_SEQLEN, causal, head_dim ** -0.5, dropout_p, seed)
-    out, lse = attention_forward(q, k, v, key_padding, *common, launcher=record, fwd_path=fwd_path)
+    mask = mask or {}
+    out, lse = attention_forward(q, k, v, key_padding, *common, launcher=record, fwd_path=fwd_path, **mask)
     if fwd_path == "hopper":
         return [("attention_fwd_hopper", *recorded.pop())]
     launches = [("attention_fwd", *recorded.pop())]
     for expanded in (False, True) if num_heads != num_kv_heads else (False,):
         attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=expanded,
-                           dq_mode="split")
+                           dq_mode="split", **mask)
         dq_launch, dkdv_launch = recorded.pop(), recorded.pop()
         launches.append(("attention_bwd_dkdv_expanded" if expanded else "attention_bwd_dkdv", *dkdv_launch))
         if not expanded:
             launches.append(("attention_bwd_dq", *dq_launch))
     # TFORMER_ATTENTION_DQ=atomic: the dK/dV pass with the dQ atomics, and no dQ pass.
     attention_backward(out, q, k, v, out, lse, key_padding, *common, launcher=record, expanded=False,
-                       dq_mode="atomic")
+                       dq_mode="atomic", **mask)
     launches.append(("attention_bwd_dkdv_atomic_dq", *recorded.pop()))
     return launches
 

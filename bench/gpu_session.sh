@@ -134,8 +134,12 @@ first_stage() {  # the first call of a GPU session: build, canary, sweep, anchor
   [ $((SECONDS - start)) -gt 150 ] && [ "$sweep_seconds" -gt 60 ] && sweep_seconds=60
   echo "-- sweep: $sweep_seconds s on $sweep_device"
   # No autotuning in the sweep: each kernel variant compiles once (the benchmarks tune).
-  TFORMER_AUTOTUNE=0 timeout -k 10 $((sweep_seconds + 40)) "$PY" -m bench.gpu_sweep --device "$sweep_device" \
-    --seconds "$sweep_seconds" --out "$OUT/sweep.json" ${SWEEP_SEED:+--seed "$SWEEP_SEED"} $without_cuda 2>&1 \
+  # Then FlashAttention's test grid (bench/flash_attn_grid.py), in a seeded random order for
+  # FLASH_GRID_SECONDS (default 60; FLASH_GRID_SECONDS=0 skips it, a large value runs all of it).
+  local grid_seconds=${FLASH_GRID_SECONDS:-60}
+  TFORMER_AUTOTUNE=0 timeout -k 10 $((sweep_seconds + grid_seconds + 40)) "$PY" -m bench.gpu_sweep --device "$sweep_device" \
+    --seconds "$sweep_seconds" --out "$OUT/sweep.json" ${SWEEP_SEED:+--seed "$SWEEP_SEED"} $without_cuda \
+    --flash-grid full --flash-grid-seconds "$grid_seconds" 2>&1 \
     | tee "$OUT/sweep.log" | tail -n 60 || status=1
   # The rest of 400 s goes to the anchors: tformer's backends and the anchors the issue names
   # (attention fwd and fwd+bwd, the row ops fwd and bwd), 30 ms of repeats a row; the atomic-dQ

@@ -9,6 +9,12 @@ Every failing case prints a one-line reproducer:
     python -m bench.gpu_sweep --seconds 90 --seed 1 --out sweep.json    # on a GPU
     python -m bench.gpu_sweep --device cpu --seconds 5                  # CPU: Triton interpreted, tiny shapes
     python -m bench.gpu_sweep --case '{"op": "softmax", ...}'           # re-run one case
+    python -m bench.gpu_sweep --seconds 90 --flash-grid full            # plus FlashAttention's whole grid
+
+``--flash-grid N`` (a seeded sample of N cases) or ``full`` also runs FlashAttention's test grid
+(bench/flash_attn_grid.py: its head dims, sequence pairs, MQA/GQA, both causal alignments,
+windows, soft-capping, padding kinds and varlen, with its own rule) on the swept attention
+backends, after the random sweep; its counts join the result as ``flash_grid``.
 """
 
 from __future__ import annotations
@@ -308,6 +314,31 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_flash_grid(spec: str, seed: int, device: str, backends: list[str], seconds: float = math.inf,
+                   log=print) -> dict:
+    """FlashAttention's grid ('full' or a sample of ``int(spec)`` cases) on ``backends``, each
+    variant under its environment and an equal share of ``seconds`` (bench/flash_attn_grid.py)."""
+    from . import flash_attn_grid
+
+    if spec == "full":
+        cases = flash_attn_grid.full_grid()
+        random.Random(seed).shuffle(cases)
+    else:
+        cases = flash_attn_grid.sample(int(spec), seed, device)
+    results = {}
+    for name in backends:
+        backend, variables = VARIANTS.get(name, (name, {}))
+        with environment(**variables):
+            results[name] = flash_attn_grid.run_grid(cases, [backend], device, seconds / max(1, len(backends)),
+                                                     log=log)
+    failures = [dict(failure, backend=name) for name, r in results.items() for failure in r["failures"]]
+    counts = {name: r["counts"][VARIANTS.get(name, (name,))[0]] for name, r in results.items()}
+    log(f"flash grid: {len(cases)} cases x {len(backends)} backends: " + ", ".join(
+        f"{name} {row['cases']} run, {row['wrong']} wrong, worst {row['worst']:.2f}" for name, row in counts.items()))
+    return dict(cases=len(cases), counts=counts, failures=failures, spec=spec,
+                total=dict(wrong=sum(row["wrong"] for row in counts.values())))
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -329,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON with the counts and every failure")
     parser.add_argument("--case", default=None, help="re-run one case (the JSON a failure printed)")
+    parser.add_argument("--flash-grid", default=None,
+                        help="also run FlashAttention's test grid: 'full', or N for a seeded sample of N cases")
+    parser.add_argument("--flash-grid-seconds", type=float, default=math.inf,
+                        help="time cap on the grid (the full grid runs in a seeded random order, so a capped run "
+                        "is a uniform sample of it)")
     return parser
 
 
@@ -370,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
           f"attention forward {fwd_path}", flush=True)
     result = sweep(args.seconds, seed, args.device, backends, ops=args.ops.split(","), dtypes=args.dtypes.split(","),
                    max_cases=args.max_cases, log=lambda line: print(line, flush=True))
+    if args.flash_grid is not None:
+        result["flash_grid"] = run_flash_grid(args.flash_grid, seed, args.device, backends, args.flash_grid_seconds,
+                                              log=lambda line: print(line, flush=True))
+        result["total"]["wrong"] += result["flash_grid"]["total"]["wrong"]
     result["attention_fwd"] = fwd_path
     result["versions"] = dict(torch=torch.__version__, cuda=torch.version.cuda,
                               gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)

@@ -1,8 +1,10 @@
 """Flash attention forward in Triton (FlashAttention-2, Dao 2023, Algorithm 1).
 
-One kernel serves every variant through ``tl.constexpr`` parameters: causal (top-left
-aligned), key padding mask, packed variable-length sequences (``IS_VARLEN``: per-sequence
-offsets read from ``cu_seqlens``), grouped-query attention (query head ``h`` reads key/value
+One kernel serves every variant through ``tl.constexpr`` parameters: a causal/sliding-window
+band (``HAS_BAND``: top-left or bottom-right aligned, ``tformer.ops.attention_mask``; key blocks
+outside the band are skipped, not masked), logit soft-capping (``HAS_SOFTCAP``), key padding
+mask, packed variable-length sequences (``IS_VARLEN``: per-sequence offsets read from
+``cu_seqlens``), grouped-query attention (query head ``h`` reads key/value
 head ``h // group_size``; k and v are never repeated in memory) and dropout (``dropout.py``:
 Philox keyed by seed and the element's (batch, head, row, col) index, so the backward
 regenerates the same mask and the result does not depend on the block sizes).
@@ -28,10 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
+from tformer.ops.attention_mask import Band
+
 from .dropout import dropout_keep
 from .launch import autotuned, check_grid_yz, check_tile_strides, config, launch, seqlen_bucket
 
 MAX_HEAD_DIM = 256
+# An unbounded side of the band, as a kernel integer: i + offset +- 2^30 stays inside int32 for
+# any sequence a launch grid holds.
+UNBOUNDED = 1 << 30
 # Inside kernels, exp(x) is computed as exp2(x * log2(e)) (the cheaper instruction) and the
 # constants log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals.
 
@@ -53,12 +60,77 @@ def sequence_bounds(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, IS_VA
 
 
 @triton.jit
-def allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL: tl.constexpr,
-                   HAS_KEY_PADDING: tl.constexpr):
+def band_offset(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
+    """Where the band's diagonal starts: key ``i + offset`` lines up with query ``i``."""
+    if BOTTOM_RIGHT:  # FlashAttention's: the last query lines up with the last key
+        return k_len - q_len
+    return q_len * 0  # top-left, as SDPA's is_causal
+
+
+@triton.jit
+def in_band(rows, cols, offset, window_left, window_right):
+    """(M, N) bool: key ``cols[j]`` lies in query ``rows[i]``'s band (``ops.attention_mask``)."""
+    rel = cols[None, :] - (rows[:, None] + offset)
+    return (rel <= window_right) & (rel >= -window_left)
+
+
+@triton.jit
+def tanh(x):
+    """tanh in float32 (no libdevice, so the interpreter runs it too): an odd Taylor polynomial
+    near 0, where (1 - e) / (1 + e) would cancel, and the exponential form elsewhere (absolute
+    error below 1e-7 either way). -2.885... = -2 * log2(e)."""
+    ax = tl.abs(x)
+    e = tl.exp2(ax * -2.8853900817779268)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    t = tl.where(ax < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def key_block_range(start_m, k_len, offset, window_left, window_right, HAS_BAND: tl.constexpr,
+                    HAS_KEY_PADDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full_lo, full_hi, hi), multiples of BLOCK_N but ``hi``: the key blocks of
+    ``[lo, hi)`` hold a key some row of the query block ``[start_m, start_m + BLOCK_M)`` may
+    attend (blocks outside are skipped); those of ``[full_lo, full_hi)`` hold only keys every
+    row of the block attends (no masks needed). Rows past the sequence only narrow the full range."""
+    lo = k_len * 0
+    hi = k_len
+    full_lo = lo
+    full_hi = k_len
+    if HAS_BAND:
+        last_row = start_m + BLOCK_M - 1
+        lo = tl.maximum(start_m + offset - window_left, 0)
+        hi = tl.minimum(last_row + offset + window_right + 1, k_len)
+        full_lo = tl.maximum(last_row + offset - window_left, 0)
+        full_hi = tl.minimum(start_m + offset + window_right + 1, k_len)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
+    full_hi = tl.minimum(tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo), hi)
+    if HAS_KEY_PADDING:  # padded keys may sit anywhere: every block is masked
+        full_lo = hi
+        full_hi = hi
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units from the raw dot products: ``qk * scale * log2(e)``, or with
+    soft-capping (Gemma 2) ``softcap * tanh(qk * scale / softcap) * log2(e)``
+    (``softcap_in = scale / softcap``, ``softcap_out = softcap * log2(e)``)."""
+    if HAS_SOFTCAP:
+        return tanh(qk * softcap_in) * softcap_out
+    return qk * scale_log2
+
+
+@triton.jit
+def allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, offset, window_left, window_right,
+                   HAS_BAND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
     """s with -inf where query ``rows[i]`` may not attend key ``cols[j]`` ((M, N) layout)."""
     allowed = cols[None, :] < k_len
-    if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
-        allowed = allowed & (cols[None, :] <= rows[:, None])
+    if HAS_BAND:
+        allowed = allowed & in_band(rows, cols, offset, window_left, window_right)
     if HAS_KEY_PADDING:
         pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=cols < k_len, other=1)
         allowed = allowed & (pad == 0)[None, :]
@@ -66,10 +138,25 @@ def allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL: tl.c
 
 
 @triton.jit
+def narrow(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even. On a GPU that is what ``.to`` does; Triton
+    3.8's interpreter truncates float32 -> bfloat16 instead, which biases every bf16 result on
+    the CPU, so under ``UPCAST`` (the interpreter) a bf16 target is rounded here first (add half
+    an ulp of bf16, ties to even, in the float32 bits) and the truncation is then exact."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b (+ acc) with float32 accumulation. ``UPCAST`` converts the operands to float32
-    first: only under TRITON_INTERPRET=1 with bf16, which the interpreter's tl.dot gets wrong;
-    the conversion is exact, so the math is unchanged."""
+    first: only under TRITON_INTERPRET=1 with 16-bit inputs, whose tl.dot the interpreter gets
+    wrong (bf16) or runs as a slow NumPy float16 matmul (fp16); the conversion is exact, so the
+    math is unchanged."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -78,19 +165,22 @@ def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, key_pad_row, stride_ps, scale_log2,
-                     seed, dropout_p, batch_head,
-                     IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+                     offset, window_left, window_right, softcap_in, softcap_out, seed, dropout_p, batch_head,
+                     HAS_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     MASKED: tl.constexpr):
     """One step of the online softmax (FA2 Alg. 1, lines 8-10) over the key block ``cols``:
     returns the updated (acc, l_i, m_i). ``MASKED=False`` for blocks every row of the query
-    block may attend in full (below the causal diagonal, inside the key length, no padding):
-    no column mask on the loads, no score mask, and the scale folded into the exponent's FMA.
-    ``scale_log2`` >= 0 (the launcher's q carries the sign of a negative scale)."""
+    block may attend in full (inside the band and the key length, no padding): no column mask
+    on the loads, no score mask, and (without soft-capping) the scale folded into the
+    exponent's FMA. ``scale_log2`` >= 0 (the launcher's q carries the sign of a negative scale)."""
     if MASKED:
         col_ok = cols < k_len
         k_t = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST) * scale_log2
-        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+        s = scores_log2(tile_dot(q, k_t, None, DOT_PRECISION, UPCAST), scale_log2, softcap_in, softcap_out,
+                        HAS_SOFTCAP)
+        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, offset, window_left, window_right, HAS_BAND,
+                           HAS_KEY_PADDING)
         # A row with no allowed key so far has m = -inf; exponentiating against 0 instead
         # keeps exp2(-inf - -inf) = NaN out.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -100,10 +190,16 @@ def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, 
     else:
         k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tile_dot(q, k_t, None, DOT_PRECISION, UPCAST)
-        # Every score is finite here, so m_new is too; max(qk) * c == max(qk * c) for c >= 0.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-        m_safe = m_new
-        p = tl.exp2(qk * scale_log2 - m_safe[:, None])  # one FMA per score
+        if HAS_SOFTCAP:
+            s = scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = m_new
+            p = tl.exp2(s - m_safe[:, None])
+        else:
+            # Every score is finite here, so m_new is too; max(qk) * c == max(qk * c) for c >= 0.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_safe = m_new
+            p = tl.exp2(qk * scale_log2 - m_safe[:, None])  # one FMA per score
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -111,7 +207,7 @@ def attend_key_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, k_len, d_ok, 
     if HAS_DROPOUT:  # dropped after the normalizer: the softmax sum counts every key
         keep = dropout_keep(seed, dropout_p, batch_head, rows, cols)
         p = tl.where(keep, p, 0.0)
-    acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    acc = tile_dot(narrow(p, v.dtype, UPCAST), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
 
 
@@ -125,12 +221,15 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
-    scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
-    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    scale, window_left, window_right, softcap, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
+    HAS_BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``seqlen_q_bucket`` / ``seqlen_k_bucket`` are unused here: they key the autotuner."""
+    """``seqlen_q_bucket`` / ``seqlen_k_bucket`` are unused here: they key the autotuner.
+    ``window_left`` / ``window_right``: the band's bounds (``UNBOUNDED`` for none; causal is
+    ``window_right = 0``), read when ``HAS_BAND``; ``softcap`` > 0 when ``HAS_SOFTCAP``."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -166,33 +265,40 @@ def _attention_fwd_kernel(
     # negation wraps (on a GPU both cost the same).
     q = tl.where(scale < 0, (-(q.to(tl.float32))).to(q.dtype), q)
     scale_log2 = tl.abs(scale) * 1.4426950408889634
+    softcap_in = tl.abs(scale) / tl.where(HAS_SOFTCAP, softcap, 1.0)
+    softcap_out = softcap * 1.4426950408889634
+    offset = band_offset(q_len, k_len, BOTTOM_RIGHT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     batch_head = batch64 * num_heads + head  # int64: B x H may pass 2^31
 
-    # Keys [0, full_end) are attended by every row of the block: no masks there (the diagonal
-    # block, the last partial block and padded keys go through the masked loop).
-    hi = k_len
-    full_end = k_len
-    if IS_CAUSAL:  # key blocks entirely right of the diagonal contribute nothing
-        hi = tl.minimum(k_len, start_m + BLOCK_M)
-        full_end = tl.minimum(k_len, start_m + 1)  # key j <= start_m is seen by every row
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-    if HAS_KEY_PADDING:
-        full_end = 0
-    for start_n in range(0, full_end, BLOCK_N):
+    # Key blocks outside [lo, hi) hold no key this query block may attend: skipped. Blocks in
+    # [full_lo, full_hi) are attended in full by every row: no masks there; the band's edges,
+    # the last partial block and padded keys go through the masked loops.
+    lo, full_lo, full_hi, hi = key_block_range(start_m, k_len, offset, window_left, window_right, HAS_BAND,
+                                               HAS_KEY_PADDING, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, full_lo, BLOCK_N):
         first_col = k_start64 + start_n
         acc, l_i, m_i = attend_key_block(
             acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
-            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
-            IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
-    for start_n in range(full_end, hi, BLOCK_N):
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, offset, window_left, window_right,
+            softcap_in, softcap_out, seed, dropout_p, batch_head,
+            HAS_BAND, HAS_SOFTCAP, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         first_col = k_start64 + start_n
         acc, l_i, m_i = attend_key_block(
             acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
-            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, seed, dropout_p, batch_head,
-            IS_CAUSAL, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, offset, window_left, window_right,
+            softcap_in, softcap_out, seed, dropout_p, batch_head,
+            HAS_BAND, HAS_SOFTCAP, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        first_col = k_start64 + start_n
+        acc, l_i, m_i = attend_key_block(
+            acc, l_i, m_i, q, k_base + first_col * stride_ks + k_tile, v_base + first_col * stride_vs + v_tile, rows,
+            start_n + offs_n, k_len, d_ok, key_pad_row, stride_ps, scale_log2, offset, window_left, window_right,
+            softcap_in, softcap_out, seed, dropout_p, batch_head,
+            HAS_BAND, HAS_SOFTCAP, HAS_KEY_PADDING, HAS_DROPOUT, DOT_PRECISION, UPCAST, True)
 
     # Fully masked rows have l = 0: output 0 and lse = -inf, as the reference's safe_softmax.
     empty = l_i == 0.0
@@ -200,7 +306,8 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + first_row * stride_os
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             narrow(out, Out.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     l_base = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + first_row * stride_ls
@@ -250,7 +357,7 @@ def block_d(head_dim: int) -> int:
 def dot_meta(t: torch.Tensor) -> dict:
     """Constexprs of every tl.dot (see ``tile_dot``). "tf32" is ignored for fp16/bf16 operands."""
     return dict(DOT_PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-                UPCAST=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+                UPCAST=t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16))
 
 
 def problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -272,15 +379,30 @@ def seqlen_buckets(max_seqlen_q: int, max_seqlen_k: int) -> tuple[int, int]:
     return seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k)
 
 
+def band_args(causal: bool, band: Band | None) -> tuple[Band, tuple[int, int]]:
+    """The band of a call (``band``, or plain causal/full when None) and its kernel bounds
+    (``UNBOUNDED`` for an unbounded side)."""
+    if band is None:
+        band = Band(-1, 0 if causal else -1)
+    bounds = tuple(UNBOUNDED if bound < 0 else bound for bound in (band.left, band.right))
+    return band, bounds
+
+
+def band_meta(band: Band, softcap: float) -> dict:
+    """The mask constexprs shared by the forward and backward kernels."""
+    return dict(HAS_BAND=not band.is_full, BOTTOM_RIGHT=band.bottom_right, HAS_SOFTCAP=softcap > 0.0)
+
+
 def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                       causal: bool, scale: float, dropout_p: float, seed: int, launcher: Callable = launch,
-                      fwd_path: str | None = None):
+                      fwd_path: str | None = None, band: Band | None = None, softcap: float = 0.0):
     """Returns (out like q but contiguous, lse float32 (B, Hq, Sq) or (Hq, total_q) when packed).
 
     ``launcher`` runs the kernel (``launch.launch``'s signature); bench.compile_audit passes one
     that records the launch, to compile exactly what would run. ``fwd_path``: "hopper", "fa2"
     (this file's kernel) or "auto"; None reads $TFORMER_ATTENTION_FWD (see
-    ``attention_hopper.forward_path``).
+    ``attention_hopper.forward_path``). ``band``: the causal/window band (None: ``causal``
+    top-left); ``softcap``: > 0 soft-caps the scores.
 
     Raises:
         ValueError: too many heads or sequences for a grid, a token or head-dim stride above 2^23 elements,
@@ -288,9 +410,10 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max
     """
     from . import attention_hopper  # it imports this module's helpers
 
+    band, (window_left, window_right) = band_args(causal, band)
     if attention_hopper.forward_path(q, k, v, cu_seqlens_q is not None, dropout_p, fwd_path) == "hopper":
         return attention_hopper.attention_forward_hopper(q, k, v, key_padding_mask, max_seqlen_q, max_seqlen_k,
-                                                         causal, scale, launcher)
+                                                         causal, scale, launcher, band, softcap)
     varlen, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     check_tile_strides(**{name: strides4(t, varlen)[2:] for name, t in dict(q=q, k=k, v=v).items()})
     # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
@@ -310,8 +433,9 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max
     args = (q, k, v, out, lse, key_pad, cu_q, cu_k,
             *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(out, varlen),
             *lse_strides(lse, varlen), *pad_strides,
-            num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed, *seqlen_buckets(max_q, max_k))
-    meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
+            num_heads, group_size, max_q, max_k, head_dim, scale, window_left, window_right, softcap, dropout_p, seed,
+            *seqlen_buckets(max_q, max_k))
+    meta = dict(**band_meta(band, softcap), HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
                 **dot_meta(q), BLOCK_D=block_d(head_dim))
 
     def grid_of(blocks):

@@ -48,8 +48,11 @@ import triton.language as tl
 
 from typing import Callable
 
-from .attention import (allowed_scores, block_d, dot_meta, lse_strides, problem, seqlen_buckets, sequence_bounds,
-                        strides4, tile_dot)
+from tformer.ops.attention_mask import Band
+
+from .attention import (allowed_scores, band_args, band_meta, band_offset, block_d, dot_meta, key_block_range,
+                        lse_strides, narrow, problem, scores_log2, seqlen_buckets, sequence_bounds, strides4, tanh,
+                        tile_dot)
 from .dropout import dropout_keep
 from .launch import autotuned, check_tile_strides, config, launch
 
@@ -91,13 +94,24 @@ def _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls):
 
 
 @triton.jit
-def allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, IS_CAUSAL: tl.constexpr,
-                     HAS_KEY_PADDING: tl.constexpr):
+def softcap_grad(ds, qk, softcap_in, HAS_SOFTCAP: tl.constexpr):
+    """dS carried back through soft-capping to the raw scores: times
+    d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2 at the scaled score x (unchanged without)."""
+    if HAS_SOFTCAP:
+        t = tanh(qk * softcap_in)
+        ds = ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
+def allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, offset, window_left, window_right,
+                     HAS_BAND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
     """s_t with -inf where key ``cols[i]`` may not be attended by query ``rows[j]`` or that
     query is past ``q_len``: the forward's ``allowed_scores`` on the transposed (N, M) tile."""
     allowed = (cols[:, None] < k_len) & (rows[None, :] < q_len)
-    if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
-        allowed = allowed & (cols[:, None] <= rows[None, :])
+    if HAS_BAND:
+        rel = cols[:, None] - (rows[None, :] + offset)
+        allowed = allowed & (rel <= window_right) & (rel >= -window_left)
     if HAS_KEY_PADDING:
         pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=cols < k_len, other=1)
         allowed = allowed & (pad == 0)[:, None]
@@ -117,8 +131,8 @@ def _dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, heads_per_program, programs_per_kv_head, max_seqlen_q, max_seqlen_k, head_dim,
-    scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
-    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    scale, window_left, window_right, softcap, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
+    HAS_BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -157,11 +171,19 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     scale_log2 = scale * 1.4426950408889634
+    softcap_in = scale / tl.where(HAS_SOFTCAP, softcap, 1.0)
+    softcap_out = softcap * 1.4426950408889634
     key_pad_row = KeyPad + batch64 * stride_pb
+    offset = band_offset(q_len, k_len, BOTTOM_RIGHT)
 
-    lo = 0
-    if IS_CAUSAL:  # key j is seen only by rows i >= j: skip the query blocks above the diagonal
-        lo = (start_n // BLOCK_M) * BLOCK_M
+    # Query blocks outside [lo, hi) have no row whose band reaches this key block: skipped.
+    # Row i sees key j when j - offset - right <= i <= j - offset + left.
+    lo = q_len * 0
+    hi = q_len
+    if HAS_BAND:
+        lo = tl.maximum(start_n - offset - window_right, 0)
+        hi = tl.minimum(start_n + BLOCK_N - offset + window_left, q_len)
+    lo = (lo // BLOCK_M) * BLOCK_M
     # Transposed tiles (FA2 Alg. 2 with every matrix flipped): S^T = K Q^T and dP^T = V dO^T
     # are (N, M), so all four dots have M = BLOCK_N rows (wgmma's 64-row granularity on sm_90),
     # and P^T, dS^T feed dV += P^T dO and dK += dS^T Q as register operands without a transpose.
@@ -176,7 +198,7 @@ def _dkdv_kernel(
         do_base = DOut + batch64 * stride_gb + head64 * stride_gh
         dq_base = DQAccum + batch64 * stride_ab + head64 * stride_ah
         l_offset = batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_ls
-        for start_m in range(lo, q_len, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             first_row = q_start64 + start_m
             row_ok = rows < q_len
@@ -184,8 +206,10 @@ def _dkdv_kernel(
             do = tl.load(do_base + first_row * stride_gs + do_tile, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse2, delta = _row_stats(Lse, Delta, l_offset, rows, q_len, stride_ls)
             # Rows past q_len are masked like disallowed keys: their p is 0.
-            s_t = tile_dot(k, q_t, None, DOT_PRECISION, UPCAST) * scale_log2
-            s_t = allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+            qk_t = tile_dot(k, q_t, None, DOT_PRECISION, UPCAST)
+            s_t = scores_log2(qk_t, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+            s_t = allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, offset, window_left,
+                                   window_right, HAS_BAND, HAS_KEY_PADDING)
             p_t = tl.exp2(s_t - lse2[None, :])  # (N, M) probabilities, recomputed
             dp_t = tile_dot(v, tl.trans(do), None, DOT_PRECISION, UPCAST)
             if HAS_DROPOUT:
@@ -195,9 +219,9 @@ def _dkdv_kernel(
                 dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
             else:
                 p_dropped_t = p_t
-            dv = tile_dot(p_dropped_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+            dv = tile_dot(narrow(p_dropped_t, do.dtype, UPCAST), do, dv, DOT_PRECISION, UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
-            ds_t = ds_t.to(q_t.dtype)
+            ds_t = narrow(softcap_grad(ds_t, qk_t, softcap_in, HAS_SOFTCAP), q_t.dtype, UPCAST)
             dk = tile_dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
             if ATOMIC_DQ:
                 # dQ^T += K^T dS^T: D rows (wgmma on sm_90 from head dim 64), added where the
@@ -209,9 +233,11 @@ def _dkdv_kernel(
     dk = dk * scale
     out_head64 = out_head.to(tl.int64)
     tl.store(DK + batch64 * stride_dkb + out_head64 * stride_dkh + first_col * stride_dks
-             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             narrow(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
     tl.store(DV + batch64 * stride_dvb + out_head64 * stride_dvh + first_col * stride_dvs
-             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+             narrow(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["seqlen_q_bucket", "seqlen_k_bucket"])
@@ -225,8 +251,9 @@ def _dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_pb, stride_ps,
     num_heads, group_size, max_seqlen_q, max_seqlen_k, head_dim,
-    scale, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
-    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    scale, window_left, window_right, softcap, dropout_p, seed, seqlen_q_bucket, seqlen_k_bucket,
+    HAS_BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -260,30 +287,36 @@ def _dq_kernel(
     v_tile = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     key_pad_row = KeyPad + batch64 * stride_pb
     scale_log2 = scale * 1.4426950408889634
+    softcap_in = scale / tl.where(HAS_SOFTCAP, softcap, 1.0)
+    softcap_out = softcap * 1.4426950408889634
+    offset = band_offset(q_len, k_len, BOTTOM_RIGHT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(k_len, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    # Only the key blocks the forward visited (every one masked here: the backward's cost is in the dots).
+    lo, _, _, hi = key_block_range(start_m, k_len, offset, window_left, window_right, HAS_BAND, HAS_KEY_PADDING,
+                                   BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols < k_len)[:, None] & d_ok[None, :]
         first_col = k_start64 + start_n
         k = tl.load(k_base + first_col * stride_ks + k_tile, mask=kv_mask, other=0.0)
         v = tl.load(v_base + first_col * stride_vs + v_tile, mask=kv_mask, other=0.0)
-        s = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * scale_log2
-        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, IS_CAUSAL, HAS_KEY_PADDING)
+        qk = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST)
+        s = scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        s = allowed_scores(s, rows, cols, k_len, key_pad_row, stride_ps, offset, window_left, window_right, HAS_BAND,
+                           HAS_KEY_PADDING)
         p = tl.exp2(s - lse2[:, None])
         dp = tile_dot(do, tl.trans(v), None, DOT_PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, dropout_p, batch64 * num_heads + head64, rows, cols)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tile_dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+        ds = softcap_grad(p * (dp - delta[:, None]), qk, softcap_in, HAS_SOFTCAP)
+        dq = tile_dot(narrow(ds, k.dtype, UPCAST), k, dq, DOT_PRECISION, UPCAST)
 
     dq = dq * scale
     tl.store(DQ + batch64 * stride_dqb + head64 * stride_dqh + first_row * stride_dqs
-             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             narrow(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)
 
 
 # Backward candidates (see the forward's), from `python -m bench.compile_audit --only attention_bwd`
@@ -385,11 +418,12 @@ def _sm_count(device: torch.device) -> int | None:
 def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
                        seed: int, launcher: Callable = launch, expanded: bool | None = None,
-                       dq_mode: str | None = None):
+                       dq_mode: str | None = None, band: Band | None = None, softcap: float = 0.0):
     """Returns (dq, dk, dv), contiguous, in the dtypes of q, k and v.
 
     ``launcher`` runs each kernel (see ``attention_forward``); ``expanded`` forces one dK/dV
-    way (None: ``dkdv_expanded`` picks); ``dq_mode`` "split" or "atomic" (None: see ``dq_mode``).
+    way (None: ``dkdv_expanded`` picks); ``dq_mode`` "split" or "atomic" (None: see ``dq_mode``);
+    ``band`` and ``softcap`` as the forward's.
 
     Raises:
         ValueError: too many heads or sequences for a grid, or a token or head-dim stride above 2^23 elements.
@@ -419,8 +453,10 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
 
     common = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(grad_out, varlen))
     buckets = seqlen_buckets(max_q, max_k)
-    scalars = (num_heads, group_size, max_q, max_k, head_dim, scale, dropout_p, seed, *buckets)
-    meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
+    band, (window_left, window_right) = band_args(causal, band)
+    mask_scalars = (scale, window_left, window_right, softcap, dropout_p, seed)
+    scalars = (num_heads, group_size, max_q, max_k, head_dim, *mask_scalars, *buckets)
+    meta = dict(**band_meta(band, softcap), HAS_KEY_PADDING=has_pad, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0.0,
                 **dot_meta(q), BLOCK_D=bd)
     # Atomic dQ: a float32 buffer in q's layout that every key block adds into (zeros: rows
     # no key reaches get none); split: unused, q stands in for the pointer.
@@ -445,7 +481,7 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     heads_per_program, programs_per_kv_head = (1, group_size) if expanded else (group_size, 1)
     dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, dq_accum, key_pad, cu_q, cu_k, *common, *strides4(dk, varlen),
                  *strides4(dv, varlen), *strides4(dq_accum, varlen), *lse_s, *pad_strides, num_heads, heads_per_program, programs_per_kv_head,
-                 max_q, max_k, head_dim, scale, dropout_p, seed, *buckets)
+                 max_q, max_k, head_dim, *mask_scalars, *buckets)
     launcher(_dkdv_kernel, _dkdv_tuned, lambda b: (triton.cdiv(max_k, b["BLOCK_N"]), dk_shape[1], num_seqs),
              dkdv_args, dict(meta, ATOMIC_DQ=atomic_dq), q.device)
     if expanded:  # fixed-order sum over each group's query heads (head h = kv_head * group_size + g)

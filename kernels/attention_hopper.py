@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import block_d, problem, seqlen_buckets, tile_dot
+from .attention import (band_args, band_meta, band_offset, block_d, in_band, key_block_range, narrow, problem,
+                        scores_log2, seqlen_buckets, tile_dot)
 from .launch import INTERPRETER_BLOCKS, BUCKET_ARGS, Tuned, config, configs_for_call
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,18 @@ INTERPRETER_PERSISTENT = True  # a test sets it False to run the one-tile-per-pr
 
 @triton.jit
 def online_softmax_step(acc, l_i, m_i, q, k, v, rows, cols, k_len, prefix, end, key_pad_row, stride_ps,
-                        scale_log2, IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
+                        scale_log2, offset, window_left, window_right, softcap_in, softcap_out,
+                        HAS_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """FA2 Alg. 1 lines 8-10 over one key block: k, v (N, D) already in shared memory.
-    ``MASKED=False``: every row may attend every key of the block; no mask of any kind."""
+    ``MASKED=False``: every row may attend every key of the block; no mask of any kind. The
+    band and soft-capping are those of ``kernels/attention.py``."""
     qk = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST)
     if MASKED:
-        s = qk * scale_log2
+        s = scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         allowed = cols[None, :] < tl.minimum(k_len, end)
-        if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
-            allowed = allowed & (cols[None, :] <= rows[:, None])
+        if HAS_BAND:
+            allowed = allowed & in_band(rows, cols, offset, window_left, window_right)
         if HAS_KEY_PADDING:  # the mask is read only between the valid prefix and the padded tail
             load = (cols >= prefix) & (cols < end)
             pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=load, other=0)
@@ -79,6 +82,11 @@ def online_softmax_step(acc, l_i, m_i, q, k, v, rows, cols, k_len, prefix, end, 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         p = tl.exp2(s - m_safe[:, None])
+    elif HAS_SOFTCAP:
+        s = scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+        p = tl.exp2(s - m_safe[:, None])
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)  # finite; scale_log2 >= 0
         m_safe = m_new
@@ -86,21 +94,22 @@ def online_softmax_step(acc, l_i, m_i, q, k, v, rows, cols, k_len, prefix, end, 
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tile_dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    acc = tile_dot(narrow(p, v.dtype, UPCAST), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
 
 
 @triton.jit
 def attend_tile(tile, q_desc, k_desc, v_desc, o_desc, Lse, KeyPad, KeyPrefix, KeyEnd,
                 stride_lb, stride_lh, stride_ls, stride_pb, stride_ps,
-                num_heads, group_size, seqlen_q, seqlen_k, scale,
-                IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                num_heads, group_size, seqlen_q, seqlen_k, scale, window_left, window_right, softcap,
+                HAS_BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 WARP_SPECIALIZE: tl.constexpr):
     """One (query block, head, batch) tile: out rows [start_m, start_m + BLOCK_M) and their lse."""
     num_m_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     m_block = tile % num_m_blocks
-    if IS_CAUSAL:  # the longest rows first: a wave's last tiles are the short ones
+    if HAS_BAND:  # causal: the longest rows first, so a wave's last tiles are the short ones
         m_block = num_m_blocks - 1 - m_block
     head = (tile // num_m_blocks) % num_heads
     batch = tile // (num_m_blocks * num_heads)
@@ -115,6 +124,9 @@ def attend_tile(tile, q_desc, k_desc, v_desc, o_desc, Lse, KeyPad, KeyPrefix, Ke
     # ``-q`` gives wrong bf16 results there; on a GPU both are the same instruction count).
     q = tl.where(scale < 0, (-(q.to(tl.float32))).to(q.dtype), q)
     scale_log2 = tl.abs(scale) * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+    softcap_in = tl.abs(scale) / tl.where(HAS_SOFTCAP, softcap, 1.0)
+    softcap_out = softcap * 1.4426950408889634
+    offset = band_offset(seqlen_q, seqlen_k, BOTTOM_RIGHT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -125,28 +137,38 @@ def attend_tile(tile, q_desc, k_desc, v_desc, o_desc, Lse, KeyPad, KeyPrefix, Ke
     if HAS_KEY_PADDING:
         prefix = tl.load(KeyPrefix + batch)
         end = tl.load(KeyEnd + batch)
-    hi = tl.minimum(seqlen_k, end)  # keys at or past `end` are padding: skipped
-    full_end = prefix  # keys below every row's bound and inside the valid prefix: no mask
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-        full_end = tl.minimum(full_end, start_m + 1)  # key j <= start_m is seen by every row
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-    for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    # The band's key blocks (kernels/attention.py's key_block_range), then the padding's: keys
+    # at or past `end` are padding (skipped); the full blocks must also lie in the valid prefix.
+    lo, full_lo, full_hi, hi = key_block_range(start_m, seqlen_k, offset, window_left, window_right, HAS_BAND, False,
+                                               BLOCK_M, BLOCK_N)
+    hi = tl.maximum(tl.minimum(hi, end), lo)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(tl.minimum(full_hi, (prefix // BLOCK_N) * BLOCK_N), full_lo), hi)
+    for start_n in tl.range(lo, full_lo, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, rows, start_n + offs_n, seqlen_k, prefix, end,
-                                            key_pad_row, stride_ps, scale_log2, IS_CAUSAL, HAS_KEY_PADDING,
+                                            key_pad_row, stride_ps, scale_log2, offset, window_left, window_right,
+                                            softcap_in, softcap_out, HAS_BAND, HAS_SOFTCAP, HAS_KEY_PADDING,
+                                            DOT_PRECISION, UPCAST, True)
+    for start_n in tl.range(full_lo, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, rows, start_n + offs_n, seqlen_k, prefix, end,
+                                            key_pad_row, stride_ps, scale_log2, offset, window_left, window_right,
+                                            softcap_in, softcap_out, HAS_BAND, HAS_SOFTCAP, HAS_KEY_PADDING,
                                             DOT_PRECISION, UPCAST, False)
-    for start_n in tl.range(full_end, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(full_hi, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)  # zeros past Sk
         v = v_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, rows, start_n + offs_n, seqlen_k, prefix, end,
-                                            key_pad_row, stride_ps, scale_log2, IS_CAUSAL, HAS_KEY_PADDING,
+                                            key_pad_row, stride_ps, scale_log2, offset, window_left, window_right,
+                                            softcap_in, softcap_out, HAS_BAND, HAS_SOFTCAP, HAS_KEY_PADDING,
                                             DOT_PRECISION, UPCAST, True)
 
     empty = l_i == 0.0  # fully masked rows: output 0 and lse -inf, as the reference's safe_softmax
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_desc.store([batch, head, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))  # clipped
+    o_desc.store([batch, head, start_m, 0], narrow(out, o_desc.dtype, UPCAST).reshape(1, 1, BLOCK_M, BLOCK_D))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     l_base = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
     tl.store(l_base + rows.to(tl.int64) * stride_ls, lse, mask=rows < seqlen_q)
@@ -159,8 +181,8 @@ def _attention_fwd_hopper_kernel(
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_ls, stride_pb, stride_ps,
     batch_size, num_heads, num_kv_heads, group_size, seqlen_q, seqlen_k, head_dim, scale,
-    seqlen_q_bucket, seqlen_k_bucket,
-    IS_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    window_left, window_right, softcap, seqlen_q_bucket, seqlen_k_bucket,
+    HAS_BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERSISTENT: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
@@ -181,12 +203,14 @@ def _attention_fwd_hopper_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             attend_tile(tile, q_desc, k_desc, v_desc, o_desc, Lse, KeyPad, KeyPrefix, KeyEnd,
                         stride_lb, stride_lh, stride_ls, stride_pb, stride_ps, num_heads, group_size, seqlen_q,
-                        seqlen_k, scale, IS_CAUSAL, HAS_KEY_PADDING, DOT_PRECISION, UPCAST, BLOCK_D, BLOCK_M, BLOCK_N,
+                        seqlen_k, scale, window_left, window_right, softcap, HAS_BAND, BOTTOM_RIGHT, HAS_SOFTCAP,
+                        HAS_KEY_PADDING, DOT_PRECISION, UPCAST, BLOCK_D, BLOCK_M, BLOCK_N,
                         WARP_SPECIALIZE)
     else:
         attend_tile(tl.program_id(0), q_desc, k_desc, v_desc, o_desc, Lse, KeyPad, KeyPrefix, KeyEnd,
                     stride_lb, stride_lh, stride_ls, stride_pb, stride_ps, num_heads, group_size, seqlen_q,
-                    seqlen_k, scale, IS_CAUSAL, HAS_KEY_PADDING, DOT_PRECISION, UPCAST, BLOCK_D, BLOCK_M, BLOCK_N,
+                    seqlen_k, scale, window_left, window_right, softcap, HAS_BAND, BOTTOM_RIGHT, HAS_SOFTCAP,
+                    HAS_KEY_PADDING, DOT_PRECISION, UPCAST, BLOCK_D, BLOCK_M, BLOCK_N,
                         WARP_SPECIALIZE)
 
 
@@ -217,7 +241,7 @@ HOPPER_CONFIGS = {
 
 def _autotuned() -> Tuned:
     configs = [c for bucket in HOPPER_CONFIGS.values() for c in bucket]
-    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_KEY_PADDING", *BUCKET_ARGS],
+    tuner = triton.autotune(configs, key=["BLOCK_D", "HAS_BAND", "HAS_KEY_PADDING", *BUCKET_ARGS],
                             cache_results=True,
                             prune_configs_by={"early_config_prune": lambda *a, **kw: configs_for_call(
                                 HOPPER_CONFIGS, HOPPER_CONFIGS, *a, **kw)})(_attention_fwd_hopper_kernel)
@@ -354,9 +378,11 @@ def key_bounds(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def attention_forward_hopper(q, k, v, key_padding_mask, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                             scale: float, launcher):
+                             scale: float, launcher, band=None, softcap: float = 0.0):
     """(out (B, Hq, Sq, D) contiguous, lse float32 (B, Hq, Sq)) for inputs ``hopper_problem``
-    accepted. ``launcher`` as in ``kernels.attention.attention_forward``."""
+    accepted. ``launcher`` as in ``kernels.attention.attention_forward``; ``band`` (None:
+    ``causal`` top-left) and ``softcap`` as there."""
+    band, (window_left, window_right) = band_args(causal, band)
     _, num_seqs, num_heads, group_size, max_q, max_k = problem(q, k, None, max_seqlen_q, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], num_heads, q.shape[2]), dtype=torch.float32, device=q.device)
@@ -370,8 +396,9 @@ def attention_forward_hopper(q, k, v, key_padding_mask, max_seqlen_q: int, max_s
     prefix, end = key_bounds(key_padding_mask) if has_pad else (q, q)
     args = (q, k, v, out, lse, key_pad, prefix, end, *tma_strides(q), *tma_strides(k), *tma_strides(v),
             *tma_strides(out), *lse.stride(), *(key_padding_mask.stride() if has_pad else (0, 0)),
-            num_seqs, num_heads, k.shape[1], group_size, max_q, max_k, head_dim, scale, *seqlen_buckets(max_q, max_k))
-    meta = dict(IS_CAUSAL=causal, HAS_KEY_PADDING=has_pad, DOT_PRECISION="tf32",
+            num_seqs, num_heads, k.shape[1], group_size, max_q, max_k, head_dim, scale, window_left, window_right,
+            softcap, *seqlen_buckets(max_q, max_k))
+    meta = dict(**band_meta(band, softcap), HAS_KEY_PADDING=has_pad, DOT_PRECISION="tf32",
                 UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, BLOCK_D=block_d(head_dim),
                 WARP_SPECIALIZE=False)
     sm_count = (torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda"

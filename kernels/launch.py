@@ -85,7 +85,7 @@ def autotuned(kernel, table: dict, fp32_table: dict, atomic_dq_table: dict | Non
     # with a warm cache neither recompiles nor re-times.
     # HAS_DROPOUT and ATOMIC_DQ (dK/dV only; Triton skips key names a kernel lacks) in the key:
     # those paths hold more registers (their best block may differ), so they are tuned on their own.
-    tuner = triton.autotune(configs, key=["BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT", "ATOMIC_DQ", *BUCKET_ARGS], cache_results=True,
+    tuner = triton.autotune(configs, key=["BLOCK_D", "HAS_BAND", "HAS_DROPOUT", "ATOMIC_DQ", *BUCKET_ARGS], cache_results=True,
                             prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: configs_for_call(
                                 table, fp32_table, configs, named_args, atomic_dq_table, **kw)})(kernel)
     return Tuned(tuner, table, fp32_table, atomic_dq_table)

@@ -209,6 +209,150 @@ def test_expanded_grad_out(backend):
 
 
 # ---------------------------------------------------------------------------------------
+# Causal alignment, sliding windows and soft-capping
+# ---------------------------------------------------------------------------------------
+
+# (batch, Hq, Hkv, Sq, Sk, D, mask kwargs, key lengths or None). Lengths cross the interpreter's
+# 16-wide blocks, so whole key blocks are skipped and the band's edges cut through blocks.
+MASK_CASES = {
+    "bottom_right_sq_lt_sk": (1, 2, 1, 17, 50, 16, dict(causal=True, alignment="bottom_right"), None),
+    "bottom_right_sq_gt_sk": (1, 2, 2, 50, 17, 16, dict(causal=True, alignment="bottom_right"), None),
+    "decode_one_query": (2, 2, 1, 1, 33, 16, dict(causal=True, alignment="bottom_right"), None),
+    "window_symmetric": (1, 2, 2, 65, 65, 16, dict(window=(7, 5)), None),
+    "window_causal_top_left": (1, 2, 1, 50, 65, 16, dict(causal=True, window=(9, -1)), None),
+    "window_causal_bottom_right": (1, 2, 1, 33, 80, 40, dict(causal=True, alignment="bottom_right", window=(20, 0)),
+                                   None),
+    "window_left_only_bottom_right": (1, 1, 1, 70, 33, 16, dict(alignment="bottom_right", window=(3, -1)), None),
+    "window_right_only": (1, 1, 1, 33, 33, 16, dict(window=(-1, 2)), None),
+    "window_zero": (1, 1, 1, 33, 33, 16, dict(window=(0, 0)), None),
+    "softcap": (1, 2, 1, 33, 50, 16, dict(softcap=2.5), None),
+    "softcap_causal_window_padding": (2, 4, 2, 33, 50, 40, dict(causal=True, alignment="bottom_right",
+                                                                window=(25, 0), softcap=5.0), [50, 30]),
+}
+
+
+def _mask_case(case, dtype=torch.float32):
+    batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, mask_kwargs, lengths = MASK_CASES[case]
+    q, k, v = make_inputs(batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, dtype, seed=2)
+    # Scores of magnitude ~10, so soft-capping bends them (tanh far from linear).
+    q = q * 3
+    mask = padding_mask(lengths, seq_k) if lengths is not None else None
+    return q, k, v, dict(mask_kwargs, key_padding_mask=mask)
+
+
+def band_by_hand(seq_q, seq_k, causal=False, alignment="top_left", window=None):
+    """FlashAttention's attention_ref rule, written independently: (Sq, Sk) bool, True = attend."""
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0
+    offset = seq_k - seq_q if alignment == "bottom_right" else 0
+    allowed = torch.ones(seq_q, seq_k, dtype=torch.bool)
+    for i in range(seq_q):
+        for j in range(seq_k):
+            if right >= 0 and j > i + offset + right:
+                allowed[i, j] = False
+            if left >= 0 and j < i + offset - left:
+                allowed[i, j] = False
+    return allowed
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masks_match_reference(backend, case):
+    q, k, v, kwargs = _mask_case(case)
+    assert_matches_reference(backend, q, k, v, case, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_masks_half_precision(backend, dtype):
+    q, k, v, kwargs = _mask_case("softcap_causal_window_padding", dtype)
+    assert_matches_reference(backend, q, k, v, f"masks {dtype}", **kwargs)
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_reference_masks_follow_the_rule(case):
+    """The float64 reference against the rule written out loop by loop and soft-capping written
+    out: what every backend above is compared with is itself right."""
+    q, k, v, kwargs = _mask_case(case, torch.float64)
+    padding = kwargs.pop("key_padding_mask")
+    softcap = kwargs.pop("softcap", 0.0)
+    group = q.shape[1] // k.shape[1]
+    scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = band_by_hand(q.shape[2], k.shape[2], **kwargs).to(DEVICE)[None, None]
+    if padding is not None:
+        allowed = allowed & ~padding[:, None, None, :]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    expected = weights @ v.repeat_interleave(group, 1)
+    got = attention(q, k, v, backend="reference", key_padding_mask=padding, softcap=softcap, **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    from tformer.backends.reference.attention import attention_weights
+
+    probs = attention_weights(q, k, key_padding_mask=padding, softcap=softcap, **kwargs)
+    torch.testing.assert_close(probs, weights, atol=1e-12, rtol=1e-12)
+
+
+def test_bottom_right_decoding_sees_every_cached_key(backend):
+    # One new query after a 32-token cache sees all 33 keys (top-left would see only key 0).
+    q, k, v = make_inputs(1, 2, 2, 1, 33, 16, torch.float32)
+    got = call_or_skip(attention, q, k, v, causal=True, alignment="bottom_right", backend=backend)
+    full = attention(q, k, v, backend="reference")
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    top_left = attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(top_left, v[:, :, :1].expand_as(top_left), atol=1e-6, rtol=1e-6)
+
+
+def test_bottom_right_rows_without_keys_are_zero(backend):
+    # Sq > Sk: the first Sq - Sk queries precede every key; zeros, lse -inf, zero gradients.
+    q, k, v = make_inputs(1, 2, 1, 40, 17, 16, torch.float32)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    out, dq, _, _ = forward_backward(backend, q, k, v, grad_out, causal=True, alignment="bottom_right")
+    assert torch.equal(out[:, :, :23], torch.zeros_like(out[:, :, :23]))
+    assert torch.equal(dq[:, :, :23], torch.zeros_like(dq[:, :, :23]))
+    assert out[:, :, 23:].abs().sum() > 0
+    _, lse = call_or_skip(attention, q, k, v, causal=True, alignment="bottom_right", return_lse=True,
+                          backend=backend)
+    assert torch.isneginf(lse[:, :, :23]).all() and torch.isfinite(lse[:, :, 23:]).all()
+
+
+@requires_backend("triton")
+def test_triton_skips_key_blocks_outside_the_band():
+    # NaN values in key blocks no query of a block may attend: a kernel that loaded them and
+    # only masked the scores would compute 0 * NaN = NaN; one that skips them never reads them.
+    # (The interpreter's blocks are 16 wide; a window of 0 keeps each query block on its diagonal.)
+    q, k, v = make_inputs(1, 1, 1, 64, 64, 16, torch.float32)
+    v[:, :, 32:] = float("nan")
+    k[:, :, 32:] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, window=(0, 0), backend="triton")
+    assert torch.isfinite(out[:, :, :32]).all() and torch.isnan(out[:, :, 32:]).all()
+    out[:, :, :32].sum().backward()
+    assert torch.isfinite(leaves[0].grad[:, :, :32]).all()
+    assert torch.isfinite(leaves[1].grad[:, :, :32]).all() and torch.isfinite(leaves[2].grad[:, :, :32]).all()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(causal="bottom_right"), TypeError, "argument 'causal' must be a bool.*alignment='bottom_right'"),
+    (dict(causal=1), TypeError, "argument 'causal' must be a bool, got 1"),
+    (dict(causal=True, alignment="bottom-right"), ValueError, "argument 'alignment' must be one of"),
+    (dict(window=5), TypeError, "argument 'window' must be None or a pair"),
+    (dict(window=(2, -3)), ValueError, "argument 'window' bounds must be >= 0, or -1"),
+    (dict(window=(2, 3), causal=True), ValueError, "argument 'window' has right bound 3"),
+    (dict(softcap=-1.0), ValueError, "argument 'softcap' must be a finite float >= 0"),
+    (dict(softcap=float("inf")), ValueError, "argument 'softcap'"),
+], ids=["causal_string", "causal_int", "alignment_typo", "window_int", "window_negative", "window_right_causal",
+        "softcap_negative", "softcap_inf"])
+def test_mask_argument_errors(kwargs, error, match):
+    q, k, v = make_inputs(1, 1, 1, 3, 3, 8, torch.float32)
+    with pytest.raises(error, match=match):
+        attention(q, k, v, backend="reference", **kwargs)
+    with pytest.raises(error, match=match):
+        attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                         torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), 3, 3,
+                         backend="reference", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------
 
@@ -325,6 +469,53 @@ def test_varlen_matches_reference_and_padded_batch(backend, causal):
                                    atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mask_kwargs", [dict(causal=True, alignment="bottom_right"),
+                                         dict(causal=True, alignment="bottom_right", window=(4, 0), softcap=3.0),
+                                         dict(window=(2, 6))], ids=["bottom_right", "window_softcap", "window"])
+def test_varlen_masks_use_each_sequences_lengths(backend, mask_kwargs):
+    # Unequal lengths, Sq > Sk and Sq < Sk in one pack, and 5 spare tokens after cu_seqlens[-1]
+    # that must be left alone (zero output, zero gradient); max_seqlen as NumPy integers.
+    import numpy as np
+
+    lengths_q, lengths_k = [1, 20, 9, 5], [17, 3, 9, 40]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 16, torch.float32)
+    q, k, v = (torch.cat([t, torch.randn((5, *t.shape[1:]), device=DEVICE)]) for t in (q, k, v))
+    kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=np.int64(max(lengths_q)),
+                  max_seqlen_k=np.int64(max(lengths_k)), **mask_kwargs)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def run(backend, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out, lse = call_or_skip(attention_varlen, *leaves, backend=backend, return_lse=True, **kwargs)
+        out.backward(grad_out.to(out.dtype))
+        return (out, lse, *(t.grad for t in leaves))
+
+    got = run(backend, (q, k, v))
+    expected = run("reference", (q.double(), k.double(), v.double()))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), name
+        assert_close_to_reference(a[finite], b[finite], torch.float32, "forward" if name in ("out", "lse") else "grad",
+                                  what=f"varlen {name}")
+    out, lse, dq, dk, dv = got
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.equal(t[-5:], torch.zeros_like(t[-5:])), f"spare tokens' {name}"
+    assert torch.isneginf(lse[:, -5:]).all()
+    # Each sequence alone through the padded API gives the same rows (its own Sq, Sk align it).
+    for i in range(len(lengths_q)):
+        qi, ki, vi = (t[cu[i]:cu[i + 1]].transpose(0, 1)[None] for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        alone = call_or_skip(attention, qi, ki, vi, backend=backend, **mask_kwargs)
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], alone[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
+
+
+def test_varlen_refuses_offsets_past_the_tokens():
+    q, k, v, cu_q, cu_k = _packed([3, 4], [3, 4], 1, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="argument 'cu_seqlens_q' must start at 0, never decrease and end at most"):
+        attention_varlen(q[:5], k, v, cu_q, cu_k, 4, 4, backend="reference")
+    with pytest.raises(ValueError, match="argument 'max_seqlen_k' must be a non-negative int, got 4.0"):
+        attention_varlen(q, k, v, cu_q, cu_k, 4, 4.0, backend="reference")
+
+
 # ---------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------
@@ -346,6 +537,25 @@ def test_compile_fullgraph(backend):
     out_eager.backward(grad_out)
     out_traced = compiled(*traced)
     out_traced.backward(grad_out)
+    torch.testing.assert_close(out_traced, out_eager, atol=1e-6, rtol=1e-6)
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_compile_fullgraph_with_masks(backend):
+    # The band and soft-capping travel through the custom ops' schemas and fake implementations.
+    q, k, v, kwargs = _mask_case("softcap_causal_window_padding")
+
+    def step(q, k, v):
+        return attention(q, k, v, backend=backend, **kwargs)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    traced = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_eager = call_or_skip(step, *eager)
+    out_eager.sum().backward()
+    out_traced = compiled(*traced)
+    out_traced.sum().backward()
     torch.testing.assert_close(out_traced, out_eager, atol=1e-6, rtol=1e-6)
     for a, b in zip(traced, eager):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6)
@@ -425,6 +635,19 @@ assert len(rows) >= 88 and not failed, failed
 unpipelined = [row for row in rows if row.kernel == "attention_fwd" and not row.cp_async]
 assert not unpipelined, unpipelined
 print("compiled", len(rows))
+
+# A sliding window aligned bottom-right with soft-capping: the forward, dK/dV and dQ kernels.
+from bench.compile_audit import attention_launches, lower_launch, measure
+from tformer.ops.attention_mask import Band
+
+masked = attention_launches("bf16", 128, ("gqa-causal", True, False, False, False, 16, 4),
+                            mask=dict(band=Band(5, 0, True), softcap=30.0))
+for name, kernel, tuned, args, meta in masked[:3]:
+    assert meta["HAS_BAND"] and meta["BOTTOM_RIGHT"] and meta["HAS_SOFTCAP"], meta
+    config = tuned.first_config(meta)
+    stats = measure(lower_launch(kernel, args, {**meta, **config.kwargs}, config.num_warps, config.num_stages))
+    assert stats["shared_bytes"] <= H100_SHARED_BYTES and stats["wgmma"], (name, stats)
+print("compiled masked", len(masked[:3]))
 """
 
 
@@ -441,7 +664,7 @@ def test_triton_kernels_compile_for_sm90():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                             timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled masked 3" in result.stdout, result.stderr[-3000:]
 
 
 def test_autotune_off_runs_the_leading_candidate(monkeypatch):

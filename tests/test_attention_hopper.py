@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU, requires_backend
-from test_attention import CASES, _case_inputs, assert_matches_reference, make_inputs, padding_mask
+from test_attention import CASES, _case_inputs, _mask_case, assert_matches_reference, make_inputs, padding_mask
 
 from tformer.kernels import attention_hopper
 from tformer.kernels.attention_hopper import PATH_ENV, forward_path, key_bounds, tma_strides
@@ -59,6 +59,19 @@ def test_hopper_forward_bf16_holes_in_the_mask(hopper_calls, monkeypatch, persis
     assert_matches_reference("triton", q, k, v, "hopper holes", causal=True, key_padding_mask=mask)
     assert_matches_reference("triton", q, k, v, "hopper holes, negative scale", key_padding_mask=mask, scale=-0.3)
     assert len(hopper_calls) == 2
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("case", ["bottom_right_sq_gt_sk", "decode_one_query", "window_causal_bottom_right",
+                                  "window_symmetric", "softcap_causal_window_padding"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile_per_program", "persistent"])
+def test_hopper_forward_masks(hopper_calls, monkeypatch, case, persistent):
+    # Bottom-right alignment, sliding windows and soft-capping on the Hopper forward (the
+    # backward is the FA2 kernels', checked by test_attention.py's mask cases).
+    monkeypatch.setattr(attention_hopper, "INTERPRETER_PERSISTENT", persistent)
+    q, k, v, kwargs = _mask_case(case, torch.bfloat16 if persistent else torch.float16)
+    assert_matches_reference("triton", q, k, v, f"hopper {case}", **kwargs)
+    assert hopper_calls, "the Hopper forward did not run"
 
 
 @requires_backend("triton")

@@ -149,3 +149,14 @@ def test_gpu_cases_favour_the_head_dims_of_the_sm90a_kernels():
     dims = [gpu_sweep.make_case(rng, "attention", "cuda", "bfloat16", "cuda")["head_dim"] for _ in range(800)]
     assert 0.3 < sum(d in (64, 128) for d in dims) / len(dims) < 0.45
     assert set(dims) == set(gpu_sweep.GPU_HEAD_DIMS)  # every head dim still comes up
+
+
+def test_flash_grid_joins_the_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    status = gpu_sweep.main(["--device", "cpu", "--seconds", "0", "--seed", "2", "--backends", "reference",
+                             "--ops", "softmax", "--flash-grid", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    grid = json.loads(out.read_text())["flash_grid"]
+    assert grid["cases"] == 2 and grid["counts"]["reference"]["cases"] == 2 and grid["total"]["wrong"] == 0
+    assert "flash grid: 2 cases x 1 backends" in printed

@@ -164,17 +164,92 @@ def test_other_masks_take_the_general_path_with_one_warning(caplog):
     torch.testing.assert_close(out, expected.transpose(1, 2), **tolerance(torch.float64))
 
 
-@pytest.mark.parametrize("kwarg", ["sliding_window", "softcap", "s_aux"])
+@pytest.mark.parametrize("kwarg", ["s_aux", "position_bias"])
 def test_unsupported_features_raise(kwarg):
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(NotImplementedError, match="attn_implementation='tformer' does not support"):
         hf.tformer_attention_forward(torch.nn.Module(), q, q, q, None, **{kwarg: 4})
 
 
-def test_sliding_window_model_is_refused_at_first_forward():
-    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
-    config._attn_implementation = "tformer"
-    model = transformers.MistralForCausalLM(config)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        model(input_ids=torch.randint(0, VOCAB, (1, SEQ)))
+# ---------------------------------------------------------------------------------------
+# Sliding windows and soft-capping: Mistral-, Qwen-2- and Gemma-2-style models. SEQ = 7 tokens
+# against windows of 3: every prefill row past the third is cut by the window.
+# ---------------------------------------------------------------------------------------
+
+WINDOW = 3
+
+
+def _mistral():
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        sliding_window=WINDOW)
+    return transformers.MistralForCausalLM(config)
+
+
+def _qwen2():
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def _gemma2():
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       max_position_embeddings=32, sliding_window=WINDOW,
+                                       attn_logit_softcapping=2.0, query_pre_attn_scalar=8)
+    return transformers.Gemma2ForCausalLM(config)
+
+
+WINDOWED = {"mistral": _mistral, "qwen2": _qwen2, "gemma2": _gemma2}
+WINDOWED_CASES = [(name, padding) for name in WINDOWED for padding in ("none", "right", "left")]
+
+
+@pytest.mark.parametrize("name,padding", WINDOWED_CASES, ids=[f"{n}-{p}" for n, p in WINDOWED_CASES])
+def test_sliding_window_and_softcap_models_match_eager(name, padding, fused_only):
+    torch.manual_seed(0)
+    model = WINDOWED[name]()  # float32: eager's left-padding mask overflows in float64 (see CASES)
+    ids, attention_mask = _batch(padding)
+    expected_logits, expected_grads = _logits_and_grads(model, "eager", ids, attention_mask)
+    logits, grads = _logits_and_grads(model, "tformer", ids, attention_mask)
+    windows = [call["window"] for call in fused_only]
+    softcaps = {call["softcap"] for call in fused_only}
+    assert len(fused_only) == 2
+    if name == "qwen2":  # max_window_layers=1: layer 0 full causal, layer 1 sliding
+        assert windows == [None, (WINDOW - 1, 0)]
+    elif name == "gemma2":  # sliding and full layers alternate, every one soft-capped
+        assert windows == [(WINDOW - 1, 0), None] and softcaps == {2.0}
+    else:
+        assert windows == [(WINDOW - 1, 0)] * 2
+    torch.testing.assert_close(logits, expected_logits, **tolerance(torch.float32, scale=10))
+    assert grads.keys() == expected_grads.keys()
+    for param, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[param], **tolerance(torch.float32, "grad", scale=10),
+                                   msg=lambda m: f"grad of {param}: {m}")
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_sliding_window_decoding_with_cache_matches_eager(name, fused_only):
+    # Left-padded prefill, then one-token steps past the window against the cache (bottom-right).
+    torch.manual_seed(0)
+    model = WINDOWED[name]().eval()
+    ids, attention_mask = _batch("left")
+    outputs = {}
+    for implementation in ("eager", "tformer"):
+        model.set_attn_implementation(implementation)
+        generated = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        outputs[implementation] = torch.stack(generated.logits)
+    assert len(fused_only) == 8
+    torch.testing.assert_close(outputs["tformer"], outputs["eager"], **tolerance(torch.float32, scale=10))
+
+
+@requires_backend("triton")
+def test_gemma2_matches_eager_triton_backend(fused_only):
+    torch.manual_seed(0)
+    model = _gemma2()
+    ids, attention_mask = _batch("left")
+    expected_logits, _ = _logits_and_grads(model, "eager", ids, attention_mask)
+    with tformer.backend("triton"):
+        logits, _ = _logits_and_grads(model, "tformer", ids, attention_mask)
+    torch.testing.assert_close(logits, expected_logits, **tolerance(torch.float32, scale=10))

@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from tformer import ops
+from tformer.backends.reference.attention import masked_attention
 
 _warned_reasons: set[str] = set()
 
@@ -111,8 +112,8 @@ def reference_sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is
                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """The general path: any mask torch takes, any leading dims, torch's broadcasting.
 
-    The softmax is ``tformer.ops.softmax`` on the reference backend (float32 math inside,
-    fully masked rows give zeros).
+    Runs :func:`tformer.backends.reference.attention.masked_attention` (the reference softmax,
+    float32 math inside, fully masked rows give zeros), where tformer keeps all score-matrix math.
     """
     if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         group = query.shape[-3] // key.shape[-3]
@@ -120,11 +121,8 @@ def reference_sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is
         value = value.repeat_interleave(group, dim=-3)
     seq_q, seq_k = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    scores = torch.matmul(query, key.transpose(-1, -2))
     mask = attn_mask
     if is_causal:
         mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=query.device).tril()
-    probs = ops.softmax(scores, -1, scale=scale, mask=mask, backend="reference")
-    if dropout_p > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, value)
+    out, _ = masked_attention(query, key, value, mask, scale=scale, dropout_p=dropout_p)
+    return out

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tformer import ops
+from tformer.backends.reference.attention import masked_attention
 
 
 class MultiheadAttention(nn.Module):
@@ -28,8 +29,9 @@ class MultiheadAttention(nn.Module):
       ``is_causal=True``, which is trusted, as torch does) runs ``tformer.ops.attention``,
       which never materializes the ``(L, S)`` weights.
     - weights: ``need_weights=True`` (torch's default!) or an explicit ``attn_mask``
-      materializes the weights with the reference math (``tformer.ops.softmax`` with
-      ``backend="reference"``), since they must be returned or the mask is arbitrary.
+      materializes the weights with the reference math
+      (``tformer.backends.reference.attention.masked_attention``), since they must be returned
+      or the mask is arbitrary.
       Pass ``need_weights=False`` to get the fused kernels.
 
     Differences from torch: ``is_causal=True`` with ``attn_mask=None`` means a causal mask
@@ -211,8 +213,6 @@ class MultiheadAttention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2))
-
         allowed = None  # bool, True = takes part, broadcasts to (N, H, L, S)
         additive = None
         if attn_mask is not None:
@@ -221,7 +221,7 @@ class MultiheadAttention(nn.Module):
             if attn_mask.dtype == torch.bool:
                 allowed = ~attn_mask  # torch's MHA bool mask is True where NOT allowed
             else:
-                additive = attn_mask.to(scores.dtype)
+                additive = attn_mask.to(q.dtype)
         elif is_causal:
             allowed = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril()
         if key_padding_mask is not None:
@@ -230,13 +230,7 @@ class MultiheadAttention(nn.Module):
         mask = allowed
         if additive is not None:
             mask = additive if allowed is None else additive.masked_fill(~allowed, float("-inf"))
-        if mask is not None:
-            mask = mask.expand_as(scores)
-
-        weights = ops.softmax(scores, -1, scale=1.0 / math.sqrt(self.head_dim), mask=mask, backend="reference")
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        return torch.matmul(weights, v), weights
+        return masked_attention(q, k, v, mask, scale=1.0 / math.sqrt(self.head_dim), dropout_p=dropout_p)
 
 
 def _float_padding_to_bool(key_padding_mask: torch.Tensor) -> torch.Tensor:

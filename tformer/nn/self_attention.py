@@ -3,10 +3,7 @@ grouped-query heads, optional rotary positions, optional KV cache)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tformer import ops
@@ -59,15 +56,12 @@ class SelfAttention(nn.Module):
             if key_padding_mask is not None:
                 raise ValueError("SelfAttention: key_padding_mask is not supported together with a kv_cache")
             k, v = kv_cache.update(self.layer_index, k, v, position_offset)
-        if position_offset == 0 or kv_cache is None:
-            # Queries and keys start at the same position: top-left causal alignment is right.
-            out = ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                backend=self.backend)
-        elif length == 1:
-            # One new query at the last position sees every cached key.
-            out = ops.attention(q, k, v, causal=False, dropout_p=dropout_p, backend=self.backend)
-        else:
-            out = self._attention_after_prefix(q, k, v, dropout_p)
+        # With a cache, the T new queries are the last T of the S keys: causal aligned at the
+        # bottom-right corner (query i sees keys j <= S - T + i), which also covers one-token
+        # decoding and chunked prefill. Without one, queries and keys start together.
+        alignment = "bottom_right" if kv_cache is not None else "top_left"
+        out = ops.attention(q, k, v, causal=self.causal, alignment=alignment, key_padding_mask=key_padding_mask,
+                            dropout_p=dropout_p, backend=self.backend)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.proj(out)
 
@@ -83,20 +77,3 @@ class SelfAttention(nn.Module):
         if positional is not None:
             q, k = positional.rotate_queries_keys(q, k, position_offset)
         return q, k, v
-
-    def _attention_after_prefix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                dropout_p: float) -> torch.Tensor:
-        """Causal attention of T > 1 new queries over S = prefix + T keys, aligned at the
-        bottom-right corner (query i sees keys j <= S - T + i), which the op's top-left causal
-        flag cannot express. Materializes the (T, S) scores; used only for chunked prefill into a
-        non-empty cache."""
-        length, seq_k = q.shape[2], k.shape[2]
-        group = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        allowed = torch.ones(length, seq_k, dtype=torch.bool, device=q.device).tril(diagonal=seq_k - length)
-        probs = ops.softmax(scores, -1, scale=1.0 / math.sqrt(self.head_dim), mask=allowed, backend=self.backend)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, p=dropout_p)
-        return torch.matmul(probs, v)

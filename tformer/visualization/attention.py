@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from tformer.backends.reference.attention import attention_probabilities
+from tformer.backends.reference.attention import attention_weights
 from tformer.nn import SelfAttention
 
 
@@ -22,8 +22,8 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, *, forward=None
 
     Each :class:`~tformer.nn.SelfAttention` is given a pre-forward hook that projects its input
     with the layer's own :meth:`~tformer.nn.SelfAttention.project_qkv` and passes q and k to
-    :func:`tformer.backends.reference.attention.attention_probabilities`, the very function
-    the reference attention op computes its softmax with; nothing of the math is repeated here.
+    :func:`tformer.backends.reference.attention.attention_weights`, the reference attention's
+    own softmax; nothing of the math is repeated here.
     """
     maps: list[torch.Tensor] = []
 
@@ -32,8 +32,8 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor, *, forward=None
             raise ValueError("attention_maps: run without a kv_cache")
         q, k, _ = module.project_qkv(args[0], positional=kwargs.get("positional"),
                                      position_offset=kwargs.get("position_offset", 0))
-        probs, _ = attention_probabilities(q, k, causal=module.causal, key_padding_mask=kwargs.get("key_padding_mask"),
-                                           scale=1.0 / math.sqrt(module.head_dim))
+        probs = attention_weights(q, k, causal=module.causal, key_padding_mask=kwargs.get("key_padding_mask"),
+                                  scale=1.0 / math.sqrt(module.head_dim))
         maps.append(probs.detach().cpu())
 
     layers = [m for m in model.modules() if isinstance(m, SelfAttention)]

@@ -31,6 +31,8 @@ What they take:
   checks them before dispatch (outside ``torch.compile``).
 - shared memory: head dims up to 128 take at most 87 KB a block; the 256 bucket takes 136 KB,
   within sm80/sm90 limits but above the 99 KB of sm86/sm89, where the op raises a clear error.
+- Sliding windows, bottom-right alignment and soft-capping are not implemented yet: refused
+  by name (the registry's ``supports`` check), so "auto" passes over this backend for them.
 - Dropout is not implemented yet: ``dropout_p > 0`` is refused (the registry's ``supports``
   check names it; calling these functions directly raises ValueError).
 
@@ -63,9 +65,23 @@ def _dropout_reason(dropout_p: float) -> Optional[str]:
     return None
 
 
-def _supports(q, k, v, dropout_p, **_) -> Optional[str]:
+def _mask_reason(band, softcap: float) -> Optional[str]:
+    """The CUDA kernels mask full or top-left causal attention only."""
+    if band is not None and band.bottom_right and band.right >= 0:
+        return ("backend 'cuda' has no implementation of argument 'alignment'='bottom_right' yet; use "
+                "backend='triton' or 'reference', or alignment='top_left'")
+    if band is not None and (band.left >= 0 or band.right > 0):
+        return (f"backend 'cuda' has no implementation of argument 'window' yet (got ({band.left}, {band.right})); "
+                "use backend='triton' or 'reference'")
+    if softcap > 0.0:
+        return (f"backend 'cuda' has no implementation of argument 'softcap' yet (got {softcap}); use "
+                "backend='triton' or 'reference'")
+    return None
+
+
+def _supports(q, k, v, dropout_p, band=None, softcap: float = 0.0, **_) -> Optional[str]:
     """Why the kernels cannot take these inputs, or None (the registry's ``supports`` check)."""
-    reason = _dropout_reason(dropout_p)
+    reason = _dropout_reason(dropout_p) or _mask_reason(band, softcap)
     if reason is not None:
         return reason
     head_dim = q.shape[-1]
@@ -79,15 +95,16 @@ def _supports(q, k, v, dropout_p, **_) -> Optional[str]:
     return None
 
 
-def _check_dropout(dropout_p: float) -> None:
-    reason = _dropout_reason(dropout_p)
+def _check_dropout(dropout_p: float, band=None, softcap: float = 0.0) -> None:
+    reason = _dropout_reason(dropout_p) or _mask_reason(band, softcap)
     if reason is not None:
         raise ValueError(reason)
 
 
 @register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
-def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool):
-    _check_dropout(dropout_p)
+def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
+              band=None, softcap: float = 0.0):
+    _check_dropout(dropout_p, band, softcap)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
                                                     causal, scale)
     return (out, lse.detach()) if return_lse else out
@@ -95,8 +112,8 @@ def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_
 
 @register("attention_varlen", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                     return_lse):
-    _check_dropout(dropout_p)
+                     return_lse, band=None, softcap: float = 0.0):
+    _check_dropout(dropout_p, band, softcap)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, causal, scale)
     return (out, lse.detach()) if return_lse else out

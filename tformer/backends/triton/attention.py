@@ -18,6 +18,7 @@ import torch
 
 from tformer.kernels.attention import MAX_HEAD_DIM, attention_forward
 from tformer.kernels.attention_bwd import attention_backward
+from tformer.ops.attention_mask import Band
 from tformer.ops.registry import register
 
 from . import devices
@@ -32,17 +33,21 @@ def _seed_value(seed: Optional[torch.Tensor]) -> int:
 @torch.library.custom_op("tformer::triton_attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-                  max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
+                  max_seqlen_k: int, window_left: int, window_right: int, bottom_right: bool, softcap: float,
+                  scale: float, dropout_p: float,
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). Padded batch: q (B, Hq, Sq, D), lse (B, Hq, Sq). Packed (cu_seqlens given):
-    q (total_q, Hq, D), lse (Hq, total_q). ``seed``: int64 CPU tensor of one element, or None."""
+    q (total_q, Hq, D), lse (Hq, total_q). ``seed``: int64 CPU tensor of one element, or None.
+    ``window_left``, ``window_right``, ``bottom_right``: the fields of ``ops.attention_mask.Band``
+    (causal is ``window_right = 0``); ``softcap``: 0 for none."""
+    band = Band(window_left, window_right, bottom_right)
     return attention_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             causal, scale, dropout_p, _seed_value(seed))
+                             False, scale, dropout_p, _seed_value(seed), band=band, softcap=softcap)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-      seed):
+def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+      bottom_right, softcap, scale, dropout_p, seed):
     varlen = cu_seqlens_q is not None
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -51,35 +56,33 @@ def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 @torch.library.custom_op("tformer::triton_attention_bwd", mutates_args=())
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                  cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                  scale: float, dropout_p: float,
+                  cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, window_left: int,
+                  window_right: int, bottom_right: bool, softcap: float, scale: float, dropout_p: float,
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                              max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, _seed_value(seed))
+                              max_seqlen_q, max_seqlen_k, False, scale, dropout_p, _seed_value(seed),
+                              band=Band(window_left, window_right, bottom_right), softcap=softcap)
 
 
 @attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      scale, dropout_p, seed):
+def _(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, \
-        seed = inputs
+    q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *scalars, seed = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed)
-    ctx.shape_args = (max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+    ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, the band, softcap, scale, dropout_p
 
 
 def _backward(ctx, grad_out, grad_lse):
     # lse is returned detached by the public op: grad_lse carries nothing.
     q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, causal, scale, dropout_p = ctx.shape_args
     dq, dk, dv = torch.ops.tformer.triton_attention_bwd(
-        grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal, scale, dropout_p, seed)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *ctx.scalars, seed)
+    return dq, dk, dv, *([None] * (len(ctx.scalars) + 4))
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -103,15 +106,18 @@ def _supports_attention(q, **_) -> Optional[str]:
 
 
 @register("attention", "triton", devices=devices(), dtypes=DTYPES, supports=_supports_attention)
-def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool):
+def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
+              band: Band, softcap: float = 0.0):
     out, lse = torch.ops.tformer.triton_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
-                                                      causal, scale, dropout_p, _draw_seed(dropout_p))
+                                                      band.left, band.right, band.bottom_right, softcap, scale,
+                                                      dropout_p, _draw_seed(dropout_p))
     return (out, lse.detach()) if return_lse else out
 
 
 @register("attention_varlen", "triton", devices=devices(), dtypes=DTYPES, supports=_supports_attention)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                     return_lse):
+                     return_lse, band: Band, softcap: float = 0.0):
     out, lse = torch.ops.tformer.triton_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, causal, scale, dropout_p, _draw_seed(dropout_p))
+                                                      max_seqlen_k, band.left, band.right, band.bottom_right, softcap,
+                                                      scale, dropout_p, _draw_seed(dropout_p))
     return (out, lse.detach()) if return_lse else out
