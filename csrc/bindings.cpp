@@ -370,7 +370,8 @@ void check_cu_seqlens(const char* op, const char* name, const Tensor& cu, const 
 AttentionInputs attention_inputs(const char* op, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                  const OptionalTensor& key_padding_mask, const OptionalTensor& cu_seqlens_q,
                                  const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                 bool causal, double scale) {
+                                 bool causal, double scale, int64_t window_left, int64_t window_right,
+                                 bool bottom_right, double softcap) {
   AttentionInputs in;
   in.packed = cu_seqlens_q.has_value();
   TORCH_CHECK(in.packed == cu_seqlens_k.has_value(), op,
@@ -457,19 +458,32 @@ AttentionInputs attention_inputs(const char* op, const Tensor& q_in, const Tenso
   p.group_size = static_cast<int>(num_heads / num_kv_heads);
   p.head_dim = static_cast<int>(head_dim);
   p.scale = static_cast<float>(scale);
-  p.causal = causal;
+  // The band, as tformer/ops/attention_mask.py's resolve_band folds it: causal is right = 0.
+  TORCH_CHECK(window_left >= -1 && window_right >= -1 && window_left <= INT32_MAX && window_right <= INT32_MAX, op,
+              ": arguments 'window_left' and 'window_right' must be >= 0, or -1 for unbounded, got ", window_left,
+              " and ", window_right);
+  TORCH_CHECK(!(causal && window_right > 0), op, ": argument 'window_right' is ", window_right,
+              " but causal=True allows no key after the diagonal");
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": argument 'softcap' must be a finite float >= 0 (0 disables it), got ", softcap);
+  p.window_left = static_cast<int>(window_left);
+  p.window_right = causal ? 0 : static_cast<int>(window_right);
+  p.bottom_right = bottom_right;
+  p.softcap = static_cast<float>(softcap);
+  p.causal = p.window_right == 0 && p.window_left < 0 && !p.bottom_right;
   return in;
 }
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const OptionalTensor& key_padding_mask, const OptionalTensor& cu_seqlens_q,
                                          const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                         int64_t max_seqlen_k, bool causal, double scale) {
+                                         int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap) {
   const char* op = "cuda_attention_fwd";
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionInputs in = attention_inputs(op, q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, causal, scale);
+                                        max_seqlen_k, causal, scale, window_left, window_right, bottom_right, softcap);
   const auto float_options = q.options().dtype(at::kFloat);
   // Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros and -inf, not garbage.
   Tensor out = in.packed ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
@@ -504,12 +518,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
                                                  const OptionalTensor& key_padding_mask,
                                                  const OptionalTensor& cu_seqlens_q,
                                                  const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                 int64_t max_seqlen_k, bool causal, double scale) {
+                                                 int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap) {
   const char* op = "cuda_attention_bwd";
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
   AttentionInputs in = attention_inputs(op, q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, causal, scale);
+                                        max_seqlen_k, causal, scale, window_left, window_right, bottom_right, softcap);
   auto check_like_q = [&](const char* name, const Tensor& t) {
     check_cuda(op, name, t);
     TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type() && t.sizes() == q.sizes(), op,
@@ -586,7 +601,8 @@ TORCH_LIBRARY(tformer, m) {
   m.def("cuda_softmax_fwd(Tensor x, float scale, Tensor? mask) -> Tensor");
   m.def("cuda_softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
   m.def("cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
-        "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
+        "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+        "int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0) "
         "-> (Tensor out, Tensor lse)");
   m.def("cuda_attention_fwd_path(Tensor q) -> str");
   m.def("cuda_attention_bwd_path(Tensor q) -> str");
@@ -597,7 +613,8 @@ TORCH_LIBRARY(tformer, m) {
         });
   m.def("cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-        "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "bool causal, float scale, int window_left=-1, int window_right=-1, bool bottom_right=False, "
+        "float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(tformer, CUDA, m) {

@@ -9,10 +9,10 @@
 // cu_seqlens[i] .. cu_seqlens[i+1]. lse and delta are float32 with (sequence, head, token)
 // strides in the same way.
 //
-// Semantics (those of tformer.ops.attention): causal is top-left aligned (query i sees keys
-// j <= i, per sequence); key_padding True removes a key; grouped-query attention: query head
-// h reads key/value head h / group_size; a query row with no allowed key gives zeros and
-// lse = -inf, and zero gradients.
+// Semantics (those of tformer.ops.attention): the causal/sliding-window band of
+// AttentionProblem (top-left or bottom-right aligned, per sequence) and soft-capping; key_padding
+// True removes a key; grouped-query attention: query head h reads key/value head h / group_size;
+// a query row with no allowed key gives zeros and lse = -inf, and zero gradients.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -58,8 +58,25 @@ struct AttentionProblem {
   int64_t k_tokens = 0;
   int head_dim = 0;
   float scale = 1.f;
+  // Plain top-left causal (the band left = -1, right = 0, not bottom-right): the only band the
+  // sm_90a kernels implement. The sm_80 kernels read the band fields below instead.
   bool causal = false;
+  // The band (tformer/ops/attention_mask.py's Band): query i of a sequence of q_len queries
+  // attends key j of k_len keys when i + offset - window_left <= j <= i + offset + window_right,
+  // offset = k_len - q_len when bottom_right, else 0; a bound of -1 is unbounded. causal=True
+  // is window_right = 0.
+  int window_left = -1;
+  int window_right = -1;
+  bool bottom_right = false;
+  // Logit soft-capping (Gemma 2): scaled scores s become softcap * tanh(s / softcap) before the
+  // softmax; 0 disables it.
+  float softcap = 0.f;
 };
+
+// Whether the problem needs more than full or top-left causal attention without soft-capping.
+inline bool attention_has_band_or_softcap(const AttentionProblem& p) {
+  return p.window_left >= 0 || (p.window_right >= 0 && (p.window_right > 0 || p.bottom_right)) || p.softcap > 0.f;
+}
 
 struct AttentionForwardArgs {
   AttentionProblem problem;

@@ -12,12 +12,13 @@
 //   query_grad_kernel  one block per 64 query rows of a (sequence, query head), looping over
 //                      key blocks, accumulating dQ in registers.
 //
-// Blocks that cross no boundary (padding, the causal diagonal, a sequence end) run without
-// mask arithmetic; dK, dV and dQ leave through shared memory in 16-byte stores.
+// Only blocks that meet the band (causal, sliding window) are visited; blocks that cross no
+// boundary (padding, a band edge, a sequence end) run without mask arithmetic; dK, dV and dQ leave through shared memory in 16-byte stores.
 //
 // Both recompute P = exp2(S * scale * log2(e) - lse * log2(e)) from q, k and the saved
 // log-sum-exp (memory O(S)); with delta_i = rowsum(dO_i * O_i) (delta_kernel, run first),
-// dS = P * (dP - delta) where dP = dO V^T. A fully masked row has lse = -inf: it is measured
+// dS = P * (dP - delta) where dP = dO V^T (soft-capped: P from softcap * tanh(S * scale /
+// softcap), and dS times the derivative 1 - tanh^2). A fully masked row has lse = -inf: it is measured
 // against 0 and all its scores are masked, so its P, hence its gradients, are 0.
 #pragma once
 
@@ -91,10 +92,11 @@ __global__ void __launch_bounds__(KeyGradShape<kD, kWide>::kWarps * 32)
                                        p.v_strides.token, n0, bounds.k_len, p.head_dim);
 
   // Steps in a fixed order (deterministic sums): the query heads of the block, and for each
-  // its query blocks from m_begin on. Causal: key j is seen only by rows i >= j, so query
-  // blocks above n0 are skipped.
-  const int m_begin = p.causal ? (n0 / kM) * kM : 0;
-  const int blocks_per_head = bounds.q_len > m_begin ? static_cast<int>(ceil_div(bounds.q_len - m_begin, kM)) : 0;
+  // its query blocks from m_begin to m_end, the rows whose bands reach this block's keys
+  // (query blocks above the causal diagonal or below a sliding window are skipped).
+  const int m_begin = (mask.first_row(n0) / kM) * kM;
+  const int m_end = mask.row_end(min(n0 + kN, bounds.k_len));
+  const int blocks_per_head = m_end > m_begin ? static_cast<int>(ceil_div(m_end - m_begin, kM)) : 0;
   const int num_steps = num_heads_here * blocks_per_head;
   auto step_head = [&](int step) { return first_head + step / blocks_per_head; };
   auto step_m0 = [&](int step) { return m_begin + (step % blocks_per_head) * kM; };
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(KeyGradShape<kD, kWide>::kWarps * 32)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_key0 = n0 + warp * kTileRows;  // this warp's first key
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreMap score = score_map(p);
   float dk[1][kColumns / 8][4], dv[1][kColumns / 8][4];
   zero(dk);
   zero(dv);
@@ -140,38 +142,37 @@ __global__ void __launch_bounds__(KeyGradShape<kD, kWide>::kWarps * 32)
     const T* dout_tile = dout_tiles + buffer * kM * kStride;
     const float* lse_tile = lse_tiles + buffer * kM;
     const float* delta_tile = delta_tiles + buffer * kM;
-    // P^T (this warp's 16 keys x kM queries) = exp2(K Q^T * scale * log2(e) - lse).
+    // S^T = K Q^T and dP^T = V dO^T (this warp's 16 keys x kM queries); then
+    // P^T = exp2(score(S^T) - lse) and dS^T = P^T * (dP^T - delta), times the soft-cap's
+    // derivative 1 - tanh^2 when softcap > 0.
     float pt[1][kM / 8][4];
     zero(pt);
     warp_gemm_abt<T, 1, kM, kD>(pt, k_tile + warp * kTileRows * kStride, q_tile, kStride, lane);
-#pragma unroll
-    for (int j = 0; j < kM / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // (key lane / 4 + 8 (e / 2), query 2 (lane % 4) + e % 2)
-        const int i = j * 8 + 2 * (lane % 4) + (e % 2);
-        const float prob = exp2f(pt[0][j][e] * scale_log2 - lse_tile[i]);
-        if constexpr (kMasked) {
-          const int key = warp_key0 + lane / 4 + (e / 2) * 8;
-          pt[0][j][e] = key_ok[e / 2] && mask.query_sees(m0 + i, key) ? prob : 0.f;
-        } else {
-          pt[0][j][e] = prob;
-        }
-      }
-    }
-    warp_gemm_pb<T, 1, kM, kColumns>(dv, pt, dout_tile + col0, kStride, lane);  // dV += P^T dO
-
-    // dS^T = P^T * (dP^T - delta), dP^T = V dO^T.
     float dst[1][kM / 8][4];
     zero(dst);
     warp_gemm_abt<T, 1, kM, kD>(dst, v_tile + warp * kTileRows * kStride, dout_tile, kStride, lane);
 #pragma unroll
     for (int j = 0; j < kM / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int e = 0; e < 4; ++e) {  // (key lane / 4 + 8 (e / 2), query 2 (lane % 4) + e % 2)
         const int i = j * 8 + 2 * (lane % 4) + (e % 2);
-        dst[0][j][e] = pt[0][j][e] * (dst[0][j][e] - delta_tile[i]);
+        float prob, slope = 1.f;
+        if (score.capped) {
+          const float t = score.tanh(pt[0][j][e]);
+          prob = exp2f(t * score.cap_out - lse_tile[i]);
+          slope = 1.f - t * t;
+        } else {
+          prob = exp2f(pt[0][j][e] * score.scale_log2 - lse_tile[i]);
+        }
+        if constexpr (kMasked) {
+          const int key = warp_key0 + lane / 4 + (e / 2) * 8;
+          if (!(key_ok[e / 2] && mask.query_sees(m0 + i, key))) prob = 0.f;
+        }
+        pt[0][j][e] = prob;
+        dst[0][j][e] = prob * (dst[0][j][e] - delta_tile[i]) * slope;
       }
     }
+    warp_gemm_pb<T, 1, kM, kColumns>(dv, pt, dout_tile + col0, kStride, lane);   // dV += P^T dO
     warp_gemm_pb<T, 1, kM, kColumns>(dk, dst, q_tile + col0, kStride, lane);  // dK += dS^T Q, scaled at the end
   };
 
@@ -287,13 +288,12 @@ __global__ void __launch_bounds__(QueryGradShape<kD>::kWarps * 32) query_grad_ke
   const KeyMask mask = key_mask(p, seq, bounds);
   const T* k = slab(static_cast<const T*>(p.k), p.k_strides, seq, kv_head, bounds.k_start);
   const T* v = slab(static_cast<const T*>(p.v), p.v_strides, seq, kv_head, bounds.k_start);
-  const int key_end = p.causal ? min(bounds.k_len, m0 + kM) : bounds.k_len;
-  const int num_steps = static_cast<int>(ceil_div(key_end, kN));
-  // As in the forward: the leading full, unpadded key blocks left of the diagonal run without
-  // the mask (rows past q_len are never stored).
-  int unmasked_steps = mask.padding != nullptr ? 0 : bounds.k_len / kN;
-  if (p.causal) unmasked_steps = min(unmasked_steps, (m0 + 1) / kN);
-  unmasked_steps = min(unmasked_steps, num_steps);
+  // As in the forward: only the key blocks that meet the block's bands.
+  const int row_end = min(m0 + kM, bounds.q_len);
+  const int first_block = mask.first_key(m0) / kN;
+  const int key_end = mask.key_end(row_end);
+  const int num_steps = max(0, static_cast<int>(ceil_div(key_end, kN)) - first_block);
+  const int n_first = first_block * kN;
 
   load_tile_async<kThreads, T, kM, kD>(q_tile,
                                        slab(static_cast<const T*>(p.q), p.q_strides, seq, head, bounds.q_start),
@@ -302,14 +302,14 @@ __global__ void __launch_bounds__(QueryGradShape<kD>::kWarps * 32) query_grad_ke
       dout_tile, slab(static_cast<const T*>(args.dout), args.dout_strides, seq, head, bounds.q_start),
       args.dout_strides.token, m0, bounds.q_len, p.head_dim);
   if (num_steps > 0) {
-    load_tile_async<kThreads, T, kN, kD>(k_tiles, k, p.k_strides.token, 0, bounds.k_len, p.head_dim);
-    load_tile_async<kThreads, T, kN, kD>(v_tiles, v, p.v_strides.token, 0, bounds.k_len, p.head_dim);
+    load_tile_async<kThreads, T, kN, kD>(k_tiles, k, p.k_strides.token, n_first, bounds.k_len, p.head_dim);
+    load_tile_async<kThreads, T, kN, kD>(v_tiles, v, p.v_strides.token, n_first, bounds.k_len, p.head_dim);
   }
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row0 = m0 + warp * kTileRows;
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreMap score = score_map(p);
   const float* lse = slab(args.lse, args.lse_strides, seq, head, bounds.q_start);
   const float* delta = slab(static_cast<const float*>(args.delta), args.lse_strides, seq, head, bounds.q_start);
   float row_lse[2], row_delta[2];  // lane rows warp_row0 + lane / 4 (+ 8)
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(QueryGradShape<kD>::kWarps * 32) query_grad_ke
     cp_async_wait<0>();
     __syncthreads();  // this step's tiles are in; every warp is done with the other buffer
     if (step + 1 < num_steps) {
-      const int next = (step + 1) * kN;
+      const int next = n_first + (step + 1) * kN;
       load_tile_async<kThreads, T, kN, kD>(k_tiles + (buffer ^ 1) * kN * kStride, k, p.k_strides.token, next,
                                            bounds.k_len, p.head_dim);
       load_tile_async<kThreads, T, kN, kD>(v_tiles + (buffer ^ 1) * kN * kStride, v, p.v_strides.token, next,
@@ -344,25 +344,38 @@ __global__ void __launch_bounds__(QueryGradShape<kD>::kWarps * 32) query_grad_ke
     float dp[1][kN / 8][4];
     zero(dp);
     warp_gemm_abt<T, 1, kN, kD>(dp, dout_tile + warp * kTileRows * kStride, v_tile, kStride, lane);
+    // dS = P * (dP - delta) (times 1 - tanh^2 when soft-capped), P = exp2(score(S) - lse).
+    auto grad_score = [&](float raw, float dp_value, int r) {
+      float prob, slope = 1.f;
+      if (score.capped) {
+        const float t = score.tanh(raw);
+        prob = exp2f(t * score.cap_out - row_lse[r]);
+        slope = 1.f - t * t;
+      } else {
+        prob = exp2f(raw * score.scale_log2 - row_lse[r]);
+      }
+      return prob * (dp_value - row_delta[r]) * slope;
+    };
     if constexpr (kMasked) {
-      for_each_score<1, kN>(mask, warp_row0, step * kN, lane, [&](int, int j, int e, int r, bool allowed) {
-        const float prob = allowed ? exp2f(pr[0][j][e] * scale_log2 - row_lse[r]) : 0.f;
-        pr[0][j][e] = prob * (dp[0][j][e] - row_delta[r]);  // dS
+      for_each_score<1, kN>(mask, warp_row0, n_first + step * kN, lane, [&](int, int j, int e, int r, bool allowed) {
+        pr[0][j][e] = allowed ? grad_score(pr[0][j][e], dp[0][j][e], r) : 0.f;
       });
     } else {
 #pragma unroll
       for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float prob = exp2f(pr[0][j][e] * scale_log2 - row_lse[e / 2]);
-          pr[0][j][e] = prob * (dp[0][j][e] - row_delta[e / 2]);  // dS
-        }
+        for (int e = 0; e < 4; ++e) pr[0][j][e] = grad_score(pr[0][j][e], dp[0][j][e], e / 2);
       }
     }
     warp_gemm_pb<T, 1, kN, kD>(dq, pr, k_tile, kStride, lane);  // dQ += dS K (scaled at the end)
   };
-  for (int step = 0; step < unmasked_steps; ++step) run_step(step, std::false_type{});
-  for (int step = unmasked_steps; step < num_steps; ++step) run_step(step, std::true_type{});
+  for (int step = 0; step < num_steps; ++step) {
+    if (stored_rows_need_mask<kN>(mask, m0, row_end, n_first + step * kN)) {
+      run_step(step, std::true_type{});
+    } else {
+      run_step(step, std::false_type{});
+    }
+  }
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the tiles before dQ overwrites Q
 

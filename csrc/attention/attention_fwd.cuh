@@ -3,8 +3,9 @@
 // A block of 4 warps holds 128 query rows (32 per warp, as two 16-row mma tiles; 64 and 16 at
 // head dim 256) in shared memory and streams the keys and values of its (sequence, kv head)
 // through double-buffered cp.async tiles: the loads of step j + 1 are in flight while step j
-// computes. Per step a warp computes S = Q K^T (32 x kBlockN, fp32), masks it only when the
-// block crosses a boundary (padding, the causal diagonal, the sequence end), updates its rows'
+// computes. Only key blocks that meet the block's band (causal, sliding window) are visited.
+// Per step a warp computes S = Q K^T (32 x kBlockN, fp32), soft-caps it (softcap > 0), masks
+// it only when the block crosses a boundary (padding, a band edge, the sequence end), updates its rows'
 // running max and sum (online softmax, in log2 units: p = exp2(s * scale * log2(e) - m)),
 // rescales its output accumulator and adds P V with P taken straight from registers. The
 // output is staged through the warp's own rows of the Q tile and leaves in 16-byte stores.
@@ -40,27 +41,23 @@ __global__ void __launch_bounds__(ForwardShape<kD>::kWarps * 32) forward_kernel(
   const T* k = slab(static_cast<const T*>(p.k), p.k_strides, seq, kv_head, bounds.k_start);
   const T* v = slab(static_cast<const T*>(p.v), p.v_strides, seq, kv_head, bounds.k_start);
 
-  // Causal: key blocks entirely right of this block's last row contribute nothing.
-  const int key_end = p.causal ? min(bounds.k_len, m0 + kM) : bounds.k_len;
-  const int num_steps = static_cast<int>(ceil_div(key_end, kN));
-  // The leading steps whose kN keys all exist, none is padding and (causal) all lie at or
-  // left of the block's first row m0 run without the mask; the rest (the diagonal and the
-  // last partial block, or every block when there is padding) are masked. Rows past q_len
-  // are never stored, so they need no mask.
-  int unmasked_steps = mask.padding != nullptr ? 0 : bounds.k_len / kN;
-  if (p.causal) unmasked_steps = min(unmasked_steps, (m0 + 1) / kN);
-  unmasked_steps = min(unmasked_steps, num_steps);
-
+  // Only the key blocks that meet some row's band are visited (blocks left of a sliding window
+  // or right of the causal diagonal are skipped, not masked): keys [first_key, key_end).
+  const int row_end = min(m0 + kM, bounds.q_len);
+  const int first_block = mask.first_key(m0) / kN;
+  const int key_end = mask.key_end(row_end);
+  const int num_steps = max(0, static_cast<int>(ceil_div(key_end, kN)) - first_block);
+  const int n_first = first_block * kN;
   load_tile_async<kThreads, T, kM, kD>(q_tile, q, p.q_strides.token, m0, bounds.q_len, p.head_dim);
   if (num_steps > 0) {
-    load_tile_async<kThreads, T, kN, kD>(k_tiles, k, p.k_strides.token, 0, bounds.k_len, p.head_dim);
-    load_tile_async<kThreads, T, kN, kD>(v_tiles, v, p.v_strides.token, 0, bounds.k_len, p.head_dim);
+    load_tile_async<kThreads, T, kN, kD>(k_tiles, k, p.k_strides.token, n_first, bounds.k_len, p.head_dim);
+    load_tile_async<kThreads, T, kN, kD>(v_tiles, v, p.v_strides.token, n_first, bounds.k_len, p.head_dim);
   }
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row0 = m0 + warp * kWarpRows;  // this warp's first query row
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreMap score = score_map(p);
   float acc[kTiles][kD / 8][4];
   zero(acc);
   // Lane rows: warp_row0 + 16 t + lane / 4 (r = 0) and + 8 (r = 1).
@@ -77,7 +74,7 @@ __global__ void __launch_bounds__(ForwardShape<kD>::kWarps * 32) forward_kernel(
     cp_async_wait<0>();
     __syncthreads();  // this step's tiles are in; every warp is done with the other buffer
     if (step + 1 < num_steps) {  // prefetch the next step into the other buffer
-      const int next = (step + 1) * kN;
+      const int next = n_first + (step + 1) * kN;
       load_tile_async<kThreads, T, kN, kD>(k_tiles + (buffer ^ 1) * kN * kStride, k, p.k_strides.token, next,
                                            bounds.k_len, p.head_dim);
       load_tile_async<kThreads, T, kN, kD>(v_tiles + (buffer ^ 1) * kN * kStride, v, p.v_strides.token, next,
@@ -90,16 +87,17 @@ __global__ void __launch_bounds__(ForwardShape<kD>::kWarps * 32) forward_kernel(
     warp_gemm_abt<T, kTiles, kN, kD>(s, q_tile + warp * kWarpRows * kStride, k_tiles + buffer * kN * kStride,
                                      kStride, lane);
     if constexpr (kMasked) {
-      for_each_score<kTiles, kN>(mask, warp_row0, step * kN, lane, [&](int t, int j, int e, int, bool allowed) {
-        s[t][j][e] = allowed ? s[t][j][e] * scale_log2 : -INFINITY;
-      });
+      for_each_score<kTiles, kN>(mask, warp_row0, n_first + step * kN, lane,
+                                 [&](int t, int j, int e, int, bool allowed) {
+                                   s[t][j][e] = allowed ? score(s[t][j][e]) : -INFINITY;
+                                 });
     } else {
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
         for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[t][j][e] *= scale_log2;
+          for (int e = 0; e < 4; ++e) s[t][j][e] = score(s[t][j][e]);
         }
       }
     }
@@ -132,8 +130,13 @@ __global__ void __launch_bounds__(ForwardShape<kD>::kWarps * 32) forward_kernel(
     }
     warp_gemm_pb<T, kTiles, kN, kD>(acc, s, v_tiles + buffer * kN * kStride, kStride, lane);
   };
-  for (int step = 0; step < unmasked_steps; ++step) run_step(step, std::false_type{});
-  for (int step = unmasked_steps; step < num_steps; ++step) run_step(step, std::true_type{});
+  for (int step = 0; step < num_steps; ++step) {
+    if (stored_rows_need_mask<kN>(mask, m0, row_end, n_first + step * kN)) {
+      run_step(step, std::true_type{});
+    } else {
+      run_step(step, std::false_type{});
+    }
+  }
   cp_async_wait<0>();  // nothing may be in flight at exit (num_steps == 0: the Q tile)
   __syncthreads();     // every warp is done with the tiles before the output overwrites Q
 

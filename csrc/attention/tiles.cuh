@@ -46,15 +46,31 @@ struct KeyMask {
   const uint8_t* padding;  // this sequence's row of the key padding mask, or nullptr
   int64_t padding_stride;
   int q_len, k_len;
-  bool causal;
+  // The band (AttentionProblem): key j is in query i's band when
+  // i + offset - left <= j <= i + offset + right; a bound < 0 is unbounded.
+  int offset, left, right;
 
   // Key `col` exists and is not padding.
   __device__ __forceinline__ bool key_ok(int col) const {
     return col < k_len && (padding == nullptr || padding[col * padding_stride] == 0);
   }
-  // Query `row` exists and, under causal (top-left aligned), reaches key `col`.
+  // Query `row` exists and key `col` lies in its band.
   __device__ __forceinline__ bool query_sees(int row, int col) const {
-    return row < q_len && (!causal || col <= row);
+    return row < q_len && (right < 0 || col <= row + offset + right) && (left < 0 || col >= row + offset - left);
+  }
+  // Keys [first, end) that rows [row_begin, row_end) may see: the union of their bands.
+  __device__ __forceinline__ int first_key(int row_begin) const {
+    return left < 0 ? 0 : max(0, row_begin + offset - left);
+  }
+  __device__ __forceinline__ int key_end(int row_end) const {
+    return right < 0 ? k_len : max(0, min(k_len, row_end + offset + right));
+  }
+  // Rows [first, end) whose bands reach keys [col_begin, col_end).
+  __device__ __forceinline__ int first_row(int col_begin) const {
+    return right < 0 ? 0 : max(0, col_begin - offset - right);
+  }
+  __device__ __forceinline__ int row_end(int col_end) const {
+    return left < 0 ? q_len : max(0, min(q_len, col_end - offset + left));
   }
 };
 
@@ -83,16 +99,52 @@ __device__ __forceinline__ void for_each_score(const KeyMask& mask, int row0, in
 
 __device__ __forceinline__ KeyMask key_mask(const AttentionProblem& p, int seq, const SequenceBounds& b) {
   const uint8_t* padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
-  return {padding, p.key_padding_token_stride, b.q_len, b.k_len, p.causal};
+  return {padding, p.key_padding_token_stride, b.q_len, b.k_len, p.bottom_right ? b.k_len - b.q_len : 0,
+          p.window_left, p.window_right};
+}
+
+// Whether the band cuts the block of rows [row_first, row_last] x keys [n0, n0 + kN): some
+// key of it lies outside some row's band.
+template <int kN>
+__device__ __forceinline__ bool band_cuts_block(const KeyMask& mask, int row_first, int row_last, int n0) {
+  return (mask.right >= 0 && n0 + kN - 1 > row_first + mask.offset + mask.right) ||
+         (mask.left >= 0 && n0 < row_last + mask.offset - mask.left);
 }
 
 // Whether a (query rows m0 .. m0 + kM) x (keys n0 .. n0 + kN) block needs the mask: it holds
-// padding keys, keys or rows past the sequence, or keys right of the causal diagonal. Every
-// other block runs with no mask arithmetic at all (FA2 masks only the boundary blocks).
+// padding keys, keys or rows past the sequence, or keys outside some row's band. Every other
+// block runs with no mask arithmetic at all (FA2 masks only the boundary blocks).
 template <int kM, int kN>
 __device__ __forceinline__ bool block_needs_mask(const KeyMask& mask, int m0, int n0) {
   return mask.padding != nullptr || n0 + kN > mask.k_len || m0 + kM > mask.q_len ||
-         (mask.causal && n0 + kN - 1 > m0);
+         band_cuts_block<kN>(mask, m0, m0 + kM - 1, n0);
+}
+
+// As block_needs_mask, for a pass that never stores rows past q_len (the forward, the dQ
+// pass): those rows need no mask.
+template <int kN>
+__device__ __forceinline__ bool stored_rows_need_mask(const KeyMask& mask, int m0, int row_end, int n0) {
+  return mask.padding != nullptr || n0 + kN > mask.k_len || band_cuts_block<kN>(mask, m0, row_end - 1, n0);
+}
+
+// Soft-capping of raw q.k products, in log2 units for exp2: softcap * tanh(x * scale / softcap)
+// * log2(e) when softcap > 0, else x * scale * log2(e). tanh() returns the tanh too, which the
+// backward's derivative 1 - tanh^2 needs.
+struct ScoreMap {
+  float scale_log2;  // scale * log2(e), uncapped
+  float cap_in;      // scale / softcap
+  float cap_out;     // softcap * log2(e)
+  bool capped;
+
+  __device__ __forceinline__ float tanh(float x) const { return tanhf(x * cap_in); }
+  __device__ __forceinline__ float operator()(float x) const {
+    return capped ? tanh(x) * cap_out : x * scale_log2;
+  }
+};
+
+__device__ __forceinline__ ScoreMap score_map(const AttentionProblem& p) {
+  const bool capped = p.softcap > 0.f;
+  return {p.scale * kLog2e, capped ? p.scale / p.softcap : 0.f, p.softcap * kLog2e, capped};
 }
 
 // The first element of (seq, head, token = first) of a strided tensor.

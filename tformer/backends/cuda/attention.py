@@ -22,8 +22,10 @@ What they take:
   "reference" for it);
 - head dims that are a multiple of 8 and at most 256 (compiled for 32, 64, 96, 128 and 256;
   a head dim in between runs in the next bucket with zero-filled lanes);
-- causal (top-left aligned), key padding mask, packed variable-length sequences, any lengths
-  with Sq != Sk, grouped-query attention without repeating k and v;
+- causal (top-left or bottom-right aligned), sliding windows (``window=(left, right)``; key
+  blocks outside every row's band are skipped, not just masked), logit soft-capping
+  (``softcap``), key padding mask, packed variable-length sequences, any lengths with
+  Sq != Sk, grouped-query attention without repeating k and v;
 - strided q, k, v (e.g. views of a fused QKV projection) whose last dim is contiguous;
   others are refused with the reason, so "auto" passes over this backend for them.
 - packed sequences: the kernels trust ``cu_seqlens_*`` and ``max_seqlen_*`` (offsets from 0,
@@ -31,8 +33,9 @@ What they take:
   checks them before dispatch (outside ``torch.compile``).
 - shared memory: head dims up to 128 take at most 87 KB a block; the 256 bucket takes 136 KB,
   within sm80/sm90 limits but above the 99 KB of sm86/sm89, where the op raises a clear error.
-- Sliding windows, bottom-right alignment and soft-capping are not implemented yet: refused
-  by name (the registry's ``supports`` check), so "auto" passes over this backend for them.
+- the Hopper kernels implement full and top-left causal attention without soft-capping; a
+  sliding window, bottom-right alignment or ``softcap`` runs both passes on the sm80 kernels
+  (the dispatch says so once on stderr).
 - Dropout is not implemented yet: ``dropout_p > 0`` is refused (the registry's ``supports``
   check names it; calling these functions directly raises ValueError).
 
@@ -51,6 +54,7 @@ from typing import Optional
 import torch
 
 import tformer._C  # noqa: F401  loads the library that defines torch.ops.tformer.cuda_*
+from tformer.ops.attention_mask import Band
 from tformer.ops.registry import register
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -65,23 +69,9 @@ def _dropout_reason(dropout_p: float) -> Optional[str]:
     return None
 
 
-def _mask_reason(band, softcap: float) -> Optional[str]:
-    """The CUDA kernels mask full or top-left causal attention only."""
-    if band is not None and band.bottom_right and band.right >= 0:
-        return ("backend 'cuda' has no implementation of argument 'alignment'='bottom_right' yet; use "
-                "backend='triton' or 'reference', or alignment='top_left'")
-    if band is not None and (band.left >= 0 or band.right > 0):
-        return (f"backend 'cuda' has no implementation of argument 'window' yet (got ({band.left}, {band.right})); "
-                "use backend='triton' or 'reference'")
-    if softcap > 0.0:
-        return (f"backend 'cuda' has no implementation of argument 'softcap' yet (got {softcap}); use "
-                "backend='triton' or 'reference'")
-    return None
-
-
 def _supports(q, k, v, dropout_p, band=None, softcap: float = 0.0, **_) -> Optional[str]:
     """Why the kernels cannot take these inputs, or None (the registry's ``supports`` check)."""
-    reason = _dropout_reason(dropout_p) or _mask_reason(band, softcap)
+    reason = _dropout_reason(dropout_p)
     if reason is not None:
         return reason
     head_dim = q.shape[-1]
@@ -95,46 +85,55 @@ def _supports(q, k, v, dropout_p, band=None, softcap: float = 0.0, **_) -> Optio
     return None
 
 
-def _check_dropout(dropout_p: float, band=None, softcap: float = 0.0) -> None:
-    reason = _dropout_reason(dropout_p) or _mask_reason(band, softcap)
+def _check_dropout(dropout_p: float) -> None:
+    reason = _dropout_reason(dropout_p)
     if reason is not None:
         raise ValueError(reason)
+
+
+def _band_args(band, same_lengths: bool = False) -> tuple[int, int, bool]:
+    """The kernels' (window_left, window_right, bottom_right); the band already folds causal in.
+    With equal query and key lengths both alignments are the same band: passed as top-left, so
+    FlashAttention-style causal calls with Sq == Sk keep the Hopper kernels."""
+    band = Band() if band is None else band
+    return band.left, band.right, band.bottom_right and not same_lengths
 
 
 @register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
               band=None, softcap: float = 0.0):
-    _check_dropout(dropout_p, band, softcap)
+    _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
-                                                    causal, scale)
+                                                    False, scale, *_band_args(band, q.shape[2] == k.shape[2]),
+                                                    float(softcap))
     return (out, lse.detach()) if return_lse else out
 
 
 @register("attention_varlen", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
                      return_lse, band=None, softcap: float = 0.0):
-    _check_dropout(dropout_p, band, softcap)
+    _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                    max_seqlen_k, causal, scale)
+                                                    max_seqlen_k, False, scale, *_band_args(band), float(softcap))
     return (out, lse.detach()) if return_lse else out
 
 
 # ---- autograd ------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    (q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+     window_right, bottom_right, softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-    ctx.scalars = (max_seqlen_q, max_seqlen_k, causal, scale)
+    ctx.scalars = (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, softcap)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     # lse is returned detached by the public functions: its gradient carries nothing.
     q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, causal, scale = ctx.scalars
     dq, dk, dv = torch.ops.tformer.cuda_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q,
-                                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                                      cu_seqlens_k, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * 11
 
 
 torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_context=_setup_context)
@@ -144,7 +143,7 @@ torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_
 
 @torch.library.register_fake("tformer::cuda_attention_fwd")
 def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                        scale):
+                        scale, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0):
     # Padded batch: lse (B, Hq, Sq); packed: (Hq, total_q).
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else tuple(q.shape[:3])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -152,5 +151,6 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, m
 
 @torch.library.register_fake("tformer::cuda_attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, causal, scale):
+                        max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False,
+                        softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
