@@ -15,16 +15,20 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the dataclasses."""
 
 
-def unknown_key_error(where: str, key: str, valid) -> ConfigError:
+def unknown_key_error(where: str, key: str, valid, *, prefix: str = "config: ") -> ConfigError:
+    """The error for an unknown key: it names the nearest valid key (one typo suggester for every
+    config, model configs included)."""
     valid = list(valid)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"config: unknown key {where}{key!r}.{hint} Valid keys: {valid}")
+    return ConfigError(f"{prefix}unknown key {where}{key!r}.{hint} Valid keys: {valid}")
 
 
 def _type_matches(value, annotation) -> bool:
     if annotation is typing.Any:
         return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return value in typing.get_args(annotation)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
@@ -58,6 +62,9 @@ def from_dict(cls, values, where: str = ""):
         if key not in fields:
             raise unknown_key_error(where, key, fields)
         annotation = hints[key]
+        if typing.get_origin(annotation) is typing.Literal:
+            kwargs[key] = check_choice(f"config: {where}{key}", value, typing.get_args(annotation))
+            continue
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = from_dict(annotation, value, f"{where}{key}.")
             continue
@@ -73,11 +80,24 @@ def _describe(annotation) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def check_choice(where: str, value, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"config: {where} must be one of {choices}, got {value!r}.{hint}")
+def choices_of(literal) -> tuple:
+    """The values of a ``Literal[...]`` type, as a tuple (what :func:`check_choice` takes)."""
+    return typing.get_args(literal)
+
+
+def check_choice(where: str, value, choices):
+    """Return ``value`` if it is one of ``choices``, else raise :class:`ConfigError` naming
+    ``where`` (the setting as its user wrote it: ``"config: training.strategy"``,
+    ``"TransformerBlock: argument 'norm_position'"``) and suggesting the nearest valid choice.
+    The one choice check of tformer: config sections, model configs and modules use it."""
+    choices = tuple(choices)
+    if isinstance(value, typing.Hashable) and value in choices:
+        return value
+    names = [str(choice) for choice in choices]
+    close = difflib.get_close_matches(str(value), names, n=1) or difflib.get_close_matches(str(value).lower(), names,
+                                                                                          n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{where} must be one of {choices}, got {value!r}.{hint}")
 
 
 class UsageError(Exception):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tformer.data.dealing import rank_share
+
 
 class RandomWindowSampler:
     """Draws ``(inputs, targets)`` pairs of shape ``(batch_size, seq_len)``: windows
@@ -35,7 +37,7 @@ class RandomWindowSampler:
         starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.world_size * self.batch_size,),
                                generator=self.generator)
         self.draws += 1
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
+        mine = rank_share(starts, rank=self.rank, world_size=self.world_size).numpy()
         windows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in mine])
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]

@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
-from tformer.nn.choices import check_choice
+from tformer.schema import check_choice, unknown_key_error
 from tformer.nn.normalization import NORMS
 from tformer.nn.positional import POSITIONAL_ENCODINGS
 from tformer.nn.transformer_block import NORM_POSITIONS
@@ -53,11 +53,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{owner}: argument '{name}' must be a float in [0, 1), got {value!r}")
-        check_choice(owner, "positional", self.positional, POSITIONAL_ENCODINGS)
-        check_choice(owner, "norm", self.norm, NORMS)
-        check_choice(owner, "norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice(f"{owner}: argument 'positional'", self.positional, POSITIONAL_ENCODINGS)
+        check_choice(f"{owner}: argument 'norm'", self.norm, NORMS)
+        check_choice(f"{owner}: argument 'norm_position'", self.norm_position, NORM_POSITIONS)
         if self.backend is not None:
-            check_choice(owner, "backend", self.backend, (*BACKENDS, "auto"))
+            check_choice(f"{owner}: argument 'backend'", self.backend, (*BACKENDS, "auto"))
         if self.positional == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"{owner}: positional='rope' needs an even head dim, got d_model / n_heads = "
                              f"{self.head_dim}")
@@ -73,9 +73,7 @@ class ModelConfig:
         fields = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{cls.__name__}: unknown key {key!r}.{hint} Valid keys: {fields}")
+                raise unknown_key_error("", key, fields, prefix=f"{cls.__name__}: ")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -97,7 +95,7 @@ class EncoderClassifierConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_positive_int(type(self).__name__, "num_classes", self.num_classes)
-        check_choice(type(self).__name__, "pooling", self.pooling, POOLINGS)
+        check_choice(f"{type(self).__name__}: argument 'pooling'", self.pooling, POOLINGS)
 
 
 def _check_positive_int(owner: str, name: str, value, allow_zero: bool = False) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
 from tformer.nn import make_norm
-from tformer.nn.choices import check_choice
+from tformer.schema import check_choice
 from tformer.nn.seq2seq_block import Seq2SeqBlock
 from tformer.nn.speech import SpeechEmbedding
 
@@ -50,7 +50,7 @@ class EncoderDecoderConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         owner = type(self).__name__
-        check_choice(owner, "encoder_input", self.encoder_input, ENCODER_INPUTS)
+        check_choice(f"{owner}: argument 'encoder_input'", self.encoder_input, ENCODER_INPUTS)
         for name in ("n_encoder_layers", "src_vocab_size", "max_source_len", "sample_rate", "n_mels", "conv_channels"):
             _check_positive_int(owner, name, getattr(self, name))
         if self.n_kv_heads != self.n_heads:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.nn.choices import check_choice
+from tformer.schema import check_choice
 from tformer.schema import ConfigError, from_dict
 
 from .config import EncoderClassifierConfig
@@ -39,8 +39,8 @@ class HeadConfig:
     bounds: tuple[float, float] | None = None
 
     def __post_init__(self):
-        check_choice("HeadConfig", "kind", self.kind, HEAD_KINDS)
-        check_choice("HeadConfig", "loss", self.loss, REGRESSION_LOSSES)
+        check_choice("HeadConfig: argument 'kind'", self.kind, HEAD_KINDS)
+        check_choice("HeadConfig: argument 'loss'", self.loss, REGRESSION_LOSSES)
         if self.kind != "regression" and self.num_labels < 2:
             raise ConfigError(f"config: a {self.kind} head needs num_labels >= 2, got {self.num_labels}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:

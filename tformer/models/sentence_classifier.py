@@ -28,7 +28,7 @@ class SentenceClassifierConfig:
     backend: str | None = None  # tformer backend for the attention (None: tformer's default)
 
     def __post_init__(self):
-        check_choice("model.pooling", self.pooling, POOLINGS)
+        check_choice("config: model.pooling", self.pooling, POOLINGS)
         if self.num_classes < 2 or self.max_seq_len < 2:
             raise ConfigError(f"config: model.num_classes and model.max_seq_len must be >= 2, got "
                               f"{self.num_classes} and {self.max_seq_len}")

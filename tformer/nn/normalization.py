@@ -13,7 +13,7 @@ from torch import nn
 
 from tformer import ops
 
-from .choices import check_choice
+from tformer.schema import check_choice
 
 NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
 
@@ -119,7 +119,7 @@ class RMSNorm(_NormBase):
 def make_norm(name: str, dim: int, *, bias: bool = True, backend: str | None = None, device=None,
               dtype=None) -> LayerNorm | RMSNorm:
     """The norm called ``name`` (one of :data:`NORMS`) over a last dimension of size ``dim``."""
-    check_choice("make_norm", "name", name, NORMS)
+    check_choice("make_norm: argument 'name'", name, NORMS)
     if name == "layernorm":
         return LayerNorm(dim, bias=bias, backend=backend, device=device, dtype=dtype)
     return RMSNorm(dim, backend=backend, device=device, dtype=dtype)

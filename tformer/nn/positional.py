@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .choices import check_choice
+from tformer.schema import check_choice
 
 POSITIONAL_ENCODINGS: tuple[str, ...] = ("none", "sinusoidal", "learned", "rope")
 
@@ -130,7 +130,7 @@ def positional_encoding(name: str, *, max_seq_len: int, d_model: int, head_dim: 
                         dtype=None) -> PositionalEncoding:
     """The positional encoding called ``name`` (one of :data:`POSITIONAL_ENCODINGS`).
     ``head_dim`` is needed by "rope" only, ``sinusoidal_scale`` is the "sinusoidal" table's amplitude."""
-    check_choice("positional_encoding", "name", name, POSITIONAL_ENCODINGS)
+    check_choice("positional_encoding: argument 'name'", name, POSITIONAL_ENCODINGS)
     if name == "none":
         return NoPositionalEncoding(max_seq_len)
     if name == "sinusoidal":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .choices import check_choice
+from tformer.schema import check_choice
 from .normalization import make_norm
 from .self_attention import SelfAttention
 
@@ -61,7 +61,7 @@ class TransformerBlock(nn.Module):
                  causal: bool = True, layer_index: int = 0, norm_position: str = "pre", backend: str | None = None,
                  device=None, dtype=None):
         super().__init__()
-        check_choice("TransformerBlock", "norm_position", norm_position, NORM_POSITIONS)
+        check_choice("TransformerBlock: argument 'norm_position'", norm_position, NORM_POSITIONS)
         self.norm_position = norm_position
         factory = dict(device=device, dtype=dtype)
         self.attention_norm = make_norm(norm, d_model, bias=bias, backend=backend, **factory)

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tformer.data.dealing import deal_batches, split_into_batches
+from tformer.data.dealing import BatchStream, ShuffledBatches, batches_per_rank, deal_batches, split_into_batches
 from tformer.data.speech import BOS_ID, EOS_ID, PAD_ID, SAMPLE_RATE, AsrVocab, load_split
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
 from tformer.schema import ConfigError
-from tformer.tasks.base import Task, cross_entropy_sum, every_rank_done, loss_metrics
+from tformer.tasks.base import Task, every_rank_done, loss_metrics
+from tformer.tasks.losses import CrossEntropySum, CtcSum
+from tformer.tasks.model_builder import ModelBuilder, check_at_least
 from tformer.tasks.speech_metrics import error_counts
 
 
@@ -44,9 +45,18 @@ class AsrDataConfig:
 
 
 class AsrTask(Task):
+    """Composed of the speech corpus, a :class:`ModelBuilder` for the encoder-decoder and the
+    losses: cross-entropy on the decoder, plus CTC on the encoder (Joint CTC-attention)."""
+
     name = "asr"
     model_config_class = EncoderDecoderConfig
     data_config_class = AsrDataConfig
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.builder = ModelBuilder(EncoderDecoderConfig, EncoderDecoderTransformer, self._model_values,
+                                    self._check_model)
+        self.cross_entropy, self.ctc = CrossEntropySum(), CtcSum(blank=PAD_ID)
 
     def prepare_data(self) -> None:
         from tformer.data.speech_corpus import CorpusSpec, build_corpus
@@ -68,15 +78,12 @@ class AsrTask(Task):
         if not self.splits["train"][0]:
             raise ConfigError(f"config: no training utterance of at most data.max_text_len={data.max_text_len} "
                               f"characters in {corpus}")
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
+        # A fresh random order each epoch, cut into micro-batches that the one stream deals to ranks.
+        self.train_batches = ShuffledBatches(len(self.splits["train"][0]), self.config.training.micro_batch_size,
+                                             seed=self.config.training.seed, seed_stride=7919)
+        self.train_stream = BatchStream(self.train_batches, rank=self.rank, world_size=self.world_size)
 
     # --- batches ------------------------------------------------------------------------------
-    def _permutation(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.config.training.seed + 7919 * self.epoch)
-        order = torch.randperm(len(self.splits["train"][0]), generator=generator).tolist()
-        return order[self.rank::self.world_size] or order[:1]
-
     def collate(self, waves: list[np.ndarray], texts: list[str]) -> dict:
         """Pad waveforms with zeros and targets with PAD: ``waveform (B, N)``, ``num_samples (B,)``,
         ``tokens_in (B, T)`` = BOS + text, ``targets (B, T)`` = text + EOS, ``weights (B, T)``."""
@@ -94,46 +101,43 @@ class AsrTask(Task):
                 "targets": targets, "weights": (targets != PAD_ID).float()}
 
     def next_train_batch(self) -> dict:
-        size = self.config.training.micro_batch_size
-        chosen = []
-        while len(chosen) < size:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            chosen.append(self._order[self.position])
-            self.position += 1
+        chosen = self.train_stream.next_indices()
         waves, texts = self.splits["train"]
         return self.collate([waves[i] for i in chosen], [texts[i] for i in chosen])
 
     def steps_per_epoch(self) -> int:
-        """Each rank reads every world_size-th utterance of the epoch's order, micro-batch by
-        micro-batch (:meth:`next_train_batch`), so one pass takes this many optimizer steps."""
-        training = self.config.training
-        per_rank = -(-len(self.splits["train"][0]) // self.world_size)
-        return max(1, -(-per_rank // (training.micro_batch_size * training.grad_accum_steps)))
+        """Each rank takes every world_size-th micro-batch of the epoch's order, so one pass takes
+        this many optimizer steps."""
+        per_rank = batches_per_rank(self.train_batches, self.world_size)
+        return max(1, -(-per_rank // self.config.training.grad_accum_steps))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"stream": self.train_stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation()
+        if "stream" not in state:
+            # A checkpoint from before the one stream counted utterances read on this rank, not
+            # batches: continue at the first batch not yet read.
+            size = self.config.training.micro_batch_size
+            state = {"stream": {"epoch": state["epoch"], "position": -(-int(state["position"]) // size)}}
+        self.train_stream.load_state_dict(state["stream"])
 
     # --- model and loss -----------------------------------------------------------------------
-    def model_config_dict(self) -> dict:
-        values = {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.max_text_len + 2,
-                  "encoder_input": "speech", "sample_rate": SAMPLE_RATE, "ctc": self.data_config.ctc_weight > 0,
-                  **self.config.model}
-        config = EncoderDecoderConfig.from_dict(values)
-        if config.vocab_size < self.vocab.size:
-            raise ConfigError(f"config: model.vocab_size={config.vocab_size} is smaller than the character "
-                              f"vocabulary ({self.vocab.size})")
+    def _model_values(self) -> dict:
+        return {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.max_text_len + 2,
+                "encoder_input": "speech", "sample_rate": SAMPLE_RATE, "ctc": self.data_config.ctc_weight > 0,
+                **self.config.model}
+
+    def _check_model(self, config) -> None:
+        check_at_least("vocab_size", config.vocab_size, self.vocab.size, "is smaller than the character vocabulary")
         if self.data_config.ctc_weight > 0 and not config.ctc:
             raise ConfigError("config: data.ctc_weight > 0 needs model.ctc=true")
-        return config.to_dict()
+
+    def model_config_dict(self) -> dict:
+        return self.builder.config_dict()
 
     def build_model(self) -> torch.nn.Module:
-        return EncoderDecoderTransformer(EncoderDecoderConfig.from_dict(self.model_config_dict()))
+        return self.builder.build()
 
     def num_items(self, batch: dict) -> int:
         return int(batch["weights"].sum().item())
@@ -142,16 +146,13 @@ class AsrTask(Task):
         ctc_weight = self.data_config.ctc_weight
         outputs = model(batch["waveform"], batch["num_samples"], batch["tokens_in"], return_ctc=ctc_weight > 0)
         logits = outputs[0] if ctc_weight > 0 else outputs
-        loss = cross_entropy_sum(logits, batch["targets"], label_smoothing=label_smoothing, weights=batch["weights"])
+        loss = self.cross_entropy(logits, batch["targets"], weights=batch["weights"], label_smoothing=label_smoothing)
         if ctc_weight > 0:
             _, ctc_logits, padding_mask = outputs
             # CTC targets: the characters without EOS; PAD (id 0) is the blank.
             target_lengths = batch["weights"].sum(dim=1).long() - 1
             targets = batch["targets"].masked_fill(batch["targets"] == EOS_ID, PAD_ID)
-            log_probs = torch.log_softmax(ctc_logits.float(), dim=-1).transpose(0, 1)  # (S', B, V)
-            ctc = F.ctc_loss(log_probs, targets, (~padding_mask).sum(dim=1), target_lengths, blank=PAD_ID,
-                             reduction="sum", zero_infinity=True)
-            loss = loss + ctc_weight * ctc
+            loss = loss + ctc_weight * self.ctc(ctc_logits, padding_mask, targets, target_lengths)
         return loss, self.num_items(batch)
 
     # --- evaluation ---------------------------------------------------------------------------

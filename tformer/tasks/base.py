@@ -46,9 +46,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from tformer.schema import ConfigError, from_dict
+from tformer.tasks.losses import cross_entropy_sum  # noqa: F401  (tasks import it from here)
 
 if TYPE_CHECKING:  # tasks sit below training: the config type is for readers only
     from tformer.training.config import TrainConfig
@@ -165,12 +165,20 @@ def loss_metrics(split: str, loss_sum: float, count: float) -> dict[str, float]:
     return {f"{split}/loss": loss, f"{split}/bpc": loss / math.log(2), f"{split}/ppl": math.exp(min(loss, 50.0))}
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
-                      weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed cross-entropy in float32 (logits may be bf16/fp16); ``weights`` (same shape as
-    ``targets``, 0/1) drops items."""
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             reduction="none", label_smoothing=label_smoothing)
-    if weights is not None:
-        losses = losses * weights.reshape(-1).to(losses.dtype)
-    return losses.sum()
+class TaskVariant:
+    """A registered task made of another task class with different parts: composition, so no
+    task subclasses another. Looks like a task class to the trainer and the config checks:
+    ``name``, ``model_config_class``, ``data_config_class``, ``check_model_section`` and a call
+    that builds the task (``parts`` go to the task class's constructor)."""
+
+    def __init__(self, task_class: type[Task], *, name: str, model_config_class, **parts):
+        self.task_class, self.name, self.model_config_class, self.parts = task_class, name, model_config_class, parts
+        self.data_config_class = task_class.data_config_class
+
+    def check_model_section(self, model: dict) -> None:
+        self.model_config_class.from_dict(model)
+
+    def __call__(self, config: TrainConfig, **kwargs) -> Task:
+        task = self.task_class(config, model_config_class=self.model_config_class, **self.parts, **kwargs)
+        task.name, task.model_config_class = self.name, self.model_config_class
+        return task

@@ -8,21 +8,22 @@ split is read only for the final evaluation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tformer.schema import ConfigError
-from tformer.data import bpe
-from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_batch, truncate_head_tail
-from tformer.data.streams import BatchStream, batches_per_rank
-from tformer.data.imdb import (LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, OFFICIAL_URL, ReviewSet,
-                               balanced_subset, download_imdb, load_imdb, split_validation, texts_digest)
-from tformer.tasks.metrics import classification_metrics, confusion_matrix, format_confusion
+from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_batch
+from tformer.data.dealing import BatchStream, batches_per_rank
+from tformer.data.imdb import LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, ReviewSet
 from tformer.models import EncoderClassifier, EncoderClassifierConfig
-from tformer.tasks.base import Task, cross_entropy_sum
+from tformer.schema import ConfigError
+from tformer.tasks.base import Task
+from tformer.tasks.imdb_reviews import ImdbReviews
+from tformer.tasks.losses import CrossEntropySum
+from tformer.tasks.metrics import classification_metrics, confusion_matrix, format_confusion
+from tformer.tasks.model_builder import ModelBuilder, check_at_least
+from tformer.tasks.review_text import BpeReviewText
 
 
 @dataclass
@@ -73,46 +74,38 @@ class EncodedSplit:
 
 
 class ClassificationTask(Task):
-    """Binary sentiment of a review: cross-entropy on the encoder's logits."""
+    """Binary sentiment of a review: cross-entropy on the classifier's logits.
+
+    Composed of the IMDb reviews (:class:`ImdbReviews`), a text part that turns them into ids
+    (``text``: :class:`BpeReviewText` by default) and a :class:`ModelBuilder` for
+    ``model_class`` (:class:`EncoderClassifier` by default); ``classify_hf`` is the same task
+    with other parts (:class:`~tformer.tasks.base.TaskVariant`).
+    """
 
     name = "classify"
     model_config_class = EncoderClassifierConfig
     data_config_class = ClassifyDataConfig
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config, *, text=BpeReviewText, model_config_class=EncoderClassifierConfig,
+                 model_class=EncoderClassifier, **kwargs):
         super().__init__(config, **kwargs)
-        self._raw: dict[str, ReviewSet] | None = None
+        self.reviews = ImdbReviews(self.data_config)
+        self.text = text(self.data_config, config)
+        self.builder = review_model_builder(model_config_class, model_class, self.text, self.data_config,
+                                            config.model)
+        self.loss = CrossEntropySum()
         self.last_misclassified: list[str] = []
 
     # --- data -------------------------------------------------------------------------------------
-    def archive_path(self) -> Path:
-        """The local archive or directory, downloading it first when ``data.path`` is a URL or None."""
-        data = self.data_config
-        source = data.path or OFFICIAL_URL
-        if source.startswith(("http://", "https://", "file://")):
-            return download_imdb(data.cache_dir, url=source, sha256=data.download_sha256,
-                                 expected_per_class=data.expected_per_class)
-        return Path(source).expanduser()
+    @property
+    def _raw(self):
+        return self.reviews.splits
 
-    def _read(self) -> dict[str, ReviewSet]:
-        if self._raw is None:
-            splits = load_imdb(self.archive_path(), expected_per_class=self.data_config.expected_per_class)
-            data = self.data_config
-            train, val = split_validation(splits["train"], data.val_size, seed=data.split_seed)
-            raw = {"train": train, "val": val, "test": splits["test"]}
-            limits = {"train": data.train_limit, "val": data.val_limit, "test": data.test_limit}
-            # Limits apply before the tokenizer is trained: it learns from the reviews actually used.
-            self._raw = {split: balanced_subset(reviews, limits[split], seed=data.split_seed)
-                         if limits[split] is not None else reviews for split, reviews in raw.items()}
-        return self._raw
+    def archive_path(self) -> Path:
+        return self.reviews.archive_path()
 
     def _tokenizer(self):
-        data, train = self.data_config, self._read()["train"]
-        return bpe.load_or_train_bpe(train.texts, data.bpe_vocab_size, data.cache_dir,
-                                     data_digest=texts_digest(train.texts), min_frequency=data.bpe_min_frequency)[0]
-
-    def _pad_id(self) -> int:
-        return bpe.pad_id(self.tokenizer)
+        return self.text.load(lambda: self.reviews.read()["train"])
 
     def prepare_data(self) -> None:
         self._tokenizer()  # download, read and train the tokenizer once, on rank 0
@@ -120,8 +113,8 @@ class ClassificationTask(Task):
     def load_data(self) -> None:
         data = self.data_config
         self.tokenizer = self._tokenizer()
-        self.pad_id = self._pad_id()
-        raw = self._read()
+        self.pad_id = self.text.pad_id
+        raw = self.reviews.read()
         self.splits: dict[str, EncodedSplit] = {split: self.encode(raw[split]) for split in ("train", "val")}
         # Every rank takes every world_size-th batch of the same epoch order.
         self.train_batches = LengthBucketBatches([len(i) for i in self.splits["train"].ids],
@@ -130,14 +123,11 @@ class ClassificationTask(Task):
         self.train_stream = BatchStream(self.train_batches, rank=self.rank, world_size=self.world_size)
 
     def encode(self, reviews: ReviewSet) -> EncodedSplit:
-        data = self.data_config
-        ids = [truncate_head_tail(row, data.max_tokens, data.head_tokens) or [self.pad_id]
-               for row in bpe.encode(self.tokenizer, reviews.texts)]
-        return EncodedSplit(ids, list(reviews.labels), reviews)
+        return EncodedSplit(self.text.encode_reviews(reviews), list(reviews.labels), reviews)
 
     def _split(self, name: str) -> EncodedSplit:
         if name not in self.splits:  # the test split is encoded only when first needed, at the end
-            self.splits[name] = self.encode(self._raw[name])
+            self.splits[name] = self.encode(self.reviews.read()[name])
         return self.splits[name]
 
     def _batch(self, split: EncodedSplit, indices: list[int], weight: float = 1.0) -> dict:
@@ -151,27 +141,14 @@ class ClassificationTask(Task):
                 "weights": torch.full((len(indices),), weight), "indices": torch.tensor(indices, dtype=torch.long)}
 
     # --- model ------------------------------------------------------------------------------------
-    def model_config(self) -> EncoderClassifierConfig:
-        if not hasattr(self, "_model_config"):
-            self._model_config = EncoderClassifierConfig.from_dict(self.model_config_dict())
-        return self._model_config
+    def model_config(self):
+        return self.builder.config()
 
     def model_config_dict(self) -> dict:
-        # Round the vocabulary up to a multiple of 64: matmul-friendly, the extra rows never used.
-        vocab = -(-self.tokenizer.get_vocab_size() // 64) * 64
-        values = {"vocab_size": vocab, "max_seq_len": self.data_config.max_tokens,
-                  "num_classes": len(LABEL_NAMES), **self.config.model}
-        config = EncoderClassifierConfig.from_dict(values)
-        if config.vocab_size < self.tokenizer.get_vocab_size():
-            raise ConfigError(f"config: model.vocab_size={config.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary ({self.tokenizer.get_vocab_size()})")
-        if config.max_seq_len < self.data_config.max_tokens:
-            raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.max_tokens="
-                              f"{self.data_config.max_tokens}")
-        return config.to_dict()
+        return self.builder.config_dict()
 
     def build_model(self) -> torch.nn.Module:
-        return EncoderClassifier(self.model_config())
+        return self.builder.build()
 
     # --- training ---------------------------------------------------------------------------------
     def next_train_batch(self) -> dict:
@@ -189,7 +166,7 @@ class ClassificationTask(Task):
 
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])
-        loss = cross_entropy_sum(logits, batch["labels"], label_smoothing=label_smoothing, weights=batch["weights"])
+        loss = self.loss(logits, batch["labels"], weights=batch["weights"], label_smoothing=label_smoothing)
         return loss, self.num_items(batch)
 
     def state_dict(self) -> dict:
@@ -207,11 +184,7 @@ class ClassificationTask(Task):
         ``run.eval_batches`` batches, sorted by length (least padding), dealt round-robin to ranks;
         a rank that runs short gets zero-weight filler so all ranks run as many forward passes."""
         encoded = self._split(split)
-        batch_size = self.data_config.eval_batch_size or 2 * self.config.training.micro_batch_size
-        max_batches = self.config.run.final_eval_batches if final else self.config.run.eval_batches
-        dealt = deal_eval_batches([len(ids) for ids in encoded.ids], batch_size, max_batches,
-                                  world_size=self.world_size, rank=self.rank, seed=self.data_config.split_seed)
-        for indices in dealt:
+        for indices in deal_review_batches(self, [len(ids) for ids in encoded.ids], final):
             yield self._batch(encoded, indices) if indices is not None else self._batch(encoded, [0], weight=0.0)
 
     @torch.no_grad()
@@ -228,7 +201,7 @@ class ClassificationTask(Task):
             for batch in self.eval_batches(split, final):
                 batch = self.to_device(batch)
                 logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"]).float()
-                loss = cross_entropy_sum(logits, batch["labels"], weights=batch["weights"])
+                loss = self.loss(logits, batch["labels"], weights=batch["weights"])
                 keep = batch["weights"] > 0
                 predicted = logits.argmax(dim=-1)
                 totals += torch.tensor([loss.item(), keep.sum().item()], dtype=torch.float64)
@@ -256,8 +229,37 @@ class ClassificationTask(Task):
     def export_metadata(self) -> dict:
         """Everything :mod:`tformer.generation.classify` needs to turn raw text into the model's input."""
         data = self.data_config
-        return {"labels": list(LABEL_NAMES), "tokenizer": json.loads(self.tokenizer.to_str()),
-                "max_tokens": data.max_tokens, "head_tokens": data.head_tokens}
+        return {"labels": list(LABEL_NAMES), **self.text.metadata(), "max_tokens": data.max_tokens,
+                "head_tokens": data.head_tokens}
+
+
+def review_model_builder(config_class, model_class, text, data: ClassifyDataConfig, model: dict) -> ModelBuilder:
+    """The model builder of the review tasks (classify, classify_hf, mlm): the text part's values
+    (the rounded vocabulary), ``data.max_tokens`` positions and two classes, updated with the
+    config's ``model`` section."""
+
+    def values() -> dict:
+        return {**text.model_values(), "max_seq_len": data.max_tokens, "num_classes": len(LABEL_NAMES), **model}
+
+    def check(config) -> None:
+        if "vocab_size" in text.model_values():
+            check_at_least("vocab_size", config.vocab_size, text.vocab_size, "is smaller than the tokenizer's "
+                           "vocabulary")
+        if config.max_seq_len < data.max_tokens:
+            raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.max_tokens={data.max_tokens}")
+
+    return ModelBuilder(config_class, model_class, values, check)
+
+
+def deal_review_batches(task: Task, lengths: list[int], final: bool) -> list[list[int] | None]:
+    """This rank's evaluation batches of item indices for items of ``lengths``: the whole split
+    (final, unless run.final_eval_batches caps it) or a fixed seeded sample of ``run.eval_batches``
+    batches, sorted by length, dealt round-robin (``None``: filler for a rank that runs short)."""
+    data, config = task.data_config, task.config
+    batch_size = data.eval_batch_size or 2 * config.training.micro_batch_size
+    max_batches = config.run.final_eval_batches if final else config.run.eval_batches
+    return deal_eval_batches(lengths, batch_size, max_batches, world_size=task.world_size, rank=task.rank,
+                             seed=data.split_seed)
 
 
 def split_metrics(split: str, totals: torch.Tensor, confusion: torch.Tensor) -> dict[str, float]:

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tformer.schema import ConfigError
+from tformer.schema import ConfigError, check_choice
 from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
 from tformer.models import DecoderLM, ModelConfig
-from tformer.tasks.base import Task, cross_entropy_sum
+from tformer.tasks.base import Task
+from tformer.tasks.losses import CrossEntropySum
+from tformer.tasks.model_builder import ModelBuilder, check_at_least
 
 SOURCES = ("tinyshakespeare", "text", "enwik8", "wikitext2")
 
@@ -31,17 +33,11 @@ class LMDataConfig:
     min_count: int = 1  # wikitext2 words: rarer training words become <unk>
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            import difflib
-
-            close = difflib.get_close_matches(self.source, SOURCES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config: data.source must be one of {SOURCES}, got {self.source!r}.{hint}")
+        check_choice("config: data.source", self.source, SOURCES)
         if self.source == "wikitext2" and not self.path:
             raise ConfigError("config: data.source='wikitext2' needs data.path, the folder holding wiki.train.raw, "
                               "wiki.valid.raw and wiki.test.raw (wikitext-2-raw-v1)")
-        if self.level not in ("word", "char"):
-            raise ConfigError(f"config: data.level must be 'word' or 'char', got {self.level!r}")
+        check_choice("config: data.level", self.level, ("word", "char"))
         if self.source == "text" and not self.path:
             raise ConfigError("config: data.source='text' needs data.path, the text file")
         if self.seq_len < 1:
@@ -58,6 +54,11 @@ class LanguageModelTask(Task):
     name = "lm"
     model_config_class = ModelConfig
     data_config_class = LMDataConfig
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.builder = ModelBuilder(ModelConfig, DecoderLM, self._model_values, self._check_model)
+        self.loss = CrossEntropySum()
 
     def prepare_data(self) -> None:
         if self.data_config.source == "enwik8":
@@ -117,18 +118,19 @@ class LanguageModelTask(Task):
         data = self.data_config
         return data.path if data.source == "text" else data.source
 
-    def model_config_dict(self) -> dict:
-        values = {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}
-        config = ModelConfig.from_dict(values)
-        if config.vocab_size < self.vocab.size:
-            raise ConfigError(f"config: model.vocab_size={config.vocab_size} is smaller than the data's "
-                              f"vocabulary ({self.vocab.size})")
+    def _model_values(self) -> dict:
+        return {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}
+
+    def _check_model(self, config) -> None:
+        check_at_least("vocab_size", config.vocab_size, self.vocab.size, "is smaller than the data's vocabulary")
         if config.max_seq_len < self.data_config.seq_len:
             raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.seq_len={self.data_config.seq_len}")
-        return config.to_dict()
+
+    def model_config_dict(self) -> dict:
+        return self.builder.config_dict()
 
     def build_model(self) -> torch.nn.Module:
-        return DecoderLM(ModelConfig.from_dict(self.model_config_dict()))
+        return self.builder.build()
 
     def next_train_batch(self) -> dict:
         inputs, targets = self.sampler.next_batch()
@@ -142,7 +144,7 @@ class LanguageModelTask(Task):
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         logits = model(batch["inputs"])
         weights = batch.get("weights")
-        loss = cross_entropy_sum(logits, batch["targets"], label_smoothing=label_smoothing, weights=weights)
+        loss = self.loss(logits, batch["targets"], weights=weights, label_smoothing=label_smoothing)
         return loss, self.num_items(batch)
 
     def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:

@@ -28,14 +28,17 @@ from dataclasses import dataclass
 
 import torch
 
-from tformer.schema import ConfigError
 from tformer.data import bpe
 from tformer.data.buckets import LengthBucketBatches, pad_batch
-from tformer.data.streams import BatchStream
-from tformer.data.imdb import ReviewSet, balanced_subset, load_imdb, split_validation
-from tformer.models import EncoderMaskedLM
-from tformer.tasks.base import cross_entropy_sum, loss_metrics
-from tformer.tasks.classify import ClassificationTask, ClassifyDataConfig
+from tformer.data.dealing import BatchStream, batches_per_rank
+from tformer.data.imdb import ReviewSet, load_imdb
+from tformer.models import EncoderClassifierConfig, EncoderMaskedLM
+from tformer.schema import ConfigError
+from tformer.tasks.base import Task, loss_metrics
+from tformer.tasks.classify import ClassifyDataConfig, deal_review_batches, review_model_builder
+from tformer.tasks.imdb_reviews import ImdbReviews
+from tformer.tasks.losses import CrossEntropySum
+from tformer.tasks.review_text import BpeReviewText
 
 
 @dataclass
@@ -110,29 +113,43 @@ def batch_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-class MaskedLanguageModelTask(ClassificationTask):
-    """Masked-token prediction on IMDb's training reviews; evaluated on the validation reviews."""
+class MaskedLanguageModelTask(Task):
+    """Masked-token prediction on IMDb's training reviews; evaluated on the validation reviews.
+
+    Composed of the classify task's reviews (:class:`ImdbReviews`, without the test split) and
+    tokenizer (:class:`BpeReviewText`), the review model builder (the classifier's config, so a
+    fine-tune loads these weights) for :class:`EncoderMaskedLM`, and cross-entropy at the chosen
+    positions.
+    """
 
     name = "mlm"
+    model_config_class = EncoderClassifierConfig
     data_config_class = MaskedLMDataConfig
 
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        data = self.data_config
+        self.reviews = ImdbReviews(data, include_unsup=data.include_unsup, keep_test=False, load=load_imdb)
+        self.text = BpeReviewText(data)
+        self.builder = review_model_builder(EncoderClassifierConfig, EncoderMaskedLM, self.text, data, config.model)
+        self.loss = CrossEntropySum()
+
     # --- data -------------------------------------------------------------------------------------
+    @property
+    def _raw(self):
+        return self.reviews.splits
+
     def _read(self) -> dict[str, ReviewSet]:
         """``{"train", "val"}`` exactly as the classify task carves them (same seed, size and
         limits: the tokenizer's training texts, hence its cache key, are the same), plus
         ``"unsup"`` when asked for and present. The test split is not kept."""
-        if self._raw is None:
-            data = self.data_config
-            splits = load_imdb(self.archive_path(), include_unsup=data.include_unsup,
-                               expected_per_class=data.expected_per_class)
-            train, val = split_validation(splits["train"], data.val_size, seed=data.split_seed)
-            limits = {"train": data.train_limit, "val": data.val_limit}
-            raw = {"train": train, "val": val}
-            self._raw = {split: balanced_subset(reviews, limits[split], seed=data.split_seed)
-                         if limits[split] is not None else reviews for split, reviews in raw.items()}
-            if "unsup" in splits:
-                self._raw["unsup"] = splits["unsup"]
-        return self._raw
+        return self.reviews.read()
+
+    def _tokenizer(self):
+        return self.text.load(lambda: self._read()["train"])
+
+    def prepare_data(self) -> None:
+        self._tokenizer()  # download, read and train the tokenizer once, on rank 0
 
     def load_data(self) -> None:
         data = self.data_config
@@ -148,7 +165,7 @@ class MaskedLanguageModelTask(ClassificationTask):
 
     def encode(self, texts: list[str]) -> Chunks:
         chunks = []
-        for row in bpe.encode(self.tokenizer, texts):
+        for row in self.text.encode(texts):
             chunks.extend(split_into_chunks(row, self.data_config.max_tokens))
         return Chunks(chunks)
 
@@ -177,26 +194,50 @@ class MaskedLanguageModelTask(ClassificationTask):
                 "weights": torch.full((len(targets),), weight), "indices": torch.tensor(indices, dtype=torch.long)}
 
     # --- model ------------------------------------------------------------------------------------
+    def model_config(self) -> EncoderClassifierConfig:
+        return self.builder.config()
+
+    def model_config_dict(self) -> dict:
+        return self.builder.config_dict()
+
     def build_model(self) -> torch.nn.Module:
-        return EncoderMaskedLM(self.model_config())
+        return self.builder.build()
 
     # --- training ---------------------------------------------------------------------------------
     def next_train_batch(self) -> dict:
-        indices, place = self._next_train_indices()
+        indices, place = self.train_stream.next_indices_and_place()
         # Seeded by the batch's place in the global order, not the rank: the masks do not depend
         # on how many ranks share the epoch.
         seed = batch_seed("train", self.config.training.seed, self.train_stream.epoch, place)
         return self._batch(self.splits["train"], indices, seed=seed)
 
+    def num_items(self, batch: dict) -> int:
+        return int(batch["weights"].sum().item())
+
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-batches_per_rank(self.train_batches, self.world_size) // self.config.training.grad_accum_steps))
+
     def loss_sum(self, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"],
                        prediction_positions=batch["positions"])
-        loss = cross_entropy_sum(logits, batch["targets"], label_smoothing=label_smoothing, weights=batch["weights"])
+        loss = self.loss(logits, batch["targets"], weights=batch["weights"], label_smoothing=label_smoothing)
         return loss, self.num_items(batch)
+
+    def state_dict(self) -> dict:
+        return self.train_stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_stream.load_state_dict(state)
 
     # --- evaluation -------------------------------------------------------------------------------
     def eval_splits(self, final: bool) -> list[str]:
         return ["val"]
+
+    def eval_batches(self, split: str, final: bool):
+        """The classify task's dealing of ``split`` (see :func:`deal_review_batches`), masked."""
+        encoded = self._split(split)
+        for indices in deal_review_batches(self, [len(ids) for ids in encoded.ids], final):
+            yield self._batch(encoded, indices) if indices is not None else self._batch(encoded, [0], weight=0.0)
 
     @torch.no_grad()
     def evaluate(self, model, final: bool, all_reduce) -> dict[str, float]:
@@ -206,7 +247,7 @@ class MaskedLanguageModelTask(ClassificationTask):
             batch = self.to_device(batch)
             logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"],
                            prediction_positions=batch["positions"]).float()
-            loss = cross_entropy_sum(logits, batch["targets"], weights=batch["weights"])
+            loss = self.loss(logits, batch["targets"], weights=batch["weights"])
             correct = ((logits.argmax(dim=-1) == batch["targets"]).double() * batch["weights"].double()).sum()
             totals += torch.stack([loss.double(), batch["weights"].double().sum(), correct]).cpu()
         totals = all_reduce(totals.to(self.device)).cpu()

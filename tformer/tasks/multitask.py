@@ -21,12 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from tformer.data import bpe
-from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_batch
+from tformer.data.buckets import LengthBucketBatches, pad_batch
 from tformer.data.conll import IGNORE_INDEX, tag_names
-from tformer.data.streams import BatchStream
+from tformer.data.dealing import BatchStream
 from tformer.models import MultiTaskConfig, MultiTaskModel
 from tformer.schema import ConfigError, check_choice
-from tformer.tasks.classify import ClassificationTask, ClassifyDataConfig
+from tformer.tasks.base import Task
+from tformer.tasks.classify import ClassifyDataConfig, deal_review_batches
+from tformer.tasks.imdb_reviews import ImdbReviews
+from tformer.tasks.model_builder import ModelBuilder, round_vocab
 from tformer.tasks.metrics import classification_metrics, confusion_matrix
 from tformer.tasks.multitask_data import (IMDB_TASKS, TASK_KINDS, EncodedSplit, encode_reviews, encode_sentences,
                                           load_ner_split, review_ratings, tokenizer_texts, train_tokenizer, word_tags)
@@ -49,8 +52,8 @@ class MultiTaskDataConfig(ClassifyDataConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("data.schedule", self.schedule, SCHEDULES)
-        check_choice("data.ner_scheme", self.ner_scheme, ("iob2", "iob1"))
+        check_choice("config: data.schedule", self.schedule, SCHEDULES)
+        check_choice("config: data.ner_scheme", self.ner_scheme, ("iob2", "iob1"))
         if not self.temperature > 0:
             raise ConfigError(f"config: data.temperature must be > 0, got {self.temperature}")
         if self.ner_synthetic and self.ner_path is not None:
@@ -59,8 +62,10 @@ class MultiTaskDataConfig(ClassifyDataConfig):
             raise ConfigError("config: data.ner_synthetic_train and data.ner_synthetic_eval must be >= 1")
 
 
-class MultiTask(ClassificationTask):
-    """Sentiment, star rating and NER with one shared trunk (reuses the classify task's IMDb reading)."""
+class MultiTask(Task):
+    """Sentiment, star rating and NER with one shared trunk: composed of the classify task's
+    IMDb reviews (:class:`ImdbReviews`), the NER corpus, a tokenizer trained on both, and a
+    :class:`ModelBuilder` for :class:`MultiTaskModel` (whose heads hold the loss weighting)."""
 
     name = "multitask"
     model_config_class = MultiTaskConfig
@@ -68,6 +73,8 @@ class MultiTask(ClassificationTask):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
+        self.reviews = ImdbReviews(self.data_config)
+        self.builder = ModelBuilder(MultiTaskConfig, MultiTaskModel, self._model_values)
         self.tasks = list(self.complete_heads(config.model))
         if "ner" in self.tasks and not (self.data_config.ner_synthetic or self.data_config.ner_path):
             raise ConfigError("config: the 'ner' head needs data.ner_path (a CoNLL folder) or data.ner_synthetic=true")
@@ -96,6 +103,15 @@ class MultiTask(ClassificationTask):
         MultiTaskConfig.from_dict({**model, "heads": cls.complete_heads(model)})
 
     # --- data -------------------------------------------------------------------------------------
+    def _read(self):
+        return self.reviews.read()
+
+    def archive_path(self):
+        return self.reviews.archive_path()
+
+    def prepare_data(self) -> None:
+        self._tokenizer()  # download, read and train the tokenizer once, on rank 0
+
     def _ner(self, split: str):
         if not hasattr(self, "_ner_raw"):
             self._ner_raw = {}
@@ -160,13 +176,7 @@ class MultiTask(ClassificationTask):
                 "indices": torch.tensor(indices, dtype=torch.long), "keep": torch.tensor(keep)}
 
     # --- model ------------------------------------------------------------------------------------
-    def model_config(self) -> MultiTaskConfig:
-        if not hasattr(self, "_model_config"):
-            self._model_config = MultiTaskConfig.from_dict(self.model_config_dict())
-        return self._model_config
-
-    def model_config_dict(self) -> dict:
-        vocab = -(-self.tokenizer.get_vocab_size() // 64) * 64  # a multiple of 64, as the classify task
+    def _model_values(self) -> dict:
         heads = self.complete_heads(self.config.model)
         labels = {"sentiment": 2, "ner": len(getattr(self, "tag_names", ())) or 2}
         for name, head in heads.items():
@@ -175,12 +185,17 @@ class MultiTask(ClassificationTask):
                 if given != labels[name]:
                     raise ConfigError(f"config: model.heads.{name}.num_labels={given}, but the data has "
                                       f"{labels[name]} labels")
-        values = {"vocab_size": vocab, "max_seq_len": self.data_config.max_tokens, **self.config.model, "heads": heads}
-        return MultiTaskConfig.from_dict(values).to_dict()
+        return {"vocab_size": round_vocab(self.tokenizer.get_vocab_size()), "max_seq_len": self.data_config.max_tokens,
+                **self.config.model, "heads": heads}
+
+    def model_config(self) -> MultiTaskConfig:
+        return self.builder.config()
+
+    def model_config_dict(self) -> dict:
+        return self.builder.config_dict()
 
     def build_model(self) -> torch.nn.Module:
-        return MultiTaskModel(self.model_config())
-
+        return self.builder.build()
     # --- training ---------------------------------------------------------------------------------
     def next_train_batch(self) -> dict:
         task = self.sampler.next()
@@ -222,17 +237,16 @@ class MultiTask(ClassificationTask):
             stream.load_state_dict(state["streams"][task])
 
     # --- evaluation -------------------------------------------------------------------------------
+    def eval_splits(self, final: bool) -> list[str]:
+        return ["val", "test"] if final and self.data_config.test_at_end else ["val"]
+
     def eval_batches(self, split: str, final: bool, task: str | None = None):
         """One task's batches of ``split`` (a seeded sample of ``run.eval_batches`` batches
         unless final), dealt round-robin to ranks; a rank that runs short gets filler
         (``keep`` False) so every rank runs as many forward passes."""
         task = task or self.tasks[0]
         encoded = self._encoded(task, split)
-        batch_size = self.data_config.eval_batch_size or 2 * self.config.training.micro_batch_size
-        max_batches = self.config.run.final_eval_batches if final else self.config.run.eval_batches
-        dealt = deal_eval_batches([len(ids) for ids in encoded.ids], batch_size, max_batches,
-                                  world_size=self.world_size, rank=self.rank, seed=self.data_config.split_seed)
-        for indices in dealt:
+        for indices in deal_review_batches(self, [len(ids) for ids in encoded.ids], final):
             yield (self._batch(task, encoded, indices) if indices is not None
                    else self._batch(task, encoded, [0], keep=False))
 

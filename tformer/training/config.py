@@ -22,19 +22,25 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tformer.optional import require
-from tformer.schema import ConfigError, check_choice, from_dict
+from tformer.schema import ConfigError, choices_of, from_dict
 from tformer.training.config_checks import check_deepspeed_section, check_effective, check_finite, check_ranges
 from tformer.training.transfer import TransferConfig, check_transfer
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STRATEGIES = ("auto", "single", "deepspeed", "fsdp2")
-WANDB_MODES = ("offline", "online", "disabled")
-SCHEDULES = ("cosine", "constant")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Strategy = Literal["auto", "single", "deepspeed", "fsdp2"]
+Device = Literal["auto", "cpu", "cuda"]
+WandbMode = Literal["offline", "online", "disabled"]
+Schedule = Literal["cosine", "constant"]
+# The choices as tuples, for code that lists them; the dataclass fields below are checked by
+# tformer.schema.from_dict against their Literal types (one check_choice, one error type).
+PRECISIONS, STRATEGIES, DEVICES = choices_of(Precision), choices_of(Strategy), choices_of(Device)
+WANDB_MODES, SCHEDULES = choices_of(WandbMode), choices_of(Schedule)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimizerConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr`` (Loshchilov and Hutter, 2017/2019).
     Weight decay applies only to parameters with ``>= 2`` dimensions (matmul weights), never to
@@ -44,7 +50,7 @@ class OptimizerConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int | None = None  # None: decay over run.steps
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
@@ -52,21 +58,21 @@ class OptimizerConfig:
     fused: bool | None = None  # None: fused AdamW where the device supports it (CUDA)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingConfig:
     """How each step is computed. The global batch is
     ``micro_batch_size * grad_accum_steps * world_size`` sequences."""
 
-    strategy: str = "auto"  # auto: deepspeed if a deepspeed section is present, fsdp2 under torchrun, else single
+    strategy: Strategy = "auto"  # auto: deepspeed if a deepspeed section is present, fsdp2 under torchrun, else single
     micro_batch_size: int = 32
     grad_accum_steps: int = 1
-    precision: str = "auto"  # auto: bf16 where the GPU supports it, else fp32
+    precision: Precision = "auto"  # auto: bf16 where the GPU supports it, else fp32
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # checkpoint every k-th block when activation_checkpointing is on
     label_smoothing: float = 0.0
     seed: int = 1337
     compile: bool = False
-    device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
+    device: Device = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
     threads: int | None = None  # torch.set_num_threads on CPU; None leaves torch's default
     # Start from a pretrained run's weights (tformer.init_from): its out_dir, export/ or a checkpoint
     # folder. Every parameter outside the model's `head` must be there; the head starts fresh.
@@ -77,7 +83,7 @@ class TrainingConfig:
 DEFAULT_STEPS = 1000
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig:
     """How long to train and what to write. Set ``steps`` or ``epochs``, not both (neither: 1000 steps)."""
 
@@ -107,7 +113,7 @@ class RunConfig:
             self.steps = DEFAULT_STEPS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SampleConfig:
     """Live samples printed and logged at every evaluation."""
 
@@ -119,12 +125,12 @@ class SampleConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoggingConfig:
     progress_bar: bool = True
     jsonl: bool = True  # out_dir/metrics.jsonl
     wandb: bool = False
-    wandb_mode: str = "offline"  # WANDB_MODE unless the environment sets it; "online" to upload
+    wandb_mode: WandbMode = "offline"  # WANDB_MODE unless the environment sets it; "online" to upload
     wandb_project: str = "tformer"
     wandb_run_name: str | None = None
     layer_grad_norms: bool = True  # per-layer gradient norms at every log step
@@ -135,12 +141,12 @@ class LoggingConfig:
     visualize: bool = False  # training curves and gradient flow as PNGs in out_dir/plots (and W&B images)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FSDPConfig:
     reshard_after_forward: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     task: str = "lm"
     model: dict = field(default_factory=dict)  # checked against the task's model config dataclass
@@ -274,10 +280,6 @@ def check_config(config: TrainConfig) -> None:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config: {error}") from None
     check_ranges(config)
-    check_choice("training.strategy", config.training.strategy, STRATEGIES)
-    check_choice("training.precision", config.training.precision, PRECISIONS)
-    check_choice("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
-    check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     steps = 1 if config.run.steps is None else config.run.steps  # None: run.epochs sets the length
     positives = {"training.micro_batch_size": config.training.micro_batch_size,
                  "training.grad_accum_steps": config.training.grad_accum_steps,
