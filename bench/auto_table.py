@@ -1,5 +1,6 @@
-"""The table behind ``backend="auto"`` on a GPU (tformer/ops/measured_order.py), from a
-benchmark run: per op, dtype and measured shape, tformer's backends fastest first.
+"""The shipped starting guess of ``backend="auto"`` on a GPU (tformer/ops/measured_order.py; the
+device's own self-check replaces it), from a benchmark run: per op, dtype and measured shape,
+tformer's backends (torch's included) fastest first, with their times.
 
     python -m bench.report RESULTS.json --auto-table tformer/ops/measured_auto.json
 
@@ -33,7 +34,9 @@ def build_entries(rows: list[dict]) -> list[dict]:
     """One entry per (op, dtype, shape) that at least one tformer backend ran on a GPU."""
     times = defaultdict(lambda: defaultdict(dict))  # (op, dtype, shape...) -> backend -> pass -> seconds
     for row in rows:
-        if row.get("op") in TABLE_OPS and row.get("kind") == "tformer" and row.get("median_s"):
+        # auto's own row is a choice among the others, not a candidate for the table.
+        if (row.get("op") in TABLE_OPS and row.get("kind") == "tformer" and row.get("median_s")
+                and row["impl"] != "tformer-auto"):
             fields = _shape_fields(row["op"], row)
             key = (row["op"], row["dtype"], *sorted(fields.items()))
             times[key][row["impl"].removeprefix("tformer-")][row["pass"]] = row["median_s"]

@@ -49,7 +49,8 @@ def _plain_model(dims: dict):
     return PlainGPT(PlainGPTConfig(vocab_size=VOCAB_SIZE, max_seq_len=SEQ_LEN, **dims))
 
 
-CANDIDATES = [Candidate(f"tformer-{name}", "tformer", _tformer_model(name)) for name in tformer.available_backends()]
+CANDIDATES = [Candidate(f"tformer-{name}", "tformer", _tformer_model(name))
+              for name in (*tformer.available_backends(), "auto")]
 CANDIDATES.append(Candidate("plain-torch", "anchor", _plain_model))
 
 

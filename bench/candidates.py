@@ -34,7 +34,7 @@ def tformer_candidates(op_call: Callable) -> list[Candidate]:
     def bind(name):
         return lambda *args, **kwargs: op_call(*args, backend=name, **kwargs)
 
-    return [Candidate(f"tformer-{name}", "tformer", bind(name)) for name in tformer.available_backends()]
+    return [Candidate(f"tformer-{name}", "tformer", bind(name)) for name in (*tformer.available_backends(), "auto")]
 
 
 def cuda_only(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -87,8 +87,8 @@ def candidate_params(candidates: list[Candidate], device: torch.device) -> list:
         reason = None
         if candidate.kind == "tformer":
             name = candidate.name.removeprefix("tformer-")
-            reason = backends[name] and f"backend {name!r} is not available: {backends[name]}"
-            if name == "triton" and device.type == "cpu":
+            reason = backends.get(name) and f"backend {name!r} is not available: {backends[name]}"
+            if name.split(":")[0] == "triton" and device.type == "cpu":
                 reason = TRITON_ON_CPU_REASON
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(candidate, marks=marks, id=candidate.name))

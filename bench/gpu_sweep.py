@@ -259,7 +259,10 @@ def backends_here(device: str = "cuda") -> list[str]:
     import torch
     import tformer
 
-    names = [name for name, reason in tformer.available_backends().items() if reason is None and name != "reference"]
+    # tformer's kernels: not the reference, not torch (PyTorch's kernels are the yardstick), and not the
+    # registry's variants ("triton:atomic_dq"), which this sweep names with VARIANTS below.
+    names = [name for name, reason in tformer.available_backends().items()
+             if reason is None and name not in ("reference", "torch") and ":" not in name]
     on_gpu = device == "cuda" and torch.cuda.is_available()
     hopper = on_gpu and torch.cuda.get_device_capability()[0] == 9
     variants = {**OPTION_VARIANTS, **(PATH_VARIANTS if hopper else {})}

@@ -40,7 +40,6 @@ Dropout masks are regenerated from the same seed and element indices as the forw
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
@@ -372,14 +371,15 @@ _logged: set = set()
 
 
 def resolve_dq_mode(mode: str | None = None) -> str:
-    """``mode`` if given, else ``$TFORMER_ATTENTION_DQ`` (default "split").
+    """``mode``, "split" when None (the backend passes the registry's choice; the environment is
+    read in ``tformer.ops.overrides``, never here).
 
     Raises:
         ValueError: not one of ``DQ_MODES``.
         RuntimeError: "atomic" while ``torch.use_deterministic_algorithms(True)`` is in force.
     """
-    chosen = mode if mode is not None else os.environ.get(DQ_ENV, "split")
-    source = "argument 'dq_mode'" if mode is not None else f"environment variable {DQ_ENV}"
+    chosen = mode if mode is not None else "split"
+    source = "argument 'dq_mode'"
     if chosen not in DQ_MODES:
         raise ValueError(f"attention backward: {source} is {chosen!r}; expected one of {', '.join(DQ_MODES)}")
     if chosen == "atomic" and torch.are_deterministic_algorithms_enabled():
@@ -387,8 +387,7 @@ def resolve_dq_mode(mode: str | None = None) -> str:
                            "reproducible, but torch.use_deterministic_algorithms(True) is set; use 'split'")
     if chosen == "atomic" and chosen not in _logged:
         _logged.add(chosen)
-        log.info("attention backward: dQ by float32 atomics in the dK/dV pass (%s=atomic; not bit-reproducible)",
-                 DQ_ENV)
+        log.info("attention backward: dQ by float32 atomics in the dK/dV pass (not bit-reproducible)")
     return chosen
 
 

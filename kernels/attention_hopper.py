@@ -38,7 +38,6 @@ varlen, dropout and other layouts take ``kernels/attention.py`` (see ``forward_p
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
@@ -256,15 +255,15 @@ _attention_fwd_hopper_tuned = _autotuned()
 # ---------------------------------------------------------------------------------------
 
 def requested_path(path: str | None) -> str:
-    """``path`` if given, else ``$TFORMER_ATTENTION_FWD`` (default "auto").
+    """``path``, "auto" when None (the backend passes the registry's choice; the environment is
+    read in ``tformer.ops.overrides``, never here).
 
     Raises:
         ValueError: not one of "auto", "hopper", "fa2".
     """
-    chosen = path if path is not None else os.environ.get(PATH_ENV, "auto")
+    chosen = path if path is not None else "auto"
     if chosen not in PATHS:
-        source = "argument 'fwd_path'" if path is not None else f"environment variable {PATH_ENV}"
-        raise ValueError(f"attention: {source} is {chosen!r}; expected one of {', '.join(PATHS)}")
+        raise ValueError(f"attention: argument 'fwd_path' is {chosen!r}; expected one of {', '.join(PATHS)}")
     return chosen
 
 
@@ -335,7 +334,7 @@ def forward_path(q, k, v, varlen: bool, dropout_p: float, path: str | None = Non
     reason = hopper_problem(q, k, v, varlen, dropout_p)
     if chosen == "hopper":
         if reason:
-            raise ValueError(f"attention: the Hopper forward was forced ({PATH_ENV}=hopper or fwd_path='hopper') "
+            raise ValueError(f"attention: the Hopper forward was forced (fwd_path='hopper', e.g. from {PATH_ENV}=hopper) "
                              f"but this call has {reason}; unset it or use 'auto'")
         return "hopper"
     on_hopper = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9

@@ -12,7 +12,6 @@ as Triton specializes it at launch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -91,18 +90,12 @@ def autotuned(kernel, table: dict, fp32_table: dict, atomic_dq_table: dict | Non
     return Tuned(tuner, table, fp32_table, atomic_dq_table)
 
 
-def autotune_enabled() -> bool:
-    """``TFORMER_AUTOTUNE=0`` runs each bucket's leading candidate untimed: one compile per
-    kernel variant instead of three, for test suites and quick starts."""
-    return os.environ.get("TFORMER_AUTOTUNE", "1") != "0"
-
-
 def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def launch(kernel, tuned: Tuned | None, grid_of: Callable[[dict], tuple], args: tuple, meta: dict,
-           device: torch.device) -> None:
+           device: torch.device, autotune: bool = True) -> None:
     """Run ``kernel`` with the interpreter's fixed blocks on CPU tensors, else autotuned (or
     with the leading candidate when autotuning is off, or with ``meta`` alone when the kernel
     has no tuner). ``args`` ends with the two sequence-length buckets of tuned kernels.
@@ -115,7 +108,7 @@ def launch(kernel, tuned: Tuned | None, grid_of: Callable[[dict], tuple], args: 
         kernel[grid_of(meta)](*args, **meta)
     elif device.type == "cpu":
         kernel[grid_of(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
-    elif autotune_enabled():
+    elif autotune:  # False: the leading candidate untimed, one compile per variant (TFORMER_AUTOTUNE=0)
         key = tuned.key(args, meta)
         if key not in tuned.tuned_keys and capturing(device):
             raise RuntimeError(

@@ -20,11 +20,18 @@ ON_GPU = DEVICE.type == "cuda"
 requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
-def backend_params(include_reference: bool = True):
-    """Every tformer backend as a pytest param; one that cannot run here is skipped with its reason."""
+def backend_params(include_reference: bool = True, variants_of: str | None = None):
+    """Every tformer backend as a pytest param; one that cannot run here is skipped with its reason.
+    ``variants_of``: also the variants (``triton:atomic_dq``) that change that op."""
+    from tformer.ops import registry
+    from tformer.ops.variants import split
+
     params = []
     for name, reason in tformer.available_backends().items():
         if name == "reference" and not include_reference:
+            continue
+        base, variant = split(name)
+        if variant is not None and (variants_of is None or variants_of not in registry.variants(base)[variant].ops):
             continue
         marks = [pytest.mark.skip(reason=f"backend {name!r} is not available: {reason}")] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))

@@ -1,7 +1,7 @@
 """tformer.ops.attention and attention_varlen: every backend against the float64 reference.
 
-Each case runs once per backend (the ``backend`` fixture), and once more with the Triton
-backend's atomic-dQ backward (``triton-atomic_dq``: TFORMER_ATTENTION_DQ=atomic); the forward
+Each case runs once per backend and variant (the ``backend`` fixture: ``triton:atomic_dq`` is the
+Triton backend's atomic-dQ backward, ``triton:fa2`` its FlashAttention-2 forward); the forward
 and the three input gradients are compared with the reference computed in float64 on the same
 inputs. On the
 CPU the Triton kernels run under TRITON_INTERPRET=1 with 16-wide blocks, so lengths 17 and
@@ -20,22 +20,12 @@ from tformer.ops import attention, attention_varlen
 from conftest import DEVICE, ON_GPU, backend_params, call_or_skip, requires_backend, requires_cuda
 from tolerances import assert_close_to_reference
 
-DQ_ENV = "TFORMER_ATTENTION_DQ"  # tformer.kernels.attention_bwd.DQ_ENV, without importing Triton here
-ATOMIC_DQ = "triton-atomic_dq"
+DQ_ENV = "TFORMER_ATTENTION_DQ"  # the override tformer.ops.overrides reads
 
 
-def _backends_and_atomic_dq():
-    params = backend_params()
-    triton = next(param for param in params if param.values[0] == "triton")
-    return [*params, pytest.param(ATOMIC_DQ, marks=triton.marks, id=ATOMIC_DQ)]
-
-
-@pytest.fixture(params=_backends_and_atomic_dq())
-def backend(request, monkeypatch) -> str:
-    """conftest's backends, then Triton again with dQ added by float32 atomics in its dK/dV pass."""
-    if request.param == ATOMIC_DQ:
-        monkeypatch.setenv(DQ_ENV, "atomic")
-        return "triton"
+@pytest.fixture(params=backend_params(variants_of="attention"))
+def backend(request) -> str:
+    """conftest's backends, and the variants that change attention (triton:atomic_dq, triton:fa2)."""
     return request.param
 
 
@@ -168,7 +158,7 @@ def test_backward_is_deterministic(backend):
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     first = forward_backward(backend, q, k, v, grad_out, **kwargs)
     second = forward_backward(backend, q, k, v, grad_out, **kwargs)
-    atomic_on_gpu = ON_GPU and os.environ.get(DQ_ENV) == "atomic"
+    atomic_on_gpu = ON_GPU and backend == "triton:atomic_dq"
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
         if not (atomic_on_gpu and name == "dq"):
             assert torch.equal(a, b), f"{name} differs between two identical runs"
@@ -674,10 +664,12 @@ def test_autotune_off_runs_the_leading_candidate(monkeypatch):
                                      (bwd._dq_tuned, bwd.DQ_CONFIGS, bwd.DQ_CONFIGS_FP32)):
         assert tuned.first_config(dict(BLOCK_D=128, DOT_PRECISION="tf32")) is table[128][0]
         assert tuned.first_config(dict(BLOCK_D=32, DOT_PRECISION="ieee")) is fp32_table[64][0]
+    from tformer.ops import overrides
+
     monkeypatch.delenv("TFORMER_AUTOTUNE", raising=False)
-    assert launch.autotune_enabled()
+    assert overrides.kernel_options("triton", "attention")["autotune"]
     monkeypatch.setenv("TFORMER_AUTOTUNE", "0")
-    assert not launch.autotune_enabled()
+    assert not overrides.kernel_options("triton", "attention")["autotune"]
 
 
 def test_autotune_pruning_picks_the_bucket_and_precision():
@@ -833,20 +825,21 @@ def test_atomic_dq_replaces_the_dq_pass():
 @requires_backend("triton")
 def test_dq_mode_errors(monkeypatch):
     from tformer.kernels.attention_bwd import resolve_dq_mode
+    from tformer.ops import overrides
 
     assert resolve_dq_mode() == "split"
     monkeypatch.setenv(DQ_ENV, "atomics")
     with pytest.raises(ValueError, match=f"environment variable {DQ_ENV} is 'atomics'; expected one of split, atomic"):
-        resolve_dq_mode()
+        overrides.attention_dq_mode()
     with pytest.raises(ValueError, match="argument 'dq_mode' is 'fast'"):
         resolve_dq_mode("fast")
     monkeypatch.setenv(DQ_ENV, "atomic")
-    assert resolve_dq_mode() == "atomic"
+    assert overrides.kernel_options("triton", "attention")["dq_mode"] == "atomic"  # the override still works
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
-            resolve_dq_mode()
+            resolve_dq_mode("atomic")
         assert resolve_dq_mode("split") == "split"
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -855,9 +848,8 @@ def test_dq_mode_errors(monkeypatch):
 @requires_backend("triton")
 @pytest.mark.parametrize("case", ["gqa_padding_all_padded_row", "mqa_causal_fp16"])
 def test_atomic_dq_with_expanded_dkdv(expanded_dkdv, monkeypatch, case):
-    monkeypatch.setenv(DQ_ENV, "atomic")
     num_heads, num_kv_heads, causal, lengths, dtype = EXPANDED_CASES[case]
     q, k, v = make_inputs(2, num_heads, num_kv_heads, 17, 33, 16, dtype)
     kwargs = dict(causal=causal, key_padding_mask=padding_mask(lengths, 33) if lengths else None)
-    assert_matches_reference("triton", q, k, v, f"atomic dq, expanded {case}", **kwargs)
+    assert_matches_reference("triton:atomic_dq", q, k, v, f"atomic dq, expanded {case}", **kwargs)
     assert len(expanded_dkdv) == 1

@@ -18,6 +18,7 @@ from test_attention import CASES, _case_inputs, _mask_case, assert_matches_refer
 
 from tformer.kernels import attention_hopper
 from tformer.kernels.attention_hopper import PATH_ENV, forward_path, key_bounds, tma_strides
+from tformer.ops import overrides
 
 
 @pytest.fixture
@@ -97,11 +98,11 @@ def test_forward_path_choices(monkeypatch):
     assert forward_path(q, q, q, False, 0.0) == "fa2"  # CPU tensors: not an sm_90 device
     assert forward_path(q, q, q, False, 0.0, path="hopper") == "hopper"
     monkeypatch.setenv(PATH_ENV, "hopper")
-    assert forward_path(q, q, q, False, 0.0) == "hopper"
-    assert forward_path(q, q, q, False, 0.0, path="fa2") == "fa2"  # the argument wins over the variable
+    assert forward_path(q, q, q, False, 0.0) == "fa2"  # the kernels read no environment
+    assert overrides.kernel_options("triton", "attention")["fwd_path"] == "hopper"  # the one place that does
     monkeypatch.setenv(PATH_ENV, "fast")
     with pytest.raises(ValueError, match="TFORMER_ATTENTION_FWD is 'fast'; expected one of auto, hopper, fa2"):
-        forward_path(q, q, q, False, 0.0)
+        overrides.attention_fwd_path()
     with pytest.raises(ValueError, match="argument 'fwd_path' is 'x'"):
         forward_path(q, q, q, False, 0.0, path="x")
 

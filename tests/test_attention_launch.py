@@ -45,9 +45,10 @@ def test_token_offsets_past_2_31_elements():
     # The Triton ops on the strided views themselves (autograd would allocate a 4.5 GB gradient).
     scale = head_dim ** -0.5
     causal = (-1, 0, False, 0.0)  # window_left, window_right, bottom_right, softcap: top-left causal
-    out, lse = torch.ops.tformer.triton_attention_fwd(q, k, v, None, None, None, seq, seq, *causal, scale, 0.0, None)
+    out, lse = torch.ops.tformer.triton_attention_fwd(q, k, v, None, None, None, seq, seq, *causal, scale, 0.0, None,
+                                                      "auto", "split", True)
     grads = torch.ops.tformer.triton_attention_bwd(grad_out, q, k, v, out, lse, None, None, None, seq, seq, *causal,
-                                                   scale, 0.0, None)
+                                                   scale, 0.0, None, "split", True)
 
     # Check results
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tformer
-from tformer.ops import registry
+from tformer.ops import dispatch, registry
 
 from conftest import DEVICE
 
@@ -18,7 +18,7 @@ def _inputs():
 
 def test_available_backends_lists_every_backend_with_a_reason_or_none():
     backends = tformer.available_backends()
-    assert set(backends) == {"reference", "triton", "cuda"}
+    assert set(backends) == {"reference", "torch", "triton", "triton:atomic_dq", "triton:fa2", "cuda"}
     assert backends["reference"] is None
     for name, reason in backends.items():
         assert reason is None or (isinstance(reason, str) and len(reason) > 20), (name, reason)
@@ -60,37 +60,43 @@ def test_backend_refuses_dtype_it_cannot_run(monkeypatch):
         tformer.ops.softmax(torch.randn(2, 3, dtype=torch.float64), backend="triton")
 
 
-def test_auto_on_cpu_picks_reference_and_logs_once(caplog):
-    registry._auto_logged.clear()
+def test_auto_on_cpu_picks_torch_and_logs_once_with_the_reason(caplog):
+    dispatch._auto_logged.clear()
     x = torch.randn(4, 8)
     with caplog.at_level(logging.INFO, logger="tformer"):
         tformer.ops.layer_norm(x, backend="auto")
         tformer.ops.layer_norm(x, backend="auto")
     chosen = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
-    assert chosen == ["backend='auto' chose 'reference' for layer_norm on cpu float32"]
+    assert chosen == ["backend='auto' chose 'torch' for layer_norm on cpu float32: on a CPU torch's operators are "
+                      "the fast path (tformer's Triton kernels run there only interpreted)"]
+
+
+def test_auto_on_cpu_takes_reference_where_torch_refuses(caplog):
+    dispatch._auto_logged.clear()
+    with caplog.at_level(logging.INFO, logger="tformer"):
+        tformer.ops.layer_norm(torch.randn(4, 1), backend="auto")  # one-element rows: torch's backward is inexact
+    (message,) = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
+    assert message.startswith("backend='auto' chose 'reference' for layer_norm") and "passed over: torch: " in message
 
 
 def test_auto_falls_back_past_backends_that_refuse_and_says_why(monkeypatch, caplog):
-    # Off the CPU, auto walks AUTO_ORDER. A meta tensor stands in for a device the kernel
-    # backends refuse (or are unavailable for); the reference is allowed it here, so auto
-    # falls back to it and logs each backend it passed over, with the reason.
+    # A meta tensor stands in for a device torch's backend refuses; the reference is allowed it
+    # here, so auto falls back to it and logs the backend it passed over, with the reason.
     registry._load("reference")
     real = registry._backends["reference"].impls["softmax"]
     monkeypatch.setitem(registry._backends["reference"].impls, "softmax",
                         registry.Implementation(real.fn, real.devices | {"meta"}, real.dtypes))
-    registry._auto_logged.clear()
+    dispatch._auto_logged.clear()
     with caplog.at_level(logging.INFO, logger="tformer"):
         out = tformer.ops.softmax(torch.empty(2, 3, device="meta"), backend="auto")
     assert out.device.type == "meta"
     (message,) = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
-    assert message.startswith("backend='auto' chose 'reference' for softmax on meta float32 (passed over: triton: ")
-    for name in ("triton", "cuda"):
-        reason = registry.unavailable_reason(name) or f"backend {name!r} runs 'softmax' on"
-        assert f"{name}: {reason}" in message, message
+    assert message.startswith("backend='auto' chose 'reference' for softmax on meta float32: ")
+    assert "(passed over: torch: backend 'torch' runs 'softmax' on ['cpu', 'cuda'] tensors, got a meta tensor)" in message
 
 
 def test_auto_with_no_backend_for_the_input_lists_every_reason():
-    with pytest.raises(tformer.BackendError, match=r"softmax: no backend can run this input: triton: .*; cuda: .*; "
+    with pytest.raises(tformer.BackendError, match=r"softmax: no backend can run this input: torch: .*; "
                                                    r"reference: backend 'reference' runs 'softmax' on \['cpu', "
                                                    r"'cuda'\] tensors, got a meta tensor"):
         tformer.ops.softmax(torch.empty(2, 3, device="meta"), backend="auto")
@@ -184,12 +190,12 @@ MEASURED = {"measured": {"device": "H100"}, "entries": [
 ]}
 
 
-def test_measured_order_takes_the_nearest_shape_of_the_same_kind():
-    from tformer.ops.measured_order import measured_order
+def test_nearest_entry_takes_the_nearest_shape_of_the_same_kind():
+    from tformer.ops.measured_order import nearest_entry, shape_key
 
     def order(op, args, dtype="bfloat16"):
-        found = measured_order(op, dtype, args, table=MEASURED)
-        return found and found[0]
+        found = nearest_entry(op, dtype, shape_key(op, args), MEASURED["entries"])
+        return found and tuple(found["order"])
 
     assert order("attention", _attention_args(64, 1500, True)) == ("cuda", "triton")  # log2: nearer 1024
     assert order("attention", _attention_args(64, 3000, True)) == ("triton", "cuda")  # nearer 4096
@@ -205,25 +211,36 @@ def test_measured_order_takes_the_nearest_shape_of_the_same_kind():
     assert order("softmax", dict(x=x)) is None
 
 
-def test_auto_puts_the_measured_order_first_on_cuda_only(monkeypatch):
-    from tformer.ops import measured_order
-
-    monkeypatch.setattr(measured_order, "load_table", lambda path=None: MEASURED)
-    monkeypatch.setattr(measured_order, "_memo", {})
-    monkeypatch.setattr(registry, "measured_order", measured_order.measured_order)
-    args = _attention_args(64, 1024, True)
-    order, entry = registry.auto_order("attention", torch.device("cuda"), torch.bfloat16, args)
-    assert order == ("cuda", "triton", "reference") and entry["seq"] == 1024
-    assert registry.auto_order("attention", torch.device("cpu"), torch.bfloat16, args) == (
-        registry.AUTO_ORDER["attention"], None)
-    assert registry.auto_order("attention", torch.device("cuda"), torch.float16, args) == (
-        registry.AUTO_ORDER["attention"], None)
-
-
 def test_the_shipped_measured_table_is_well_formed():
     from tformer.ops.measured_order import TABLE_PATH, load_table
 
     assert TABLE_PATH.is_file(), "the package ships its table (empty until a GPU run writes it)"
     table = load_table(TABLE_PATH)
     for entry in table["entries"]:
-        assert entry["op"] in ("attention", "layer_norm", "softmax") and set(entry["order"]) <= set(registry.BACKENDS)
+        assert entry["op"] in ("attention", "layer_norm", "softmax") and set(entry["order"]) <= set(registry.backend_names())
+
+
+def test_kernels_and_backends_read_no_environment():
+    """Choices are arguments; the environment is read as overrides in tformer/ops/overrides.py only."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readers = [str(path.relative_to(root)) for folder in ("kernels", "tformer/backends")
+               for path in sorted((root / folder).rglob("*.py"))
+               if any(word in path.read_text() for word in ("os.environ", "os.getenv", "getenv("))]
+    assert readers == []
+
+
+def test_variants_are_listed_chosen_by_name_and_set_kernel_arguments(monkeypatch):
+    assert {"triton:atomic_dq", "triton:fa2"} <= set(tformer.available_backends())
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
+    impl, fn = registry.implementation("attention", "triton:atomic_dq")
+    assert fn.keywords["dq_mode"] == "atomic" and fn.keywords["fwd_path"] == "auto"
+    assert registry.implementation("attention", "triton:fa2")[1].keywords["fwd_path"] == "fa2"
+    # An op the variant does not change runs the backend's default path.
+    assert registry.implementation("layer_norm", "triton:atomic_dq")[1] is registry.implementation(
+        "layer_norm", "triton")[1]
+    monkeypatch.setenv("TFORMER_ATTENTION_DQ", "atomic")  # the override, read at call time
+    assert registry.implementation("attention", "triton")[1].keywords["dq_mode"] == "atomic"
+    with pytest.raises(tformer.BackendError, match="unknown backend 'triton:atomic'.*Did you mean 'triton:atomic_dq'"):
+        tformer.ops.softmax(torch.randn(2, 3), backend="triton:atomic")

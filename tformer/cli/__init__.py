@@ -40,6 +40,7 @@ COMMANDS: dict[str, Command] = {
     "visualize": Command("tformer.cli.visualize", "plot training runs and attention maps"),
     "checkpoint": Command("tformer.cli.checkpoint", "verify a run's checkpoints and export (checkpoint verify DIR)"),
     "env": Command("tformer.cli.env", "report versions, GPUs, backends and the CUDA build (--json)"),
+    "selftest": Command("tformer.cli.selftest", "check and time every kernel path on this device; print the table"),
 }
 
 

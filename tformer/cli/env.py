@@ -156,11 +156,46 @@ def collect() -> dict:
         "gpus": gpus,
         "gpus_why_none": None if gpus else "no CUDA GPU is visible (torch.cuda.is_available() is False)",
         "backends": tformer.available_backends(),
+        "auto": _auto_report(torch),
         "build": _build(load_record(), gpus, torch.__version__),
         "fsdp2": _fsdp2_status(),
         "libraries": {module: dict(import_status(module, dist), purpose=purpose)
                       for module, dist, purpose in OPTIONAL_LIBRARIES},
     }
+
+
+def _auto_report(torch) -> dict:
+    """What backend="auto" picks here and why (one sample call per op), the overrides set, and
+    the self-check's verdict for the first GPU when one is cached (no check is started)."""
+    from tformer.ops import auto, overrides, registry
+    from tformer.ops.selftest import cache
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    verdict_path = cache.key_file(cache.device_key(device))
+    verdict = cache.read(verdict_path, cache.device_key(device))
+    # On a GPU without a cached verdict, asking auto would start the self-check: report instead.
+    unchecked = device.type == "cuda" and overrides.selftest() and verdict is None
+    choices = {}
+    x = torch.empty(8, 1024, device="meta")
+    q = torch.empty(4, 8, 1024, 64, device="meta")
+    samples = {"attention": dict(q=q, k=q, v=q, causal=True), "layer_norm": dict(x=x), "rms_norm": dict(x=x),
+               "softmax": dict(x=x)}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for op, args in samples.items():
+        if unchecked:
+            choices[op] = {"backend": "torch", "why": "until this device's self-check has run ('tformer selftest')"}
+            continue
+        try:
+            order, why = auto.candidates(op, device, dtype, args)
+        except Exception as error:  # noqa: BLE001 - reported, the rest of the report still prints
+            order, why = (), f"{type(error).__name__}: {error}"
+        chosen = next((name for name in order if registry.unavailable_reason(name) is None), None)
+        choices[op] = {"backend": chosen, "why": why}
+    selftest = ("off (TFORMER_SELFTEST=0)" if not overrides.selftest() else
+                f"verdict cached at {verdict_path}" if verdict else
+                "no verdict cached for this device yet (run 'tformer selftest')")
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "choices": choices,
+            "selftest": selftest, "overrides": overrides.active()}
 
 
 def _status_text(status: dict) -> str:
@@ -188,6 +223,11 @@ def format_report(report: dict) -> list[str]:
         lines.append(f"GPUs: none ({report['gpus_why_none']})")
     lines += [f"backend {name}: {'available' if why is None else 'unavailable: ' + why}"
               for name, why in report["backends"].items()]
+    auto_info = report["auto"]
+    lines += [f"auto on {auto_info['device']} {auto_info['dtype']} {op}: {choice['backend']} ({choice['why']})"
+              for op, choice in auto_info["choices"].items()]
+    lines.append(f"self-check: {auto_info['selftest']}")
+    lines.append("overrides: " + (", ".join(f"{k}={v}" for k, v in auto_info["overrides"].items()) or "none set"))
     if build["cuda_extension"]:
         lines.append(f"CUDA extension: built for archs {';'.join(build['arch_list'])} "
                      f"against torch {build['built_against_torch']}")

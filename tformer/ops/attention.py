@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-from . import registry
+from . import dispatch
 from .attention_mask import resolve_band, softcap_value
 from .validation import check_device, check_probability, check_same, check_shape, check_tensor
 
@@ -40,7 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     - A query row whose keys are all masked returns zeros (never NaN) and gets zero gradients.
     - ``return_lse``: also return the float32 log-sum-exp of the scaled, masked scores,
       ``(B, Hq, Sq)``; ``-inf`` for fully masked rows. It carries no gradient.
-    - ``backend``: ``"reference"``, ``"triton"``, ``"cuda"`` or ``"auto"``; None takes the
+    - ``backend``: ``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``; None takes the
       default (``tformer.backend(...)`` block, else ``TFORMER_BACKEND``, else ``"auto"``).
 
     Returns ``out`` ``(B, Hq, Sq, D)`` in q's dtype, or ``(out, lse)``.
@@ -67,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     args = dict(q=q, k=k, v=v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                 dropout_p=float(dropout_p), return_lse=bool(return_lse), band=band,
                 softcap=softcap_value(op, softcap))
-    impl = registry.resolve(op, backend, q.device, q.dtype, args)
+    impl = dispatch.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
 
 
@@ -118,7 +118,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, dropout_p=float(dropout_p),
                 return_lse=bool(return_lse), band=band, softcap=softcap_value(op, softcap))
-    impl = registry.resolve(op, backend, q.device, q.dtype, args)
+    impl = dispatch.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
 
 

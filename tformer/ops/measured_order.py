@@ -1,10 +1,9 @@
 """``backend="auto"`` per shape, from GPU measurements.
 
 ``python -m bench.report RESULTS.json --auto-table tformer/ops/measured_auto.json`` writes, from
-a GPU benchmark run, one entry per op, dtype and measured shape: tformer's backends ordered
-fastest first (the forward+backward time where measured, else the sum of the passes). On a
-CUDA device, ``auto`` tries the order of the nearest measured shape first, then the static
-``AUTO_ORDER``; with no table, or no entry for the op and dtype, ``AUTO_ORDER`` alone decides.
+a GPU benchmark run, one entry per op, dtype and measured shape, with each backend's time (``times_ms``, torch's
+included) where the run measured them. It is only ``auto``'s starting guess on a GPU: the
+self-check's own timings on the device replace it (see :mod:`tformer.ops.auto`).
 
 Nearest shape: attention entries must match causal, then the closest head dim, then the closest
 key length on a log scale; LayerNorm and softmax entries the closest row length (RMSNorm uses
@@ -61,28 +60,11 @@ def _distance(entry: dict, key: dict) -> tuple:
     return (log_gap(entry["head_dim"], key["head_dim"]), log_gap(entry["seq"], key["seq"]))
 
 
-_memo: dict[tuple, tuple[tuple[str, ...], dict] | None] = {}
-
-
-def measured_order(op: str, dtype_name: str, args: dict,
-                   table: dict | None = None) -> tuple[tuple[str, ...], dict] | None:
-    """(backends fastest first, the entry) measured nearest to this call, or None."""
-    key = shape_key(op, args)
-    if key is None:
-        return None
-    if table is not None:
-        return _nearest(op, dtype_name, key, table)
-    memo_key = (op, dtype_name, *key.values())  # auto asks on every call: match once per shape
-    if memo_key not in _memo:
-        _memo[memo_key] = _nearest(op, dtype_name, key, load_table())
-    return _memo[memo_key]
-
-
-def _nearest(op: str, dtype_name: str, key: dict, table: dict) -> tuple[tuple[str, ...], dict] | None:
-    candidates = [entry for entry in table["entries"]
+def nearest_entry(op: str, dtype_name: str, key: dict, entries: list[dict]) -> dict | None:
+    """The entry measured nearest to ``key`` for this op and dtype, or None."""
+    candidates = [entry for entry in entries
                   if entry["op"] == MEASURED_AS[op] and entry["dtype"] == dtype_name
                   and entry.get("causal", key.get("causal")) == key.get("causal")]
     if not candidates:
         return None
-    nearest = min(candidates, key=lambda entry: _distance(entry, key))
-    return tuple(nearest["order"]), nearest
+    return min(candidates, key=lambda entry: _distance(entry, key))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import registry
+from . import dispatch
 from .validation import check_device, check_positive, check_same, check_shape, check_tensor
 
 
@@ -21,7 +21,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     op = "layer_norm"
     _check_norm_args(op, x, weight, bias, eps, residual)
     args = dict(x=x, weight=weight, bias=bias, eps=float(eps), residual=residual)
-    return registry.resolve(op, backend, x.device, x.dtype, args)(**args)
+    return dispatch.resolve(op, backend, x.device, x.dtype, args)(**args)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
@@ -31,7 +31,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     op = "rms_norm"
     _check_norm_args(op, x, weight, None, eps, residual)
     args = dict(x=x, weight=weight, eps=float(eps), residual=residual)
-    return registry.resolve(op, backend, x.device, x.dtype, args)(**args)
+    return dispatch.resolve(op, backend, x.device, x.dtype, args)(**args)
 
 
 def _check_norm_args(op, x, weight, bias, eps, residual) -> None:

@@ -9,34 +9,29 @@ the compiled extension.
 
 Selection order for an op call: the ``backend=`` argument, else the innermost
 ``with tformer.backend(...)`` block, else the ``TFORMER_BACKEND`` environment variable,
-else ``"auto"``.
+else ``"auto"``. A backend may declare variants (``"triton:atomic_dq"``, see
+:mod:`tformer.ops.variants`). :mod:`tformer.ops.dispatch` resolves a call: an explicit name here,
+``auto`` through :mod:`tformer.ops.auto`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
-import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-from .measured_order import load_table, measured_order
+from . import overrides
 from .validation import dtype_name
+from .variants import Variant, split
 
-logger = logging.getLogger("tformer")
 
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch", "reference")
 OPS: tuple[str, ...] = ("attention", "attention_varlen", "layer_norm", "rms_norm", "softmax")
-
-# "auto" tries backends in this order per op and takes the first one that is available and
-# takes the input; the reference comes last. On a GPU, the order measured at the nearest shape
-# (measured_order.py, written from a benchmark run by `bench.report --auto-table`) goes first;
-# without measurements, Triton goes first.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "reference") for op in OPS}
 
 
 class BackendError(RuntimeError):
@@ -69,13 +64,26 @@ class _Backend:
     # None (available), a reason string, or _NOT_PROBED: probed once per process, since
     # "auto" asks on every op call.
     reason: object = _NOT_PROBED
+    variants: dict[str, Variant] | None = None  # read from the package's VARIANTS on first ask
 
 
 _backends: dict[str, _Backend] = {
     name: _Backend(name, f"tformer.backends.{name}") for name in BACKENDS
 }
 _default_stack: list[str] = []
-_auto_logged: set[tuple] = set()
+
+
+def variants(backend_name: str) -> dict[str, Variant]:
+    """The variants ``backend_name`` declares (its package's ``VARIANTS``), by name."""
+    backend = _backends[backend_name]
+    if backend.variants is None:
+        backend.variants = dict(getattr(importlib.import_module(backend.module), "VARIANTS", {}))
+    return backend.variants
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend, each followed by its variants (``"triton"``, ``"triton:atomic_dq"``, ...)."""
+    return tuple(name for base in BACKENDS for name in (base, *(f"{base}:{v}" for v in variants(base))))
 
 
 def register(op: str, backend: str, *, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -98,25 +106,30 @@ def register(op: str, backend: str, *, devices=("cuda",), dtypes=(torch.float16,
 
 
 def _check_name(name: str) -> None:
-    if name != "auto" and name not in _backends:
-        close = difflib.get_close_matches(name, (*BACKENDS, "auto"), n=1)
+    if not isinstance(name, str):
+        raise BackendError(f"backend must be a str, got {type(name).__name__}")
+    base, variant = split(name)
+    if name != "auto" and (base not in _backends or (variant is not None and variant not in variants(base))):
+        known = (*backend_names(), "auto")
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise BackendError(f"unknown backend {name!r}; expected one of {(*BACKENDS, 'auto')}.{hint}")
+        raise BackendError(f"unknown backend {name!r}; expected one of {known}.{hint}")
 
 
 def unavailable_reason(name: str) -> str | None:
-    """Why ``name`` cannot run in this process, or None when it can."""
+    """Why ``name`` (a backend or a variant) cannot run in this process, or None when it can."""
     _check_name(name)
-    backend = _backends[name]
+    backend = _backends[split(name)[0]]
     if backend.reason is _NOT_PROBED:
         backend.reason = importlib.import_module(backend.module).unavailable_reason()
     return backend.reason
 
 
 def available_backends() -> dict[str, str | None]:
-    """Every backend mapped to None (available) or the reason it is not, e.g.
-    ``{"cuda": "the CUDA extension was not built (...)", "triton": None, "reference": None}``."""
-    return {name: unavailable_reason(name) for name in BACKENDS}
+    """Every backend and variant mapped to None (available) or the reason it is not, e.g.
+    ``{"cuda": "the CUDA extension was not built (...)", "triton": None, "triton:atomic_dq": None,
+    "torch": None, "reference": None}``."""
+    return {name: unavailable_reason(name) for name in backend_names()}
 
 
 def _load(name: str) -> _Backend:
@@ -151,7 +164,7 @@ def default_backend() -> str:
     """The backend an op uses when called without ``backend=``."""
     if _default_stack:
         return _default_stack[-1]
-    return os.environ.get("TFORMER_BACKEND", "auto") or "auto"
+    return overrides.default_backend()
 
 
 @contextlib.contextmanager
@@ -180,59 +193,48 @@ def _refusal(impl: Implementation | None, op: str, name: str, device: torch.devi
     return None
 
 
-def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
-    """The implementation of ``op`` to call for inputs on ``device`` with ``dtype``."""
-    name = requested or default_backend()
+_bound_cache: dict[tuple, Callable] = {}
+
+
+def _bound(fn: Callable, options: tuple) -> Callable:
+    # Kept, so a variant's implementation is one stable object (torch.compile guards on it).
+    if not options:
+        return fn
+    key = (fn, options)
+    if key not in _bound_cache:
+        _bound_cache[key] = functools.partial(fn, **dict(options))
+    return _bound_cache[key]
+
+
+def implementation(op: str, name: str) -> tuple[Implementation | None, Callable | None]:
+    """(the registered implementation, the callable with the variant's and the environment's
+    kernel arguments bound) of ``op`` in backend or variant ``name``."""
+    base, variant_name = split(name)
+    impl = _load(base).impls.get(op)
+    if impl is None:
+        return None, None
+    options = overrides.kernel_options(base, op)
+    variant = variants(base).get(variant_name) if variant_name else None
+    if variant is not None and op in variant.ops:
+        options = {**options, **variant.options}
+    return impl, _bound(impl.fn, tuple(sorted(options.items())))
+
+
+def refusal(op: str, name: str, device: torch.device, dtype: torch.dtype, args: dict) -> str | None:
+    """Why ``name`` cannot run this call (unavailable, or it does not take the input), or None."""
+    why = unavailable_reason(name)
+    if why is None:
+        why = _refusal(implementation(op, name)[0], op, name, device, dtype, args)
+    return why
+
+
+def resolve_named(op: str, name: str, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
+    """The implementation of ``op`` in backend or variant ``name`` for this call; UnsupportedInput
+    (with the reason) when it does not take the input."""
     _check_name(name)
-    if name != "auto":
-        impl = _load(name).impls.get(op)
-        reason = _refusal(impl, op, name, device, dtype, args)
-        if reason is not None:
-            raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
-        return impl.fn
-
-    # auto: the first backend in auto_order that is available and takes the input.
-    # On the CPU the interpreted Triton kernels are a correctness tool, never a fast path.
-    skipped = []
-    order, measured = auto_order(op, device, dtype, args)
-    for candidate in order:
-        if device.type == "cpu" and candidate != "reference":
-            continue
-        why = unavailable_reason(candidate)
-        if why is None:
-            impl = _load(candidate).impls.get(op)
-            why = _refusal(impl, op, candidate, device, dtype, args)
-        if why is None:
-            _log_choice(op, candidate, device, dtype, skipped, measured)
-            return impl.fn
-        skipped.append(f"{candidate}: {why}")
-    raise BackendError(f"{op}: no backend can run this input: " + "; ".join(skipped))
-
-
-def auto_order(op: str, device: torch.device, dtype: torch.dtype, args: dict) -> tuple[tuple[str, ...], dict | None]:
-    """The backends ``auto`` tries for this call, in order, and the measurement behind the
-    order (None: the static AUTO_ORDER)."""
-    if device.type != "cuda":
-        return AUTO_ORDER[op], None
-    found = measured_order(op, dtype_name(dtype), args)
-    if found is None:
-        return AUTO_ORDER[op], None
-    order, entry = found
-    return tuple(dict.fromkeys((*order, *AUTO_ORDER[op]))), entry
-
-
-def _log_choice(op: str, name: str, device: torch.device, dtype: torch.dtype, skipped: list[str],
-                measured: dict | None) -> None:
-    key = (op, name, device.type, dtype)
-    if key in _auto_logged or torch.compiler.is_compiling():
-        return
-    _auto_logged.add(key)
-    passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
-    why = ""
-    if measured is not None:
-        source = load_table()["measured"]
-        shape = {k: v for k, v in measured.items() if k not in ("op", "dtype", "order")}
-        why = (f", fastest measured at the nearest shape {shape} on {source.get('device', '?')} "
-               f"({source.get('date', '?')})")
-    logger.info("backend='auto' chose %r for %s on %s %s%s%s", name, op, device.type,
-                dtype_name(dtype), why, passed_over)
+    _load(split(name)[0])
+    impl, fn = implementation(op, name)
+    reason = _refusal(impl, op, name, device, dtype, args)
+    if reason is not None:
+        raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
+    return fn

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import registry
+from . import dispatch
 from .validation import FLOAT_DTYPES, check_device, check_tensor
 
 
@@ -47,5 +47,5 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, mask: torch.T
         x = x.movedim(dim, -1)
         mask = None if mask is None else mask.movedim(dim, -1)
     args = dict(x=x, scale=float(scale), mask=mask)
-    out = registry.resolve(op, backend, x.device, x.dtype, args)(**args)
+    out = dispatch.resolve(op, backend, x.device, x.dtype, args)(**args)
     return out if last else out.movedim(-1, dim)

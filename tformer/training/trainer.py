@@ -49,17 +49,20 @@ def accumulated_backward(model, task, batches: list[dict], *, global_count: int,
     gradient reduction averages over ranks. The gradient is then exactly that of the mean loss
     over the global batch, whatever the split into micro-batches and ranks (not the mean of
     per-micro-batch means, which weights items unevenly when counts differ).
+
+    The sum stays on the loss's device: reading it would wait for the GPU at every micro-batch.
     """
     backward = backward or (lambda loss: loss.backward())
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     for index, batch in enumerate(batches):
         if before_micro_batch is not None:
             before_micro_batch(index, index == len(batches) - 1)
         with context():
             loss_sum, _ = task.loss_sum(model, task.to_device(batch), label_smoothing)
         backward(loss_sum * (world_size / global_count))
-        total += loss_sum.detach().double().cpu()
-    return total
+        detached = loss_sum.detach().double()
+        total = detached if total is None else total + detached
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
 
 
 def layer_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
@@ -92,6 +95,15 @@ class Trainer:
         self.strategy = resolve_strategy(config)
         self._init_distributed()
         self.precision = resolve_precision(config, self.device)
+        if self.device.type == "cuda" and config.model.get("backend", "auto") in (None, "auto"):
+            # backend="auto" on a GPU: this device's kernel self-check now (cached after the first
+            # run; LOCAL_RANK 0 runs it, the other ranks wait), not inside the first traced step.
+            from tformer.ops import overrides
+
+            if overrides.selftest():
+                from tformer.ops.selftest import verdict_for
+
+                verdict_for(self.device)
         if self.strategy == "deepspeed" and self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("config: fp16 under DeepSpeed needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                               "use bf16 or fp32 on the CPU")
@@ -266,7 +278,7 @@ class Trainer:
             plain_norm = _grad_norm(self.model) if engine.zero_optimization_stage() == 0 else None
             engine.step()
             grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else plain_norm
+            grad_norm = grad_norm if grad_norm is not None else plain_norm
         else:
             def before(index, is_last):
                 if self.strategy == "fsdp2":
@@ -282,28 +294,30 @@ class Trainer:
                 layer_norms = self._local_layer_norms()
             max_norm = config.optimizer.grad_clip if config.optimizer.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        loss = self.all_reduce(loss_sum).item() / global_count
+        # Loss and grad norm stay device tensors: fit() reads them on log steps only, all at once.
+        loss = self.all_reduce(loss_sum) / global_count
         self.step += 1
         return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/items": global_count,
                 **layer_norms}
 
     def _local_layer_norms(self) -> dict:
         groups = layer_groups(self.model)
-        squares = torch.zeros(len(groups), dtype=torch.float64)
+        squares = torch.zeros(len(groups), dtype=torch.float64, device=self.device)
         for index, members in enumerate(groups.values()):
             for _, parameter in members:
                 grad = parameter.grad
                 if grad is None:
                     continue
                 grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
-                squares[index] += grad.detach().double().pow(2).sum().cpu()
+                squares[index] += grad.detach().double().pow(2).sum()
+        squares = squares.cpu()  # one transfer for every group (log steps only)
         if self.strategy == "fsdp2":
             squares = self.all_reduce(squares)
         return {f"grad_norm/{name}": math.sqrt(value) for name, value in zip(groups, squares.tolist())}
@@ -424,16 +438,27 @@ class Trainer:
         if self.init_from_summary:
             logger.write(self.init_from_summary)
         history = []
+        unread = 0  # history[unread:] may hold device tensors not yet read (see _read_metrics)
         run_start = tokens_timer = time.time()
         tokens_seen = 0
         out_of_time = False
+        shown_loss = "-"
         while self.step < self.total_steps and not out_of_time:
             log_now = (self.step + 1) % run.log_interval == 0 or self.step + 1 == self.total_steps
+            step_start = time.time()
             metrics = self.train_step(want_layer_norms=log_now and config.logging.layer_grad_norms)
             history.append(metrics)
+            if self.step == 1 and config.training.compile:
+                # The first step traces and compiles the model: reported apart from the step times.
+                first_step_s = time.time() - step_start
+                logger.write(f"torch.compile: first step took {first_step_s:.1f} s (compilation included)")
+                history[-1]["time/compile_first_step_s"] = first_step_s
             tokens_seen += metrics["train/items"]
             elapsed = max(time.time() - tokens_timer, 1e-9)
-            logger.progress(1, {"loss": f"{metrics['train/loss']:.4f}", "tok/s": f"{tokens_seen / elapsed:,.0f}"})
+            if log_now:  # the only host-device sync of a step: every step's loss since the last log, at once
+                unread = _read_metrics(history, unread)
+                shown_loss = f"{metrics['train/loss']:.4f}"
+            logger.progress(1, {"loss": shown_loss, "tok/s": f"{tokens_seen / elapsed:,.0f}"})
             if log_now:
                 logger.log(self.step, {**metrics, **self.task.train_metrics(),
                                        "train/items_per_s": tokens_seen / elapsed})
@@ -450,6 +475,7 @@ class Trainer:
                 self.export(self.out_dir / "export")
                 logger.write(f"export: {self.out_dir / 'export'}")
             if (run.eval_interval and self.step % run.eval_interval == 0) or is_last:
+                unread = _read_metrics(history, unread)
                 eval_metrics, samples = self.evaluate(final=is_last)
                 # Wall time since the loop began (compiles and evaluations included): the
                 # "val loss X within N minutes" targets read it.
@@ -461,6 +487,7 @@ class Trainer:
                 history[-1] = {**history[-1], **eval_metrics}
                 if config.logging.visualize and self.rank == 0:
                     logger.images(self.step, write_run_plots(self.out_dir))
+        _read_metrics(history, unread)
         if run.export and not history and self.step == self.total_steps:  # resumed at the end: export again
             self.export(self.out_dir / "export")
             logger.write(f"export: {self.out_dir / 'export'}")
@@ -494,9 +521,24 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     squares = sum(p.grad.detach().double().pow(2).sum() for p in model.parameters() if p.grad is not None)
-    return math.sqrt(float(squares))
+    return torch.as_tensor(squares, dtype=torch.float64).sqrt()
+
+
+def _read_metrics(history: list[dict], start: int) -> int:
+    """Turn the device tensors in ``history[start:]`` into floats with one transfer (a single
+    host-device sync for all the steps since the last read); returns the new ``start``."""
+    slots = [(entry, key) for entry in history[start:] for key, value in entry.items()
+             if isinstance(value, torch.Tensor)]
+    by_device: dict[torch.device, list[tuple[dict, str]]] = {}
+    for entry, key in slots:
+        by_device.setdefault(entry[key].device, []).append((entry, key))
+    for group in by_device.values():  # one stack and one copy per device (the GPU and perhaps the CPU)
+        values = torch.stack([entry[key].detach().double().reshape(()) for entry, key in group]).cpu().tolist()
+        for (entry, key), value in zip(group, values):
+            entry[key] = value
+    return len(history)
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

@@ -2,16 +2,29 @@
 wrapped as ``torch.library`` custom ops with autograd and fake implementations."""
 
 import importlib
-import os
 
 import torch
 
+from tformer.ops import overrides
+from tformer.ops.variants import Variant
+
 OP_MODULES: tuple[str, ...] = ("attention", "layer_norm", "softmax")
+
+# Named kernel paths, chosen as backend="triton:<name>" (or by auto after the self-check):
+# each sets kernel arguments of the ops it names; other ops run the backend's default.
+ATTENTION_OPS = ("attention", "attention_varlen")
+VARIANTS: dict[str, Variant] = {
+    "atomic_dq": Variant(ATTENTION_OPS, {"dq_mode": "atomic"},
+                         "attention backward adds dQ by float32 atomics in the dK/dV pass: one pass fewer, "
+                         "not bit-reproducible"),
+    "fa2": Variant(ATTENTION_OPS, {"fwd_path": "fa2"},
+                   "attention forward on the FlashAttention-2 (sm_80) kernel, never the Hopper TMA one"),
+}
 
 
 def interpreting() -> bool:
     """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors (slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return overrides.triton_interpret()
 
 
 def devices() -> tuple[str, ...]:
