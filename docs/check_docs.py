@@ -6,7 +6,7 @@
 - **Links**: every relative link and image of README.md and docs/**/*.md names an existing file
   (a picture under docs/figures/ must be one docs/make_figures.py draws), and a ``#anchor`` into
   a Markdown file names one of its headings.
-- **Commands**: every ``tformer ...``, ``python -m ...``, ``python SCRIPT``, ``deepspeed`` /
+- **Commands**: every ``tformer ...`` (or ``python -m tformer ...``), ``python -m ...``, ``python SCRIPT``, ``deepspeed`` /
   ``torchrun ... SCRIPT`` and ``bash SCRIPT STAGE`` line of a shell code block (and every
   ``tformer ...`` in inline code) exists and accepts its flags: tformer's own commands are parsed
   by their argparse parser in this process, with ``--config`` resolved and every ``--set`` applied
@@ -45,8 +45,7 @@ SHELL_LANGS = ("bash", "sh", "shell", "console")
 SEPARATORS = ("&&", "||", ";", "|")
 MENTION = "MENTION"
 # Scripts that are thin shims over a tformer module with an argparse parser: parsed in-process.
-TRAIN_SHIMS = {"tformer/train.py": "tformer.training.cli", "tformer/sample.py": "tformer.generation.sampling",
-               "tformer/classify.py": "tformer.generation.classify"}
+TRAIN_SHIMS = {"tformer/train.py": "tformer.cli.train"}
 
 
 def markdown_files() -> list[Path]:
@@ -158,6 +157,8 @@ def check_command(command: str) -> str | None:
         # prose may name a command and some of its options without the required ones
         return None if mention and why and "arguments are required" in why else why
     if program in ("python", "python3"):
+        if args[:2] == ["-m", "tformer"]:
+            return _check_tformer(args[2:])  # python -m tformer COMMAND: the tformer command
         if args[:1] == ["-m"] and len(args) >= 2:
             # this project's modules only (python3 -m venv, -m build: not its commands)
             return _check_module(args[1], args[2:]) if args[1].split(".")[0] in ("tformer", "bench") else None

@@ -111,8 +111,8 @@ def _timed(what: str, work) -> None:
 
 
 def lm_figures(work: Path, out: Path, steps: int) -> None:
-    from tformer.training.cli import main as train
-    from tformer.visualization.cli import main as visualize
+    from tformer.cli.train import main as train
+    from tformer.cli.visualize import main as visualize
 
     run = work / "lm"
     train(["--config", "ds.json", *_sets(SMALL_LM), "--set", f"run.steps={steps}",
@@ -124,7 +124,7 @@ def lm_figures(work: Path, out: Path, steps: int) -> None:
 
 
 def ablation_figures(work: Path, out: Path, steps: int) -> None:
-    from tformer.experiments.ablate import main as ablate
+    from tformer.cli.ablate import main as ablate
 
     grid_dir = work / "ablation"
     grid = {

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tformer.experiments import ablate
+from tformer.cli import ablate
 from tformer.experiments.grid import load_grid
 from tformer.experiments.report import write_report
 from tformer.experiments import runner

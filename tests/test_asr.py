@@ -74,7 +74,7 @@ def test_training_steps_lower_the_loss_on_a_few_utterances(tmp_path, tiny_corpus
 @pytest.mark.slow
 def test_train_evaluate_export_and_transcribe(tmp_path, tiny_corpus, capsys):
     from tformer.data.speech import read_manifest
-    from tformer.generation.transcribe import main as transcribe
+    from tformer.cli.transcribe import main as transcribe
     from tformer.training.trainer import Trainer
 
     history = Trainer(load_config(tiny_asr_config(tmp_path, tiny_corpus))).fit()
@@ -89,7 +89,7 @@ def test_train_evaluate_export_and_transcribe(tmp_path, tiny_corpus, capsys):
 
 
 def test_transcribe_user_errors_exit_2(tmp_path, capsys):
-    from tformer.generation.transcribe import main as transcribe
+    from tformer.cli.transcribe import main as transcribe
 
     for argv in (["--checkpoint", str(tmp_path), str(tmp_path / "missing.wav")],
                  ["--checkpoint", str(tmp_path), "--beams", "0", __file__]):

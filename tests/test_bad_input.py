@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tformer.cli_errors import run_cli
+from tformer.cli.errors import run_cli
 from tformer.models import DecoderLM, ModelConfig
 from tformer.models.pretrained import save_pretrained
 from tformer.schema import ConfigError
@@ -75,7 +75,7 @@ def write_wav(path: Path, samples: int) -> Path:
 def test_long_audio_is_transcribed_in_chunks_and_short_audio_warns(asr_export, tmp_path, capsys):
     """5 s of audio against an 8-position encoder: cut into chunks that fit, not an error that
     drops the files after it. 0 frames and 5 samples: a warning each, an empty line, exit 1."""
-    from tformer.generation.transcribe import main as transcribe
+    from tformer.cli.transcribe import main as transcribe
 
     long = write_wav(tmp_path / "long.wav", 5 * 16000)
     empty = write_wav(tmp_path / "empty.wav", 0)
@@ -105,7 +105,7 @@ def test_transcribe_chunks_fit_the_encoder(asr_export):
 
 
 def test_sample_on_a_speech_export_names_the_task(asr_export, capsys):
-    from tformer.generation.sampling import main as sample
+    from tformer.cli.sample import main as sample
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(sample, ["--checkpoint", str(asr_export)])
@@ -116,7 +116,7 @@ def test_sample_on_a_speech_export_names_the_task(asr_export, capsys):
 # ----------------------------------------------------------------------------- embed
 
 def test_embed_on_a_language_model_export_names_it(lm_export, tmp_path, capsys):
-    from tformer.generation.embed import main as embed
+    from tformer.cli.embed import main as embed
 
     lines = tmp_path / "lines.txt"
     lines.write_text("a film\nanother film\n")
@@ -133,7 +133,7 @@ def test_embed_on_a_language_model_export_names_it(lm_export, tmp_path, capsys):
     (b"fine line\nnul\x00inside\n", r"looks binary \(a NUL byte at offset 13\)"),
 ], ids=["binary", "latin1", "nul"])
 def test_embed_refuses_a_file_that_is_not_utf8_text(tmp_path, capsys, content, message):
-    from tformer.generation.embed import main as embed
+    from tformer.cli.embed import main as embed
 
     path = tmp_path / "lines.txt"
     path.write_bytes(content)
@@ -146,22 +146,23 @@ def test_embed_refuses_a_file_that_is_not_utf8_text(tmp_path, capsys, content, m
     assert re.search(message, err), err
 
 
-def _python_m(module: str, *argv: str) -> subprocess.CompletedProcess:
+def _python_m(command: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python -m tformer COMMAND ARGV...``"""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "tformer", command, *argv], capture_output=True, text=True, env=env,
                           cwd=REPO / "tests", timeout=120)
 
 
 @pytest.mark.slow
 def test_python_m_entry_points_end_in_a_transcript_or_one_error_line(asr_export, tmp_path):
-    """The README's ``python -m tformer.transcribe`` / ``python -m tformer.embed`` forms: long
+    """The ``python -m tformer transcribe`` / ``python -m tformer embed`` forms: long
     audio is transcribed, a bad file is one error line; no traceback."""
-    result = _python_m("tformer.transcribe", "--checkpoint", str(asr_export),
+    result = _python_m("transcribe", "--checkpoint", str(asr_export),
                        str(write_wav(tmp_path / "long.wav", 3 * 16000)))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stdout.split("\n")) == 2
     (tmp_path / "binary").write_bytes(b"\x00\x01")
-    result = _python_m("tformer.embed", "--query", "x", str(tmp_path / "binary"))
+    result = _python_m("embed", "--query", "x", str(tmp_path / "binary"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [f"error: FILE '{tmp_path / 'binary'}' looks binary (a NUL byte at "
                                                   f"offset 0); embed reads UTF-8 text, one candidate per line"]
@@ -173,7 +174,7 @@ def test_attention_of_a_multitask_export_runs_its_trunk(tmp_path):
     from imdb_synthetic import synthetic_review
     from tformer.data.bpe import train_bpe
     from tformer.models.multitask import MultiTaskConfig, MultiTaskModel
-    from tformer.visualization import cli
+    from tformer.cli import visualize as cli
 
     rng = random.Random(0)
     tokenizer = train_bpe([synthetic_review(rng, i % 2 == 0) for i in range(100)], 300)
@@ -189,7 +190,7 @@ def test_attention_of_a_multitask_export_runs_its_trunk(tmp_path):
 
 
 def test_curves_skip_a_damaged_last_line_and_refuse_an_empty_file(tmp_path, capsys):
-    from tformer.visualization import cli
+    from tformer.cli import visualize as cli
 
     run = tmp_path / "run"
     run.mkdir()
@@ -260,7 +261,7 @@ def test_asr_takes_run_epochs(tmp_path):
 
 def test_checkpoint_verify_reports_a_killed_save(tmp_path, capsys):
     from tformer.training import checkpoint as ckpt
-    from tformer.training.checkpoint_verify import main as verify
+    from tformer.cli.checkpoint import main as verify
     from tformer.training.config import load_config
     from tformer.training.trainer import Trainer
 

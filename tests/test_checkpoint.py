@@ -86,5 +86,5 @@ def test_export_loads_with_from_pretrained(tmp_path):
     if hasattr(DecoderLM, "from_pretrained"):
         again = DecoderLM.from_pretrained(tmp_path / "run" / "export")
         torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
-    # Checkpoints carry an export too, which tformer.sample reads.
+    # Checkpoints carry an export too, which tformer sample reads.
     assert (ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "export" / "model.safetensors").is_file()

@@ -1,6 +1,6 @@
 """The 'classify' task on a small synthetic IMDb archive: batches and masks, resumable batch
 order, padding-invariant logits, sharded evaluation, a full run through tformer/train.py with
-export, and the ``python -m tformer.classify`` CLI."""
+export, and the ``tformer classify`` command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from imdb_synthetic import make_imdb_archive
 
-from tformer.generation.classify import TextClassifier, main as classify_main
+from tformer.cli.classify import main as classify_main
+from tformer.generation.classify import TextClassifier
 from tformer.training.config import ConfigError, load_config
 from tformer.tasks import get_task_class
 from tformer.training.trainer import Trainer

@@ -49,7 +49,7 @@ def test_top_level_help_lists_every_command_on_one_line(capsys):
 @pytest.mark.parametrize("name", PRESENT)
 def test_command_help_shows_every_option_of_its_module(name, capsys):
     module = importlib.import_module(cli.COMMANDS[name].module)
-    parser = module.build_parser()
+    parser = module.build_parser(f"tformer {name}")
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
     assert exit_info.value.code == 0
@@ -85,11 +85,33 @@ def test_unknown_command_is_a_usage_error(capsys):
 def test_arguments_reach_the_command_unchanged(monkeypatch):
     seen = {}
     fake = type(sys)("fake_command")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
-    monkeypatch.setitem(sys.modules, "tformer.generation.classify", fake)
+    fake.main = lambda argv, prog: seen.update(argv=argv, prog=prog) or 3
+    monkeypatch.setitem(sys.modules, "tformer.cli.classify", fake)
     argv = ["--checkpoint", "runs/x", "a review", "--", "-dashed text", "--help"]
     assert cli.main(["classify", *argv]) == 3
-    assert seen["argv"] == argv
+    assert seen == {"argv": argv, "prog": "tformer classify"}
+
+
+def test_every_command_is_one_module_of_the_cli_package():
+    assert all(command.module == f"tformer.cli.{name}" for name, command in cli.COMMANDS.items())
+    assert {"checkpoint", "env"} <= set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_usage_line_names_the_command_as_typed(name, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: tformer {name} ")
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"], prog="python -m tformer")
+    assert capsys.readouterr().out.startswith(f"usage: python -m tformer {name} ")
+
+
+def test_python_m_tformer_is_the_tformer_command():
+    result = subprocess.run([sys.executable, "-m", "tformer", "checkpoint", "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parent)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m tformer checkpoint ")
+    assert "verify" in result.stdout
 
 
 def test_help_does_not_import_torch_and_the_console_script_is_installed():
@@ -112,3 +134,36 @@ def test_tformer_train_runs_a_tiny_job(tmp_path):
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+
+
+def test_one_function_finds_export_folders(tmp_path):
+    """Commands and training.init_from accept the same folders: an export, a run or checkpoint
+    folder holding export/, or a run whose newest complete checkpoint holds one."""
+    from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, find_export
+
+    def export_at(folder):
+        folder.mkdir(parents=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            (folder / name).write_text("{}")
+        return folder
+
+    run = tmp_path / "run"
+    for step, complete in ((2, True), (10, True), (11, False)):
+        export_at(run / "checkpoints" / f"step_{step}" / "export")
+        if complete:
+            (run / "checkpoints" / f"step_{step}" / "COMPLETE").write_text("{}")
+    assert find_export(run) == run / "checkpoints" / "step_10" / "export"  # newest complete, by number
+    assert find_export(run / "checkpoints" / "step_2") == run / "checkpoints" / "step_2" / "export"
+    export_at(run / "export")
+    assert find_export(run) == find_export(run / "export") == run / "export"
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / WEIGHTS_NAME).write_text("")
+    assert find_export(tmp_path / "bare", argument="training.init_from", need_config=False) == tmp_path / "bare"
+    with pytest.raises(FileNotFoundError, match=r"argument '--checkpoint' = .*bare.* holds no config.json"):
+        find_export(tmp_path / "bare")
+    # No other module keeps its own finder.
+    package = Path(cli.__file__).resolve().parent.parent
+    finders = [str(path.relative_to(package)) for path in package.rglob("*.py")
+               if any(f"def {name}(" in path.read_text() for name in ("find_export", "resolve_export",
+                                                                       "resolve_export_dir"))]
+    assert finders == ["models/pretrained.py"]

@@ -1,6 +1,6 @@
 """Every command's user errors: one ``error: ...`` line on stderr, exit status 2, no traceback
-(``--debug`` or ``TFORMER_DEBUG=1`` shows it): tformer.train, tformer.sample, tformer.classify,
-tformer.checkpoint, through tformer.cli_errors.run_cli. Ops reject eps=inf and a float dim."""
+(``--debug`` or ``TFORMER_DEBUG=1`` shows it): tformer train, sample, classify and checkpoint,
+through tformer.cli.errors.run_cli. Ops reject eps=inf and a float dim."""
 
 import importlib.util
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tformer.cli_errors import run_cli
+from tformer.cli.errors import run_cli
 from tformer.data.text import CharVocab
 from tformer.models import DecoderLM, ModelConfig
 from tformer.models.pretrained import save_pretrained
@@ -57,13 +57,13 @@ def export(tmp_path_factory):
     (["--prompt", "XYZ"], "--prompt='XYZ' cannot be encoded"),
 ])
 def test_sample_flags_are_checked(export, capsys, flags, match):
-    from tformer.generation.sampling import main
+    from tformer.cli.sample import main
 
     _fails(main, ["--checkpoint", str(export), "--max-new-tokens", "4", *flags], capsys, match)
 
 
 def test_sample_good_flags_and_temperature_zero_is_greedy(export, capsys):
-    from tformer.generation.sampling import main
+    from tformer.cli.sample import main
 
     run_cli(main, ["--checkpoint", str(export), "--max-new-tokens", "6", "--temperature", "0", "--prompt", "ab"])
     greedy = capsys.readouterr().out
@@ -73,7 +73,7 @@ def test_sample_good_flags_and_temperature_zero_is_greedy(export, capsys):
 
 
 def test_sample_and_classify_refuse_missing_or_damaged_exports(export, tmp_path, capsys):
-    from tformer.generation import classify, sampling
+    from tformer.cli import classify, sample as sampling
 
     _fails(sampling.main, ["--checkpoint", str(tmp_path / "nowhere")], capsys, "--checkpoint")
     _fails(classify.main, ["--checkpoint", str(tmp_path / "nowhere"), "text"], capsys, "--checkpoint")
@@ -98,7 +98,7 @@ def test_sample_and_classify_refuse_missing_or_damaged_exports(export, tmp_path,
     (["--set", "data.path=my_corpus.txt"], "data.path='my_corpus.txt' has no effect"),
 ])
 def test_train_user_errors(capsys, flags, match):
-    from tformer.training.cli import main
+    from tformer.cli.train import main
 
     _fails(main, ["--config", "ds.json", *flags], capsys, match)
 
@@ -106,7 +106,7 @@ def test_train_user_errors(capsys, flags, match):
 def test_train_without_deepspeed_names_the_extra(capsys, monkeypatch, tmp_path):
     # None in sys.modules: `import deepspeed` (and of any of its modules another test imported)
     # fails as if it were not installed.
-    from tformer.training.cli import main
+    from tformer.cli.train import main
 
     for name in [name for name in sys.modules if name.split(".")[0] == "deepspeed"] + ["deepspeed"]:
         monkeypatch.setitem(sys.modules, name, None)
@@ -115,7 +115,7 @@ def test_train_without_deepspeed_names_the_extra(capsys, monkeypatch, tmp_path):
 
 
 def test_train_resume_without_checkpoint(tmp_path, capsys):
-    from tformer.training.cli import main
+    from tformer.cli.train import main
 
     from train_helpers import tiny_config
     import json
@@ -126,7 +126,7 @@ def test_train_resume_without_checkpoint(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(monkeypatch, capsys):
-    from tformer.training.cli import main
+    from tformer.cli.train import main
     from tformer.training.config import ConfigError
 
     with pytest.raises(ConfigError):
@@ -144,16 +144,19 @@ def test_a_bug_is_not_hidden(capsys):
         run_cli(buggy, [])
 
 
-@pytest.mark.parametrize("module, argv, match", [
-    ("tformer.sample", ["--checkpoint", "/nonexistent", "--top-p", "0"], "--top-p"),
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "--checkpoint", "/nonexistent", "--top-p", "0"], "--top-p"),
+    (["checkpoint", "verify", "/nonexistent"], "verify: argument 'path'"),
 ])
-def test_entry_points_exit_2_without_traceback(module, argv, match):
+def test_entry_points_exit_2_without_traceback(argv, match):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("TFORMER_DEBUG", None)
-    result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-m", "tformer", *argv], capture_output=True, text=True, env=env,
                             timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert match in result.stderr.strip().splitlines()[-1]
+    if argv[0] == "sample":  # argparse's own error: the usage line names the command as typed
+        assert "usage: python -m tformer sample" in result.stderr
 
 
 def test_train_script_exits_2_without_traceback(tmp_path):

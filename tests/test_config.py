@@ -9,9 +9,9 @@ from tformer.training.config import ConfigError, configs_dir, load_config, resol
 from tformer.tasks import TASKS
 from tformer.training.optim import learning_rate
 from tformer.training.strategy import deepspeed_config
-from tformer.training.cli import parse_args
+from tformer.cli.train import parse_args
 
-# ablate_*.json are ablation grids (tformer.ablate), not training configs; tests/test_ablate.py loads them.
+# ablate_*.json are ablation grids (tformer ablate), not training configs; tests/test_ablate.py loads them.
 SHIPPED = sorted(p.name for p in configs_dir().glob("*.json") if not p.name.startswith("ablate_"))
 
 

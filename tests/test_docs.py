@@ -52,7 +52,8 @@ def test_the_checker_finds_broken_links_anchors_and_commands(tmp_path):
         "tformer sample --no-such-flag\n"
         "tformer frobnicate\n"
         "python tformer/train.py --config no_such_config.json\n"
-        "python -m tformer.visualize attention --checkpoint x --text y --out z.png\n"
+        "python -m tformer visualize attention --checkpoint x --text y --out z.png\n"
+        "python -m tformer.sample --checkpoint x\n"
         "bash bench/gpu_session.sh no-such-stage\n"
         "pytest tests/test_no_such_file.py\n"
         "```\n\n`tformer ablate --list` and `tformer COMMAND --help` are mentions.\n")
@@ -61,8 +62,9 @@ def test_the_checker_finds_broken_links_anchors_and_commands(tmp_path):
     assert any("missing.md" in p for p in links) and any("#nowhere" in p for p in links)
     assert any("no-such-heading" in p for p in links)
     commands = check_docs.check_commands(page)
-    assert len(commands) == 6, commands
-    for needle in ("stepz", "--no-such-flag", "frobnicate", "no_such_config", "no-such-stage", "test_no_such_file"):
+    assert len(commands) == 7, commands
+    for needle in ("stepz", "--no-such-flag", "frobnicate", "no_such_config", "no-such-stage", "test_no_such_file",
+                   "tformer.sample"):
         assert any(needle in p for p in commands), (needle, commands)
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import tformer
-from tformer import build_info, env_report
+from tformer import build_info
+from tformer.cli import env as env_report
 from tformer.backends.cuda import extension_error
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tformer.cli_errors import UsageError, run_cli
+from tformer.cli.errors import UsageError, run_cli
 from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_verify
 from tformer.training.config import ConfigError, load_config
@@ -236,7 +236,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(finished_run, tmp_p
 
 
 def test_verify_command_reports_damage(finished_run, tmp_path, capsys):
-    from tformer.training.checkpoint_verify import main
+    from tformer.cli.checkpoint import main
 
     config, checkpoints = _copy_run(finished_run, tmp_path)
     assert run_cli(main, ["verify", str(tmp_path / "run")]) == 0
@@ -397,7 +397,7 @@ def test_a_second_run_into_a_used_out_dir_is_refused_until_resume_or_overwrite(f
     """Without --resume, a run into a folder holding another run's checkpoints, metrics and
     export stops before writing anything, with one line naming the folder and both ways out;
     --overwrite starts afresh; nothing of the first run is truncated or pruned meanwhile."""
-    from tformer.training.cli import main
+    from tformer.cli.train import main
 
     config, checkpoints = _copy_run(finished_run, tmp_path)
     run_dir = tmp_path / "run"

@@ -121,10 +121,22 @@ def test_layers_contract():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The only modules at tformer/'s top: the package, `python -m tformer`, the documented launcher
+# script (`deepspeed tformer/train.py`), and three modules every layer may use.
+TOP_LEVEL_MODULES = {"__init__", "__main__", "train", "optional", "schema", "build_info"}
+
+
+def test_top_level_holds_only_entry_points_and_shared_modules():
+    found = {path.stem for path in PACKAGE_DIR.glob("*.py")}
+    assert found == TOP_LEVEL_MODULES, f"unexpected top-level modules: {sorted(found - TOP_LEVEL_MODULES)}; " \
+                                       f"missing: {sorted(TOP_LEVEL_MODULES - found)}"
+
+
 def test_public_entry_points_import():
-    import tformer.classify  # noqa: F401  (python -m tformer.classify)
+    import tformer.__main__  # noqa: F401  (python -m tformer)
+    import tformer.cli.classify  # noqa: F401  (tformer classify)
     import tformer.generation  # noqa: F401
-    import tformer.sample  # noqa: F401  (python -m tformer.sample)
+    import tformer.train  # noqa: F401  (deepspeed tformer/train.py)
     import tformer.training  # noqa: F401
 
     assert callable(tformer.patch) and callable(tformer.unpatch)

@@ -6,7 +6,8 @@ import torch
 
 from tformer.models.pretrained import save_pretrained
 from tformer.models import DecoderLM, ModelConfig
-from tformer.generation.sampling import beam_search, filter_logits, generate, main
+from tformer.cli.sample import main
+from tformer.generation.sampling import beam_search, filter_logits, generate
 
 
 @pytest.fixture

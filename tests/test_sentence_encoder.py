@@ -1,6 +1,6 @@
 """SentenceEncoder: pooling never reads padding, all-padding rows are refused, projection
 shapes, the tformer trunk, the offline MiniLM equal to sentence-transformers' embeddings for
-the reference and Triton backends, and the ``python -m tformer.embed`` retrieval demo."""
+the reference and Triton backends, and the ``tformer embed`` retrieval demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tformer.generation.embed import main as embed_main
+from tformer.cli.embed import main as embed_main
 from tformer.models import EncoderClassifierConfig, SentenceEncoder, TformerTrunk
 from tformer.nn import Pooling
 from tformer.models.sentence_trunks import resolve_pretrained

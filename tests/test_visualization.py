@@ -14,10 +14,10 @@ import torch
 from tformer import ops
 from tformer.models import DecoderLM, EncoderClassifier, EncoderClassifierConfig, ModelConfig
 from tformer.nn import Attention
-from tformer.training import cli as train_cli
+from tformer.cli import train as train_cli
 from tformer.training.config import LoggingConfig
 from tformer.training.trainer import layer_groups
-from tformer.visualization import cli
+from tformer.cli import visualize as cli
 from tformer.visualization.attention import attention_maps
 from tformer.visualization.gradients import gradient_warnings
 from tformer.visualization.plotting import DPI

@@ -30,7 +30,7 @@ def test_wheel_installs_in_a_fresh_venv_and_reports_its_build(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         record = json.loads(archive.read("tformer/_build_info.json"))
-    assert {"tformer/cli.py", "tformer/kernels/__init__.py", "tformer/kernels/attention.py",
+    assert {"tformer/cli/__init__.py", "tformer/__main__.py", "tformer/kernels/__init__.py", "tformer/kernels/attention.py",
             "tformer/assets/tinyshakespeare.txt",
             "tformer/configs/ds.json"} <= names
     assert record["cuda_extension"] is False and record["why_not"] == "TFORMER_BUILD_CUDA=0"

@@ -1,7 +1,7 @@
 """tformer: fused attention, LayerNorm and softmax kernels (Triton and CUDA C++) behind one
 op API with a pure-PyTorch reference, and the models and training system built on them."""
 
-from ._extension_guard import install as _install_extension_guard
+from .build_info import install_extension_guard as _install_extension_guard
 
 __version__ = "0.1.0"
 
@@ -13,7 +13,7 @@ _install_extension_guard()
 
 _FROM_OPS = ("available_backends", "backend", "default_backend", "BackendError", "UnsupportedInput")
 _SUBPACKAGES = ("ops", "nn", "models", "data", "tasks", "training", "generation", "integrations", "visualization",
-                "experiments")
+                "experiments", "cli")
 
 
 def __getattr__(name):

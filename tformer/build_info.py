@@ -1,6 +1,6 @@
 """What ``pip install`` compiled: the record ``setup.py`` writes into the package
 (``tformer/_build_info.json``), whether its CUDA archs cover a GPU, and whether the extension
-was built against the running torch.
+was built against the running torch, checked by an import guard whenever ``tformer._C`` is imported.
 
 Kept free of torch imports: ``tformer env`` and the import guard of ``tformer._C`` read it
 before anything heavy loads.
@@ -8,10 +8,13 @@ before anything heavy loads.
 
 from __future__ import annotations
 
+import importlib.abc
 import json
+import sys
 from pathlib import Path
 
 RECORD_PATH = Path(__file__).with_name("_build_info.json")
+EXTENSION = "tformer._C"
 
 REBUILD_HINT = ("rebuild it against the installed torch: "
                 "'pip install --no-build-isolation --force-reinstall --no-deps .' "
@@ -63,3 +66,33 @@ def arch_covers(arch_list: list[str], capability: tuple[int, int]) -> bool:
         if ptx and (major, minor) <= capability:
             return True
     return False
+
+
+class ExtensionMismatch(ImportError):
+    """tformer._C was built against another torch than the one running."""
+
+
+class ExtensionGuard(importlib.abc.MetaPathFinder):
+    """A meta-path finder that answers only for ``tformer._C``, and only to refuse it.
+
+    Without it, loading an extension built for another torch fails inside the dynamic loader with
+    ``undefined symbol: _ZN3c10...`` (FlashAttention #1644, #1783), which says nothing about the
+    cause or the cure. On a match the normal finders import it.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != EXTENSION:
+            return None
+        # The extension needs torch's libraries loaded first (it links against them).
+        import torch
+
+        reason = torch_mismatch(load_record(), torch.__version__)
+        if reason is not None:
+            raise ExtensionMismatch(reason, name=fullname)
+        return None  # fall through to the normal finders
+
+
+def install_extension_guard() -> None:
+    """Put :class:`ExtensionGuard` first on ``sys.meta_path`` (once; ``import tformer`` does it)."""
+    if not any(isinstance(finder, ExtensionGuard) for finder in sys.meta_path):
+        sys.meta_path.insert(0, ExtensionGuard())

@@ -98,3 +98,8 @@ def check_choice(where: str, value, choices):
                                                                                           n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"{where} must be one of {choices}, got {value!r}.{hint}")
+
+
+class UsageError(Exception):
+    """An error the user can fix (a bad argument, a damaged input, a busy folder). Commands print
+    it as one ``error: ...`` line (:func:`tformer.cli.errors.run_cli`)."""

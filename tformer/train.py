@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 tformer/train.py --config fsdp2.json
     python tformer/train.py --config ds.json --set run.steps=200
 
-Arguments in, :mod:`tformer.training` does the work (see :mod:`tformer.training.cli`).
+Arguments in, :mod:`tformer.training` does the work (see :mod:`tformer.cli.train`, also run as ``tformer train``).
 """
 
 import os
@@ -16,8 +16,8 @@ import sys
 if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from tformer.cli_errors import run_cli  # noqa: E402
-from tformer.training.cli import build_parser, main, parse_args  # noqa: E402
+from tformer.cli.errors import run_cli  # noqa: E402
+from tformer.cli.train import build_parser, main, parse_args  # noqa: E402
 
 __all__ = ["build_parser", "main", "parse_args"]
 

@@ -1,6 +1,6 @@
 """Using trained models: sampling, greedy decoding and beam search with the KV cache
-(:mod:`.sampling`, behind ``python -m tformer.sample``) and the classifier's prediction path
-(:mod:`.classify`, behind ``python -m tformer.classify``)."""
+(:mod:`.sampling`, behind ``tformer sample``) and the classifier's prediction path
+(:mod:`.classify`, behind ``tformer classify``)."""
 
 from .sampling import beam_search, filter_logits, generate
 

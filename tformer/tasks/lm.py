@@ -193,7 +193,7 @@ class LanguageModelTask(Task):
         prompt = self.vocab.encode(sample.prompt) or [0]
         prompt_ids = torch.tensor([prompt] * sample.num_samples, dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(sample.seed)
-        greedy = sample.temperature == 0  # sample.temperature=0 means greedy, as in tformer.sample
+        greedy = sample.temperature == 0  # sample.temperature=0 means greedy, as in tformer sample
         out = generate(model, prompt_ids, sample.max_new_tokens, temperature=sample.temperature or 1.0,
                        top_k=sample.top_k, greedy=greedy, generator=generator, cache_dtype=self.compute_dtype)
         return [self.vocab.decode(row.tolist()) for row in out]

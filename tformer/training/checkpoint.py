@@ -5,7 +5,7 @@ Layout of ``<out_dir>/checkpoints/step_<N>/``::
     dcp/                  model + optimizer, torch.distributed.checkpoint (single process, FSDP2)
     deepspeed/            engine.save_checkpoint (model, ZeRO optimizer partitions, loss scaler)
     trainer_rank<r>.pt    step, data position, loss scaler (non-DeepSpeed fp16), every RNG state
-    export/               model.safetensors + config.json (what tformer.sample reads)
+    export/               model.safetensors + config.json (what tformer sample reads)
     COMPLETE              written last: JSON with the step and the SHA-256 and size of every
                           other file (``files``), checked by :mod:`tformer.training.checkpoint_verify`
 

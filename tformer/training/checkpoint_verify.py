@@ -7,20 +7,19 @@ a file that is missing, truncated or altered makes the checkpoint damaged. ``--r
 (:func:`choose_resume_checkpoint`) takes the newest checkpoint that verifies and warns about
 each newer damaged one; ``--resume=strict`` refuses instead.
 
-    python -m tformer.checkpoint verify runs/ds      # a run folder, its checkpoints/ or one checkpoint
+    tformer checkpoint verify runs/ds      # a run folder, its checkpoints/ or one checkpoint
 
 prints one line per checkpoint and exits 1 when any is damaged.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import warnings
 from pathlib import Path
 
-from tformer.cli_errors import UsageError
+from tformer.schema import UsageError
 from tformer.training.checkpoint import COMPLETE, complete_checkpoints, sha256_file
 
 
@@ -66,7 +65,7 @@ def choose_resume_checkpoint(checkpoints_dir: str | Path, *, strict: bool = Fals
                                     f"Use --resume to fall back to the newest checkpoint that verifies")
         warnings.warn(f"--resume: skipping damaged checkpoint {folder}: {'; '.join(problems)}", stacklevel=2)
     raise CheckpointDamaged(f"--resume: every checkpoint in {checkpoints_dir} is damaged "
-                            f"({', '.join(p.name for p in candidates)}); see `python -m tformer.checkpoint verify`")
+                            f"({', '.join(p.name for p in candidates)}); see `tformer checkpoint verify`")
 
 
 def check_chosen_checkpoint(folder: str | Path) -> Path:
@@ -88,7 +87,7 @@ def checkpoint_folders(path: Path) -> list[Path]:
     return []
 
 
-def _step(folder: Path) -> int:
+def checkpoint_step(folder: Path) -> int:
     return int(re.search(r"\d+", folder.name).group(0))
 
 
@@ -102,39 +101,3 @@ def incomplete_checkpoints(path: Path) -> list[Path]:
             if found:
                 return found
     return []
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tformer.checkpoint", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="re-hash every file of a run's checkpoints (and its export)")
-    verify.add_argument("path", help="run folder, its checkpoints/ folder, or one checkpoint folder")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tformer.models.pretrained import verify_export
-
-    args = build_parser().parse_args(argv)
-    path = Path(args.path).expanduser()
-    if not path.is_dir():
-        raise UsageError(f"verify: argument 'path' must be a run or checkpoint folder, got {str(path)!r}")
-    folders = checkpoint_folders(path)
-    exports = [path / "export"] if (path / "export").is_dir() else []
-    incomplete = incomplete_checkpoints(path) if not (path / COMPLETE).is_file() else []
-    for folder in incomplete:
-        newest = bool(folders) and _step(folder) > _step(folders[0])
-        print(f"{folder}: INCOMPLETE: no {COMPLETE} marker (a save that was killed); --resume skips it"
-              + (f" and continues {folders[0].name}" if newest else ""))
-    if not folders and not exports:
-        raise UsageError(f"verify: {str(path)!r} holds no complete checkpoint (no step_*/{COMPLETE}) and no export/")
-    damaged = 0
-    for folder in folders:
-        problems = verify_checkpoint(folder)
-        damaged += bool(problems)
-        print(f"{folder}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
-    for folder in exports:
-        problems = verify_export(folder)
-        damaged += bool(problems)
-        print(f"{folder}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
-    return 1 if damaged else 0

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.training.checkpoint import latest_checkpoint
-from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, verify_export
+from tformer.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, find_export, verify_export
 from tformer.nn.transformer_block import rename_old_keys
 from tformer.optional import require
 
@@ -42,13 +41,10 @@ def resolve_init_source(path: str | os.PathLike) -> Path:
                                 f"finished pretraining run (e.g. python tformer/train.py --config imdb_mlm.json), its "
                                 f"export/ folder or one of its checkpoints; set training.init_from=null to train from "
                                 f"scratch")
-    latest = latest_checkpoint(given / "checkpoints")
-    candidates = [given, given / "export"] + ([latest / "export"] if latest is not None else [])
-    for candidate in candidates:
-        if (candidate / WEIGHTS_NAME).is_file():
-            return candidate
-    raise FileNotFoundError(f"training.init_from = {str(path)!r} holds no {WEIGHTS_NAME}: looked in "
-                            f"{[str(c) for c in candidates]}; did the pretraining run finish (or write a checkpoint)?")
+    try:
+        return find_export(given, argument="training.init_from", need_config=False)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; did the pretraining run finish (or write a checkpoint)?") from error
 
 
 def load_trunk(model: torch.nn.Module, source: Path, *, metadata: dict | None = None) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tformer.cli_errors import UsageError
+from tformer.schema import UsageError
 
 # What a run writes into its out_dir (plots are redrawn from metrics.jsonl, so they go too).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "export", "plots")

@@ -19,7 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tformer.cli_errors import UsageError
+from tformer.schema import UsageError
 
 LOCK_NAME = "run.lock"
 

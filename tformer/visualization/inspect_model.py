@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from tformer.models.pretrained import CONFIG_NAME, MODEL_CLASSES, WEIGHTS_NAME
+from tformer.models.pretrained import CONFIG_NAME, MODEL_CLASSES, WEIGHTS_NAME, find_export
 from tformer.optional import require
-
-
-def resolve_export(checkpoint: str | os.PathLike) -> Path:
-    """An export folder (``config.json`` + ``model.safetensors``) from what a user may pass: the
-    export itself, a run folder holding ``export/``, a checkpoint folder holding ``export/``, or a
-    run folder whose newest checkpoint holds one."""
-    folder = Path(checkpoint).expanduser()
-    candidates = [folder, folder / "export"]
-    checkpoints = sorted((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else []
-    candidates += [c / "export" for c in reversed(checkpoints)]
-    for candidate in candidates:
-        if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
-            return candidate
-    raise FileNotFoundError(f"argument '--checkpoint' = {str(folder)!r} holds no {CONFIG_NAME} + {WEIGHTS_NAME} "
-                            f"(nor export/ or checkpoints/step_*/export/ with them); expected a run or export folder")
 
 
 def load_for_inspection(checkpoint: str | os.PathLike, *, device="cpu") -> tuple[torch.nn.Module, dict]:
     """``(model, metadata)`` from an export, rebuilt with ``backend="reference"`` (the path that
     can return attention weights; the weights are the same whatever backend trained them)."""
     load_model = require("safetensors.torch", "load_for_inspection").load_model
-    folder = resolve_export(checkpoint)
+    folder = find_export(checkpoint)
     config = json.loads((folder / CONFIG_NAME).read_text())
     model_class = MODEL_CLASSES.get(config.get("model_class"))
     if model_class is None:

@@ -6,7 +6,7 @@ import importlib
 
 import torch
 
-from tformer._extension_guard import ExtensionMismatch
+from tformer.build_info import ExtensionMismatch
 
 OP_MODULES: tuple[str, ...] = ("attention", "layer_norm", "softmax")
 

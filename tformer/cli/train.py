@@ -1,4 +1,5 @@
-"""``tformer/train.py``'s command line: arguments in, :class:`~tformer.training.trainer.Trainer` out.
+"""``tformer train`` and ``tformer/train.py``'s command line: arguments in,
+:class:`~tformer.training.trainer.Trainer` out.
 
     python tformer/train.py                                   # configs/ds.json: Tiny Shakespeare char LM
     deepspeed tformer/train.py --config ds.json               # same job through the DeepSpeed launcher
@@ -17,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from tformer.cli_errors import run_cli
 from tformer.training.config import load_config
 from tformer.training.trainer import Trainer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """``prog`` None: the script's own name (``train.py`` under ``deepspeed tformer/train.py``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ds.json",
                         help="config file (JSON or YAML): a path, or a bare name such as ds.json or zero2 resolved "
                              "against configs/ in the repository or the installed package (default: ds.json)")
@@ -44,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_args(argv=None, *, prog: str | None = None) -> argparse.Namespace:
+    return build_parser(prog).parse_args(argv)
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None, *, prog: str | None = None) -> list[dict]:
     """Train; user errors raise (``ConfigError``, ``UsageError``, ``OSError``): run it through
-    :func:`tformer.cli_errors.run_cli` for one ``error: ...`` line and exit status 2."""
-    args = parse_args(argv)
+    :func:`tformer.cli.errors.run_cli` for one ``error: ...`` line and exit status 2."""
+    args = parse_args(argv, prog=prog)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     config = load_config(args.config, args.set + (["logging.visualize=true"] if args.visualize else []))
@@ -61,6 +63,3 @@ def main(argv=None) -> list[dict]:
     finally:
         trainer.close()
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -253,19 +253,15 @@ def format_report(report: dict) -> list[str]:
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tformer env", description=__doc__,
+def build_parser(prog: str = "tformer env") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for bug reports)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "tformer env") -> int:
+    args = build_parser(prog).parse_args(argv)
     report = collect()
     print(json.dumps(report, indent=2) if args.json else "\n".join(format_report(report)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""``python -m tformer.ablate``: train a grid of model variants and write a report comparing them.
+"""``tformer ablate``: train a grid of model variants and write a report comparing them.
 
-    python -m tformer.ablate --config ablate_shakespeare.json          # the shipped grid (configs/)
-    python -m tformer.ablate --config grid.json --only positional      # one axis
-    python -m tformer.ablate --config grid.json --list                 # the variants and their overrides
-    python -m tformer.ablate --config grid.json --report-only          # rewrite the report from results
+    tformer ablate --config ablate_shakespeare.json          # the shipped grid (configs/)
+    tformer ablate --config grid.json --only positional      # one axis
+    tformer ablate --config grid.json --list                 # the variants and their overrides
+    tformer ablate --config grid.json --report-only          # rewrite the report from results
 
 Each variant x seed trains in this process, one after another, with the same data, seeds and
 budget; runs already finished (``result.json`` in their folder) are not trained again, so a
@@ -15,19 +15,17 @@ stopped grid continues where it was. The grid file format is described in
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from tformer.experiments.grid import load_grid
+from tformer.experiments.report import write_report
+from tformer.experiments.runner import run_grid
 from tformer.schema import ConfigError
 
-from .grid import load_grid
-from .report import write_report
-from .runner import run_grid
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tformer.ablate", description=__doc__,
+def build_parser(prog: str = "tformer ablate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
                         help="the grid file (JSON or YAML): a path, or a bare name in configs/ such as "
@@ -41,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, prog: str = "tformer ablate") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         grid = load_grid(args.config)
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     if args.report_only:
-        from .runner import missing_requirement, read_result, run_folder
+        from tformer.experiments.runner import missing_requirement, read_result, run_folder
 
         records = []
         for variant in grid.variants:
@@ -85,7 +83,3 @@ def main(argv: list[str] | None = None) -> int:
                           title=f"Ablation report: {Path(str(args.config)).stem}")
     print(f"ablate: report {report} ({time.time() - started:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

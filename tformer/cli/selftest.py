@@ -14,8 +14,8 @@ import json
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tformer selftest", description=__doc__,
+def build_parser(prog: str = "tformer selftest") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="a torch device (default: cuda if visible, else cpu)")
     parser.add_argument("--refresh", action="store_true", help="ignore the cached verdict and check again")
@@ -25,12 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "tformer selftest") -> int:
+    args = build_parser(prog).parse_args(argv)
     import torch
 
-    from .cache import key_file
-    from .check import format_table, verdict_for
+    from tformer.ops.selftest.cache import key_file
+    from tformer.ops.selftest.check import format_table, verdict_for
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     verdict = verdict_for(device, refresh=args.refresh, timeout_s=args.timeout)
@@ -43,9 +43,3 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(format_table(verdict)))
         print(f"cached at {key_file(verdict['key'])}")
     return 0
-
-
-if __name__ == "__main__":
-    from tformer.cli_errors import run_cli
-
-    sys.exit(run_cli(main))

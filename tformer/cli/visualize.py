@@ -1,9 +1,9 @@
-"""``python -m tformer.visualize``: plots of trained models and runs, written as PNG files.
+"""``tformer visualize``: plots of trained models and runs, written as PNG files.
 
-    python -m tformer.visualize attention --checkpoint runs/ds --text "ROMEO: But soft" --out attention.png
-    python -m tformer.visualize curves runs/a runs/b --out curves.png
-    python -m tformer.visualize gradients runs/ds --out gradient_flow.png
-    python -m tformer.visualize embeddings --checkpoint runs/imdb --data aclImdb_v1.tar.gz --per-class 200
+    tformer visualize attention --checkpoint runs/ds --text "ROMEO: But soft" --out attention.png
+    tformer visualize curves runs/a runs/b --out curves.png
+    tformer visualize gradients runs/ds --out gradient_flow.png
+    tformer visualize embeddings --checkpoint runs/imdb --data aclImdb_v1.tar.gz --per-class 200
 
 ``--checkpoint`` takes an export folder, a run folder (its ``export/``, else its newest
 checkpoint's) or a checkpoint folder. The attention weights come from the reference attention
@@ -13,13 +13,12 @@ path whatever backend trained the model.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tformer.visualize", description=__doc__,
+def build_parser(prog: str = "tformer visualize") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -46,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, prog: str = "tformer visualize") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         path = COMMANDS[args.command](args)
@@ -58,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _attention(args) -> str:
-    from .attention import attention_maps, plot_attention
-    from .inspect_model import load_for_inspection, tokenize
+    from tformer.visualization.attention import attention_maps, plot_attention
+    from tformer.visualization.inspect_model import load_for_inspection, tokenize
 
     model, metadata = load_for_inspection(args.checkpoint)
     ids, labels = tokenize(metadata, args.text)
@@ -79,7 +78,7 @@ def _attention(args) -> str:
 def _curves(args) -> str:
     from pathlib import Path
 
-    from .curves import plot_training_curves, read_metrics
+    from tformer.visualization.curves import plot_training_curves, read_metrics
 
     runs = {}
     for run in args.runs:
@@ -89,15 +88,15 @@ def _curves(args) -> str:
 
 
 def _gradients(args) -> str:
-    from .curves import read_metrics
-    from .gradients import plot_gradient_flow
+    from tformer.visualization.curves import read_metrics
+    from tformer.visualization.gradients import plot_gradient_flow
 
     return str(plot_gradient_flow(_some_metrics(args.run), args.out))
 
 
 def _some_metrics(run: str) -> list[dict]:
     """The run's metric records; a run with none (an empty metrics.jsonl) is an error, not a blank plot."""
-    from .curves import read_metrics
+    from tformer.visualization.curves import read_metrics
 
     records = read_metrics(run)
     if not records:
@@ -109,12 +108,12 @@ def _embeddings(args) -> str:
     from tformer.data.imdb import balanced_subset, load_imdb
     from tformer.generation.classify import TextClassifier
 
-    from .embeddings import plot_embeddings, pooled_states, tsne_2d
-    from .inspect_model import resolve_export
+    from tformer.visualization.embeddings import plot_embeddings, pooled_states, tsne_2d
+    from tformer.models.pretrained import find_export
 
     if args.per_class < 2:
         raise ValueError(f"argument '--per-class' must be >= 2, got {args.per_class}")
-    classifier = TextClassifier(resolve_export(args.checkpoint))
+    classifier = TextClassifier(find_export(args.checkpoint))
     reviews = load_imdb(args.data, expected_per_class=None)[args.split]
     chosen = balanced_subset(reviews, args.per_class * len(classifier.labels), args.seed)
     ids = classifier.encode(chosen.texts)
@@ -125,7 +124,3 @@ def _embeddings(args) -> str:
 
 
 COMMANDS = {"attention": _attention, "curves": _curves, "gradients": _gradients, "embeddings": _embeddings}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

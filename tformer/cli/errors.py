@@ -3,10 +3,9 @@ stderr and exit status 2, no traceback (``--debug`` or ``TFORMER_DEBUG=1`` shows
 
 Each command module keeps its ``main(argv)`` plain (it raises); the entry points wrap it::
 
-    if __name__ == "__main__":
-        run_cli(main)
+    tformer.cli.dispatch -> run_cli(command.main, argv)
 
-What counts as a user error: :class:`UsageError` (and its subclasses, e.g. a damaged checkpoint
+What counts as a user error: :class:`~tformer.schema.UsageError` (and its subclasses, e.g. a damaged checkpoint
 or a locked run folder), ``ValueError`` (tformer's ``ConfigError`` is one; ops and loaders raise
 it naming the argument), ``OSError`` (a missing file, a full disk) and
 :class:`~tformer.optional.MissingDependency` (a feature whose pip extra is not installed).
@@ -19,14 +18,13 @@ import os
 import sys
 
 from tformer.optional import MissingDependency
+from tformer.schema import UsageError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TFORMER_DEBUG"
 
 
-class UsageError(Exception):
-    """An error the user can fix (a bad argument, a damaged input, a busy folder)."""
-
+__all__ = ["USER_ERRORS", "UsageError", "error_line", "run_cli"]
 
 USER_ERRORS = (UsageError, ValueError, OSError, MissingDependency)
 
