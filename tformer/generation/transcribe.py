@@ -1,14 +1,5 @@
-"""Transcribe WAV files with a trained speech recognizer (an ``asr`` run's export).
-
-    tformer transcribe --checkpoint runs/asr_espeak FILE.wav [FILE.wav ...]
-
-Prints one transcript per file. ``--checkpoint`` takes an export folder, a run folder or a
-checkpoint folder (as ``tformer sample``). Audio at another sample rate is resampled
-with librosa; stereo is averaged to mono. Audio longer than the encoder's ``max_source_len``
-positions is cut into equal chunks that fit, transcribed one by one and joined with spaces.
-A file too short to hold one analysis window gets a warning and an empty line; the other files
-are still transcribed, and the exit status is 1.
-"""
+"""Transcription with a trained speech recognizer: what ``tformer transcribe`` runs
+(:mod:`tformer.cli.transcribe` says what it does with long and short audio)."""
 
 from __future__ import annotations
 
