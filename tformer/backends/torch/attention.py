@@ -19,6 +19,7 @@ tformer's semantics on top of SDPA:
 import torch
 import torch.nn.functional as F
 
+from tformer.backends.reference.attention import attention_probabilities
 from tformer.ops.attention_mask import Band, allowed_keys
 from tformer.ops.registry import register
 
@@ -28,18 +29,12 @@ from .softmax import ALL_DEVICES, ALL_DTYPES
 TOP_LEFT_CAUSAL = Band(left=-1, right=0, bottom_right=False)
 
 
-def _lse(q, k, mask, is_causal: bool, scale: float) -> torch.Tensor:
-    """float32 log-sum-exp (B, Hq, Sq) of the scaled, masked scores: -inf for a row with no key.
-    Only for return_lse=True; it builds the (Sq, Sk) scores SDPA avoids."""
+def _lse(q, k, band: Band, key_padding_mask, scale: float) -> torch.Tensor:
+    """float32 log-sum-exp (B, Hq, Sq): -inf for a row with no key. Only for return_lse=True,
+    which SDPA does not offer: the reference backend, the one place that builds the (Sq, Sk)
+    scores, computes it."""
     with torch.no_grad():
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        keys = k.to(dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = torch.matmul(q.to(dtype), keys.transpose(-1, -2)) * scale
-        if is_causal:
-            mask = allowed_keys(q.shape[2], k.shape[2], TOP_LEFT_CAUSAL, None, q.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.logsumexp(scores, dim=-1).float()
+        return attention_probabilities(q, k, band=band, key_padding_mask=key_padding_mask, scale=scale)[1].float()
 
 
 def _softcap_reason(softcap: float = 0.0, **_) -> str | None:
@@ -77,7 +72,7 @@ def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_
         out = out.masked_fill(~has_key, 0.0)
     if not return_lse:
         return out
-    lse = _lse(q, k, mask if has_key is None else mask & has_key, is_causal, scale)
+    lse = _lse(q, k, band, key_padding_mask, scale)
     return out, lse
 
 
