@@ -53,6 +53,18 @@ def _varlen_reason(band: Band, softcap: float = 0.0, **_) -> str | None:
 @register("attention", "torch", devices=ALL_DEVICES, dtypes=ALL_DTYPES, supports=_softcap_reason)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
               band: Band, softcap: float = 0.0):
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        # torch's CPU SDPA kernels compute half-precision gradients less exactly than the rule
+        # every backend is held to (FlashAttention's: at most a few times the error of plain
+        # same-precision math); on the CPU, half inputs attend in float32 and are cast back.
+        result = _attention(q.float(), k.float(), v.float(), key_padding_mask=key_padding_mask, scale=scale,
+                            dropout_p=dropout_p, return_lse=return_lse, band=band)
+        return (result[0].to(q.dtype), result[1]) if return_lse else result.to(q.dtype)
+    return _attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                      return_lse=return_lse, band=band)
+
+
+def _attention(q, k, v, *, key_padding_mask, scale: float, dropout_p: float, return_lse: bool, band: Band):
     seq_q, seq_k = q.shape[2], k.shape[2]
     if seq_k == 0:  # no keys: every row is empty; the sums keep k and v in the graph (zero grads)
         out = q * 0.0 + (k.sum() + v.sum()) * 0.0

@@ -18,7 +18,12 @@ def _compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype
     autocast): then the parameter's, so the weight is applied at its own precision, as the
     reference does (torch's fused kernels also want one dtype)."""
     wider = [p.dtype for p in params if p is not None and p.dtype != x.dtype]
-    return wider[0] if wider else x.dtype
+    dtype = wider[0] if wider else x.dtype
+    # torch's CPU kernels sum the weight gradient over rows in half precision (its GPU kernels
+    # accumulate in float32): on the CPU, half inputs are normalized in float32 instead.
+    if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
 
 
 def _supports_layer_norm(x, **_) -> str | None:
