@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .plain_gpt import PlainGPT, PlainGPTConfig
+from bench.plain_gpt import PlainGPT, PlainGPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = dict(d_model=96, n_layers=3, n_heads=4)  # configs/ds.json

@@ -321,7 +321,7 @@ def run_flash_grid(spec: str, seed: int, device: str, backends: list[str], secon
                    log=print) -> dict:
     """FlashAttention's grid ('full' or a sample of ``int(spec)`` cases) on ``backends``, each
     variant under its environment and an equal share of ``seconds`` (bench/flash_attn_grid.py)."""
-    from . import flash_attn_grid
+    from bench import flash_attn_grid
 
     if spec == "full":
         cases = flash_attn_grid.full_grid()

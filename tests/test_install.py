@@ -111,3 +111,12 @@ def test_import_tformer_needs_neither_triton_nor_the_extension(tmp_path):
     assert "Triton is not installed" in out[0] and "hidden by the test" in out[0]
     assert "extension" in out[1] or "no CUDA" in out[1] or "no CUDA support" in out[1]
     assert [round(p, 6) for p in eval(out[2])] == [0.333333] * 3
+
+
+def test_bench_modules_import_each_other_by_their_full_name():
+    # bench/ is a namespace folder (no __init__.py, so it hides no installed `bench`): pytest
+    # imports each bench_*.py as a top-level module, where a relative import has no package.
+    relative = [f"{path.name}:{number}" for path in sorted((REPO / "bench").glob("*.py"))
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if line.lstrip().startswith("from .")]
+    assert not relative, f"use `from bench.X import ...` instead of a relative import: {relative}"
