@@ -10,7 +10,7 @@ from tformer.training.config import load_config
 from tformer.models import DecoderLM, ModelConfig
 from tformer.training.parallelize import apply_activation_checkpointing
 from tformer.tasks.lm import LanguageModelTask
-from tformer.training.optim import parameter_groups
+from tformer.training.optim import build_optimizer, parameter_groups
 from tformer.training.trainer import Trainer, accumulated_backward
 
 from train_helpers import tiny_config
@@ -67,6 +67,16 @@ def test_decay_only_matmul_weights():
     assert all(p.dim() >= 2 for p in decay["params"])
     assert not any("norm" in names[id(p)] or names[id(p)].endswith("bias") for p in decay["params"])
     assert any("positional" in names[id(p)] for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("setting, fused", [(None, True), (False, False), (True, True)])
+def test_adamw_is_fused_on_the_cpu_unless_the_config_says_otherwise(tmp_path, setting, fused):
+    # The per-tensor AdamW loop (torch's CPU default) costs a measured share of a small model's
+    # step; optimizer.fused=false keeps it for whoever wants it.
+    config = load_config(tiny_config(tmp_path, optimizer={"lr": 3e-3, "fused": setting}))
+    model = DecoderLM(ModelConfig(vocab_size=17, max_seq_len=8, d_model=16, n_layers=1, n_heads=2))
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    assert bool(optimizer.defaults["fused"]) is fused
 
 
 def test_single_process_loss_falls_and_logs(tmp_path):

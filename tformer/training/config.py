@@ -55,7 +55,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    fused: bool | None = None  # None: fused AdamW where the device supports it (CUDA)
+    fused: bool | None = None  # None: fused AdamW where the device supports it (CUDA, CPU)
 
 
 @dataclass(kw_only=True)
