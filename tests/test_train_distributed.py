@@ -20,7 +20,7 @@ import torch
 from tformer.training.config import load_config
 from tformer.training.trainer import Trainer
 
-from train_helpers import tiny_config
+from train_helpers import free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -66,7 +66,7 @@ def _check_verification_covers_layout(run_dir: Path, shard_folder: str) -> None:
 
 
 def _deepspeed_launcher() -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731"]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
 
 
 @pytest.mark.slow
@@ -101,7 +101,7 @@ def test_deepspeed_zero_two_ranks_matches_single_process(tmp_path, stage):
 @pytest.mark.timeout(300)
 def test_fsdp2_two_ranks_matches_single_process_and_resumes(tmp_path):
     reference = _single_process_losses(tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     # 2 ranks x 2 micro-batches of 2 (no gradient sync on the first) = the single process's batch of 8.
     config = tiny_config(tmp_path, training={"strategy": "fsdp2", "micro_batch_size": 2, "grad_accum_steps": 2},
                          run={"steps": STEPS, "checkpoint_interval": 3})

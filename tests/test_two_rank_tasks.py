@@ -27,16 +27,16 @@ from tformer.training.config import load_config
 from tformer.training.trainer import Trainer
 
 from imdb_synthetic import make_imdb_archive
-from train_helpers import tiny_config
+from train_helpers import free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("lm", "classify", "classify_hf", "mlm", "multitask", "asr")
 STRATEGIES = {
-    "fsdp2": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29751"],
+    "fsdp2": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()],
               {"training": {"strategy": "fsdp2"}}),
-    "zero2": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29753"],
+    "zero2": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()],
               {"training": {"strategy": "deepspeed"}, "deepspeed": {"zero_optimization": {"stage": 2}}}),
-    "zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29755"],
+    "zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()],
               {"training": {"strategy": "deepspeed"}, "deepspeed": {"zero_optimization": {"stage": 3}}}),
 }
 COMMON = {"optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},

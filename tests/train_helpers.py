@@ -34,3 +34,13 @@ def tiny_config(tmp_path: Path, **sections) -> dict:
         else:
             config[section] = values
     return config
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for a two-rank launcher's rendezvous: a fixed port would
+    collide when test workers (pytest -n) launch two runs at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
