@@ -16,7 +16,7 @@ import torch
 from tformer.data.dealing import BatchStream, ShuffledBatches, batches_per_rank, deal_batches, split_into_batches
 from tformer.data.speech import BOS_ID, EOS_ID, PAD_ID, SAMPLE_RATE, AsrVocab, load_split
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
-from tformer.schema import ConfigError
+from tformer.schema import ConfigError, not_given
 from tformer.tasks.base import Task, every_rank_done, loss_metrics
 from tformer.tasks.losses import CrossEntropySum, CtcSum
 from tformer.tasks.model_builder import ModelBuilder, check_at_least
@@ -54,7 +54,7 @@ class AsrTask(Task):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        self.builder = ModelBuilder(EncoderDecoderConfig, EncoderDecoderTransformer, self._model_values,
+        self.builder = ModelBuilder(config.model, EncoderDecoderTransformer, self._model_values,
                                     self._check_model)
         self.cross_entropy, self.ctc = CrossEntropySum(), CtcSum(blank=PAD_ID)
 
@@ -124,9 +124,9 @@ class AsrTask(Task):
 
     # --- model and loss -----------------------------------------------------------------------
     def _model_values(self) -> dict:
-        return {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.max_text_len + 2,
-                "encoder_input": "speech", "sample_rate": SAMPLE_RATE, "ctc": self.data_config.ctc_weight > 0,
-                **self.config.model}
+        return not_given(self.config.model, {
+            "vocab_size": self.vocab.size, "max_seq_len": self.data_config.max_text_len + 2, "encoder_input": "speech",
+            "sample_rate": SAMPLE_RATE, "ctc": self.data_config.ctc_weight > 0})
 
     def _check_model(self, config) -> None:
         check_at_least("vocab_size", config.vocab_size, self.vocab.size, "is smaller than the character vocabulary")

@@ -17,7 +17,7 @@ from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_bat
 from tformer.data.dealing import BatchStream, batches_per_rank
 from tformer.data.imdb import LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, ReviewSet
 from tformer.models import EncoderClassifier, EncoderClassifierConfig
-from tformer.schema import ConfigError
+from tformer.schema import ConfigError, not_given
 from tformer.tasks.base import Task
 from tformer.tasks.imdb_reviews import ImdbReviews
 from tformer.tasks.losses import CrossEntropySum
@@ -86,13 +86,11 @@ class ClassificationTask(Task):
     model_config_class = EncoderClassifierConfig
     data_config_class = ClassifyDataConfig
 
-    def __init__(self, config, *, text=BpeReviewText, model_config_class=EncoderClassifierConfig,
-                 model_class=EncoderClassifier, **kwargs):
+    def __init__(self, config, *, text=BpeReviewText, model_class=EncoderClassifier, **kwargs):
         super().__init__(config, **kwargs)
         self.reviews = ImdbReviews(self.data_config)
         self.text = text(self.data_config, config)
-        self.builder = review_model_builder(model_config_class, model_class, self.text, self.data_config,
-                                            config.model)
+        self.builder = review_model_builder(config.model, model_class, self.text, self.data_config)
         self.loss = CrossEntropySum()
         self.last_misclassified: list[str] = []
 
@@ -233,13 +231,14 @@ class ClassificationTask(Task):
                 "head_tokens": data.head_tokens}
 
 
-def review_model_builder(config_class, model_class, text, data: ClassifyDataConfig, model: dict) -> ModelBuilder:
+def review_model_builder(section, model_class, text, data: ClassifyDataConfig) -> ModelBuilder:
     """The model builder of the review tasks (classify, classify_hf, mlm): the text part's values
-    (the rounded vocabulary), ``data.max_tokens`` positions and two classes, updated with the
-    config's ``model`` section."""
+    (the rounded vocabulary), ``data.max_tokens`` positions and two classes, unless the config's
+    ``model`` section (``section``) sets them."""
 
     def values() -> dict:
-        return {**text.model_values(), "max_seq_len": data.max_tokens, "num_classes": len(LABEL_NAMES), **model}
+        return not_given(section, {**text.model_values(), "max_seq_len": data.max_tokens,
+                                   "num_classes": len(LABEL_NAMES)})
 
     def check(config) -> None:
         if "vocab_size" in text.model_values():
@@ -248,7 +247,7 @@ def review_model_builder(config_class, model_class, text, data: ClassifyDataConf
         if config.max_seq_len < data.max_tokens:
             raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.max_tokens={data.max_tokens}")
 
-    return ModelBuilder(config_class, model_class, values, check)
+    return ModelBuilder(section, model_class, values, check)
 
 
 def deal_review_batches(task: Task, lengths: list[int], final: bool) -> list[list[int] | None]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tformer.schema import ConfigError, check_choice
+from tformer.schema import ConfigError, check_choice, not_given
 from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
@@ -57,7 +57,7 @@ class LanguageModelTask(Task):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        self.builder = ModelBuilder(ModelConfig, DecoderLM, self._model_values, self._check_model)
+        self.builder = ModelBuilder(config.model, DecoderLM, self._model_values, self._check_model)
         self.loss = CrossEntropySum()
 
     def prepare_data(self) -> None:
@@ -119,7 +119,7 @@ class LanguageModelTask(Task):
         return data.path if data.source == "text" else data.source
 
     def _model_values(self) -> dict:
-        return {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}
+        return not_given(self.config.model, {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len})
 
     def _check_model(self, config) -> None:
         check_at_least("vocab_size", config.vocab_size, self.vocab.size, "is smaller than the data's vocabulary")

@@ -131,7 +131,7 @@ class MaskedLanguageModelTask(Task):
         data = self.data_config
         self.reviews = ImdbReviews(data, include_unsup=data.include_unsup, keep_test=False, load=load_imdb)
         self.text = BpeReviewText(data)
-        self.builder = review_model_builder(EncoderClassifierConfig, EncoderMaskedLM, self.text, data, config.model)
+        self.builder = review_model_builder(config.model, EncoderMaskedLM, self.text, data)
         self.loss = CrossEntropySum()
 
     # --- data -------------------------------------------------------------------------------------
