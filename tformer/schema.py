@@ -151,6 +151,16 @@ def check_choice(where: str, value, choices):
     raise ConfigError(f"{where} must be one of {choices}, got {value!r}.{hint}")
 
 
+def check_choices(section, owner: str) -> None:
+    """Check every ``Literal``-typed field of dataclass ``section`` with :func:`check_choice`,
+    naming it ``"<owner>: argument '<field>'"``: for sections built in code (:func:`from_dict`
+    checks the same fields as it reads a file, naming the key path). Call it from ``__post_init__``."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if typing.get_origin(hints[f.name]) is typing.Literal:
+            check_choice(f"{owner}: argument {f.name!r}", getattr(section, f.name), typing.get_args(hints[f.name]))
+
+
 class UsageError(Exception):
     """An error the user can fix (a bad argument, a damaged input, a busy folder). Commands print
     it as one ``error: ...`` line (:func:`tformer.cli.errors.run_cli`)."""

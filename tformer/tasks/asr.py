@@ -23,16 +23,27 @@ from tformer.tasks.model_builder import ModelBuilder, check_at_least
 from tformer.tasks.speech_metrics import error_counts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AsrDataConfig:
-    corpus_dir: str = "~/.cache/tformer/speech_espeak"  # built by prepare_data when missing
-    train_per_voice: int = 200  # corpus size (see tformer.data.speech_corpus.CorpusSpec)
-    max_text_len: int = 40  # decoder positions = max_text_len + 2 (BOS, EOS)
-    ctc_weight: float = 0.0  # 0: no CTC head; else loss = CE + ctc_weight * CTC
-    eval_utterances: int | None = 60  # per split for CER/WER (decoding is the slow part); null: all
-    eval_beams: int = 1  # 1: greedy decoding for CER/WER; >1: beam search
+    """The ``data`` section of the ``asr`` task: the synthetic speech corpus, the losses and the
+    decoding that scores CER/WER."""
+
+    corpus_dir: str = "~/.cache/tformer/speech_espeak"
+    """built by prepare_data when missing."""
+    train_per_voice: int = 200
+    """corpus size (see tformer.data.speech_corpus.CorpusSpec)."""
+    max_text_len: int = 40
+    """decoder positions = max_text_len + 2 (BOS, EOS)."""
+    ctc_weight: float = 0.0
+    """0: no CTC head; else loss = CE + ctc_weight * CTC."""
+    eval_utterances: int | None = 60
+    """per split for CER/WER (decoding is the slow part); null: all."""
+    eval_beams: int = 1
+    """1: greedy decoding for CER/WER; >1: beam search."""
     length_penalty: float = 1.0
-    limit_train: int | None = None  # use only the first N training utterances (tests)
+    """Beam search: hypotheses are ranked by log-probability / length ** length_penalty."""
+    limit_train: int | None = None
+    """use only the first N training utterances (tests)."""
 
     def __post_init__(self):
         if not 0.0 <= self.ctc_weight:

@@ -26,27 +26,48 @@ from tformer.tasks.model_builder import ModelBuilder, check_at_least
 from tformer.tasks.review_text import BpeReviewText
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifyDataConfig:
-    # The .tar.gz, the extracted aclImdb/ (or its parent), or a URL to download; None: the official URL.
+    """The ``data`` section of the ``classify`` and ``classify_hf`` tasks: the IMDb reviews and
+    their tokenizer."""
+
     path: str | None = None
-    cache_dir: str = "~/.cache/tformer/imdb"  # downloads and tokenizers (keyed by their settings)
-    download_sha256: str | None = OFFICIAL_SHA256  # checked on download; null: structural checks only
-    expected_per_class: int | None = OFFICIAL_PER_CLASS  # None: accept any non-empty subset layout
+    """The .tar.gz, the extracted aclImdb/ (or its parent), or a URL to download; None: the official
+    URL."""
+    cache_dir: str = "~/.cache/tformer/imdb"
+    """downloads and tokenizers (keyed by their settings)."""
+    download_sha256: str | None = OFFICIAL_SHA256
+    """checked on download; null: structural checks only."""
+    expected_per_class: int | None = OFFICIAL_PER_CLASS
+    """None: accept any non-empty subset layout."""
     bpe_vocab_size: int = 16384
+    """Byte-level BPE vocabulary trained on the training reviews."""
     bpe_min_frequency: int = 2
-    max_tokens: int = 511  # per review after truncation (+1 CLS position = 512)
-    head_tokens: int = 128  # of max_tokens, taken from the start; the rest from the end
-    val_size: int = 2500  # reviews carved from train with split_seed
+    """A pair must occur this often to become a BPE merge."""
+    max_tokens: int = 511
+    """per review after truncation (+1 CLS position = 512)."""
+    head_tokens: int = 128
+    """of max_tokens, taken from the start; the rest from the end."""
+    val_size: int = 2500
+    """reviews carved from train with split_seed."""
     split_seed: int = 0
-    train_limit: int | None = None  # balanced subsets, for quick runs
+    """Seeds the validation split and the evaluation sample."""
+    train_limit: int | None = None
+    """balanced subsets, for quick runs."""
     val_limit: int | None = None
+    """Balanced validation subset."""
     test_limit: int | None = None
-    eval_batch_size: int | None = None  # None: 2 x training.micro_batch_size
-    pool_batches: int = 50  # length buckets: sort within pools of this many batches
+    """Balanced test subset."""
+    eval_batch_size: int | None = None
+    """None: 2 x training.micro_batch_size."""
+    pool_batches: int = 50
+    """length buckets: sort within pools of this many batches."""
     pad_to_multiple: int = 8
-    test_at_end: bool = True  # the final evaluation also scores the test split
-    show_misclassified: int = 3  # the most confidently wrong validation reviews shown per evaluation
+    """Batch widths are padded to a multiple of this (tensor-core friendly)."""
+    test_at_end: bool = True
+    """the final evaluation also scores the test split."""
+    show_misclassified: int = 3
+    """the most confidently wrong validation reviews shown per evaluation."""
 
     def __post_init__(self):
         for name in ("bpe_vocab_size", "bpe_min_frequency", "max_tokens", "val_size", "pool_batches",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -26,7 +27,7 @@ from tformer.data.buckets import LengthBucketBatches, pad_batch
 from tformer.data.conll import IGNORE_INDEX, tag_names
 from tformer.data.dealing import BatchStream
 from tformer.models import MultiTaskConfig, MultiTaskModel
-from tformer.schema import ConfigError, check_choice, from_dict, given_keys, not_given
+from tformer.schema import ConfigError, check_choices, from_dict, given_keys, not_given
 from tformer.tasks.base import Task
 from tformer.tasks.classify import ClassifyDataConfig, deal_review_batches
 from tformer.tasks.imdb_reviews import ImdbReviews
@@ -38,23 +39,30 @@ from tformer.tasks.multitask_metrics import entity_metrics, regression_metrics
 from tformer.tasks.task_sampler import SCHEDULES, TaskSampler
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MultiTaskDataConfig(ClassifyDataConfig):
     """IMDb's settings (the classify task's; used when ``sentiment`` or ``rating`` is a task),
     the NER corpus and the task schedule. ``show_misclassified`` is unused."""
 
-    schedule: str = "round_robin"  # round_robin | proportional | temperature
-    temperature: float = 2.0  # schedule "temperature": p_t ~ n_t^(1/T)
-    ner_path: str | None = None  # a folder with train.txt, valid.txt, test.txt (CoNLL-2003 / IOB2 columns)
-    ner_scheme: str = "iob2"  # iob2, or iob1 (the original CoNLL-2003 files), converted to IOB2
-    ner_synthetic: bool = False  # generate the SYNTHETIC template corpus instead (tformer.data.synthetic_ner)
-    ner_synthetic_train: int = 2000  # sentences
-    ner_synthetic_eval: int = 300  # sentences in each of val and test
+    schedule: Literal[SCHEDULES] = "round_robin"
+    """How the next training batch's task is chosen: round_robin, proportional (to the task's
+    training size) or temperature."""
+    temperature: float = 2.0
+    """schedule "temperature": p_t ~ n_t^(1/T)."""
+    ner_path: str | None = None
+    """a folder with train.txt, valid.txt, test.txt (CoNLL-2003 / IOB2 columns)."""
+    ner_scheme: Literal["iob2", "iob1"] = "iob2"
+    """iob2, or iob1 (the original CoNLL-2003 files), converted to IOB2."""
+    ner_synthetic: bool = False
+    """generate the SYNTHETIC template corpus instead (tformer.data.synthetic_ner)."""
+    ner_synthetic_train: int = 2000
+    """sentences."""
+    ner_synthetic_eval: int = 300
+    """sentences in each of val and test."""
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("config: data.schedule", self.schedule, SCHEDULES)
-        check_choice("config: data.ner_scheme", self.ner_scheme, ("iob2", "iob1"))
+        check_choices(self, "MultiTaskDataConfig")
         if not self.temperature > 0:
             raise ConfigError(f"config: data.temperature must be > 0, got {self.temperature}")
         if self.ner_synthetic and self.ner_path is not None:
