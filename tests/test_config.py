@@ -122,6 +122,12 @@ def test_model_and_data_sections_are_the_tasks_dataclasses():
         load_config({"task": "asr", "model": {"n_layer": 2}})
     with pytest.raises(ConfigError, match=r"model.d_model must be int, got '64'"):
         load_config({"model": {"d_model": "64"}})
+    # Built in code: dicts are parsed the same way; a dataclass is kept, its changed fields saved.
+    assert TrainConfig(model={"d_model": 64, "n_heads": 2}, data={"seq_len": 128}) == config
+    built = TrainConfig(task="lm", model=ModelConfig(d_model=64, n_heads=2), data=LMDataConfig(seq_len=128))
+    assert built.to_dict()["data"] == {"seq_len": 128} and built.to_dict()["model"]["d_model"] == 64
+    with pytest.raises(ConfigError, match=r"unknown key model.'d_modle'"):
+        TrainConfig(model={"d_modle": 64})
 
 
 def test_model_keys_the_file_sets_win_over_the_data():
