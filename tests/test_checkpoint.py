@@ -88,3 +88,90 @@ def test_export_loads_with_from_pretrained(tmp_path):
         torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
     # Checkpoints carry an export too, which tformer sample reads.
     assert (ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "export" / "model.safetensors").is_file()
+
+
+# --- a DCP checkpoint from before the encoder-decoder's layers became TransformerBlocks ---------
+def _asr_model_and_optimizer(seed):
+    from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
+
+    torch.manual_seed(seed)
+    model = EncoderDecoderTransformer(EncoderDecoderConfig(
+        encoder_input="tokens", vocab_size=11, src_vocab_size=13, d_model=16, n_heads=2, n_layers=1,
+        n_encoder_layers=1, max_seq_len=12, max_source_len=12, backend="reference"))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train_one_step(model, optimizer):
+    generator = torch.Generator().manual_seed(0)
+    source, targets = torch.randint(3, 13, (2, 5), generator=generator), torch.randint(3, 11, (2, 4), generator=generator)
+    model(source, torch.tensor([5, 3]), targets).float().square().mean().backward()
+    optimizer.step()
+
+
+def _former_name(key: str) -> str:
+    """How the encoder-decoder layers named their self-attention before the one block."""
+    for new, old in ((".attention.", ".self_attention."), (".attention_norm.", ".self_attention_norm.")):
+        if "_blocks." in key and new in key:
+            key = key.replace(new, old, 1)
+    return key
+
+
+def _save_with_former_names(folder, model, optimizer):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state = {_former_name(k): v for k, v in model_state.items()}
+    optimizer_state = {"state": {_former_name(k): v for k, v in optimizer_state["state"].items()},
+                       "param_groups": [{**g, "params": [_former_name(p) for p in g["params"]]}
+                                        for g in optimizer_state["param_groups"]]}
+    assert any(".self_attention." in key for key in model_state)
+    with ckpt._single_process_is_intended():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "dcp"))
+
+
+def _assert_resumed(model, optimizer, saved_model, saved_optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    got_model, got_optimizer = get_state_dict(model, optimizer, options=full)
+    want_model, want_optimizer = get_state_dict(saved_model, saved_optimizer, options=full)
+    assert got_model.keys() == want_model.keys()
+    for key in want_model:
+        torch.testing.assert_close(got_model[key], want_model[key], rtol=0, atol=0, msg=key)
+    assert got_optimizer["state"].keys() == want_optimizer["state"].keys()
+    for key, values in want_optimizer["state"].items():
+        for name, value in values.items():
+            torch.testing.assert_close(got_optimizer["state"][key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert [g["params"] for g in got_optimizer["param_groups"]] == [g["params"] for g in want_optimizer["param_groups"]]
+
+
+def test_dcp_checkpoint_with_former_block_names_resumes(tmp_path):
+    saved_model, saved_optimizer = _asr_model_and_optimizer(seed=0)
+    _train_one_step(saved_model, saved_optimizer)
+    _save_with_former_names(tmp_path, saved_model, saved_optimizer)
+    model, optimizer = _asr_model_and_optimizer(seed=1)
+    ckpt.load_model_and_optimizer(tmp_path, model, optimizer)
+    _assert_resumed(model, optimizer, saved_model, saved_optimizer)
+
+
+def test_fsdp2_resumes_a_dcp_checkpoint_with_former_block_names(tmp_path):
+    """An ASR run under FSDP2 (here one gloo rank) resumes from a checkpoint whose encoder-decoder
+    layers still had their former names."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tformer.training.parallelize import apply_fsdp2
+
+    saved_model, saved_optimizer = _asr_model_and_optimizer(seed=0)
+    _train_one_step(saved_model, saved_optimizer)
+    _save_with_former_names(tmp_path, saved_model, saved_optimizer)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, _ = _asr_model_and_optimizer(seed=1)
+        apply_fsdp2(model, mesh=init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ckpt.load_model_and_optimizer(tmp_path, model, optimizer)
+        _assert_resumed(model, optimizer, saved_model, saved_optimizer)
+    finally:
+        dist.destroy_process_group()

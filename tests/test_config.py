@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from tformer.training.config import ConfigError, configs_dir, load_config, resolve_config_path
+from tformer.schema import from_dict
+from tformer.training.config import ConfigError, TrainConfig, configs_dir, load_config, resolve_config_path
 from tformer.tasks import TASKS
 from tformer.training.optim import learning_rate
 from tformer.training.strategy import deepspeed_config
@@ -92,3 +93,55 @@ def test_yaml_config(tmp_path):
     path.write_text("run:\n  steps: 3\ntraining:\n  micro_batch_size: 2\n")
     config = load_config(str(path))
     assert config.run.steps == 3 and config.training.micro_batch_size == 2
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_round_trips_through_to_dict(name):
+    """A saved run config (TrainConfig.to_dict, stored with checkpoints) loads back to the same
+    config; model and data keep only the keys the file set, so the data still fills the rest."""
+    config = load_config(name)
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert from_dict(TrainConfig, saved) == config
+    assert json.loads(json.dumps(from_dict(TrainConfig, saved).to_dict())) == saved
+
+
+def test_model_and_data_sections_are_the_tasks_dataclasses():
+    from tformer.models import EncoderDecoderConfig, ModelConfig
+    from tformer.tasks.asr import AsrDataConfig
+    from tformer.tasks.lm import LMDataConfig
+
+    config = load_config({"model": {"d_model": 64, "n_heads": 2}}, ["data.seq_len=128"])
+    assert isinstance(config.model, ModelConfig) and isinstance(config.data, LMDataConfig)
+    assert config.model.d_model == 64 and config.data.seq_len == 128
+    assert config.to_dict()["model"] == {"d_model": 64, "n_heads": 2} and config.to_dict()["data"] == {"seq_len": 128}
+    asr = load_config({"task": "asr", "data": {"ctc_weight": 0.3}, "model": {"ctc": True}})
+    assert isinstance(asr.model, EncoderDecoderConfig) and isinstance(asr.data, AsrDataConfig)
+    with pytest.raises(ConfigError, match=r"unknown key data.'seq_lenn'. Did you mean 'seq_len'"):
+        load_config({}, ["data.seq_lenn=128"])
+    with pytest.raises(ConfigError, match=r"unknown key model.'n_layer'. Did you mean 'n_layers'"):
+        load_config({"task": "asr", "model": {"n_layer": 2}})
+    with pytest.raises(ConfigError, match=r"model.d_model must be int, got '64'"):
+        load_config({"model": {"d_model": "64"}})
+    # Built in code: dicts are parsed the same way; a dataclass is kept, its changed fields saved.
+    assert TrainConfig(model={"d_model": 64, "n_heads": 2}, data={"seq_len": 128}) == config
+    built = TrainConfig(task="lm", model=ModelConfig(d_model=64, n_heads=2), data=LMDataConfig(seq_len=128))
+    assert built.to_dict()["data"] == {"seq_len": 128} and built.to_dict()["model"]["d_model"] == 64
+    with pytest.raises(ConfigError, match=r"unknown key model.'d_modle'"):
+        TrainConfig(model={"d_modle": 64})
+
+
+def test_model_keys_the_file_sets_win_over_the_data():
+    """vocab_size and max_seq_len come from the data unless the model section sets them, even to
+    the dataclass's default value."""
+    from tformer.tasks import get_task_class
+
+    def resolved(model):
+        config = load_config({"model": {"d_model": 32, "n_heads": 2, "n_layers": 1, **model}, "data": {"seq_len": 64}})
+        task = get_task_class("lm")(config)
+        task.load_data()
+        return task.builder.config()
+
+    data_filled = resolved({})
+    assert data_filled.max_seq_len == 64 and data_filled.vocab_size == 65  # tinyshakespeare's characters
+    assert resolved({"max_seq_len": 256, "vocab_size": 128}).max_seq_len == 256
+    assert resolved({"max_seq_len": 256, "vocab_size": 128}).vocab_size == 128

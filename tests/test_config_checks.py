@@ -65,7 +65,7 @@ def test_keys_without_effect_other_task():
 def test_effective_settings_load():
     config = load_config("ds.json", ["data.source=text", "data.path=my_corpus.txt", "sample.temperature=0",
                                     "sample.top_k=null"])
-    assert config.data["path"] == "my_corpus.txt" and config.sample.temperature == 0
+    assert config.data.path == "my_corpus.txt" and config.sample.temperature == 0
     load_config("ds.json", ["training.activation_checkpointing=true", "training.checkpoint_every=2"])
 
 

@@ -39,7 +39,7 @@ def test_lm_epochs_become_steps_and_the_run_and_schedule_follow(tmp_path, monkey
 
     monkeypatch.setattr(trainer_module, "MetricsLogger", recording_logger)
     trainer = Trainer(config)
-    windows = len(trainer.task.splits["train"]) / config.data["seq_len"]
+    windows = len(trainer.task.splits["train"]) / config.data.seq_len
     per_epoch = math.ceil(windows / config.training.micro_batch_size)
     assert trainer.task.steps_per_epoch() == per_epoch
     assert trainer.total_steps == math.ceil(0.1 * per_epoch)

@@ -23,7 +23,7 @@ ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "aclImdb_labeled.tar.gz"
 def test_tiny_config_beats_chance_on_real_reviews(tmp_path):
     config = load_config("imdb_tiny", [f"data.path={ARCHIVE}", f"data.cache_dir={tmp_path / 'cache'}",
                                        f"run.out_dir={tmp_path / 'run'}", "run.export=false"])
-    assert config.data["test_limit"] == 400 and config.data.get("expected_per_class", 12500) == 12500
+    assert config.data.test_limit == 400 and config.data.expected_per_class == 12500
     history = Trainer(config).fit()
     final = history[-1]
     held_out = sum(final[f"test/confusion/{t}_as_{p}"] for t in ("neg", "pos") for p in ("neg", "pos"))

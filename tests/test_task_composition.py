@@ -4,6 +4,7 @@ resolved once; every task deals training batches through the one stream in tform
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -55,27 +56,28 @@ def test_classify_hf_is_classify_with_other_parts():
 def test_model_builder_resolves_the_config_once_and_checks_it():
     calls = []
 
+    @dataclasses.dataclass(kw_only=True)
     class Config:
-        def __init__(self, size):
-            self.size = size
+        size: int = 1
+        width: int = 8
 
-        @classmethod
-        def from_dict(cls, values):
-            calls.append(dict(values))
-            return cls(**values)
+        def __post_init__(self):
+            calls.append(self.size)
 
         def to_dict(self):
-            return {"size": self.size}
+            return dataclasses.asdict(self)
 
     def check(config):
         if config.size < 10:
             raise ConfigError("config: model.size too small")
 
-    builder = ModelBuilder(Config, lambda config: ("model", config.size), lambda: {"size": 12}, check)
-    assert builder.config() is builder.config() and builder.config_dict() == {"size": 12}
-    assert builder.build() == ("model", 12) and len(calls) == 1
+    section = Config(width=4)
+    calls.clear()
+    builder = ModelBuilder(section, lambda config: ("model", config.size), lambda: {"size": 12}, check)
+    assert builder.config() is builder.config() and builder.config_dict() == {"size": 12, "width": 4}
+    assert builder.build() == ("model", 12) and calls == [12]
     with pytest.raises(ConfigError, match="too small"):
-        ModelBuilder(Config, None, lambda: {"size": 3}, check).config()
+        ModelBuilder(section, None, lambda: {"size": 3}, check).config()
     assert [round_vocab(n) for n in (1, 64, 65, 257)] == [64, 64, 128, 320]
 
 

@@ -73,7 +73,58 @@ def from_dict(cls, values, where: str = ""):
         if typing.get_origin(annotation) is tuple or (isinstance(value, list) and "tuple" in str(annotation)):
             value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    # Remember which keys the file set: a task fills the others from its data (a model's
+    # vocab_size), and a saved config writes back only these (see given_values).
+    section.__dict__[_GIVEN] = frozenset(values)
+    return section
+
+
+_GIVEN = "_tformer_keys_given"
+
+
+def given_keys(section) -> frozenset:
+    """The keys of dataclass ``section`` that its file set (``from_dict`` records them); for a
+    section built in code, the fields whose values differ from their defaults."""
+    given = getattr(section, "__dict__", {}).get(_GIVEN)
+    if given is not None:
+        return given
+    changed = set()
+    for f in dataclasses.fields(section):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            changed.add(f.name)
+            continue
+        if getattr(section, f.name) != default:
+            changed.add(f.name)
+    return frozenset(changed)
+
+
+def given_values(section) -> dict:
+    """``{key: value}`` for the :func:`given_keys` of ``section``, as plain JSON-ready values
+    (nested dataclasses as their own given values): what a saved config writes back."""
+    given = given_keys(section)
+    return {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section) if f.name in given}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return given_values(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def not_given(section, values: dict) -> dict:
+    """The entries of ``values`` (values a task takes from its data) whose keys the file left
+    unset in ``section``: the user's keys win over the data's."""
+    given = given_keys(section)
+    return {key: value for key, value in values.items() if key not in given}
 
 
 def _describe(annotation) -> str:
@@ -98,6 +149,16 @@ def check_choice(where: str, value, choices):
                                                                                           n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"{where} must be one of {choices}, got {value!r}.{hint}")
+
+
+def check_choices(section, owner: str) -> None:
+    """Check every ``Literal``-typed field of dataclass ``section`` with :func:`check_choice`,
+    naming it ``"<owner>: argument '<field>'"``: for sections built in code (:func:`from_dict`
+    checks the same fields as it reads a file, naming the key path). Call it from ``__post_init__``."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if typing.get_origin(hints[f.name]) is typing.Literal:
+            check_choice(f"{owner}: argument {f.name!r}", getattr(section, f.name), typing.get_args(hints[f.name]))
 
 
 class UsageError(Exception):

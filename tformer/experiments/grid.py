@@ -32,8 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tformer.schema import ConfigError, from_dict
-from tformer.tasks import get_task_class
+from tformer.schema import ConfigError
 from tformer.training.config import load_config, read_config_file, resolve_config_path
 
 GRID_KEYS = ("base", "set", "seeds", "budget", "out_dir", "axes", "description")
@@ -77,9 +76,8 @@ class Grid:
         config = loaded.to_dict()
         # The task's sections with their defaults filled in: an override that restates a default
         # gives the same key as leaving it out.
-        task_class = get_task_class(loaded.task)
-        config["model"] = task_class.model_config_class.from_dict(loaded.model).to_dict()
-        config["data"] = dataclasses.asdict(from_dict(task_class.data_config_class, loaded.data, "data."))
+        config["model"] = loaded.model.to_dict()
+        config["data"] = dataclasses.asdict(loaded.data)
         config["training"].pop("seed")
         config["run"].pop("out_dir")
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

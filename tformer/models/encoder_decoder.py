@@ -4,13 +4,13 @@ speech inputs, with a KV cache for the decoder and cached encoder projections fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
 from tformer.nn import TransformerBlock, add_and_norm, make_norm
-from tformer.schema import check_choice
 from tformer.nn.speech import SpeechEmbedding
 
 from .config import ModelConfig, _check_positive_int
@@ -18,35 +18,40 @@ from .kv_cache import KVCache, first_position
 from .trunk import EMBEDDING_STD, init_gpt2, model_positional_encoding
 
 ENCODER_INPUTS: tuple[str, ...] = ("speech", "tokens")
+EncoderInput = Literal[ENCODER_INPUTS]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EncoderDecoderConfig(ModelConfig):
-    """An encoder-decoder. The inherited fields describe the decoder (``vocab_size`` targets,
-    ``max_seq_len`` target positions, ``n_layers`` decoder layers, ``tie_embeddings`` ties the
-    decoder's input embedding to its output head); ``d_model``, ``n_heads``, ``d_ff``, norms,
-    dropout and positional encoding are shared by both stacks.
+    """An encoder-decoder: the ``model`` section of the ``asr`` task. The inherited fields
+    describe the decoder (``vocab_size`` targets, ``max_seq_len`` target positions, ``n_layers``
+    decoder layers, ``tie_embeddings`` ties the decoder's input embedding to its output head);
+    ``d_model``, ``n_heads``, ``d_ff``, norms, dropout and positional encoding are shared by both
+    stacks. ``norm_position`` is "pre" (pre-LN, default) or "post" (the original post-LN), as in
+    every model."""
 
-    encoder_input: "speech" (waveforms through :class:`~tformer.nn.speech.SpeechEmbedding`) or
-        "tokens" (``src_vocab_size`` embeddings).
-    n_encoder_layers: encoder depth.
-    max_source_len: encoder positions (after the x4 subsampling for speech).
-    norm_position: "pre" (pre-LN, default) or "post" (the original post-LN), as every model.
-    norm_first: the older spelling of the same choice, kept for the configs that write it:
-        False means ``norm_position="post"``. Either key set to post-LN makes both say so.
-    ctc: add a linear CTC head on the encoder output (for an auxiliary loss); blank = id 0.
-    """
-
-    encoder_input: str = "speech"
+    encoder_input: EncoderInput = "speech"
+    """``speech`` (waveforms through :class:`~tformer.nn.speech.SpeechEmbedding`) or ``tokens``
+    (``src_vocab_size`` embeddings)."""
     n_encoder_layers: int = 4
+    """Encoder depth."""
     src_vocab_size: int = 256
+    """Source embeddings (``encoder_input="tokens"``)."""
     max_source_len: int = 512
-    norm_first: bool = True  # alias: False = norm_position "post"
+    """Encoder positions (after the x4 subsampling for speech)."""
+    norm_first: bool = True
+    """The older spelling of ``norm_position``, kept for the configs that write it: False means
+    ``norm_position="post"``. Either key set to post-LN makes both say so."""
     ctc: bool = False
+    """Add a linear CTC head on the encoder output (for an auxiliary loss); blank = id 0."""
     sample_rate: int = 16000
+    """Waveform samples per second (speech)."""
     n_mels: int = 80
+    """Mel bands of the speech front end."""
     conv_channels: int = 64
+    """Channels of the speech front end's subsampling convolutions."""
     spec_augment: bool = True
+    """SpecAugment-style time and frequency masking of the features while training."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,7 +61,6 @@ class EncoderDecoderConfig(ModelConfig):
         if not self.norm_first:
             self.norm_position = "post"
         self.norm_first = self.norm_position == "pre"
-        check_choice(f"{owner}: argument 'encoder_input'", self.encoder_input, ENCODER_INPUTS)
         for name in ("n_encoder_layers", "src_vocab_size", "max_source_len", "sample_rate", "n_mels", "conv_channels"):
             _check_positive_int(owner, name, getattr(self, name))
         if self.n_kv_heads != self.n_heads:

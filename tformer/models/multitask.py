@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tformer.schema import check_choice
-from tformer.schema import ConfigError, from_dict
+from tformer.schema import ConfigError, check_choices, from_dict
 
-from .config import EncoderClassifierConfig
+from .config import EncoderClassifierConfig, PoolingKind
 from .encoder_classifier import EncoderClassifier
 from .multitask_loss import MultiTaskLoss
 
@@ -23,24 +23,31 @@ REGRESSION_LOSSES = ("mse", "huber")
 IGNORE_INDEX = -100  # token labels the loss and the metrics skip: padding, non-first sub-tokens
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeadConfig:
-    """One task head and its loss."""
+    """One task head and its loss (an entry of ``model.heads``)."""
 
-    kind: str  # classification | token_classification | regression
-    num_labels: int = 2  # classes (classification) or tags (token_classification); unused for regression
-    dropout: float = 0.1  # before the head's linear layer
-    weight: float = 1.0  # fixed loss weight w_t
-    label_smoothing: float = 0.0  # cross-entropy heads; training only
-    loss: str = "mse"  # regression: mse | huber
+    kind: Literal[HEAD_KINDS]
+    """classification, token_classification or regression (the multitask task fills it from the
+    head's task name)."""
+    num_labels: int = 2
+    """Classes (classification) or tags (token_classification); unused for regression."""
+    dropout: float = 0.1
+    """Dropout before the head's linear layer."""
+    weight: float = 1.0
+    """Fixed loss weight w_t."""
+    label_smoothing: float = 0.0
+    """Cross-entropy heads; training only."""
+    loss: Literal[REGRESSION_LOSSES] = "mse"
+    """Regression loss: mse or huber."""
     huber_delta: float = 1.0
-    # Regression output range: (lo, hi) maps the linear output through lo + (hi - lo) * sigmoid(x);
-    # None leaves it unbounded.
+    """The Huber loss's threshold."""
     bounds: tuple[float, float] | None = None
+    """Regression output range: (lo, hi) maps the linear output through
+    ``lo + (hi - lo) * sigmoid(x)``; None leaves it unbounded."""
 
     def __post_init__(self):
-        check_choice("HeadConfig: argument 'kind'", self.kind, HEAD_KINDS)
-        check_choice("HeadConfig: argument 'loss'", self.loss, REGRESSION_LOSSES)
+        check_choices(self, "HeadConfig")
         if self.kind != "regression" and self.num_labels < 2:
             raise ConfigError(f"config: a {self.kind} head needs num_labels >= 2, got {self.num_labels}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
@@ -53,14 +60,18 @@ class HeadConfig:
             raise ConfigError(f"config: head bounds must be (lo, hi) with lo < hi, got {self.bounds}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MultiTaskConfig(EncoderClassifierConfig):
-    """The encoder's shape (see :class:`EncoderClassifierConfig`; ``num_classes`` is unused)
-    plus the heads, ``{task name: HeadConfig fields}``, and the loss weighting."""
+    """The ``model`` section of the ``multitask`` task: the encoder's shape (see
+    :class:`EncoderClassifierConfig`; ``num_classes`` is unused) plus the heads and the loss
+    weighting."""
 
-    pooling: str = "mean"
-    heads: dict = field(default_factory=dict)  # task name -> HeadConfig (or its dict)
-    uncertainty_weighting: bool = False  # learn per-task weights (Kendall et al. 2018)
+    pooling: PoolingKind = "mean"
+    """As in :class:`EncoderClassifierConfig`, mean pooling by default."""
+    heads: dict = field(default_factory=dict)
+    """Task name -> :class:`HeadConfig` (or its fields as a dict)."""
+    uncertainty_weighting: bool = False
+    """Learn per-task weights (Kendall et al. 2018)."""
 
     def __post_init__(self):
         super().__post_init__()

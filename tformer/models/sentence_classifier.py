@@ -9,28 +9,36 @@ import torch
 from torch import nn
 
 from tformer.models.pretrained import PretrainedMixin
-from tformer.schema import ConfigError, check_choice, from_dict
+from tformer.schema import ConfigError, check_choices, from_dict
 
-from tformer.nn.pooling import POOLINGS
 
+from .config import PoolingKind
 from .sentence_encoder import SentenceEncoder
 from .sentence_trunks import HFTrunk, resolve_pretrained
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SentenceClassifierConfig:
-    """The ``model`` section of the ``classify_hf`` task."""
+    """The ``model`` section of the ``classify_hf`` task (``num_classes`` and ``max_seq_len``
+    come from the data unless set)."""
 
-    pretrained: str = "all-MiniLM-L6-v2"  # packaged name, local folder or hub name (SentenceEncoder.from_pretrained)
-    pooling: str = "mean"  # cls | mean | max
+    pretrained: str = "all-MiniLM-L6-v2"
+    """Packaged name, local folder or hub name (:meth:`SentenceEncoder.from_pretrained`)."""
+    pooling: PoolingKind = "mean"
+    """cls, mean or max over the trunk's token embeddings."""
     num_classes: int = 2
-    max_seq_len: int = 256  # tokens per input, special tokens included
-    dropout: float = 0.1  # on the pooled embedding, before the head
-    attn_implementation: str = "tformer"  # "sdpa" / "eager" to compare against transformers' own
-    backend: str | None = None  # tformer backend for the attention (None: tformer's default)
+    """Classes of the head."""
+    max_seq_len: int = 256
+    """Tokens per input, special tokens included."""
+    dropout: float = 0.1
+    """Dropout on the pooled embedding, before the head."""
+    attn_implementation: str = "tformer"
+    """``sdpa`` or ``eager`` to compare against transformers' own attention."""
+    backend: str | None = None
+    """tformer backend for the attention (None: tformer's default)."""
 
     def __post_init__(self):
-        check_choice("config: model.pooling", self.pooling, POOLINGS)
+        check_choices(self, "SentenceClassifierConfig")
         if self.num_classes < 2 or self.max_seq_len < 2:
             raise ConfigError(f"config: model.num_classes and model.max_seq_len must be >= 2, got "
                               f"{self.num_classes} and {self.max_seq_len}")

@@ -175,3 +175,18 @@ def rename_old_keys(model: nn.Module, state: dict) -> dict:
         prefix = next((p for p in prefixes if key.startswith(p)), None)
         renamed[key if prefix is None else _renamed(key, prefix)] = value
     return renamed
+
+
+def old_spellings(key: str) -> list[str]:
+    """The names ``key`` (a state-dict key of today's model) may have had before the
+    encoder-decoder layer became a :class:`TransformerBlock`, for readers that look stored tensors
+    up by name (a torch.distributed.checkpoint load). Candidates only: a reader keeps the one the
+    checkpoint holds."""
+    candidates = []
+    for old, new in _OLD_KEY_PREFIXES.items():
+        start = 0
+        while (at := key.find(new, start)) != -1:
+            if at == 0 or key[at - 1] == ".":  # a whole module name, not the tail of cross_attention.
+                candidates.append(key[:at] + old + key[at + len(new):])
+            start = at + 1
+    return candidates

@@ -16,23 +16,34 @@ import torch
 from tformer.data.dealing import BatchStream, ShuffledBatches, batches_per_rank, deal_batches, split_into_batches
 from tformer.data.speech import BOS_ID, EOS_ID, PAD_ID, SAMPLE_RATE, AsrVocab, load_split
 from tformer.models import EncoderDecoderConfig, EncoderDecoderTransformer
-from tformer.schema import ConfigError
+from tformer.schema import ConfigError, not_given
 from tformer.tasks.base import Task, every_rank_done, loss_metrics
 from tformer.tasks.losses import CrossEntropySum, CtcSum
 from tformer.tasks.model_builder import ModelBuilder, check_at_least
 from tformer.tasks.speech_metrics import error_counts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AsrDataConfig:
-    corpus_dir: str = "~/.cache/tformer/speech_espeak"  # built by prepare_data when missing
-    train_per_voice: int = 200  # corpus size (see tformer.data.speech_corpus.CorpusSpec)
-    max_text_len: int = 40  # decoder positions = max_text_len + 2 (BOS, EOS)
-    ctc_weight: float = 0.0  # 0: no CTC head; else loss = CE + ctc_weight * CTC
-    eval_utterances: int | None = 60  # per split for CER/WER (decoding is the slow part); null: all
-    eval_beams: int = 1  # 1: greedy decoding for CER/WER; >1: beam search
+    """The ``data`` section of the ``asr`` task: the synthetic speech corpus, the losses and the
+    decoding that scores CER/WER."""
+
+    corpus_dir: str = "~/.cache/tformer/speech_espeak"
+    """built by prepare_data when missing."""
+    train_per_voice: int = 200
+    """corpus size (see tformer.data.speech_corpus.CorpusSpec)."""
+    max_text_len: int = 40
+    """decoder positions = max_text_len + 2 (BOS, EOS)."""
+    ctc_weight: float = 0.0
+    """0: no CTC head; else loss = CE + ctc_weight * CTC."""
+    eval_utterances: int | None = 60
+    """per split for CER/WER (decoding is the slow part); null: all."""
+    eval_beams: int = 1
+    """1: greedy decoding for CER/WER; >1: beam search."""
     length_penalty: float = 1.0
-    limit_train: int | None = None  # use only the first N training utterances (tests)
+    """Beam search: hypotheses are ranked by log-probability / length ** length_penalty."""
+    limit_train: int | None = None
+    """use only the first N training utterances (tests)."""
 
     def __post_init__(self):
         if not 0.0 <= self.ctc_weight:
@@ -54,7 +65,7 @@ class AsrTask(Task):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        self.builder = ModelBuilder(EncoderDecoderConfig, EncoderDecoderTransformer, self._model_values,
+        self.builder = ModelBuilder(config.model, EncoderDecoderTransformer, self._model_values,
                                     self._check_model)
         self.cross_entropy, self.ctc = CrossEntropySum(), CtcSum(blank=PAD_ID)
 
@@ -124,9 +135,9 @@ class AsrTask(Task):
 
     # --- model and loss -----------------------------------------------------------------------
     def _model_values(self) -> dict:
-        return {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.max_text_len + 2,
-                "encoder_input": "speech", "sample_rate": SAMPLE_RATE, "ctc": self.data_config.ctc_weight > 0,
-                **self.config.model}
+        return not_given(self.config.model, {
+            "vocab_size": self.vocab.size, "max_seq_len": self.data_config.max_text_len + 2, "encoder_input": "speech",
+            "sample_rate": SAMPLE_RATE, "ctc": self.data_config.ctc_weight > 0})
 
     def _check_model(self, config) -> None:
         check_at_least("vocab_size", config.vocab_size, self.vocab.size, "is smaller than the character vocabulary")

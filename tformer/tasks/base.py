@@ -8,7 +8,8 @@ and register the module in ``tformer/tasks/__init__.py``'s ``TASKS``.
 Contract (``B`` = ``config.training.micro_batch_size``):
 
 * ``model_config_class``, ``data_config_class``: dataclasses for the config's ``model`` and
-  ``data`` sections (``model_config_class.from_dict`` must reject unknown keys).
+  ``data`` sections; :class:`~tformer.training.config.TrainConfig` builds them once
+  (``parse_model_section``), so a task reads ``config.model`` and ``config.data`` as attributes.
 * ``prepare_data()`` runs on rank 0 (downloads), then ``load_data()`` on every rank.
 * ``build_model()`` returns a plain ``nn.Module`` (fp32, on the CPU); the trainer moves it,
   wraps it and shards it. A model with a ``blocks`` ``nn.ModuleList`` gets per-block
@@ -63,15 +64,16 @@ class Task:
 
     def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1, device=torch.device("cpu")):
         self.config = config
-        self.data_config = from_dict(self.data_config_class, config.data, "data.")
+        self.data_config = config.data
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
 
     @classmethod
-    def check_model_section(cls, model: dict) -> None:
-        """Raise if the config's ``model`` section does not fit ``model_config_class``."""
-        cls.model_config_class.from_dict(model)
+    def parse_model_section(cls, model: dict):
+        """The config's ``model`` section as a ``model_config_class`` (unknown keys, wrong types and
+        bad values raise, naming ``model.<key>``)."""
+        return from_dict(cls.model_config_class, model, "model.")
 
     # --- to implement -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -168,17 +170,17 @@ def loss_metrics(split: str, loss_sum: float, count: float) -> dict[str, float]:
 class TaskVariant:
     """A registered task made of another task class with different parts: composition, so no
     task subclasses another. Looks like a task class to the trainer and the config checks:
-    ``name``, ``model_config_class``, ``data_config_class``, ``check_model_section`` and a call
+    ``name``, ``model_config_class``, ``data_config_class``, ``parse_model_section`` and a call
     that builds the task (``parts`` go to the task class's constructor)."""
 
     def __init__(self, task_class: type[Task], *, name: str, model_config_class, **parts):
         self.task_class, self.name, self.model_config_class, self.parts = task_class, name, model_config_class, parts
         self.data_config_class = task_class.data_config_class
 
-    def check_model_section(self, model: dict) -> None:
-        self.model_config_class.from_dict(model)
+    def parse_model_section(self, model: dict):
+        return from_dict(self.model_config_class, model, "model.")
 
     def __call__(self, config: TrainConfig, **kwargs) -> Task:
-        task = self.task_class(config, model_config_class=self.model_config_class, **self.parts, **kwargs)
+        task = self.task_class(config, **self.parts, **kwargs)
         task.name, task.model_config_class = self.name, self.model_config_class
         return task

@@ -17,7 +17,7 @@ from tformer.data.buckets import LengthBucketBatches, deal_eval_batches, pad_bat
 from tformer.data.dealing import BatchStream, batches_per_rank
 from tformer.data.imdb import LABEL_NAMES, OFFICIAL_PER_CLASS, OFFICIAL_SHA256, ReviewSet
 from tformer.models import EncoderClassifier, EncoderClassifierConfig
-from tformer.schema import ConfigError
+from tformer.schema import ConfigError, not_given
 from tformer.tasks.base import Task
 from tformer.tasks.imdb_reviews import ImdbReviews
 from tformer.tasks.losses import CrossEntropySum
@@ -26,27 +26,48 @@ from tformer.tasks.model_builder import ModelBuilder, check_at_least
 from tformer.tasks.review_text import BpeReviewText
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifyDataConfig:
-    # The .tar.gz, the extracted aclImdb/ (or its parent), or a URL to download; None: the official URL.
+    """The ``data`` section of the ``classify`` and ``classify_hf`` tasks: the IMDb reviews and
+    their tokenizer."""
+
     path: str | None = None
-    cache_dir: str = "~/.cache/tformer/imdb"  # downloads and tokenizers (keyed by their settings)
-    download_sha256: str | None = OFFICIAL_SHA256  # checked on download; null: structural checks only
-    expected_per_class: int | None = OFFICIAL_PER_CLASS  # None: accept any non-empty subset layout
+    """The .tar.gz, the extracted aclImdb/ (or its parent), or a URL to download; None: the official
+    URL."""
+    cache_dir: str = "~/.cache/tformer/imdb"
+    """downloads and tokenizers (keyed by their settings)."""
+    download_sha256: str | None = OFFICIAL_SHA256
+    """checked on download; null: structural checks only."""
+    expected_per_class: int | None = OFFICIAL_PER_CLASS
+    """None: accept any non-empty subset layout."""
     bpe_vocab_size: int = 16384
+    """Byte-level BPE vocabulary trained on the training reviews."""
     bpe_min_frequency: int = 2
-    max_tokens: int = 511  # per review after truncation (+1 CLS position = 512)
-    head_tokens: int = 128  # of max_tokens, taken from the start; the rest from the end
-    val_size: int = 2500  # reviews carved from train with split_seed
+    """A pair must occur this often to become a BPE merge."""
+    max_tokens: int = 511
+    """per review after truncation (+1 CLS position = 512)."""
+    head_tokens: int = 128
+    """of max_tokens, taken from the start; the rest from the end."""
+    val_size: int = 2500
+    """reviews carved from train with split_seed."""
     split_seed: int = 0
-    train_limit: int | None = None  # balanced subsets, for quick runs
+    """Seeds the validation split and the evaluation sample."""
+    train_limit: int | None = None
+    """balanced subsets, for quick runs."""
     val_limit: int | None = None
+    """Balanced validation subset."""
     test_limit: int | None = None
-    eval_batch_size: int | None = None  # None: 2 x training.micro_batch_size
-    pool_batches: int = 50  # length buckets: sort within pools of this many batches
+    """Balanced test subset."""
+    eval_batch_size: int | None = None
+    """None: 2 x training.micro_batch_size."""
+    pool_batches: int = 50
+    """length buckets: sort within pools of this many batches."""
     pad_to_multiple: int = 8
-    test_at_end: bool = True  # the final evaluation also scores the test split
-    show_misclassified: int = 3  # the most confidently wrong validation reviews shown per evaluation
+    """Batch widths are padded to a multiple of this (tensor-core friendly)."""
+    test_at_end: bool = True
+    """the final evaluation also scores the test split."""
+    show_misclassified: int = 3
+    """the most confidently wrong validation reviews shown per evaluation."""
 
     def __post_init__(self):
         for name in ("bpe_vocab_size", "bpe_min_frequency", "max_tokens", "val_size", "pool_batches",
@@ -86,13 +107,11 @@ class ClassificationTask(Task):
     model_config_class = EncoderClassifierConfig
     data_config_class = ClassifyDataConfig
 
-    def __init__(self, config, *, text=BpeReviewText, model_config_class=EncoderClassifierConfig,
-                 model_class=EncoderClassifier, **kwargs):
+    def __init__(self, config, *, text=BpeReviewText, model_class=EncoderClassifier, **kwargs):
         super().__init__(config, **kwargs)
         self.reviews = ImdbReviews(self.data_config)
         self.text = text(self.data_config, config)
-        self.builder = review_model_builder(model_config_class, model_class, self.text, self.data_config,
-                                            config.model)
+        self.builder = review_model_builder(config.model, model_class, self.text, self.data_config)
         self.loss = CrossEntropySum()
         self.last_misclassified: list[str] = []
 
@@ -233,13 +252,14 @@ class ClassificationTask(Task):
                 "head_tokens": data.head_tokens}
 
 
-def review_model_builder(config_class, model_class, text, data: ClassifyDataConfig, model: dict) -> ModelBuilder:
+def review_model_builder(section, model_class, text, data: ClassifyDataConfig) -> ModelBuilder:
     """The model builder of the review tasks (classify, classify_hf, mlm): the text part's values
-    (the rounded vocabulary), ``data.max_tokens`` positions and two classes, updated with the
-    config's ``model`` section."""
+    (the rounded vocabulary), ``data.max_tokens`` positions and two classes, unless the config's
+    ``model`` section (``section``) sets them."""
 
     def values() -> dict:
-        return {**text.model_values(), "max_seq_len": data.max_tokens, "num_classes": len(LABEL_NAMES), **model}
+        return not_given(section, {**text.model_values(), "max_seq_len": data.max_tokens,
+                                   "num_classes": len(LABEL_NAMES)})
 
     def check(config) -> None:
         if "vocab_size" in text.model_values():
@@ -248,7 +268,7 @@ def review_model_builder(config_class, model_class, text, data: ClassifyDataConf
         if config.max_seq_len < data.max_tokens:
             raise ConfigError(f"config: model.max_seq_len={config.max_seq_len} < data.max_tokens={data.max_tokens}")
 
-    return ModelBuilder(config_class, model_class, values, check)
+    return ModelBuilder(section, model_class, values, check)
 
 
 def deal_review_batches(task: Task, lengths: list[int], final: bool) -> list[list[int] | None]:

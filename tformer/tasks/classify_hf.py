@@ -27,7 +27,7 @@ class PretrainedReviewText:
 
     def __init__(self, data, config):
         self.data = data
-        self.model_name = config.model.get("pretrained", SentenceClassifierConfig.pretrained)
+        self.model_name = config.model.pretrained
         self.tokenizer = None
 
     def load(self, train_reviews: Callable[[], ReviewSet]):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from tformer.schema import ConfigError, check_choice
+from tformer.schema import ConfigError, check_choices, not_given
 from tformer.data.dealing import deal_batches, split_into_batches
 from tformer.data.enwik8 import EXPECTED_SHA1 as ENWIK8_SHA1
 from tformer.data.sampler import RandomWindowSampler, evaluation_windows
@@ -20,24 +21,35 @@ from tformer.tasks.model_builder import ModelBuilder, check_at_least
 SOURCES = ("tinyshakespeare", "text", "enwik8", "wikitext2")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMDataConfig:
-    source: str = "tinyshakespeare"  # tinyshakespeare (shipped) | text (data.path) | enwik8
-    path: str | None = None  # text: the file; enwik8: a URL, the zip or the unzipped file (None: download)
-    data_dir: str = "~/.cache/tformer/enwik8"  # enwik8: where the prepared splits live
+    """The ``data`` section of the ``lm`` task."""
+
+    source: Literal[SOURCES] = "tinyshakespeare"
+    """tinyshakespeare (shipped), text (the file data.path), enwik8 or wikitext2 (data.path: the
+    folder)."""
+    path: str | None = None
+    """text: the file; enwik8: a URL, the zip or the unzipped file (None: download)."""
+    data_dir: str = "~/.cache/tformer/enwik8"
+    """enwik8: where the prepared splits live."""
     seq_len: int = 256
-    val_fraction: float = 0.1  # text files: the last 10% is validation
-    expected_size: int = 100_000_000  # enwik8's size; smaller only for tests on a small archive
-    expected_sha1: str | None = ENWIK8_SHA1  # of the unzipped file; null: size only
-    level: str = "char"  # wikitext2: "word" (perplexity per word) or "char" (bits per character)
-    min_count: int = 1  # wikitext2 words: rarer training words become <unk>
+    """Tokens per training window (the model's max_seq_len unless model.max_seq_len is set)."""
+    val_fraction: float = 0.1
+    """text files: the last 10% is validation."""
+    expected_size: int = 100_000_000
+    """enwik8's size; smaller only for tests on a small archive."""
+    expected_sha1: str | None = ENWIK8_SHA1
+    """of the unzipped file; null: size only."""
+    level: Literal["word", "char"] = "char"
+    """wikitext2: "word" (perplexity per word) or "char" (bits per character)."""
+    min_count: int = 1
+    """wikitext2 words: rarer training words become <unk>."""
 
     def __post_init__(self):
-        check_choice("config: data.source", self.source, SOURCES)
+        check_choices(self, "LMDataConfig")
         if self.source == "wikitext2" and not self.path:
             raise ConfigError("config: data.source='wikitext2' needs data.path, the folder holding wiki.train.raw, "
                               "wiki.valid.raw and wiki.test.raw (wikitext-2-raw-v1)")
-        check_choice("config: data.level", self.level, ("word", "char"))
         if self.source == "text" and not self.path:
             raise ConfigError("config: data.source='text' needs data.path, the text file")
         if self.seq_len < 1:
@@ -57,7 +69,7 @@ class LanguageModelTask(Task):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        self.builder = ModelBuilder(ModelConfig, DecoderLM, self._model_values, self._check_model)
+        self.builder = ModelBuilder(config.model, DecoderLM, self._model_values, self._check_model)
         self.loss = CrossEntropySum()
 
     def prepare_data(self) -> None:
@@ -119,7 +131,7 @@ class LanguageModelTask(Task):
         return data.path if data.source == "text" else data.source
 
     def _model_values(self) -> dict:
-        return {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len, **self.config.model}
+        return not_given(self.config.model, {"vocab_size": self.vocab.size, "max_seq_len": self.data_config.seq_len})
 
     def _check_model(self, config) -> None:
         check_at_least("vocab_size", config.vocab_size, self.vocab.size, "is smaller than the data's vocabulary")

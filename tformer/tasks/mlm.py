@@ -41,17 +41,22 @@ from tformer.tasks.losses import CrossEntropySum
 from tformer.tasks.review_text import BpeReviewText
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MaskedLMDataConfig(ClassifyDataConfig):
     """The classify task's data settings (keep them equal in both stages' configs) plus the
     masking. ``show_misclassified`` is unused here; the test split is never read, so
     ``test_at_end`` must stay false and ``test_limit`` null."""
 
     test_at_end: bool = False
-    include_unsup: bool = True  # pretrain on train/unsup too, when the archive holds it
+    """Must stay false: pretraining never reads the test split."""
+    include_unsup: bool = True
+    """pretrain on train/unsup too, when the archive holds it."""
     mask_probability: float = 0.15
-    mask_token_fraction: float = 0.8  # of the chosen tokens: replaced by <mask>
-    random_token_fraction: float = 0.1  # replaced by a random token; the rest stay as they are
+    """Fraction of the tokens chosen for prediction (BERT's 15%)."""
+    mask_token_fraction: float = 0.8
+    """of the chosen tokens: replaced by <mask>."""
+    random_token_fraction: float = 0.1
+    """replaced by a random token; the rest stay as they are."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,7 +136,7 @@ class MaskedLanguageModelTask(Task):
         data = self.data_config
         self.reviews = ImdbReviews(data, include_unsup=data.include_unsup, keep_test=False, load=load_imdb)
         self.text = BpeReviewText(data)
-        self.builder = review_model_builder(EncoderClassifierConfig, EncoderMaskedLM, self.text, data, config.model)
+        self.builder = review_model_builder(config.model, EncoderMaskedLM, self.text, data)
         self.loss = CrossEntropySum()
 
     # --- data -------------------------------------------------------------------------------------

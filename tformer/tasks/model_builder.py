@@ -1,9 +1,11 @@
-"""The model part of a task: which config class and module class it builds, and the values the
-data fixes (vocabulary size, sequence length, number of labels). The task's ``model`` section
-overrides those values; the resolved config is built once and cached."""
+"""The model part of a task: the config's ``model`` section (the model's config dataclass), the
+module class it builds, and the values the data fixes (vocabulary size, sequence length, number
+of labels). Keys the ``model`` section sets override those values; the resolved config is built
+once and cached."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -19,23 +21,24 @@ def round_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 class ModelBuilder:
-    """Builds a task's model from ``config_class`` (a model config with ``from_dict`` /
-    ``to_dict``) and ``model_class``.
+    """Builds a task's model of ``model_class`` from ``section``, the config's ``model`` section
+    (already the model's config dataclass).
 
-    ``values()`` returns the full ``model`` section: the data's values updated with the user's
-    keys (called once, after the task loaded its data). ``check(config)`` raises
-    :class:`ConfigError` when the resolved config does not fit the data.
+    ``data_values()`` returns the values to replace in ``section``, called once after the task
+    loaded its data: the data's values for the keys the file left unset (:func:`not_given`: the
+    user's keys win).
+    ``check(config)`` raises :class:`ConfigError` when the resolved config does not fit the data.
     """
 
-    def __init__(self, config_class, model_class: Callable[..., torch.nn.Module], values: Callable[[], dict],
+    def __init__(self, section, model_class: Callable[..., torch.nn.Module], data_values: Callable[[], dict],
                  check: Callable[[object], None] | None = None):
-        self.config_class, self.model_class = config_class, model_class
-        self._values, self._check, self._config = values, check, None
+        self.section, self.model_class = section, model_class
+        self._data_values, self._check, self._config = data_values, check, None
 
     def config(self):
         """The resolved model config (built and checked on first use, then cached)."""
         if self._config is None:
-            config = self.config_class.from_dict(self._values())
+            config = dataclasses.replace(self.section, **self._data_values())
             if self._check is not None:
                 self._check(config)
             self._config = config

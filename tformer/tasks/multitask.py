@@ -15,8 +15,10 @@ unweighted loss and its current weight are logged as ``train/<task>/loss`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -25,7 +27,7 @@ from tformer.data.buckets import LengthBucketBatches, pad_batch
 from tformer.data.conll import IGNORE_INDEX, tag_names
 from tformer.data.dealing import BatchStream
 from tformer.models import MultiTaskConfig, MultiTaskModel
-from tformer.schema import ConfigError, check_choice
+from tformer.schema import ConfigError, check_choices, from_dict, given_keys, not_given
 from tformer.tasks.base import Task
 from tformer.tasks.classify import ClassifyDataConfig, deal_review_batches
 from tformer.tasks.imdb_reviews import ImdbReviews
@@ -37,23 +39,30 @@ from tformer.tasks.multitask_metrics import entity_metrics, regression_metrics
 from tformer.tasks.task_sampler import SCHEDULES, TaskSampler
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MultiTaskDataConfig(ClassifyDataConfig):
     """IMDb's settings (the classify task's; used when ``sentiment`` or ``rating`` is a task),
     the NER corpus and the task schedule. ``show_misclassified`` is unused."""
 
-    schedule: str = "round_robin"  # round_robin | proportional | temperature
-    temperature: float = 2.0  # schedule "temperature": p_t ~ n_t^(1/T)
-    ner_path: str | None = None  # a folder with train.txt, valid.txt, test.txt (CoNLL-2003 / IOB2 columns)
-    ner_scheme: str = "iob2"  # iob2, or iob1 (the original CoNLL-2003 files), converted to IOB2
-    ner_synthetic: bool = False  # generate the SYNTHETIC template corpus instead (tformer.data.synthetic_ner)
-    ner_synthetic_train: int = 2000  # sentences
-    ner_synthetic_eval: int = 300  # sentences in each of val and test
+    schedule: Literal[SCHEDULES] = "round_robin"
+    """How the next training batch's task is chosen: round_robin, proportional (to the task's
+    training size) or temperature."""
+    temperature: float = 2.0
+    """schedule "temperature": p_t ~ n_t^(1/T)."""
+    ner_path: str | None = None
+    """a folder with train.txt, valid.txt, test.txt (CoNLL-2003 / IOB2 columns)."""
+    ner_scheme: Literal["iob2", "iob1"] = "iob2"
+    """iob2, or iob1 (the original CoNLL-2003 files), converted to IOB2."""
+    ner_synthetic: bool = False
+    """generate the SYNTHETIC template corpus instead (tformer.data.synthetic_ner)."""
+    ner_synthetic_train: int = 2000
+    """sentences."""
+    ner_synthetic_eval: int = 300
+    """sentences in each of val and test."""
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("config: data.schedule", self.schedule, SCHEDULES)
-        check_choice("config: data.ner_scheme", self.ner_scheme, ("iob2", "iob1"))
+        check_choices(self, "MultiTaskDataConfig")
         if not self.temperature > 0:
             raise ConfigError(f"config: data.temperature must be > 0, got {self.temperature}")
         if self.ner_synthetic and self.ner_path is not None:
@@ -74,8 +83,8 @@ class MultiTask(Task):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.reviews = ImdbReviews(self.data_config)
-        self.builder = ModelBuilder(MultiTaskConfig, MultiTaskModel, self._model_values)
-        self.tasks = list(self.complete_heads(config.model))
+        self.builder = ModelBuilder(config.model, MultiTaskModel, self._model_values)
+        self.tasks = list(config.model.heads)
         if "ner" in self.tasks and not (self.data_config.ner_synthetic or self.data_config.ner_path):
             raise ConfigError("config: the 'ner' head needs data.ner_path (a CoNLL folder) or data.ner_synthetic=true")
         self._logged: dict[str, list[float]] = {}
@@ -99,8 +108,8 @@ class MultiTask(Task):
         return completed
 
     @classmethod
-    def check_model_section(cls, model: dict) -> None:
-        MultiTaskConfig.from_dict({**model, "heads": cls.complete_heads(model)})
+    def parse_model_section(cls, model: dict) -> MultiTaskConfig:
+        return from_dict(MultiTaskConfig, {**model, "heads": cls.complete_heads(model)}, "model.")
 
     # --- data -------------------------------------------------------------------------------------
     def _read(self):
@@ -177,16 +186,18 @@ class MultiTask(Task):
 
     # --- model ------------------------------------------------------------------------------------
     def _model_values(self) -> dict:
-        heads = self.complete_heads(self.config.model)
+        """The data's values; ``heads`` is always given, so each head's label count is filled here
+        (and a head that sets its own must match the data)."""
         labels = {"sentiment": 2, "ner": len(getattr(self, "tag_names", ())) or 2}
+        heads = dict(self.config.model.heads)
         for name, head in heads.items():
             if name in labels:
-                given = head.setdefault("num_labels", labels[name])
-                if given != labels[name]:
-                    raise ConfigError(f"config: model.heads.{name}.num_labels={given}, but the data has "
+                if "num_labels" in given_keys(head) and head.num_labels != labels[name]:
+                    raise ConfigError(f"config: model.heads.{name}.num_labels={head.num_labels}, but the data has "
                                       f"{labels[name]} labels")
-        return {"vocab_size": round_vocab(self.tokenizer.get_vocab_size()), "max_seq_len": self.data_config.max_tokens,
-                **self.config.model, "heads": heads}
+                heads[name] = dataclasses.replace(head, num_labels=labels[name])
+        values = {"vocab_size": round_vocab(self.tokenizer.get_vocab_size()), "max_seq_len": self.data_config.max_tokens}
+        return {**not_given(self.config.model, values), "heads": heads}
 
     def model_config(self) -> MultiTaskConfig:
         return self.builder.config()

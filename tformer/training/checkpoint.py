@@ -172,14 +172,54 @@ def save_model_and_optimizer(folder: Path, model, optimizer) -> None:
 
 
 def load_model_and_optimizer(folder: Path, model, optimizer) -> None:
+    """Load what :func:`save_model_and_optimizer` wrote into ``model`` and ``optimizer``.
+
+    DCP reads each tensor by its stored name, so a module's load-time key renaming (an
+    encoder-decoder checkpoint from before its layers became ``TransformerBlock`` s) never runs.
+    The names the checkpoint holds are read from its metadata, and each parameter whose name is
+    missing there but whose former name is present is loaded under that former name."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    checkpoint = Path(folder) / "dcp"
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    former = _former_names(checkpoint, model_state)  # {today's name: stored name}
+    state = {"model": _renamed(model_state, former), "optimizer": _renamed_optimizer(optimizer_state, former)}
     with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=str(Path(folder) / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        dcp.load(state, checkpoint_id=str(checkpoint))
+    today = {stored: name for name, stored in former.items()}
+    set_state_dict(model, optimizer, model_state_dict=_renamed(state["model"], today),
+                   optim_state_dict=_renamed_optimizer(state["optimizer"], today))
+
+
+def _former_names(checkpoint: Path, model_state: dict) -> dict[str, str]:
+    """``{name: stored name}`` for the parameters that ``checkpoint`` (a DCP folder) holds only
+    under a former name (:func:`tformer.nn.transformer_block.old_spellings`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from tformer.nn.transformer_block import old_spellings
+
+    stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    former = {}
+    for name in model_state:
+        if f"model.{name}" not in stored:
+            match = next((old for old in old_spellings(name) if f"model.{old}" in stored), None)
+            if match is not None:
+                former[name] = match
+    return former
+
+
+def _renamed(state: dict, names: dict[str, str]) -> dict:
+    return {names.get(key, key): value for key, value in state.items()} if names else state
+
+
+def _renamed_optimizer(state: dict, names: dict[str, str]) -> dict:
+    """An optimizer state dict of :func:`get_state_dict` (keyed by parameter name) with ``names``
+    applied to its per-parameter states and to each param group's ``params``."""
+    if not names:
+        return state
+    groups = [{**group, "params": [names.get(p, p) for p in group["params"]]} for group in state["param_groups"]]
+    return {**state, "state": _renamed(state["state"], names), "param_groups": groups}
 
 
 @contextlib.contextmanager

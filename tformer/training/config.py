@@ -22,10 +22,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tformer.optional import require
-from tformer.schema import ConfigError, choices_of, from_dict
+from tformer.schema import ConfigError, choices_of, from_dict, given_values
 from tformer.training.config_checks import check_deepspeed_section, check_effective, check_finite, check_ranges
 from tformer.training.transfer import TransferConfig, check_transfer
 
@@ -149,8 +149,12 @@ class FSDPConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     task: str = "lm"
-    model: dict = field(default_factory=dict)  # checked against the task's model config dataclass
-    data: dict = field(default_factory=dict)  # checked against the task's data config dataclass
+    # The task's own dataclasses (``Task.model_config_class``, ``Task.data_config_class``), built
+    # once from the file's ``model`` and ``data`` sections: the model section is the model's config,
+    # with the values the data fixes (vocabulary size, sequence length) filled in when the task
+    # has read its data (tformer.tasks.model_builder), unless the file sets them.
+    model: Any = None
+    data: Any = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -160,8 +164,28 @@ class TrainConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)  # freezing, unfreezing, layer-wise LRs
     deepspeed: dict | None = None  # passed to deepspeed.initialize (batch, precision, clipping filled in)
 
+    def __post_init__(self):
+        from tformer.tasks import get_task_class  # tasks sit below training; imported when first needed
+
+        task_class = get_task_class(self.task)
+        try:
+            if not dataclasses.is_dataclass(self.data):
+                self.data = from_dict(task_class.data_config_class, {} if self.data is None else self.data, "data.")
+            if not dataclasses.is_dataclass(self.model):
+                self.model = task_class.parse_model_section({} if self.model is None else self.model)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as error:  # a model config's own check (ModelConfig: argument ...)
+            raise ConfigError(f"config: {error}") from error
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as a file would hold it. ``model`` and ``data`` keep only the keys the file
+        set, so reloading it fills the others from the data again."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {key: value if key in ("model", "data") else dataclasses.asdict(value)
+                  if dataclasses.is_dataclass(value) else value for key, value in values.items()}
+        values["model"], values["data"] = given_values(self.model), given_values(self.data)
+        return values
 
 
 # ----------------------------------------------------------------------------- files and overrides
@@ -268,17 +292,7 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
 
 
 def check_config(config: TrainConfig) -> None:
-    from tformer.tasks import get_task_class
-
-    task_class = get_task_class(config.task)
-    # Build the task's dataclasses once to check keys and values now, not mid-run.
-    try:
-        from_dict(task_class.data_config_class, config.data, "data.")
-        task_class.check_model_section(config.model)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"config: {error}") from None
+    # The task's model and data sections were checked when TrainConfig was built.
     check_ranges(config)
     steps = 1 if config.run.steps is None else config.run.steps  # None: run.epochs sets the length
     positives = {"training.micro_batch_size": config.training.micro_batch_size,

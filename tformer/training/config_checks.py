@@ -78,9 +78,9 @@ def check_effective(config, raw: dict) -> None:
     strategy = config.training.strategy
     deepspeed_on = strategy == "deepspeed" or (strategy == "auto" and config.deepspeed is not None)
     if config.task == "lm":
-        source = config.data.get("source", "tinyshakespeare")
+        source = config.data.source
         if source == "tinyshakespeare" and _set(raw, "data", "path"):
-            raise ConfigError(f"config: data.path={config.data['path']!r} has no effect with data.source="
+            raise ConfigError(f"config: data.path={config.data.path!r} has no effect with data.source="
                               f"'tinyshakespeare' (the bundled text); set data.source='text' to train on that file")
         if source != "enwik8":
             for key in ("data_dir", "expected_size", "expected_sha1"):

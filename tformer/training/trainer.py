@@ -95,7 +95,7 @@ class Trainer:
         self.strategy = resolve_strategy(config)
         self._init_distributed()
         self.precision = resolve_precision(config, self.device)
-        if self.device.type == "cuda" and config.model.get("backend", "auto") in (None, "auto"):
+        if self.device.type == "cuda" and getattr(config.model, "backend", None) in (None, "auto"):
             # backend="auto" on a GPU: this device's kernel self-check now (cached after the first
             # run; LOCAL_RANK 0 runs it, the other ranks wait), not inside the first traced step.
             from tformer.ops import overrides
