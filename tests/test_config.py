@@ -103,6 +103,7 @@ def test_shipped_config_round_trips_through_to_dict(name):
     saved = json.loads(json.dumps(config.to_dict()))
     assert from_dict(TrainConfig, saved) == config
     assert json.loads(json.dumps(from_dict(TrainConfig, saved).to_dict())) == saved
+    assert load_config(saved) == config  # every check passes on it too (a key at its default is no setting)
 
 
 def test_model_and_data_sections_are_the_tasks_dataclasses():

@@ -49,7 +49,7 @@ def test_values_out_of_range_name_the_key(overrides, message):
     (["training.compile=true"], r"training.compile has no effect under DeepSpeed"),
     (["training.device=cuda", "training.threads=2"], r"training.threads only applies on the CPU"),
     (["optimizer.schedule=constant"], r"optimizer.min_lr has no effect with optimizer.schedule='constant'"),
-    (["sample.temperature=0"], r"sample.top_k has no effect with sample.temperature=0 \(greedy"),
+    (["sample.temperature=0", "sample.top_k=10"], r"sample.top_k has no effect with sample.temperature=0 \(greedy"),
 ])
 def test_keys_without_effect_are_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,6 +9,7 @@ A key without effect is an error rather than a warning: a user who sets ``data.p
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 
@@ -72,9 +73,32 @@ def _set(raw: dict, section: str, key: str) -> bool:
     return isinstance(values, dict) and values.get(key) is not None
 
 
+def _without_defaults(config, raw: dict) -> dict:
+    """``raw`` less the keys of each dataclass section whose value is the field's default."""
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    kept = {}
+    for section, values in raw.items():
+        current = getattr(config, section, None)
+        if isinstance(values, dict) and dataclasses.is_dataclass(current):
+            defaults = {}
+            for field in dataclasses.fields(current):
+                if field.default is not dataclasses.MISSING:
+                    defaults[field.name] = field.default
+                elif field.default_factory is not dataclasses.MISSING:
+                    defaults[field.name] = field.default_factory()
+            values = {key: value for key, value in values.items()
+                      if key not in defaults or plain(value) != plain(defaults[key])}
+        kept[section] = values
+    return kept
+
+
 def check_effective(config, raw: dict) -> None:
     """Refuse keys that ``raw`` (the parsed file plus overrides) sets but that the other
-    settings make ineffective; each message says why and what to set instead."""
+    settings make ineffective; each message says why and what to set instead. A key at its
+    default value is not a setting: a saved config (``TrainConfig.to_dict``) writes every key."""
+    raw = _without_defaults(config, raw)
     strategy = config.training.strategy
     deepspeed_on = strategy == "deepspeed" or (strategy == "auto" and config.deepspeed is not None)
     if config.task == "lm":
