@@ -268,6 +268,17 @@ class Machine:
         slot.reads.append((content, self.now, self.now + cycles))
         return cycles
 
+    def _op_stage(self, agent, slot_key, content, cycles):
+        """Generic stores into a buffer a wgmma reads later (the one-pass backward's dS^T): no
+        wgmma may still be reading the buffer's previous content."""
+        slot = self.slots.setdefault(slot_key, Slot())
+        for old, start, end in slot.reads:
+            if end > self.now:
+                raise ScheduleError(f"{agent.name} stages {slot_key} (step {old} -> {content}) at {self.now} while a "
+                                    f"wgmma reads it until {end}")
+        slot.content, slot.reads, slot.landed = content, [], self.now + cycles
+        return self._op_compute(agent, cycles)
+
     def _op_wait_group(self, agent, pending):
         agent.groups = [end for end in agent.groups if end > self.now]
         if len(agent.groups) <= pending:
@@ -552,9 +563,8 @@ def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, 
     def one_pass_products(i: int, step: int, slot: int):
         """The one-pass step after the elementwise work: dS^T to this consumer's own staging
         buffer (a generic store, a proxy fence, a sync of its warpgroup), then the products."""
-        yield ("compute", lat.stage_cycles_per_element * c["kWgmmaM"] * step_rows // threads)
         ds = ((f"dS{i}", 0), step)
-        machine.slots[ds[0]] = Slot(content=step, landed=machine.now)
+        yield ("stage", ds[0], step, lat.stage_cycles_per_element * c["kWgmmaM"] * step_rows // threads)
         if overlap_dq:
             yield ("wgmma", f"dQ{step}", [((a0, 0), 0), ds], dq)
             yield ("wgmma", f"dV{step}", [((b1, slot), step)], grad)
