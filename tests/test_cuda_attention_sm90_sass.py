@@ -186,7 +186,8 @@ def test_backward_hot_loops_use_wgmma_and_tma(sm90a_backward_kernels):
             # float pairs with one vector reduction each; the staged dS^T is fenced for wgmma.
             assert "tnspA.tnspB" in code, f"{name}: dQ must read the staged dS^T and K MN-major"
             assert len(reductions) == step // 64 * head_dim // 8 * 2, f"{name}: {len(reductions)} RED.E.ADD.F32x2"
-            assert "FENCE.VIEW.ASYNC.S" in code, f"{name}: dS^T stores not fenced for the async proxy"
+            # (the two passes have one FENCE.VIEW.ASYNC.S already, after the barriers' init)
+            assert code.count("FENCE.VIEW.ASYNC.S") >= 2, f"{name}: dS^T stores not fenced for the async proxy"
         else:
             assert not reductions and "ATOM" not in code, f"{name}: the deterministic passes use no atomics"
 

@@ -324,8 +324,10 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
     pack_a<T, S::kStep>(s, pa);
     pack_a<T, S::kStep>(dp, dsa);
     if constexpr (kAtomicDq) {
-      // dS^T to shared memory for dQ = dS K below. The buffer is free: this warpgroup's last
-      // read of it (the previous step's dQ product) completed before its wgmma_wait<0>.
+      // dS^T to shared memory for dQ = dS K below. The buffer's last reader is the previous
+      // step's dQ product, which each warp saw complete (wgmma_wait<0>); the sync makes that
+      // hold for all 4 warps before any of them overwrites rows the others' part of it read.
+      named_barrier_sync_one_of_two<kGradStageBarrier, kWarpgroupThreads>(consumer == 1);
       stage_transposed<S::kStep>(dsa, ds_stage, lane, warp);
       fence_proxy_async_shared();  // the generic stores, visible to wgmma's reads (async proxy)
       named_barrier_sync_one_of_two<kGradStageBarrier, kWarpgroupThreads>(consumer == 1);  // all 4 warps' stores
