@@ -22,7 +22,8 @@ after issue (L2-resident K/V; uniform random) and the SM's loads stream at 48 by
 in issue order; the elementwise work of the two consumers shares the SM's issue slots (one
 FIFO): the forward's softmax of a 64 x 128 score block costs ~750 issue slots before fix 2 and
 ~520 after (kernel notes c90c), the rescale and repack of O ~100, the backward's elementwise
-step ~12 slots an element of its 64 x step scores.
+step ~12 slots an element of its 64 x step scores; in the one-pass backward (key_grad_dq),
+staging dS^T ~1 slot an element and the dQ atomics ~2 an element of dQ.
 
     python tests/sm90_schedule_model.py      # prints the busy table of every kernel and variant
 """
