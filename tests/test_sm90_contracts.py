@@ -50,6 +50,23 @@ def test_broken_dq_staging_is_caught(head_dim):
     assert any("dS K" in e and "A:" in e and "elements wrong" in e for e in k_major), k_major[:3]
 
 
+def test_staging_model_mirrors_the_kernel_source():
+    # stage_offset (the model) is the kernel's stage_transposed expression and issue_ss_mn's
+    # descriptors, term by term: a change to either side must show up here.
+    source = (layout.ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
+    products = (layout.ROOT / "csrc" / "attention_sm90" / "products.cuh").read_text()
+    squashed = " ".join(source.split())
+    assert ("query / kPanelColumns * kGradStagePanelBytes + key * kSwizzleBytes + "
+            "((chunk ^ (key % 8)) * 16) + (column % 8) * kElementBytes") in squashed
+    assert "accumulator_row(lane, warp, i % 2), query = accumulator_column(lane, 2 * t + i / 2, 0)" in squashed
+    assert "smem_u32(ds_stage) + part * kGradStagePanelBytes, kGradStagePanelBytes, k_address, kBlockPanelBytes" \
+        in squashed
+    squashed = " ".join(products.split())
+    assert "smem_descriptor(a_address + t * kMNStepBytes, a_panel_bytes, kMNMajorStrideBytes)" in squashed
+    assert "smem_descriptor(b_address + t * kMNStepBytes, b_panel_bytes, kMNMajorStrideBytes)" in squashed
+    assert '"1, 1, 1, 1" if transposed' in (layout.ROOT / "csrc" / "attention_sm90" / "gen_wgmma.py").read_text()
+
+
 def test_overlapping_dq_staging_panels_are_caught():
     # hd 64 stages 128 queries in two 64-query panels: a panel offset of half a panel overlaps them.
     errors = layout.check_kernel("key_grad_dq", 64, {"kGradStagePanelBytes": 4096})
