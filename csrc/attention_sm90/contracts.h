@@ -75,7 +75,8 @@ constexpr int kGradStepLarge = 64;                        // 64-row steps above 
 constexpr int kGradBarriers = 1 + 2 * kGradStages;        // block full; per slot full, empty
 // One-pass backward (dQ by atomics): each consumer stages dS^T (its 64 keys x a step's queries)
 // in 64-query panels of 64 key rows x 128 bytes, swizzled as TMA would write them, and syncs
-// its own warpgroup on named barrier kGradStageBarrier + consumer before dQ = dS K reads them.
+// its own warpgroup on named barrier kGradStageBarrier + consumer before it overwrites them (the
+// previous dQ product is done in every warp) and before dQ = dS K reads them.
 constexpr int kGradStagePanelBytes = kWgmmaM * kSwizzleBytes;  // 8192
 constexpr int kGradStageBarrier = kPingpongBarrier;
 constexpr int kGradBarrierBytes = 8 * kGradBarriers;
