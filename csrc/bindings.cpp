@@ -478,7 +478,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
                                          const OptionalTensor& key_padding_mask, const OptionalTensor& cu_seqlens_q,
                                          const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
                                          int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_right, bool bottom_right, double softcap, bool /*deterministic: the backward's, kept for autograd*/) {
   const char* op = "cuda_attention_fwd";
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -519,7 +519,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
                                                  const OptionalTensor& cu_seqlens_q,
                                                  const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                  int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_right, bool bottom_right, double softcap, bool deterministic) {
   const char* op = "cuda_attention_bwd";
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -582,7 +582,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
     args.dv_partial = dv_partial.data_ptr<float>();
     args.partial_strides = attention_strides(dk_partial, in.packed);
   }
-  check_launch(launch_attention_backward(kernel_dtype(op, "q", in.q), args, current_stream()), op);
+  // The sm_90a backward adds dQ in one pass with float32 atomics into a zeroed workspace unless
+  // the caller asks for bitwise reproducible gradients (then its deterministic two passes).
+  const DType dtype = kernel_dtype(op, "q", in.q);
+  Tensor dq_accum;
+  if (!deterministic && attention_sm90_backward_path(dtype, args, nullptr) == AttentionPath::kSm90a) {
+    dq_accum = at::zeros(q.sizes(), lse.options());
+    args.dq_accum = dq_accum.data_ptr<float>();
+    args.dq_accum_strides = attention_strides(dq_accum, in.packed);
+  }
+  check_launch(launch_attention_backward(dtype, args, current_stream()), op);
   return {dq, dk, dv};
 }
 
@@ -602,8 +611,8 @@ TORCH_LIBRARY(tformer, m) {
   m.def("cuda_softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
   m.def("cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
         "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-        "int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0) "
-        "-> (Tensor out, Tensor lse)");
+        "int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, "
+        "bool deterministic=False) -> (Tensor out, Tensor lse)");
   m.def("cuda_attention_fwd_path(Tensor q) -> str");
   m.def("cuda_attention_bwd_path(Tensor q) -> str");
   // No tensors: a catch-all kernel, so the CPU tests can ask it which dK/dV shape a device gets.
@@ -614,7 +623,7 @@ TORCH_LIBRARY(tformer, m) {
   m.def("cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "bool causal, float scale, int window_left=-1, int window_right=-1, bool bottom_right=False, "
-        "float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "float softcap=0.0, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(tformer, CUDA, m) {

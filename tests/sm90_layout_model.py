@@ -33,7 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = ROOT / "csrc" / "attention_sm90" / "contracts.h"
 HEAD_DIMS = (64, 128)
-KERNELS = ("forward", "key_grad", "query_grad")
+# key_grad_dq: the one-pass dK/dV kernel (kAtomicDq), which also stages dS^T and computes dQ.
+KERNELS = ("forward", "key_grad", "query_grad", "key_grad_dq")
 _CONSTANT = re.compile(r"^\s*constexpr int (k\w+) = ([^;]+);", re.M)
 
 
@@ -62,7 +63,7 @@ def swizzle_128b(address: np.ndarray) -> np.ndarray:
 class SharedMemory:
     """Shared memory as one code per 16-bit element: tensor id, row, column (-1: never written)."""
 
-    TENSORS = ("Q", "K", "V", "dO")
+    TENSORS = ("Q", "K", "V", "dO", "dS")
 
     def __init__(self, size: int, atom_bytes: int):
         self.cells = np.full(size // 2, -1, dtype=np.int64)
@@ -107,7 +108,8 @@ def fetch_k_major(memory: SharedMemory, desc: int, rows: int) -> np.ndarray:
 
 
 def fetch_mn_major(memory: SharedMemory, desc: int, columns: int) -> np.ndarray:
-    """(16, columns) codes a wgmma reads for an MN-major B operand (k rows, n columns)."""
+    """(16, columns) codes a wgmma reads for an MN-major operand (k rows, n columns; for A with
+    imm-trans-a, columns are A's 64 rows m)."""
     d = Descriptor.decode(desc)
     k, n = np.meshgrid(np.arange(16), np.arange(columns), indexing="ij")
     return memory.read(d.start + (n % 64) * 2 + (n // 64) * d.leading + (k % 8) * 128 + (k // 8) * d.stride)
@@ -169,7 +171,8 @@ class Product:
     a: Tile | None = None  # ss only
     a_row0: int = 0        # ss: the consumer's first row of A's tile
     n: int = 0             # ss: B's rows (N); rs: B's columns (head dim)
-    k_rows: int = 0        # rs: K of the product (rows of B)
+    k_rows: int = 0        # rs, ss_mn: K of the product (rows of B)
+    a_transposed: bool = True  # ss_mn: A read MN-major (imm-trans-a = 1), as the kernel issues it
 
 
 def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dict[str, int], base: int = 0):
@@ -196,18 +199,30 @@ def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dic
     b1 = Tile(steps[1], base + 2 * block_bytes + (stages + slot) * step_bytes, step, row0=1000 * slot)
     products = [Product(f"{first}{steps[0]}^T", "ss", b=b0, a=a0, a_row0=consumer_row0, n=step),
                 Product(f"{second}{steps[1]}^T", "ss", b=b1, a=a1, a_row0=consumer_row0, n=step)]
-    if kernel == "key_grad":  # dV += P^T dO, dK += dS^T Q
+    if kernel in ("key_grad", "key_grad_dq"):  # dV += P^T dO, dK += dS^T Q
         products += [Product("dV += P^T dO", "rs", b=b1, n=head_dim, k_rows=step),
                      Product("dK += dS^T Q", "rs", b=b0, n=head_dim, k_rows=step)]
+    if kernel == "key_grad_dq":
+        # After lse and delta (kGradStages x 2 x step floats), the consumers' dS^T buffers; A of
+        # the dQ product is this consumer's. Its rows are the step's queries, its K the
+        # consumer's 64 keys (block rows consumer_row0 + ...); B is the K block tile's same rows.
+        floats = stages * 2 * step * 4
+        stage = Tile("dS", base + 2 * block_bytes + 2 * stages * step_bytes + floats +
+                     consumer * (step // c["kPanelColumns"]) * c["kGradStagePanelBytes"], step)
+        products += [Product(f"dQ[{64 * part}:] = dS K", "ss_mn", b=a0, a=stage, a_row0=64 * part, n=head_dim,
+                             k_rows=c["kWgmmaM"]) for part in range(step // c["kWgmmaM"])]
+        return [a0, a1, b0, b1, stage], products, row_offset
     else:  # dQ += dS K
         products += [Product("dQ += dS K", "rs", b=b0, n=head_dim, k_rows=step)]
     return [a0, a1, b0, b1], products, row_offset
 
 
 def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = None, base: int = 0,
-                 c: dict[str, int] | None = None) -> list[str]:
+                 c: dict[str, int] | None = None, stage_swizzled: bool = True,
+                 dq_a_transposed: bool = True) -> list[str]:
     """Every mismatch between what each wgmma of `kernel` fetches and the element it should, over
-    both consumers and every pipeline slot (empty: the contract holds)."""
+    both consumers and every pipeline slot (empty: the contract holds). `stage_swizzled` and
+    `dq_a_transposed` break the one-pass kernel's dS^T staging and dQ product (for the tests)."""
     c = dict(c or read_constants())
     c.update(overrides or {})
     stages = c["kForwardStages"] if kernel == "forward" else c["kGradStages"]
@@ -215,9 +230,12 @@ def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = 
     for slot in range(stages):
         for consumer in range(c["kConsumers"]):
             tiles, products, row_offset = kernel_products(kernel, head_dim, consumer, slot, c, base)
-            size = max(t.address + (head_dim // 64) * t.panel_bytes for t in tiles)
+            size = max(t.address + max(head_dim, t.rows) // 64 * t.panel_bytes for t in tiles)
             memory = SharedMemory(size + 4096, c["kSwizzleAtomBytes"])
             for tile in tiles:  # the producer's TMA boxes: one per 64-column panel
+                if tile.tensor == "dS":
+                    stage_transposed(memory, tile.address, consumer, grad_step(head_dim, c), c, stage_swizzled)
+                    continue
                 for panel in range(head_dim // c["kPanelColumns"]):
                     memory.tma_box(tile.address + panel * tile.panel_bytes, tile.tensor, tile.row0,
                                    panel * c["kBoxColumns"], tile.rows, c["kBoxColumns"], c["kSwizzleBytes"])
@@ -236,6 +254,9 @@ def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = 
                         want_b = SharedMemory.code(product.b.tensor, product.b.row0 + np.arange(product.n)[:, None], k)
                         errors += _compare(fetch_k_major(memory, a_desc, c["kWgmmaM"]), want_a, f"{where} k-step {kk} A")
                         errors += _compare(fetch_k_major(memory, b_desc, product.n), want_b, f"{where} k-step {kk} B")
+                elif product.kind == "ss_mn":
+                    errors += _check_dq_product(memory, product, row_offset, consumer, c, where,
+                                                product.a_transposed and dq_a_transposed)
                 else:
                     for t, b_desc in enumerate(rs_descriptors(product.b.address, product.b.panel_bytes,
                                                               product.k_rows, c)):
@@ -243,6 +264,68 @@ def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = 
                         want = SharedMemory.code(product.b.tensor, product.b.row0 + t * 16 + np.arange(16)[:, None],
                                                  np.arange(product.n)[None, :])
                         errors += _compare(fetch_mn_major(memory, b_desc, product.n), want, f"{where} k-step {t} B")
+    return errors
+
+
+def ss_mn_descriptors(a_address, a_panel_bytes, b_address, b_panel_bytes, k_rows, c):
+    """products.cuh's issue_ss_mn: one (A, B) descriptor pair per 16 rows of K, both MN-major."""
+    return [(smem_descriptor(a_address + t * c["kMNStepBytes"], a_panel_bytes, c["kMNMajorStrideBytes"], c),
+             smem_descriptor(b_address + t * c["kMNStepBytes"], b_panel_bytes, c["kMNMajorStrideBytes"], c))
+            for t in range(k_rows // c["kWgmmaK"])]
+
+
+def stage_offset(key: int, query: int, c: dict[str, int], swizzled: bool = True) -> int:
+    """backward_sm90.cuh's stage_transposed: the byte of dS^T (key, query) in a consumer's buffer."""
+    column = query % c["kPanelColumns"]
+    chunk = column // 8
+    inner = chunk ^ (key % 8) if swizzled else chunk
+    return (query // c["kPanelColumns"] * c["kGradStagePanelBytes"] + key * c["kSwizzleBytes"] + inner * 16 +
+            (column % 8) * c["kElementBytes"])
+
+
+def stage_transposed(memory: SharedMemory, address: int, consumer: int, step: int, c: dict[str, int],
+                     swizzled: bool = True):
+    """The kernel's generic 4-byte stores of dS^T (no hardware swizzle: the kernel swizzles), each
+    thread's fragment word (t, i) = accumulator elements of key accumulator_row(i % 2) and queries
+    accumulator_column(2 t + i / 2, 0), + 1. Codes are dS[query, block key]. Checks that no
+    word is written twice and that each warp store is free of bank conflicts."""
+    written: set[int] = set()
+    for t in range(step // 16):
+        for i in range(4):
+            for warp in range(4):
+                banks = set()
+                for lane in range(32):
+                    key, query = accumulator_position(lane, warp, 4 * (2 * t + i // 2) + 2 * (i % 2))
+                    offset = address + stage_offset(key, query, c, swizzled)
+                    if offset in written:
+                        memory.errors.append(f"dS^T staging: word {offset:#x} written twice")
+                    written.add(offset)
+                    block_key = consumer * c["kWgmmaM"] + key
+                    memory.cells[offset // 2] = SharedMemory.code("dS", query, block_key)
+                    memory.cells[offset // 2 + 1] = SharedMemory.code("dS", query + 1, block_key)
+                    banks.add((offset // 4) % 32)
+                if len(banks) < 32:
+                    memory.errors.append(f"dS^T staging, warp {warp} word ({t}, {i}): "
+                                         f"{32 // len(banks)}-way bank conflicts")
+
+
+def _check_dq_product(memory, product, row_offset, consumer, c, where, a_transposed) -> list[str]:
+    """dQ (64 queries x D) = dS (64 x 64 keys) K (64 keys x D): A = the staged dS^T read
+    MN-major (imm-trans-a), B = the consumer's 64 rows of the K block tile, MN-major."""
+    errors = []
+    a_address = product.a.address + product.a_row0 // c["kPanelColumns"] * c["kGradStagePanelBytes"]
+    pairs = ss_mn_descriptors(a_address, c["kGradStagePanelBytes"], product.b.address + row_offset,
+                              product.b.panel_bytes, product.k_rows, c)
+    for t, (a_desc, b_desc) in enumerate(pairs):
+        errors += _check_descriptor(a_desc, c, f"{where} k-step {t} A")
+        errors += _check_descriptor(b_desc, c, f"{where} k-step {t} B")
+        keys = consumer * c["kWgmmaM"] + t * 16 + np.arange(16)
+        want_a = SharedMemory.code("dS", product.a_row0 + np.arange(c["kWgmmaM"])[:, None], keys[None, :])
+        got_a = fetch_mn_major(memory, a_desc, c["kWgmmaM"]).T if a_transposed else \
+            fetch_k_major(memory, a_desc, c["kWgmmaM"])
+        errors += _compare(got_a, want_a, f"{where} k-step {t} A")
+        want_b = SharedMemory.code(product.b.tensor, product.b.row0 + keys[:, None], np.arange(product.n)[None, :])
+        errors += _compare(fetch_mn_major(memory, b_desc, product.n), want_b, f"{where} k-step {t} B")
     return errors
 
 

@@ -22,7 +22,8 @@ after issue (L2-resident K/V; uniform random) and the SM's loads stream at 48 by
 in issue order; the elementwise work of the two consumers shares the SM's issue slots (one
 FIFO): the forward's softmax of a 64 x 128 score block costs ~750 issue slots before fix 2 and
 ~520 after (kernel notes c90c), the rescale and repack of O ~100, the backward's elementwise
-step ~12 slots an element of its 64 x step scores.
+step ~12 slots an element of its 64 x step scores; in the one-pass backward (key_grad_dq),
+staging dS^T ~1 slot an element and the dQ atomics ~2 an element of dQ.
 
     python tests/sm90_schedule_model.py      # prints the busy table of every kernel and variant
 """
@@ -52,6 +53,8 @@ class Latencies:
     rescale_cycles: int = 100       # forward, O *= alpha and P repacked
     epilogue_cycles: int = 400      # forward, O staged in shared memory and stored
     grad_cycles_per_element: int = 12
+    stage_cycles_per_element: int = 1  # backward one-pass: dS^T packed and stored to shared memory
+    atomic_cycles_per_element: int = 2  # backward one-pass: red.global.add.v2.f32 of dQ (issue + LSU)
     jitter: float = 0.05            # +- on every product and elementwise step
 
 
@@ -266,6 +269,17 @@ class Machine:
         slot.reads.append((content, self.now, self.now + cycles))
         return cycles
 
+    def _op_stage(self, agent, slot_key, content, cycles):
+        """Generic stores into a buffer a wgmma reads later (the one-pass backward's dS^T): no
+        wgmma may still be reading the buffer's previous content."""
+        slot = self.slots.setdefault(slot_key, Slot())
+        for old, start, end in slot.reads:
+            if end > self.now:
+                raise ScheduleError(f"{agent.name} stages {slot_key} (step {old} -> {content}) at {self.now} while a "
+                                    f"wgmma reads it until {end}")
+        slot.content, slot.reads, slot.landed = content, [], self.now + cycles
+        return self._op_compute(agent, cycles)
+
     def _op_wait_group(self, agent, pending):
         agent.groups = [end for end in agent.groups if end > self.now]
         if len(agent.groups) <= pending:
@@ -474,9 +488,15 @@ def forward_schedule(machine: Machine, head_dim: int, tiles: tuple[int, ...], va
 
 
 def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, lat: Latencies,
-                      release_early: bool = False):
-    """backward_sm90.cuh's key_grad_kernel or query_grad_kernel: block tiles once, then steps."""
+                      release_early: bool = False, overlap_dq: bool = False):
+    """backward_sm90.cuh's key_grad_kernel (two-pass dK/dV), query_grad_kernel (two-pass dQ) or
+    the one-pass key_grad_kernel with dQ by atomics ("key_grad_dq"): block tiles once, then
+    steps. `overlap_dq` (one pass only) issues dQ = dS K before dV and dK and runs its atomics
+    while they are on the tensor cores (wait_group 1) instead of after all three."""
     c = machine.c
+    one_pass = kernel == "key_grad_dq"
+    if one_pass:
+        kernel = "key_grad"
     stages, threads, block = c["kGradStages"], c["kWarpgroupThreads"], c["kGradBlock"]
     step_rows = grad_step(head_dim, c)
     panels = head_dim // c["kPanelColumns"]
@@ -521,6 +541,9 @@ def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, 
             yield ("wgmma", f"dP{step}", [((a1, 0), 0), ((b1, slot), step)], score)
             yield ("wait_group", 0)
             yield ("compute", lat.grad_cycles_per_element * c["kWgmmaM"] * step_rows // threads)
+            if one_pass:
+                yield from one_pass_products(i, step, slot)
+                continue
             if kernel == "key_grad":
                 yield ("wgmma", f"dV{step}", [((b1, slot), step)], grad)
                 if release_early:
@@ -534,6 +557,34 @@ def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, 
             if not release_early:
                 yield ("arrive", f"step_empty{slot}", threads)
         yield ("exit",)
+
+    dq = _flops(step_rows, head_dim, c["kWgmmaM"])  # dQ (step x D) += dS (step x 64 keys) K (64 x D)
+    atomics = lat.atomic_cycles_per_element * step_rows * head_dim // threads
+
+    def one_pass_products(i: int, step: int, slot: int):
+        """The one-pass step after the elementwise work: dS^T to this consumer's own staging
+        buffer (a generic store, a proxy fence, a sync of its warpgroup), then the products."""
+        ds = ((f"dS{i}", 0), step)
+        yield ("stage", ds[0], step, lat.stage_cycles_per_element * c["kWgmmaM"] * step_rows // threads)
+        if overlap_dq:
+            yield ("wgmma", f"dQ{step}", [((a0, 0), 0), ds], dq)
+            yield ("wgmma", f"dV{step}", [((b1, slot), step)], grad)
+            yield ("wgmma", f"dK{step}", [((b0, slot), step)], grad)
+            yield ("wait_group", 1)  # in the kernel: dQ's group completes first
+            yield ("compute", atomics)
+            yield ("wait_group", 0)
+            yield ("arrive", f"step_empty{slot}", threads)
+            return
+        yield ("wgmma", f"dV{step}", [((b1, slot), step)], grad)
+        if release_early:
+            yield ("arrive", f"step_empty{slot}", threads)
+        yield ("wgmma", f"dK{step}", [((b0, slot), step)], grad)
+        yield ("wait_group", 0)
+        if not release_early:
+            yield ("arrive", f"step_empty{slot}", threads)  # Q and dO are not read again
+        yield ("wgmma", f"dQ{step}", [((a0, 0), 0), ds], dq)
+        yield ("wait_group", 0)
+        yield ("compute", atomics)
 
     machine.agent("producer", producer())
     for i in range(c["kConsumers"]):
@@ -552,7 +603,7 @@ def forward_consumer_ops(head_dim: int, steps: int, variant: ForwardVariant = FI
 def simulate(kernel: str, head_dim: int, steps: int = 32, seed: int = 0, variant: ForwardVariant = FIXED,
              lat: Latencies = Latencies(), registers_at_entry: int | None = None,
              constants: dict[str, int] | None = None, release_early: bool = False,
-             tiles: tuple[int, ...] | None = None) -> float:
+             tiles: tuple[int, ...] | None = None, overlap_dq: bool = False) -> float:
     """The tensor cores' busy fraction over one block's products (first start to last end);
     raises ScheduleError on a broken contract."""
     c = constants or read_constants()
@@ -560,7 +611,7 @@ def simulate(kernel: str, head_dim: int, steps: int = 32, seed: int = 0, variant
     if kernel == "forward":
         forward_schedule(machine, head_dim, tiles or (steps,), variant, lat)
     else:
-        backward_schedule(machine, kernel, head_dim, steps, lat, release_early)
+        backward_schedule(machine, kernel, head_dim, steps, lat, release_early, overlap_dq)
     machine.run()
     return machine.tensor_busy / (machine.last_product - machine.first_product)
 
@@ -577,10 +628,21 @@ if __name__ == "__main__":
     rows = [("forward today (99c1e85)", "forward", dict(variant=TODAY, constants=two_stages, lat=before)),
             ("forward fix 1", "forward", dict(variant=FIXED, lat=before)),
             ("forward fixes 1+2 (as built)", "forward", dict(variant=FIXED)),
-            ("key_grad", "key_grad", {}), ("query_grad", "query_grad", {})]
+            ("key_grad", "key_grad", {}), ("query_grad", "query_grad", {}),
+            ("key_grad_dq (one pass, as built)", "key_grad_dq", {}),
+            ("key_grad_dq, dQ atomics overlapped with dV/dK", "key_grad_dq", dict(overlap_dq=True))]
     print("| schedule | head dim | tensor-core busy, lowest / mean of 12 seeds |")
     print("| --- | --- | --- |")
     for label, kernel, kwargs in rows:
         for head_dim in (64, 128):
             low, mean = busy_range(kernel, head_dim, **kwargs)
             print(f"| {label} | {head_dim} | {low:.1%} / {mean:.1%} |")
+    print()
+    print("Backward time in units of one product at full tensor-core rate, per query x key tile")
+    print("(two passes: 4 products / busy(key_grad) + 3 / busy(query_grad); one pass: 5 / busy):")
+    for head_dim in (64, 128):
+        two = 4 / busy_range("key_grad", head_dim)[1] + 3 / busy_range("query_grad", head_dim)[1]
+        one = 5 / busy_range("key_grad_dq", head_dim)[1]
+        overlapped = 5 / busy_range("key_grad_dq", head_dim, overlap_dq=True)[1]
+        print(f"| hd {head_dim} | two passes {two:.2f} | one pass {one:.2f} ({two / one:.2f}x) | "
+              f"overlapped {overlapped:.2f} ({two / overlapped:.2f}x) |")

@@ -164,6 +164,21 @@ def test_backward_is_deterministic(backend):
             assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
+def test_deterministic_backward_is_bitwise_reproducible(backend):
+    # deterministic=True: every backend, every variant that can honour it, gives bitwise the same
+    # gradients twice (the CUDA backend's Hopper kernels then take their two-pass dQ).
+    q, k, v, kwargs = _case_inputs("gqa", torch.float32)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    if backend == "triton:atomic_dq":
+        with pytest.raises(ValueError, match="argument 'deterministic' is True"):
+            forward_backward(backend, q, k, v, grad_out, deterministic=True, **kwargs)
+        return
+    first = forward_backward(backend, q, k, v, grad_out, deterministic=True, **kwargs)
+    second = forward_backward(backend, q, k, v, grad_out, deterministic=True, **kwargs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical deterministic runs"
+
+
 def test_return_lse(backend):
     q, k, v, kwargs = _case_inputs("combined", torch.float32)
     q.requires_grad_()

@@ -2,8 +2,9 @@
 and backward, against the sm_80 kernels and the float64 reference, on an H100/H200 (GPU tests;
 they skip elsewhere with the reason). TFORMER_ATTENTION_FORCE_SM80 (both passes) and
 TFORMER_ATTENTION_BWD_FORCE_SM80 (the backward) select the sm_80 path per call, so both paths
-run in one process on the same inputs. The shared cases of tests/test_attention.py also take
-the sm_90a paths on such a GPU (head dims 64 and 128, fp16/bf16)."""
+run in one process on the same inputs; ``deterministic=`` picks the backward's one pass (dQ by
+float32 atomics, the default) or its two deterministic passes. The shared cases of
+tests/test_attention.py also take the sm_90a paths on such a GPU (head dims 64 and 128, fp16/bf16)."""
 
 import pytest
 import torch
@@ -211,20 +212,23 @@ def test_hopper_backward_is_selected_and_can_be_forced_off_alone(monkeypatch):
 
 
 @every_sm90a_instantiation
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "two_pass"])
 @pytest.mark.parametrize("seq", [(1, 1), (17, 1000), (127, 129), (300, 300), (1000, 17), (1024, 1024)], ids=str)
-def test_backward_matches_reference_and_sm80(monkeypatch, dtype, head_dim, causal, seq):
+def test_backward_matches_reference_and_sm80(monkeypatch, dtype, head_dim, causal, seq, deterministic):
+    # deterministic=False: the one pass (dQ added by float32 atomics, then converted);
+    # True: the two deterministic passes.
     q, k, v = _inputs(2, 4, 2, *seq, head_dim, dtype, seed=1)
     grad_out = torch.randn_like(q)
     # Sequence 1 pads all but its first third of keys: with causal, its late keys get no query.
     mask = torch.arange(seq[1], device="cuda")[None, :] >= torch.tensor([seq[1], max(1, seq[1] // 3)],
                                                                         device="cuda")[:, None]
-    kwargs = dict(causal=causal, key_padding_mask=mask)
+    kwargs = dict(causal=causal, key_padding_mask=mask, deterministic=deterministic)
     hopper = _grads(monkeypatch, q, k, v, grad_out, **kwargs)
     ampere = _grads(monkeypatch, q, k, v, grad_out, bwd_force="1", **kwargs)
     expected = _reference_grads(q, k, v, grad_out, **kwargs)
     for name, got, other, want in zip(("dq", "dk", "dv"), hopper, ampere, expected):
         scale = max(1.0, want.abs().max().item())
-        what = f"sm90a backward {name} D={head_dim} S={seq} causal={causal}"
+        what = f"sm90a backward {name} D={head_dim} S={seq} causal={causal} deterministic={deterministic}"
         assert_close_to_reference(got, want, dtype, "grad", scale=scale, what=what)
         assert_close_to_reference(other, want, dtype, "grad", scale=scale, what=what.replace("sm90a", "sm80"))
         # Padded keys get exactly zero gradients on both paths.
@@ -232,20 +236,23 @@ def test_backward_matches_reference_and_sm80(monkeypatch, dtype, head_dim, causa
             assert torch.equal(got[1][:, mask[1]], torch.zeros_like(got[1][:, mask[1]])), f"{what}: padded keys"
 
 
-def test_backward_of_fully_masked_rows_is_zero(monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "two_pass"])
+def test_backward_of_fully_masked_rows_is_zero(monkeypatch, deterministic):
     q, k, v = _inputs(2, 2, 2, 300, 300, 128, torch.bfloat16, seed=2)
     grad_out = torch.randn_like(q)
     mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
     mask[1, 250:] = False
-    dq, dk, dv = _grads(monkeypatch, q, k, v, grad_out, causal=True, key_padding_mask=mask)
+    dq, dk, dv = _grads(monkeypatch, q, k, v, grad_out, causal=True, key_padding_mask=mask,
+                        deterministic=deterministic)
     assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
     assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.equal(dq[1, :, :250], torch.zeros_like(dq[1, :, :250]))
     assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[1, :, :250], torch.zeros_like(dv[1, :, :250]))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "two_pass"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_backward_matches_sm80(monkeypatch, head_dim, causal):
+def test_varlen_backward_matches_sm80(monkeypatch, head_dim, causal, deterministic):
     from tformer.ops import attention_varlen
 
     q, k, v, varlen = _packed_inputs(head_dim, seed=4)
@@ -254,7 +261,8 @@ def test_varlen_backward_matches_sm80(monkeypatch, head_dim, causal):
     def grads(bwd_force):
         _set(monkeypatch, BWD_FORCE_SM80, bwd_force)
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        attention_varlen(*leaves, *varlen, causal=causal, backend="cuda").backward(grad_out)
+        attention_varlen(*leaves, *varlen, causal=causal, backend="cuda",
+                         deterministic=deterministic).backward(grad_out)
         return [t.grad for t in leaves]
 
     for name, hopper, ampere in zip(("dq", "dk", "dv"), grads(None), grads("1")):
@@ -289,3 +297,50 @@ def test_either_backward_takes_either_forward(monkeypatch, forward, backward):
                                _reference_grads(q, k, v, grad_out, causal=True)):
         assert_close_to_reference(got, want, torch.bfloat16, "grad", scale=max(1.0, want.abs().max().item()),
                                   what=f"{name}: {forward} forward, {backward} backward")
+
+
+# ---- dQ by atomics (the one pass) and the deterministic two passes --------------------------------
+def _ops_grads(q, k, v, grad_out, **kwargs):
+    from tformer.ops import attention
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    attention(*leaves, backend="cuda", **kwargs).backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_backward_is_bitwise_reproducible(head_dim, causal):
+    # Grouped-query heads (dK/dV summed over the group) and lengths off the block sizes.
+    q, k, v = _inputs(2, 8, 2, 700, 700, head_dim, torch.bfloat16, seed=5)
+    grad_out = torch.randn_like(q)
+    first = _ops_grads(q, k, v, grad_out, causal=causal, deterministic=True)
+    second = _ops_grads(q, k, v, grad_out, causal=causal, deterministic=True)
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"deterministic=True: {name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_atomic_dq_agrees_with_the_two_passes(head_dim):
+    # The one pass computes dK and dV with the dK/dV pass's instructions (expected bitwise equal;
+    # held to a few fp16 units here, which the compiler's scheduling cannot exceed), and dQ as the
+    # same sum in another order (float32 atomics): close to the two passes' dQ, not equal.
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, head_dim, torch.float16, seed=6)
+    grad_out = torch.randn_like(q)
+    atomic = _ops_grads(q, k, v, grad_out, causal=True)
+    two_pass = _ops_grads(q, k, v, grad_out, causal=True, deterministic=True)
+    for name, a, b in zip(("dq", "dk", "dv"), atomic, two_pass):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"one pass vs two passes, {name}: {m}")
+
+
+def test_use_deterministic_algorithms_takes_the_two_passes():
+    q, k, v = _inputs(1, 4, 4, 600, 600, 128, torch.bfloat16, seed=7)
+    grad_out = torch.randn_like(q)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (_ops_grads(q, k, v, grad_out) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, _ops_grads(q, k, v, grad_out, deterministic=True)))

@@ -127,8 +127,17 @@ def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
 
 
-# The backward (backward_sm90.cuh): tformer::attention_sm90::{key,query}_grad_kernel<T, kD>.
-BACKWARD = {"key_grad_kernel": "15key_grad_kernel", "query_grad_kernel": "17query_grad_kernel"}
+# The backward (backward_sm90.cuh): tformer::attention_sm90::key_grad_kernel<T, kD, kAtomicDq>
+# (two-pass dK/dV, or the one pass that also adds dQ by atomics) and query_grad_kernel<T, kD>.
+BACKWARD = {"key_grad_kernel": ("15key_grad_kernel", "ELb0E"), "key_grad_kernel_dq": ("15key_grad_kernel", "ELb1E"),
+            "query_grad_kernel": ("17query_grad_kernel", "E")}
+
+
+def backward_kind(name: str) -> str:
+    """The BACKWARD key of a mangled backward kernel name."""
+    if "query_grad_kernel" in name:
+        return "query_grad_kernel"
+    return "key_grad_kernel_dq" if "ELb1E" in name else "key_grad_kernel"
 
 
 def grad_step(head_dim: int) -> int:
@@ -140,17 +149,16 @@ def grad_step(head_dim: int) -> int:
 @pytest.fixture(scope="module")
 def sm90a_backward_kernels() -> dict[str, str]:
     require_sm90a_code("backward_sm90_hdim")
-    names = ",".join(f"_ZN7tformer14attention_sm90{kernel}I{dtype}Li{dim}EEEvNS0_14BackwardParamsE"
-                     for kernel in BACKWARD.values() for dtype, dim in sorted(INSTANTIATIONS))
+    names = ",".join(f"_ZN7tformer14attention_sm90{kernel}I{dtype}Li{dim}{flag}EEvNS0_14BackwardParamsE"
+                     for kernel, flag in BACKWARD.values() for dtype, dim in sorted(INSTANTIATIONS))
     result = subprocess.run([_cuobjdump(), "-sass", "-fun", names, str(_extension())], capture_output=True,
                             text=True, timeout=300)
     return {name: code for name, code in sass_by_function(result.stdout).items() if "_grad_kernel" in name}
 
 
 def test_every_backward_instantiation_is_built(sm90a_backward_kernels):
-    found = {(kernel, dtype, int(dim)) for name in sm90a_backward_kernels
-             for kernel, dtype, dim in re.findall(r"(key_grad_kernel|query_grad_kernel)I(6__half|13__nv_bfloat16)Li(\d+)E",
-                                                  name)}
+    found = {(backward_kind(name), dtype, int(dim)) for name in sm90a_backward_kernels
+             for dtype, dim in re.findall(r"_grad_kernelI(6__half|13__nv_bfloat16)Li(\d+)E", name)}
     assert found == {(kernel, dtype, dim) for kernel in BACKWARD for dtype, dim in INSTANTIATIONS}
 
 
@@ -160,15 +168,28 @@ def test_backward_hot_loops_use_wgmma_and_tma(sm90a_backward_kernels):
         step = grad_step(head_dim)
         # Two products over the head dim (S and dP, or their transposes), head_dim / 16 wgmmas
         # each; then dV and dK (two), or dQ (one), over the step's rows, step / 16 each.
-        register_products = 2 if "key_grad" in name else 1
+        # The one pass adds dQ = dS K: step / 64 products of 64 keys / 16 wgmmas (step / 16).
+        kind = backward_kind(name)
+        register_products = {"key_grad_kernel": 2, "key_grad_kernel_dq": 3, "query_grad_kernel": 1}[kind]
         assert code.count("HGMMA.") == 2 * head_dim // 16 + register_products * step // 16, f"{name}: HGMMA count"
         assert "tnspB" in code, f"{name}: the register-A products must read their B tile MN-major"
         assert in_loop(code, "HGMMA"), f"{name}: no HGMMA inside a loop"
         assert in_loop(code, "UTMALDG"), f"{name}: no TMA load (UTMALDG) inside a loop"
         assert "USETMAXREG" in code, f"{name}: no register reallocation between producer and consumers"
         # One full wait per product phase; ptxas waits after every HGMMA when it serializes them.
-        assert code.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") <= 2, f"{name}: wgmma serialized"
+        phases = 3 if kind == "key_grad_kernel_dq" else 2
+        assert code.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") <= phases, f"{name}: wgmma serialized"
         assert not re.search(r"\b(STL|LDL)\b", code), f"{name}: local memory (spills) in the kernel"
+        reductions = re.findall(r"\bRED(?:G)?\.E\.ADD\.F32x2\S*", code)
+        if kind == "key_grad_kernel_dq":
+            # dQ = dS^T^T K: both operands MN-major; every thread adds its (step / 64) x (head_dim / 8) x 2
+            # float pairs with one vector reduction each; the staged dS^T is fenced for wgmma.
+            assert "tnspA.tnspB" in code, f"{name}: dQ must read the staged dS^T and K MN-major"
+            assert len(reductions) == step // 64 * head_dim // 8 * 2, f"{name}: {len(reductions)} RED.E.ADD.F32x2"
+            # (the two passes have one FENCE.VIEW.ASYNC.S already, after the barriers' init)
+            assert code.count("FENCE.VIEW.ASYNC.S") >= 2, f"{name}: dS^T stores not fenced for the async proxy"
+        else:
+            assert not reductions and "ATOM" not in code, f"{name}: the deterministic passes use no atomics"
 
 
 def test_backward_has_no_spills_and_fits_hopper_shared_memory(sm90a_backward_kernels):
@@ -185,16 +206,18 @@ def test_backward_has_no_spills_and_fits_hopper_shared_memory(sm90a_backward_ker
         # GradShape<kD>::kSmemBytes: two block tiles, stages x (two step tiles + lse and delta),
         # barriers, 1 KiB of alignment.
         dynamic = 2 * block * head_dim * 2 + stages * (2 * step * head_dim * 2 + 2 * step * 4) + 64 + 1024
+        if backward_kind(name) == "key_grad_kernel_dq":  # + each consumer's dS^T staging buffer
+            dynamic += constants["kConsumers"] * step // 64 * constants["kGradStagePanelBytes"]
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
 
 
 # ---- guards for silent hazards (issue: a hang or a wrong value instead of an error) -------------
-ALL_KERNELS = ("forward_kernel", "key_grad_kernel", "query_grad_kernel")
+ALL_KERNELS = ("forward_kernel", "key_grad_kernel_dq", "key_grad_kernel", "query_grad_kernel")
 # wgmma_fence() calls each kernel executes in its source (forward_sm90.cuh: the first S, the
 # loop, the last P V; backward_sm90.cuh: scores_and_output_grads and the register-A products).
 # Every WARPGROUP.ARRIVE beyond these is one ptxas injected to repair a register move into an
 # in-flight wgmma (C7519): it works, but means the kernel's register fences are not what run.
-FENCES = {"forward_kernel": 3, "key_grad_kernel": 2, "query_grad_kernel": 2}
+FENCES = {"forward_kernel": 3, "key_grad_kernel": 2, "key_grad_kernel_dq": 3, "query_grad_kernel": 2}
 _NO_DESTINATION = ("ST", "RED", "BAR", "BRA", "EXIT", "WARPGROUP", "SYNCS", "UTMA", "NOP", "CALL", "RET", "MEMBAR",
                    "FENCE", "DEPBAR", "ERRBAR", "CCTL", "UBLKCP", "WARPSYNC", "BSSY", "BSYNC", "YIELD", "ELECT",
                    "UCGABAR", "JMP", "PREEXIT", "USETMAXREG", "HGMMA")
@@ -280,8 +303,9 @@ def test_fence_counts_follow_the_sources():
     forward = (ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
     backward = (ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
     assert forward.count("wgmma_fence();") == FENCES["forward_kernel"]
-    # scores_and_output_grads (inlined into both passes) and one in each pass
-    assert backward.count("wgmma_fence();") == 3 and FENCES["key_grad_kernel"] == FENCES["query_grad_kernel"] == 2
+    # scores_and_output_grads (inlined into both passes), one in each pass, and the one pass's dQ
+    assert backward.count("wgmma_fence();") == 4 and FENCES["key_grad_kernel"] == FENCES["query_grad_kernel"] == 2
+    assert FENCES["key_grad_kernel_dq"] == 3
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +326,7 @@ def test_every_setmaxnreg_kernel_has_the_registers_it_redistributes(all_sm90a_ke
 
 def test_no_injected_warpgroup_arrive(all_sm90a_kernels):
     for name, code in all_sm90a_kernels.items():
-        kernel = next(k for k in ALL_KERNELS if k in name)
+        kernel = "forward_kernel" if "forward_kernel" in name else backward_kind(name)
         assert code.count("WARPGROUP.ARRIVE") == FENCES[kernel], \
             f"{name}: {code.count('WARPGROUP.ARRIVE')} WARPGROUP.ARRIVE for {FENCES[kernel]} wgmma_fence() (ptxas C7519)"
 
@@ -335,10 +359,12 @@ def test_named_barrier_reader_reads_cuobjdump_elf():
 
 def test_named_barrier_ids_are_immediates(all_sm90a_kernels):
     # A bar.sync / bar.arrive on an id in a register reserves all 16 named barriers; the forward
-    # uses 0 (__syncthreads), the two pingpong ids and the two epilogue ids, the backward 0 only.
+    # uses 0 (__syncthreads), the two pingpong ids and the two epilogue ids, the backward 0 only,
+    # its one pass also the consumers' two staging ids.
     elf = subprocess.run([_cuobjdump(), "-elf", str(_extension())], capture_output=True, text=True, timeout=300).stdout
     barriers = named_barriers_by_function(elf)
     constants = read_constants()
     for name in all_sm90a_kernels:
-        allowed = constants["kEpilogueBarrier"] + constants["kConsumers"] if "forward_kernel" in name else 1
+        allowed = constants["kEpilogueBarrier"] + constants["kConsumers"] if "forward_kernel" in name else \
+            constants["kGradStageBarrier"] + constants["kConsumers"] if "ELb1E" in name else 1
         assert barriers.get(name, 0) <= allowed, f"{name}: {barriers.get(name)} named barriers reserved"

@@ -40,6 +40,39 @@ def test_broken_layout_is_caught(kernel, broken, what):
     assert any(what in e for e in errors), errors[:3]
 
 
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_broken_dq_staging_is_caught(head_dim):
+    # One pass: dS^T stored without the swizzle (wgmma reads the swizzled address), or the dQ
+    # product reading the staged dS^T as K-major (imm-trans-a = 0).
+    unswizzled = layout.check_kernel("key_grad_dq", head_dim, stage_swizzled=False)
+    assert any("elements wrong" in e for e in unswizzled) and any("bank conflicts" in e for e in unswizzled)
+    k_major = layout.check_kernel("key_grad_dq", head_dim, dq_a_transposed=False)
+    assert any("dS K" in e and "A:" in e and "elements wrong" in e for e in k_major), k_major[:3]
+
+
+def test_staging_model_mirrors_the_kernel_source():
+    # stage_offset (the model) is the kernel's stage_transposed expression and issue_ss_mn's
+    # descriptors, term by term: a change to either side must show up here.
+    source = (layout.ROOT / "csrc" / "attention_sm90" / "backward_sm90.cuh").read_text()
+    products = (layout.ROOT / "csrc" / "attention_sm90" / "products.cuh").read_text()
+    squashed = " ".join(source.split())
+    assert ("query / kPanelColumns * kGradStagePanelBytes + key * kSwizzleBytes + "
+            "((chunk ^ (key % 8)) * 16) + (column % 8) * kElementBytes") in squashed
+    assert "accumulator_row(lane, warp, i % 2), query = accumulator_column(lane, 2 * t + i / 2, 0)" in squashed
+    assert "smem_u32(ds_stage) + part * kGradStagePanelBytes, kGradStagePanelBytes, k_address, kBlockPanelBytes" \
+        in squashed
+    squashed = " ".join(products.split())
+    assert "smem_descriptor(a_address + t * kMNStepBytes, a_panel_bytes, kMNMajorStrideBytes)" in squashed
+    assert "smem_descriptor(b_address + t * kMNStepBytes, b_panel_bytes, kMNMajorStrideBytes)" in squashed
+    assert '"1, 1, 1, 1" if transposed' in (layout.ROOT / "csrc" / "attention_sm90" / "gen_wgmma.py").read_text()
+
+
+def test_overlapping_dq_staging_panels_are_caught():
+    # hd 64 stages 128 queries in two 64-query panels: a panel offset of half a panel overlaps them.
+    errors = layout.check_kernel("key_grad_dq", 64, {"kGradStagePanelBytes": 4096})
+    assert any("written twice" in e for e in errors) and any("elements wrong" in e for e in errors)
+
+
 def test_misaligned_tile_is_caught():
     errors = layout.check_kernel("forward", 64, base=512)
     assert any("not on a 1024-byte swizzle atom" in e for e in errors)
@@ -117,7 +150,23 @@ def test_broken_forward_schedule_is_caught(broken, message):
         schedule.simulate("forward", 128, variant=replace(schedule.FIXED, **broken))
 
 
-@pytest.mark.parametrize("kernel", ["key_grad", "query_grad"])
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_one_pass_backward_beats_two_passes_in_the_model(head_dim):
+    # Time in units of one product at the full tensor-core rate, 5 products against 4 + 3.
+    two = 4 / schedule.busy_range("key_grad", head_dim, seeds=3)[1] + \
+        3 / schedule.busy_range("query_grad", head_dim, seeds=3)[1]
+    one = 5 / schedule.busy_range("key_grad_dq", head_dim, seeds=3)[1]
+    assert one < two * 0.9, f"hd {head_dim}: one pass {one:.2f} vs two passes {two:.2f}"
+
+
+@pytest.mark.parametrize("overlap_dq", [False, True])
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_one_pass_variants_are_sound(head_dim, overlap_dq):
+    for seed in SEEDS:
+        schedule.simulate("key_grad_dq", head_dim, steps=5, seed=seed, overlap_dq=overlap_dq)
+
+
+@pytest.mark.parametrize("kernel", ["key_grad", "query_grad", "key_grad_dq"])
 @pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
 def test_backward_slot_released_while_read_is_caught(kernel, head_dim):
     with pytest.raises(schedule.ScheduleError, match="reads it until"):

@@ -104,6 +104,11 @@ struct AttentionBackwardArgs {
   float* dk_partial = nullptr;
   float* dv_partial = nullptr;
   Strides3 partial_strides;  // of both partials
+  // dQ by float32 atomics (the sm_90a backward's one pass): a zeroed float32 workspace with q's
+  // shape, summed into by the dK/dV pass and converted into dq after it; nullptr: dQ from a
+  // pass of its own, deterministic. The sm_80 kernels ignore it (always that pass).
+  float* dq_accum = nullptr;
+  Strides3 dq_accum_strides;
   // 8-warp, 128-key dK/dV blocks (attention_key_grad_wide); read at head dim 128 only, where
   // both shapes are built (smaller head dims are always wide, 256 never).
   bool key_grad_wide = false;
@@ -138,7 +143,7 @@ bool attention_backward_expands(const AttentionProblem& problem, int64_t key_tok
 // 102.5 KiB fit (sm80: 163 KiB, sm90: 227 KiB; not sm86/sm89's 99 KiB), never at 256.
 bool attention_key_grad_wide(int head_dim, int smem_optin_bytes);
 
-// dq, dk, dv (deterministic: no atomics). Writes delta first.
+// dq, dk, dv (deterministic unless args.dq_accum is set). Writes delta first.
 cudaError_t launch_attention_backward(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace tformer

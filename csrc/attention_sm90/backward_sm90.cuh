@@ -15,12 +15,19 @@
 //                      with their Q and dO tiles loaded once; it streams key steps of K
 //                      and V (the same sizes) and accumulates dQ += dS K.
 //
+// One pass (args.dq_accum set; FlashAttention-3's backward, Shah et al. 2024, Algorithm 3):
+// key_grad_kernel<..., kAtomicDq = true> also stages each step's dS^T in shared memory and
+// computes that step's dQ part, dQ (step x D) = dS (step x 64 keys) K (64 keys x D), adding it
+// to a float32 workspace with atomics; convert_dq_kernel then writes dq. 5 products a tile
+// instead of 7, in an order that varies from run to run (float32 sums: not bitwise
+// reproducible). The two passes stay the deterministic choice.
+//
 // Every product is one of the forward's two shapes (products.cuh): K-major x K-major from
 // shared memory, or register A x MN-major B; the accumulator of S^T (keys x queries) is the
 // A fragment of P^T as S's is of P in the forward.
-// What FA3's backward adds and this does not (yet): the softmax of one step overlapped with
-// the next step's products, and dQ by atomics in the same pass; bench/KERNEL_NOTES.md,
-// section c90b, has the prediction.
+// What FA3's backward adds and this does not (yet): the elementwise work of one step overlapped
+// with the next step's products; bench/KERNEL_NOTES.md, sections c90b and c90c (fix 4), have
+// the predictions.
 //
 // Semantics are the sm_80 backward's (csrc/attention/attention_bwd.cuh): masked scores give
 // P = 0, a fully masked query row (lse = -inf) is measured against 0 with all its scores
@@ -77,6 +84,16 @@ template <int kD> struct GradShape {
   static_assert(kBlockPanelBytes < kDescriptorFieldLimit && kStepPanelBytes < kDescriptorFieldLimit,
                 "an MN-major panel offset (LBO) overflows its descriptor field");
   static_assert(kStep <= kWarpgroupThreads, "one producer thread stages each step row's lse and delta");
+  // One pass: each consumer's dS^T staging buffer (64 key rows x kStep queries, in 64-query
+  // panels) after lse and delta, which end on a swizzle atom.
+  static constexpr int kStageBytes = kStep / kPanelColumns * kGradStagePanelBytes;
+  static constexpr int kOnePassSmemBytes = kSmemBytes + kConsumers * kStageBytes;
+  static_assert(kOnePassSmemBytes <= kMaxSharedBytes, "one pass: over Hopper's 227 KiB of shared memory a block");
+  static_assert((2 * kBlockTileBytes + kGradStages * (2 * kStepTileBytes + kStepFloatBytes)) % kSwizzleAtomBytes == 0 &&
+                    kStageBytes % kSwizzleAtomBytes == 0,
+                "every dS^T staging panel starts on a swizzle atom (1024 B)");
+  static_assert(kStep % kPanelColumns == 0 && kGradStagePanelBytes < kDescriptorFieldLimit,
+                "whole 64-query staging panels; their offset fits the descriptor");
 };
 
 struct BackwardParams {
@@ -117,6 +134,48 @@ __device__ __forceinline__ void store_rows(const float (&c)[kD / 2], T* base, in
   }
 }
 
+// One pass: rows row0 and row0 + 8 of a dQ part (64 x kD) added, times `factor`, to the float32
+// workspace (two floats an atomic: red.global.add.v2.f32); rows at or past `rows` are skipped.
+template <int kD>
+__device__ __forceinline__ void add_rows(const float (&c)[kD / 2], float* base, int64_t token_stride, int row0,
+                                         int rows, float factor, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row >= rows) continue;
+    float* out = base + static_cast<int64_t>(row) * token_stride;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      atomicAdd(reinterpret_cast<float2*>(out + accumulator_column(lane, j, 0)),
+                make_float2(c[4 * j + 2 * r] * factor, c[4 * j + 2 * r + 1] * factor));
+    }
+  }
+}
+
+// One pass: a consumer's dS^T (its 64 keys x kStep queries), already packed to 16 bits as the A
+// fragments of dK += dS^T Q, into its staging buffer: 64-query panels of 64 key rows x 128 bytes,
+// the 16-byte chunk c of key row r at chunk c ^ (r % 8), as TMA writes a 128-byte-swizzled tile,
+// so that the dQ product reads it through an MN-major descriptor like any loaded tile. Fragment
+// word (t, i) holds elements 4 j + 2 r + {0, 1} with j = 2 t + i / 2, r = i % 2: key
+// accumulator_row(r), queries accumulator_column(j, 0) and the next one (one 4-byte store).
+// A warp's 32 stores of one (t, i) hit 8 key rows (distinct r % 8) x 4 words of one chunk: 32
+// banks, no conflict.
+template <int kStep>
+__device__ __forceinline__ void stage_transposed(const uint32_t (&ds)[kStep / 16][4], unsigned char* stage,
+                                                 int lane, int warp) {
+#pragma unroll
+  for (int t = 0; t < kStep / 16; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = accumulator_row(lane, warp, i % 2), query = accumulator_column(lane, 2 * t + i / 2, 0);
+      const int column = query % kPanelColumns, chunk = column / 8;
+      const int offset = query / kPanelColumns * kGradStagePanelBytes + key * kSwizzleBytes +
+                         ((chunk ^ (key % 8)) * 16) + (column % 8) * kElementBytes;
+      *reinterpret_cast<uint32_t*>(stage + offset) = ds[t][i];
+    }
+  }
+}
+
 __device__ __forceinline__ void prefetch_maps(const BackwardParams& params) {
   prefetch_tensor_map(&params.q_map);
   prefetch_tensor_map(&params.dout_map);
@@ -150,7 +209,7 @@ __device__ __forceinline__ void scores_and_output_grads(float (&s)[kStep / 2], f
   fence_registers(dp);
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kAtomicDq>
 __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_constant__ BackwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = GradShape<kD>;
@@ -161,7 +220,9 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   unsigned char* dout_tiles = q_tiles + kGradStages * S::kStepTileBytes;
   float* lse_steps = reinterpret_cast<float*>(dout_tiles + kGradStages * S::kStepTileBytes);
   float* delta_steps = lse_steps + kGradStages * S::kStep;
-  uint64_t* kv_full = reinterpret_cast<uint64_t*>(delta_steps + kGradStages * S::kStep);
+  // One pass: the consumers' dS^T staging buffers, then the barriers (two passes: no buffers).
+  unsigned char* ds_stages = reinterpret_cast<unsigned char*>(delta_steps + kGradStages * S::kStep);
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(ds_stages + (kAtomicDq ? kConsumers * S::kStageBytes : 0));
   uint64_t* step_full = kv_full + 1;
   uint64_t* step_empty = step_full + kGradStages;
 
@@ -227,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t k_address = smem_u32(k_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
   const uint32_t v_address = smem_u32(v_tile) + consumer * kConsumerRowBytes;
+  unsigned char* const ds_stage = ds_stages + consumer * S::kStageBytes;  // one pass only
 
   float dk[kD / 2], dv[kD / 2];
 #pragma unroll
@@ -261,6 +323,15 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
     uint32_t pa[S::kStep / 16][4], dsa[S::kStep / 16][4];
     pack_a<T, S::kStep>(s, pa);
     pack_a<T, S::kStep>(dp, dsa);
+    if constexpr (kAtomicDq) {
+      // dS^T to shared memory for dQ = dS K below. The buffer's last reader is the previous
+      // step's dQ product, which each warp saw complete (wgmma_wait<0>); the sync makes that
+      // hold for all 4 warps before any of them overwrites rows the others' part of it read.
+      named_barrier_sync_one_of_two<kGradStageBarrier, kWarpgroupThreads>(consumer == 1);
+      stage_transposed<S::kStep>(dsa, ds_stage, lane, warp);
+      fence_proxy_async_shared();  // the generic stores, visible to wgmma's reads (async proxy)
+      named_barrier_sync_one_of_two<kGradStageBarrier, kWarpgroupThreads>(consumer == 1);  // all 4 warps' stores
+    }
     wgmma_fence();  // orders the fragment writes before the wgmmas read them
     issue_rs<T, kD, S::kStep>(dv, pa, dout_address, S::kStepPanelBytes);
     issue_rs<T, kD, S::kStep>(dk, dsa, q_address, S::kStepPanelBytes);
@@ -270,6 +341,29 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
     fence_registers(pa);  // the fragments stay allocated until the wgmmas have read them
     fence_registers(dsa);
     mbarrier_arrive(&step_empty[slot]);  // this thread no longer reads that slot
+    if constexpr (kAtomicDq) {
+      // dQ (step x D) = dS (step x 64 keys) K (64 keys x D), one m64 product per 64 queries,
+      // after dV and dK have completed: S^T, dP^T and the fragments are dead by now, so the
+      // peak stays at dK + dV + dQ registers.
+      const int head = kv_head * p.group_size + step / per_head;
+      float dq[S::kStep / kWgmmaM][kD / 2];
+      wgmma_fence();
+#pragma unroll
+      for (int part = 0; part < S::kStep / kWgmmaM; ++part) {
+        issue_ss_mn<T, kD>(dq[part], smem_u32(ds_stage) + part * kGradStagePanelBytes, kGradStagePanelBytes,
+                           k_address, kBlockPanelBytes);
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int part = 0; part < S::kStep / kWgmmaM; ++part) fence_registers(dq[part]);
+      float* const dq_base = args.dq_accum + seq * args.dq_accum_strides.seq + head * args.dq_accum_strides.head +
+                             static_cast<int64_t>(span.q_start) * args.dq_accum_strides.token;
+#pragma unroll
+      for (int part = 0; part < S::kStep / kWgmmaM; ++part) {
+        add_rows<kD>(dq[part], dq_base, args.dq_accum_strides.token,
+                     m0 + part * kWgmmaM + accumulator_row(lane, warp, 0), span.q_len, p.scale, lane);
+      }
+    }
   }
 
   const int64_t key_offset = static_cast<int64_t>(span.k_start) * args.dk_strides.token;
@@ -396,7 +490,26 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// Builds the tensor maps and launches both kernels (host side; compiled for sm_90a).
+// One pass: dq = dq_accum in q's dtype, 4 elements a thread (16-byte loads, 8-byte stores);
+// grid (tokens x heads / rows a block, seqs). Rows outside every sequence were never added to:
+// zeros.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kWarpgroupThreads) convert_dq_kernel(const AttentionBackwardArgs args, int64_t tokens,
+                                                                        int heads) {
+  constexpr int kThreadsPerRow = kD / 4, kRowsPerBlock = kWarpgroupThreads / kThreadsPerRow;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  if (row >= tokens * heads) return;
+  const int64_t token = row / heads, head = row % heads, seq = blockIdx.y, column = 4 * (threadIdx.x % kThreadsPerRow);
+  const Strides3& a = args.dq_accum_strides;
+  const Strides3& d = args.dq_strides;
+  const float4 value =
+      *reinterpret_cast<const float4*>(args.dq_accum + seq * a.seq + head * a.head + token * a.token + column);
+  T* out = static_cast<T*>(args.dq) + seq * d.seq + head * d.head + token * d.token + column;
+  *reinterpret_cast<uint2*>(out) = make_uint2(pack2<T>(value.x, value.y), pack2<T>(value.z, value.w));
+}
+
+// Builds the tensor maps and launches the kernels (host side; compiled for sm_90a): the two
+// passes, or with args.dq_accum the one pass and the convert.
 template <typename T, int kD>
 cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStream_t stream) {
   using S = GradShape<kD>;
@@ -425,16 +538,26 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStr
   const dim3 key_grid(static_cast<unsigned>((p.max_seqlen_k + kGradBlock - 1) / kGradBlock), kv_heads, p.num_seqs);
   const dim3 query_grid(static_cast<unsigned>((p.max_seqlen_q + kGradBlock - 1) / kGradBlock), p.num_heads,
                         p.num_seqs);
+  const bool one_pass = args.dq_accum != nullptr;
   if (key_grid.x > 0 && key_grid.y > 0 && key_grid.z > 0) {
     BackwardParams params{};
     if (cudaError_t e = make_maps(&params, S::kStep, kGradBlock); e != cudaSuccess) return e;
-    auto kernel = key_grad_kernel<T, kD>;
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    auto kernel = one_pass ? key_grad_kernel<T, kD, true> : key_grad_kernel<T, kD, false>;
+    const int smem = one_pass ? S::kOnePassSmemBytes : kSmem;
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         e != cudaSuccess) {
       return e;
     }
-    kernel<<<key_grid, kThreads, kSmem, stream>>>(params);
+    kernel<<<key_grid, kThreads, smem, stream>>>(params);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  if (one_pass) {
+    const int64_t rows = static_cast<int64_t>(p.q_tokens) * p.num_heads;
+    constexpr int kRowsPerBlock = kWarpgroupThreads / (kD / 4);
+    const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), seqs);
+    if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+    convert_dq_kernel<T, kD><<<grid, kWarpgroupThreads, 0, stream>>>(args, p.q_tokens, p.num_heads);
+    return cudaGetLastError();
   }
   if (query_grid.x > 0 && query_grid.y > 0 && query_grid.z > 0) {
     BackwardParams params{};

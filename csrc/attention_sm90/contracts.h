@@ -73,6 +73,12 @@ constexpr int kGradStepSmallHeadDim = 64;                 // grad_step: 128-row 
 constexpr int kGradStepSmall = 128;
 constexpr int kGradStepLarge = 64;                        // 64-row steps above it
 constexpr int kGradBarriers = 1 + 2 * kGradStages;        // block full; per slot full, empty
+// One-pass backward (dQ by atomics): each consumer stages dS^T (its 64 keys x a step's queries)
+// in 64-query panels of 64 key rows x 128 bytes, swizzled as TMA would write them, and syncs
+// its own warpgroup on named barrier kGradStageBarrier + consumer before it overwrites them (the
+// previous dQ product is done in every warp) and before dQ = dS K reads them.
+constexpr int kGradStagePanelBytes = kWgmmaM * kSwizzleBytes;  // 8192
+constexpr int kGradStageBarrier = kPingpongBarrier;
 constexpr int kGradBarrierBytes = 8 * kGradBarriers;
 
 // ---- Hopper's limits -------------------------------------------------------------------------
@@ -89,6 +95,7 @@ static_assert(kProducerRegisters % 8 == 0 && kConsumerRegisters % 8 == 0 && kPro
                   kConsumerRegisters <= 256,
               "setmaxnreg takes multiples of 8 in [24, 256]");
 static_assert(kPingpongBarrier >= 1 && kEpilogueBarrier + kConsumers <= kNamedBarriers, "named barrier ids 1..15");
+static_assert(kGradStageBarrier >= 1 && kGradStageBarrier + kConsumers <= kNamedBarriers, "named barrier ids 1..15");
 static_assert(kSwizzleAtomBytes == 1024 && kBoxColumns * kElementBytes == kSwizzleBytes, "the 128B swizzle");
 // cuTensorMapEncodeTiled: a box spans at most 256 elements a dimension, and with SWIZZLE_128B its
 // inner dimension at most 128 bytes.

@@ -9,7 +9,7 @@ def regs(n, start):
 def outs(n):
     return ", ".join(f'"+f"(d[{i}])' for i in range(n))
 
-def fn(name, n, ptx_type, rs):
+def fn(name, n, ptx_type, rs, transposed=False):
     nreg = n // 2
     if rs:
         a = "{" + regs(4, nreg) + "}"
@@ -22,7 +22,9 @@ def fn(name, n, ptx_type, rs):
         a = f"%{nreg}"
         b = f"%{nreg + 1}"
         scale = f"%{nreg + 2}"
-        tail = "1, 1, 0, 0"  # scale-a, scale-b, trans-a, trans-b (both K-major)
+        # scale-a, scale-b, trans-a, trans-b: both K-major, or both MN-major (the backward's
+        # dQ = dS K with dS^T staged keys x queries and K's rows keys)
+        tail = "1, 1, 1, 1" if transposed else "1, 1, 0, 0"
         ins = '"l"(a_desc), "l"(b_desc), "r"(accumulate)'
         sig = f"float (&d)[{nreg}], uint64_t a_desc, uint64_t b_desc, uint32_t accumulate"
     d = "{" + regs(nreg, 0) + "}"
@@ -45,6 +47,8 @@ parts = ['''// wgmma.mma_async wrappers (PTX ISA 8.0, "Asynchronous Warpgroup Le
 //
 // ss_*: A and B from shared memory through matrix descriptors, both K-major (S = Q K^T; in
 //       the backward also dP = dO V^T and their transposes K Q^T, V dO^T).
+// ss_tt_*: both from shared memory, both MN-major (transposed by the descriptors): the
+//       one-pass backward's dQ = dS K, dS^T staged with the queries contiguous.
 // rs_*: A from registers (P, in the accumulator layout of the first product, which for
 //       16-bit types is already wgmma's A-fragment layout), B from shared memory MN-major
 //       (O += P V, V stored with the head dim contiguous; in the backward dV += P^T dO,
@@ -65,6 +69,8 @@ for ctype, ptx in (("__half", "f16"), ("__nv_bfloat16", "bf16")):
     parts.append(f"template <> struct Wgmma<{ctype}> {{\n")
     parts.append("static " + fn("ss_n64", 64, ptx, False))
     parts.append("static " + fn("ss_n128", 128, ptx, False))
+    parts.append("static " + fn("ss_tt_n64", 64, ptx, False, transposed=True))
+    parts.append("static " + fn("ss_tt_n128", 128, ptx, False, transposed=True))
     parts.append("static " + fn("rs_n64", 64, ptx, True))
     parts.append("static " + fn("rs_n128", 128, ptx, True))
     parts.append("};\n\n")

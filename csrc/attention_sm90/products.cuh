@@ -4,6 +4,8 @@
 //
 //   issue_ss  C (64 x kN) = A (64 x kD) B^T, both from shared memory with the head dim
 //             contiguous (K-major): S = Q K^T, dP = dO V^T, and their transposes K Q^T, V dO^T.
+//   issue_ss_mn  C (64 x kD) = A (64 x 64) B, both from shared memory MN-major: the one-pass
+//             backward's dQ = dS K, A = dS^T as staged (rows keys, queries contiguous), B = K.
 //   issue_rs  C (64 x kD) += A (64 x kK) B, A from registers (an earlier product's
 //             accumulator, packed by pack_a), B a (kK x kD) tile with the head dim contiguous
 //             (MN-major for this product): O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K.
@@ -60,6 +62,27 @@ __device__ __forceinline__ void issue_rs(float (&c)[kD / 2], const uint32_t (&a)
       Wgmma<T>::rs_n64(c, a[t], b_desc, 1u);
     } else {
       Wgmma<T>::rs_n128(c, a[t], b_desc, 1u);
+    }
+  }
+  wgmma_commit();
+}
+
+// Both operands MN-major, 64 K-rows (keys): the MN-major B of issue_rs for both, a k-step is
+// 16 rows (2 KiB) of each; A is one 64-element M panel (its leading offset is never stepped
+// over, given anyway), B's 64-column panels are `b_panel_bytes` apart. The first k-step
+// overwrites C (scale-d = 0), so C needs no zeroing.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_ss_mn(float (&c)[kD / 2], uint32_t a_address, uint32_t a_panel_bytes,
+                                            uint32_t b_address, uint32_t b_panel_bytes) {
+  static_assert(kD == 64 || kD == 128, "wgmma N of 64 or 128");
+#pragma unroll
+  for (int t = 0; t < kWgmmaM / kWgmmaK; ++t) {
+    const uint64_t a_desc = smem_descriptor(a_address + t * kMNStepBytes, a_panel_bytes, kMNMajorStrideBytes);
+    const uint64_t b_desc = smem_descriptor(b_address + t * kMNStepBytes, b_panel_bytes, kMNMajorStrideBytes);
+    if constexpr (kD == 64) {
+      Wgmma<T>::ss_tt_n64(c, a_desc, b_desc, t > 0 ? 1u : 0u);
+    } else {
+      Wgmma<T>::ss_tt_n128(c, a_desc, b_desc, t > 0 ? 1u : 0u);
     }
   }
   wgmma_commit();

@@ -19,8 +19,10 @@ The functions take FlashAttention 2's signatures, its ``(B, S, H, D)`` layout (p
   softmax weights ``(B, H, Sq, Sk)`` (``(num_seqs, H, max_seqlen_q, max_seqlen_k)``, zero
   padded, for varlen) from tformer's reference path: for testing, as FlashAttention says of its
   own (they do not show dropout).
-- ``deterministic``: tformer's backward is deterministic by default; ``True`` refuses to run
-  with the atomic-dQ backward (``TFORMER_ATTENTION_DQ=atomic``).
+- ``deterministic``: as FlashAttention's: ``False`` (default) lets the backward add dQ with
+  float32 atomics where that is faster (the CUDA backend on Hopper), ``True`` asks for bitwise
+  reproducible gradients (passed on to :func:`tformer.ops.attention`); ``True`` refuses to run
+  with the Triton atomic-dQ backward (``TFORMER_ATTENTION_DQ=atomic``).
 - ``backend`` (tformer's addition, keyword only): which tformer backend runs, as in
   :func:`tformer.ops.attention`; None takes tformer's default.
 
@@ -83,7 +85,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     # (B, S, H, D) -> (B, H, S, D): strided views, which the kernels read without a copy.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = ops.attention(qt, kt, vt, scale=softmax_scale, dropout_p=dropout_p, return_lse=True,
-                             backend=backend, **mask)
+                             deterministic=bool(deterministic), backend=backend, **mask)
     out = out.transpose(1, 2).contiguous()
     if not return_attn_probs:
         return out
@@ -126,6 +128,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mask = _mask_kwargs(fn, causal, window_size, softcap, alibi_slopes, deterministic, block_table)
     out, lse = ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     scale=softmax_scale, dropout_p=dropout_p, return_lse=True, backend=backend,
+                                    deterministic=bool(deterministic),
                                     **mask)
     if not return_attn_probs:
         return out

@@ -15,7 +15,7 @@ from .validation import check_device, check_probability, check_same, check_shape
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               alignment: str = "top_left", window: tuple[int, int] | None = None, softcap: float = 0.0,
               key_padding_mask: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-              return_lse: bool = False, backend: str | None = None):
+              return_lse: bool = False, deterministic: bool = False, backend: str | None = None):
     """Scaled dot-product attention, ``softmax(q @ k^T * scale + masks) @ v``.
 
     Shapes: q ``(B, Hq, Sq, D)``, k and v ``(B, Hkv, Sk, D)`` (the layout of
@@ -40,6 +40,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     - A query row whose keys are all masked returns zeros (never NaN) and gets zero gradients.
     - ``return_lse``: also return the float32 log-sum-exp of the scaled, masked scores,
       ``(B, Hq, Sq)``; ``-inf`` for fully masked rows. It carries no gradient.
+    - ``deterministic``: True asks for a backward that gives bitwise the same gradients run to
+      run. False (default) lets a backend add gradients with atomics where that is faster: the
+      CUDA backend's Hopper kernels add dQ with float32 atomics in one pass unless this is True
+      (or ``torch.use_deterministic_algorithms(True)`` is on); the Triton backend refuses True
+      with its atomic-dQ variant; the torch backend then runs SDPA's math kernel on a GPU.
     - ``backend``: ``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``; None takes the
       default (``tformer.backend(...)`` block, else ``TFORMER_BACKEND``, else ``"auto"``).
 
@@ -66,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     band = resolve_band(op, causal, window, alignment)
     args = dict(q=q, k=k, v=v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                 dropout_p=float(dropout_p), return_lse=bool(return_lse), band=band,
-                softcap=softcap_value(op, softcap))
+                softcap=softcap_value(op, softcap), deterministic=bool(deterministic))
     impl = dispatch.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
 
@@ -75,7 +80,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      alignment: str = "top_left", window: tuple[int, int] | None = None, softcap: float = 0.0,
                      scale: float | None = None, dropout_p: float = 0.0, return_lse: bool = False,
-                     backend: str | None = None):
+                     deterministic: bool = False, backend: str | None = None):
     """Attention over packed variable-length sequences (no padding, no wasted work).
 
     q ``(total_q, Hq, D)``, k and v ``(total_k, Hkv, D)``; sequence ``i`` holds query tokens
@@ -83,7 +88,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     (``cu_seqlens_*`` int32, ``(num_seqs + 1,)``, starting at 0 and ending at or before the
     number of packed tokens: spare tokens after ``cu_seqlens_*[-1]`` belong to no sequence, get
     zero outputs, lse -inf and zero gradients). ``max_seqlen_*`` (ints, or integer-like such as
-    ``np.int64``) bound the lengths. ``causal``, ``alignment``, ``window`` and ``softcap`` act
+    ``np.int64``) bound the lengths. ``causal``, ``alignment``, ``window``, ``softcap`` and ``deterministic`` act
     within each sequence as in :func:`attention` (bottom-right uses each sequence's own lengths).
     Returns ``out`` ``(total_q, Hq, D)``, or ``(out, lse)`` with lse ``(Hq, total_q)`` float32.
     """
@@ -117,7 +122,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     band = resolve_band(op, causal, window, alignment)
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, dropout_p=float(dropout_p),
-                return_lse=bool(return_lse), band=band, softcap=softcap_value(op, softcap))
+                return_lse=bool(return_lse), band=band, softcap=softcap_value(op, softcap),
+                deterministic=bool(deterministic))
     impl = dispatch.resolve(op, backend, q.device, q.dtype, args)
     return impl(**args)
 

@@ -40,10 +40,14 @@ What they take:
   check names it; calling these functions directly raises ValueError).
 
 Semantics are those of the reference: a fully masked query row gives zeros, lse = -inf and
-zero gradients. The backward is deterministic: dK/dV come from one pass over key blocks that
+zero gradients. The sm80 backward is deterministic: dK/dV come from one pass over key blocks that
 loops over the group's query heads in a fixed order (or, for grouped-query attention whose
 grouped launch would leave SMs idle, per query head into float32 partials summed over each
-group in head order), dQ from a second pass over query blocks; no atomics. The float32 log-sum-exp saved by the forward is returned by
+group in head order), dQ from a second pass over query blocks; no atomics. The Hopper
+backward by default computes dQ in the dK/dV pass instead, adding it with float32 atomics
+(FlashAttention-3's backward: 5 matrix products a tile instead of 7), so dq may differ in its
+last bits from run to run; ``deterministic=True`` (or
+``torch.use_deterministic_algorithms(True)``) keeps its two deterministic passes. The float32 log-sum-exp saved by the forward is returned by
 ``return_lse=True`` (detached). Double backward is not supported.
 """
 
@@ -99,22 +103,29 @@ def _band_args(band, same_lengths: bool = False) -> tuple[int, int, bool]:
     return band.left, band.right, band.bottom_right and not same_lengths
 
 
+def _deterministic(deterministic: bool) -> bool:
+    """The backward's choice: bitwise reproducible when asked, or under
+    ``torch.use_deterministic_algorithms(True)``."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+
+
 @register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
-              band=None, softcap: float = 0.0):
+              band=None, softcap: float = 0.0, deterministic: bool = False):
     _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
                                                     False, scale, *_band_args(band, q.shape[2] == k.shape[2]),
-                                                    float(softcap))
+                                                    float(softcap), _deterministic(deterministic))
     return (out, lse.detach()) if return_lse else out
 
 
 @register("attention_varlen", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                     return_lse, band=None, softcap: float = 0.0):
+                     return_lse, band=None, softcap: float = 0.0, deterministic: bool = False):
     _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                    max_seqlen_k, False, scale, *_band_args(band), float(softcap))
+                                                    max_seqlen_k, False, scale, *_band_args(band), float(softcap),
+                                                    _deterministic(deterministic))
     return (out, lse.detach()) if return_lse else out
 
 
@@ -122,10 +133,11 @@ def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-     window_right, bottom_right, softcap) = inputs
+     window_right, bottom_right, softcap, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-    ctx.scalars = (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, softcap)
+    ctx.scalars = (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, softcap,
+                   deterministic)
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -133,7 +145,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.tformer.cuda_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q,
                                                       cu_seqlens_k, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * 12
 
 
 torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_context=_setup_context)
@@ -143,7 +155,8 @@ torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_
 
 @torch.library.register_fake("tformer::cuda_attention_fwd")
 def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                        scale, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0):
+                        scale, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+                        deterministic=False):
     # Padded batch: lse (B, Hq, Sq); packed: (Hq, total_q).
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else tuple(q.shape[:3])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -152,5 +165,5 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, m
 @torch.library.register_fake("tformer::cuda_attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                         max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False,
-                        softcap=0.0):
+                        softcap=0.0, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

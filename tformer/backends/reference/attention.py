@@ -36,7 +36,8 @@ def attention_probabilities(q, k, *, band: Band, key_padding_mask, scale: float,
 
 @register("attention", "reference", devices=ALL_DEVICES, dtypes=ALL_DTYPES)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
-              band: Band, softcap: float = 0.0):
+              band: Band, softcap: float = 0.0, deterministic: bool = False):
+    # deterministic: always (autograd through plain matrix products, no atomics of its own).
     dtype = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
     values = v.to(dtype).repeat_interleave(group, dim=1)
@@ -51,7 +52,7 @@ def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_
 
 @register("attention_varlen", "reference", devices=ALL_DEVICES, dtypes=ALL_DTYPES)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                     dropout_p, return_lse, band: Band, softcap: float = 0.0):
+                     dropout_p, return_lse, band: Band, softcap: float = 0.0, deterministic: bool = False):
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     # Spare tokens after the last offset belong to no sequence: zero outputs, lse -inf (and,
     # through the index_put below, zero gradients).

@@ -16,8 +16,10 @@ tformer's semantics on top of SDPA:
   mask and gathered back: exact, and built from the offsets on the device without a host sync.
 """
 
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tformer.backends.reference.attention import attention_probabilities
 from tformer.ops.attention_mask import Band, allowed_keys
@@ -52,7 +54,13 @@ def _varlen_reason(band: Band, softcap: float = 0.0, **_) -> str | None:
 
 @register("attention", "torch", devices=ALL_DEVICES, dtypes=ALL_DTYPES, supports=_softcap_reason)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
-              band: Band, softcap: float = 0.0):
+              band: Band, softcap: float = 0.0, deterministic: bool = False):
+    if deterministic and q.device.type != "cpu":
+        # SDPA's fused GPU backward kernels make no reproducibility promise; its math kernel is
+        # plain matrix products.
+        with sdpa_kernel(SDPBackend.MATH):
+            return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                             dropout_p=dropout_p, return_lse=return_lse, band=band, softcap=softcap)
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         # torch's CPU SDPA kernels compute half-precision gradients less exactly than the rule
         # every backend is held to (FlashAttention's: at most a few times the error of plain
@@ -108,7 +116,7 @@ def _to_padded(x: torch.Tensor, index, num_seqs: int, max_len: int) -> torch.Ten
 
 @register("attention_varlen", "torch", devices=ALL_DEVICES, dtypes=ALL_DTYPES, supports=_varlen_reason)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                     return_lse, band: Band, softcap: float = 0.0):
+                     return_lse, band: Band, softcap: float = 0.0, deterministic: bool = False):
     num_seqs, max_q, max_k = cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k)
     index_q, valid_q = _padded_index(cu_seqlens_q, q.shape[0], max_q)
     index_k, _ = _padded_index(cu_seqlens_k, k.shape[0], max_k)
@@ -116,7 +124,8 @@ def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     key_padding_mask = torch.arange(max_k + 1, device=q.device)[None, :] >= lengths_k[:, None]
     result = attention(_to_padded(q, index_q, num_seqs, max_q), _to_padded(k, index_k, num_seqs, max_k),
                        _to_padded(v, index_k, num_seqs, max_k), causal=causal, key_padding_mask=key_padding_mask,
-                       scale=scale, dropout_p=dropout_p, return_lse=return_lse, band=band, softcap=softcap)
+                       scale=scale, dropout_p=dropout_p, return_lse=return_lse, band=band, softcap=softcap,
+                       deterministic=deterministic)
     out, lse = result if return_lse else (result, None)
     out = out.transpose(1, 2)[index_q].masked_fill(~valid_q[:, None, None], 0.0)  # (total_q, Hq, D)
     if not return_lse:

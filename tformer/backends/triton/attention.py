@@ -118,9 +118,18 @@ def _supports_attention(q, **_) -> Optional[str]:
     return _head_dim_reason(q.shape[-1])
 
 
+def _check_deterministic(deterministic: bool, dq_mode: str) -> None:
+    if deterministic and dq_mode == "atomic":
+        raise ValueError("attention: argument 'deterministic' is True but the Triton backend was asked for dq_mode="
+                         "'atomic' (the triton:atomic_dq variant or TFORMER_ATTENTION_DQ=atomic), whose float32 atomic "
+                         "dQ sums are not bitwise reproducible; use backend='triton' with the split dQ pass")
+
+
 @register("attention", "triton", devices=devices(), dtypes=DTYPES, supports=_supports_attention)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
-              band: Band, softcap: float = 0.0, fwd_path: str = "auto", dq_mode: str = "split", autotune: bool = True):
+              band: Band, softcap: float = 0.0, deterministic: bool = False, fwd_path: str = "auto",
+              dq_mode: str = "split", autotune: bool = True):
+    _check_deterministic(deterministic, dq_mode)
     out, lse = torch.ops.tformer.triton_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
                                                       band.left, band.right, band.bottom_right, softcap, scale,
                                                       dropout_p, _draw_seed(dropout_p), fwd_path, dq_mode,
@@ -130,8 +139,9 @@ def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_
 
 @register("attention_varlen", "triton", devices=devices(), dtypes=DTYPES, supports=_supports_attention)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                     return_lse, band: Band, softcap: float = 0.0, fwd_path: str = "auto", dq_mode: str = "split",
-                     autotune: bool = True):
+                     return_lse, band: Band, softcap: float = 0.0, deterministic: bool = False, fwd_path: str = "auto",
+                     dq_mode: str = "split", autotune: bool = True):
+    _check_deterministic(deterministic, dq_mode)
     out, lse = torch.ops.tformer.triton_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, band.left, band.right, band.bottom_right, softcap,
                                                       scale, dropout_p, _draw_seed(dropout_p), fwd_path, dq_mode,
