@@ -141,6 +141,14 @@ def rs_descriptors(b_address, b_panel_bytes, k_rows, c):
             for t in range(k_rows // c["kWgmmaK"])]
 
 
+def forward_q_buffers(head_dim: int, c: dict[str, int]) -> int:
+    """forward_sm90.cuh's Shape<kD>::kQBuffers: two Q buffers where they fit beside the K/V ring."""
+    tile = head_dim // c["kPanelColumns"] * c["kBoxRows"] * c["kSwizzleBytes"]
+    def smem(q_buffers):
+        return (q_buffers + 2 * c["kForwardStages"]) * tile + c["kForwardBarrierBytes"] + c["kSwizzleAtomBytes"]
+    return c["kForwardQBuffers"] if smem(c["kForwardQBuffers"]) <= c["kMaxSharedBytes"] else 1
+
+
 def grad_step(head_dim: int, c: dict[str, int]) -> int:
     """backward_sm90.cuh's grad_step."""
     return c["kGradStepSmall"] if head_dim <= c["kGradStepSmallHeadDim"] else c["kGradStepLarge"]
@@ -178,14 +186,17 @@ def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dic
     row_offset = consumer * c["kConsumerRowBytes"]  # the kernels' offset into A's tile ...
     consumer_row0 = consumer * c["kWgmmaM"]          # ... must land on the consumer's own 64 rows
     if kernel == "forward":
+        # The persistent forward's carve-up: Q buffers, then the K ring, then the V ring. Each Q
+        # buffer holds a different tile (row0 apart) and the consumer reads the one its tile uses.
         rows, stages = c["kBoxRows"], c["kForwardStages"]
         tile_bytes = panels * rows * 128
-        q = Tile("Q", base, rows)
-        k = Tile("K", base + (1 + slot) * tile_bytes, rows, row0=1000 * slot)
-        v = Tile("V", base + (1 + stages + slot) * tile_bytes, rows, row0=1000 * slot)
-        products = [Product("S = Q K^T", "ss", b=k, a=q, a_row0=consumer_row0, n=rows),
-                    Product("O += P V", "rs", b=v, n=head_dim, k_rows=rows)]
-        return [q, k, v], products, row_offset
+        q_buffers = forward_q_buffers(head_dim, c)
+        qs = [Tile("Q", base + b * tile_bytes, rows, row0=500 * b) for b in range(q_buffers)]
+        k = Tile("K", base + (q_buffers + slot) * tile_bytes, rows, row0=1000 * slot)
+        v = Tile("V", base + (q_buffers + stages + slot) * tile_bytes, rows, row0=1000 * slot)
+        products = [Product(f"S = Q{b} K^T", "ss", b=k, a=q, a_row0=consumer_row0, n=rows) for b, q in enumerate(qs)]
+        products.append(Product("O += P V", "rs", b=v, n=head_dim, k_rows=rows))
+        return [*qs, k, v], products, row_offset
     block, stages, step = c["kGradBlock"], c["kGradStages"], grad_step(head_dim, c)
     block_bytes, step_bytes = panels * block * 128, panels * step * 128
     first, second = ("K", "V") if kernel == "key_grad" else ("Q", "dO")
