@@ -25,7 +25,7 @@ constants to build deliberately broken variants (the tests check those fail).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -180,8 +180,11 @@ class Product:
     k_rows: int = 0        # rs: K of the product (rows of B)
 
 
-def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dict[str, int], base: int = 0):
-    """(tiles the producer loads, products consumer `consumer` issues on pipeline slot `slot`)."""
+def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dict[str, int], base: int = 0,
+                    q_read_bytes: int | None = None):
+    """(tiles the producer loads, products consumer `consumer` issues on pipeline slot `slot`).
+    `q_read_bytes`: where the consumers think Q buffer b starts (b x that; default the tile's
+    bytes, as the producer writes it): a broken variant for the tests."""
     panels = head_dim // c["kPanelColumns"]
     row_offset = consumer * c["kConsumerRowBytes"]  # the kernels' offset into A's tile ...
     consumer_row0 = consumer * c["kWgmmaM"]          # ... must land on the consumer's own 64 rows
@@ -194,7 +197,8 @@ def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dic
         qs = [Tile("Q", base + b * tile_bytes, rows, row0=500 * b) for b in range(q_buffers)]
         k = Tile("K", base + (q_buffers + slot) * tile_bytes, rows, row0=1000 * slot)
         v = Tile("V", base + (q_buffers + stages + slot) * tile_bytes, rows, row0=1000 * slot)
-        products = [Product(f"S = Q{b} K^T", "ss", b=k, a=q, a_row0=consumer_row0, n=rows) for b, q in enumerate(qs)]
+        read = [replace(q, address=base + b * (q_read_bytes or tile_bytes)) for b, q in enumerate(qs)]
+        products = [Product(f"S = Q{b} K^T", "ss", b=k, a=q, a_row0=consumer_row0, n=rows) for b, q in enumerate(read)]
         products.append(Product("O += P V", "rs", b=v, n=head_dim, k_rows=rows))
         return [*qs, k, v], products, row_offset
     block, stages, step = c["kGradBlock"], c["kGradStages"], grad_step(head_dim, c)
@@ -216,7 +220,7 @@ def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dic
 
 
 def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = None, base: int = 0,
-                 c: dict[str, int] | None = None) -> list[str]:
+                 c: dict[str, int] | None = None, q_read_bytes: int | None = None) -> list[str]:
     """Every mismatch between what each wgmma of `kernel` fetches and the element it should, over
     both consumers and every pipeline slot (empty: the contract holds)."""
     c = dict(c or read_constants())
@@ -225,7 +229,7 @@ def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = 
     errors: list[str] = []
     for slot in range(stages):
         for consumer in range(c["kConsumers"]):
-            tiles, products, row_offset = kernel_products(kernel, head_dim, consumer, slot, c, base)
+            tiles, products, row_offset = kernel_products(kernel, head_dim, consumer, slot, c, base, q_read_bytes)
             size = max(t.address + (head_dim // 64) * t.panel_bytes for t in tiles)
             memory = SharedMemory(size + 4096, c["kSwizzleAtomBytes"])
             for tile in tiles:  # the producer's TMA boxes: one per 64-column panel
