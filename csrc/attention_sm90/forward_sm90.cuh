@@ -478,8 +478,12 @@ cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStrea
   scheduler.seqs = p.num_seqs;
   scheduler.section_heads = section_heads_for(p.max_seqlen_k, kD, pairs);
   scheduler.causal = p.causal ? 1 : 0;
-  scheduler.grid = scheduler.units() < sms ? scheduler.units() : sms;  // persistent: one block an SM
   const bool packed = p.cu_seqlens_q != nullptr;
+  // Persistent (one block an SM) where the static order can balance the work: equal-length
+  // sequences. Packed sequences' lengths are on the device (reading cu_seqlens here would sync),
+  // so there every block runs one unit and the hardware hands blocks to the SMs that free first,
+  // as before the persistent grid (same kernel, same order).
+  scheduler.grid = packed || scheduler.units() < sms ? scheduler.units() : sms;
   const int seqs = packed ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
   if (cudaError_t e = make_tile_map(&params.q_map, dtype, p.q, p.q_strides, p.q_tokens, p.num_heads, seqs, kD);
       e != cudaSuccess) {
