@@ -63,8 +63,9 @@ constexpr int kNamedBarriers = 16;
 constexpr int kForwardStages = 3;  // 3 x (K + V) + Q = 224 KiB at head dim 128: fits
 // The persistent forward runs several query tiles a block; with two Q buffers the next tile's Q
 // lands while this tile's last steps and epilogue run. Shape<kD>::kQBuffers (forward_sm90.cuh;
-// forward_q_buffers in tests/sm90_layout_model.py): two where Q x 2 + kForwardStages x (K + V) fit in shared memory (head dim 64), else one
-// (head dim 128: the next Q waits until both consumers stored O out of the only one).
+// forward_q_buffers in tests/sm90_layout_model.py): two where Q x 2 + kForwardStages x (K + V)
+// fit in shared memory (head dim 64), else one (head dim 128: the next Q waits until both
+// consumers stored O out of the only one).
 constexpr int kForwardQBuffers = 2;  // the most; the barrier bytes are sized for it
 // Per Q buffer q_full, q_empty; per slot k_full, v_full, k_empty, v_empty (K is released as soon
 // as S = Q K^T has completed, V after O += P V: the producer refills K a whole step earlier).

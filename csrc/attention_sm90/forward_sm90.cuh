@@ -191,8 +191,9 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
 // "consumer c may issue"; each issue phase is bracketed by take() and pass(). Both consumers
 // run the same phases (num_steps + 1 a tile, over the same tiles) and consumer 1 grants consumer
 // 0 the block's first turn; consumer 0 takes one more turn at the end (finish()) to absorb
-// consumer 1's last pass, so every arrival meets its sync and no barrier is left half-arrived. pass() has no branch:
-// ptxas serializes every wgmma when a divergent path sits between issue and wait.
+// consumer 1's last pass, so every arrival meets its sync and no barrier is left half-arrived.
+// pass() has no branch: ptxas serializes every wgmma when a divergent path sits between issue
+// and wait.
 struct Turns {
   static constexpr int kPingpongThreads = kConsumers * kWarpgroupThreads;
   int consumer;
