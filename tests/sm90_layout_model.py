@@ -25,7 +25,7 @@ constants to build deliberately broken variants (the tests check those fail).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +143,14 @@ def rs_descriptors(b_address, b_panel_bytes, k_rows, c):
             for t in range(k_rows // c["kWgmmaK"])]
 
 
+def forward_q_buffers(head_dim: int, c: dict[str, int]) -> int:
+    """forward_sm90.cuh's Shape<kD>::kQBuffers: two Q buffers where they fit beside the K/V ring."""
+    tile = head_dim // c["kPanelColumns"] * c["kBoxRows"] * c["kSwizzleBytes"]
+    def smem(q_buffers):
+        return (q_buffers + 2 * c["kForwardStages"]) * tile + c["kForwardBarrierBytes"] + c["kSwizzleAtomBytes"]
+    return c["kForwardQBuffers"] if smem(c["kForwardQBuffers"]) <= c["kMaxSharedBytes"] else 1
+
+
 def grad_step(head_dim: int, c: dict[str, int]) -> int:
     """backward_sm90.cuh's grad_step."""
     return c["kGradStepSmall"] if head_dim <= c["kGradStepSmallHeadDim"] else c["kGradStepLarge"]
@@ -175,20 +183,27 @@ class Product:
     a_transposed: bool = True  # ss_mn: A read MN-major (imm-trans-a = 1), as the kernel issues it
 
 
-def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dict[str, int], base: int = 0):
-    """(tiles the producer loads, products consumer `consumer` issues on pipeline slot `slot`)."""
+def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dict[str, int], base: int = 0,
+                    q_read_bytes: int | None = None):
+    """(tiles the producer loads, products consumer `consumer` issues on pipeline slot `slot`).
+    `q_read_bytes`: where the consumers think Q buffer b starts (b x that; default the tile's
+    bytes, as the producer writes it): a broken variant for the tests."""
     panels = head_dim // c["kPanelColumns"]
     row_offset = consumer * c["kConsumerRowBytes"]  # the kernels' offset into A's tile ...
     consumer_row0 = consumer * c["kWgmmaM"]          # ... must land on the consumer's own 64 rows
     if kernel == "forward":
+        # The persistent forward's carve-up: Q buffers, then the K ring, then the V ring. Each Q
+        # buffer holds a different tile (row0 apart) and the consumer reads the one its tile uses.
         rows, stages = c["kBoxRows"], c["kForwardStages"]
         tile_bytes = panels * rows * 128
-        q = Tile("Q", base, rows)
-        k = Tile("K", base + (1 + slot) * tile_bytes, rows, row0=1000 * slot)
-        v = Tile("V", base + (1 + stages + slot) * tile_bytes, rows, row0=1000 * slot)
-        products = [Product("S = Q K^T", "ss", b=k, a=q, a_row0=consumer_row0, n=rows),
-                    Product("O += P V", "rs", b=v, n=head_dim, k_rows=rows)]
-        return [q, k, v], products, row_offset
+        q_buffers = forward_q_buffers(head_dim, c)
+        qs = [Tile("Q", base + b * tile_bytes, rows, row0=500 * b) for b in range(q_buffers)]
+        k = Tile("K", base + (q_buffers + slot) * tile_bytes, rows, row0=1000 * slot)
+        v = Tile("V", base + (q_buffers + stages + slot) * tile_bytes, rows, row0=1000 * slot)
+        read = [replace(q, address=base + b * (q_read_bytes or tile_bytes)) for b, q in enumerate(qs)]
+        products = [Product(f"S = Q{b} K^T", "ss", b=k, a=q, a_row0=consumer_row0, n=rows) for b, q in enumerate(read)]
+        products.append(Product("O += P V", "rs", b=v, n=head_dim, k_rows=rows))
+        return [*qs, k, v], products, row_offset
     block, stages, step = c["kGradBlock"], c["kGradStages"], grad_step(head_dim, c)
     block_bytes, step_bytes = panels * block * 128, panels * step * 128
     first, second = ("K", "V") if kernel == "key_grad" else ("Q", "dO")
@@ -219,7 +234,7 @@ def kernel_products(kernel: str, head_dim: int, consumer: int, slot: int, c: dic
 
 def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = None, base: int = 0,
                  c: dict[str, int] | None = None, stage_swizzled: bool = True,
-                 dq_a_transposed: bool = True) -> list[str]:
+                 dq_a_transposed: bool = True, q_read_bytes: int | None = None) -> list[str]:
     """Every mismatch between what each wgmma of `kernel` fetches and the element it should, over
     both consumers and every pipeline slot (empty: the contract holds). `stage_swizzled` and
     `dq_a_transposed` break the one-pass kernel's dS^T staging and dQ product (for the tests)."""
@@ -229,7 +244,7 @@ def check_kernel(kernel: str, head_dim: int, overrides: dict[str, int] | None = 
     errors: list[str] = []
     for slot in range(stages):
         for consumer in range(c["kConsumers"]):
-            tiles, products, row_offset = kernel_products(kernel, head_dim, consumer, slot, c, base)
+            tiles, products, row_offset = kernel_products(kernel, head_dim, consumer, slot, c, base, q_read_bytes)
             size = max(t.address + max(head_dim, t.rows) // 64 * t.panel_bytes for t in tiles)
             memory = SharedMemory(size + 4096, c["kSwizzleAtomBytes"])
             for tile in tiles:  # the producer's TMA boxes: one per 64-column panel

@@ -56,6 +56,8 @@ class Latencies:
     stage_cycles_per_element: int = 1  # backward one-pass: dS^T packed and stored to shared memory
     atomic_cycles_per_element: int = 2  # backward one-pass: red.global.add.v2.f32 of dQ (issue + LSU)
     jitter: float = 0.05            # +- on every product and elementwise step
+    stall_cycles: int = 0           # forward consumers: up to this many cycles (uniform) lost before
+                                    # each named-barrier operation (warp scheduling, adversarial)
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,11 @@ class ForwardVariant:
     double_release: bool = False      # consumer 0 releases its K twice a step
     skip_finish: bool = False         # consumer 0 does not absorb consumer 1's last pass
     skip_first_grant: bool = False    # consumer 1 does not grant consumer 0 the first turn
-    # A persistent grid (several query blocks a CTA; not built yet, see KERNEL_NOTES c90c):
+    # The persistent grid (several query blocks a CTA, KERNEL_NOTES c90c / c90d):
     persistent: bool = False
+    q_buffers: int = 1                # 2: tile n's Q in buffer n % 2, so the next Q lands early
     release_q_early: bool = False     # broken: Q released before O has left its rows
+    grant_every_tile: bool = False    # broken: a pingpong grant and finish per tile, not per block
 
 
 TODAY = ForwardVariant(split_release=False, release_k_after_s=False, wait_before_turn=False)
@@ -340,6 +344,9 @@ class Machine:
         agent.registers = registers
         return 1
 
+    def _op_stall(self, agent, cycles):
+        return self.rng.randint(1, cycles)
+
     def _op_exit(self, agent):
         return 0
 
@@ -362,9 +369,13 @@ def forward_schedule(machine: Machine, head_dim: int, tiles: tuple[int, ...], va
     tile = panels * c["kBoxRows"] * c["kSwizzleBytes"]             # Shape::kTileBytes: what expect_tx announces
     box = c["kBoxRows"] * c["kBoxColumns"] * c["kElementBytes"]  # what one TMA box delivers
     consumers = {f"consumer{i}": threads for i in range(c["kConsumers"])}
-    machine.mbarrier("q_full", 1, {"producer": 1})
-    if variant.persistent:
-        machine.mbarrier("q_empty", c["kConsumers"] * threads, consumers)
+    buffers = variant.q_buffers
+    q_full = [f"q_full{b}" if buffers > 1 else "q_full" for b in range(buffers)]
+    q_empty = [f"q_empty{b}" if buffers > 1 else "q_empty" for b in range(buffers)]
+    for b in range(buffers):
+        machine.mbarrier(q_full[b], 1, {"producer": 1})
+        if variant.persistent:
+            machine.mbarrier(q_empty[b], c["kConsumers"] * threads, consumers)
     for s in range(stages):
         machine.mbarrier(f"k_full{s}", 1, {"producer": 1})
         machine.mbarrier(f"v_full{s}", 1, {"producer": 1})
@@ -381,11 +392,12 @@ def forward_schedule(machine: Machine, head_dim: int, tiles: tuple[int, ...], va
         yield ("setmaxnreg", "dec", c["kProducerRegisters"])
         base = 0
         for number, steps in enumerate(tiles):
+            b, use = number % buffers, number // buffers  # Q buffer, and how often it was used before
             if variant.persistent:
-                yield ("wait", "q_empty", (number & 1) ^ 1)
-            yield ("expect_tx", "q_full", tile)
+                yield ("wait", q_empty[b], (use & 1) ^ 1)
+            yield ("expect_tx", q_full[b], tile)
             for _ in range(panels):
-                yield ("tma", "q_full", box, ("Q", 0), number)
+                yield ("tma", q_full[b], box, ("Q", b), number)
             for step in range(base, base + steps):
                 slot, parity = step % stages, (step // stages) & 1
                 yield ("wait", f"{k_empty}{slot}", parity ^ 1)
@@ -411,22 +423,31 @@ def forward_schedule(machine: Machine, head_dim: int, tiles: tuple[int, ...], va
                 yield ("arrive", f"{k_empty}{slot}", threads)
 
         yield ("setmaxnreg", "inc", c["kConsumerRegisters"])
-        base = 0
+        base, any_phase = 0, False
         for number, steps in enumerate(tiles):
-            yield ("wait", "q_full", number & 1)
-            q = (("Q", 0), number)
+            b, use = number % buffers, number // buffers
+            yield ("wait", q_full[b], use & 1)
+            q = (("Q", b), number)
             if steps > 0:
-                yield from mainloop(i, base, steps, q, turn, other, k_parity, v_parity, release_k)
+                # The pingpong runs on across tiles: consumer 1 grants once, before the block's
+                # first phase (grant_every_tile: before each tile's, the broken protocol).
+                grant = i == 1 and not variant.skip_first_grant and (not any_phase or variant.grant_every_tile)
+                yield from mainloop(i, base, steps, q, turn, other, k_parity, v_parity, release_k, grant)
+                if i == 0 and variant.grant_every_tile and not variant.skip_finish:
+                    yield ("bar_sync", c["kPingpongBarrier"], "finish")
+                any_phase = True
             if variant.persistent and variant.release_q_early:
-                yield ("arrive", "q_empty", threads)
-            yield ("use_slot", ("Q", 0), number, lat.epilogue_cycles)  # O staged in this consumer's Q rows
+                yield ("arrive", q_empty[b], threads)
+            yield ("use_slot", ("Q", b), number, lat.epilogue_cycles)  # O staged in this consumer's Q rows
             if variant.persistent and not variant.release_q_early:
-                yield ("arrive", "q_empty", threads)
+                yield ("arrive", q_empty[b], threads)
             base += steps
+        if i == 0 and any_phase and not variant.skip_finish and not variant.grant_every_tile:
+            yield ("bar_sync", c["kPingpongBarrier"], "finish")  # absorbs consumer 1's last pass
         yield ("exit",)
 
-    def mainloop(i, base, steps, q, turn, other, k_parity, v_parity, release_k):
-        if i == 1 and not variant.skip_first_grant:
+    def mainloop(i, base, steps, q, turn, other, k_parity, v_parity, release_k, grant):
+        if grant:
             yield ("bar_arrive", c["kPingpongBarrier"], "grant")  # consumer 0 goes first
         if variant.wait_before_turn:
             yield ("wait", f"k_full{base % stages}", k_parity(base))
@@ -479,12 +500,16 @@ def forward_schedule(machine: Machine, head_dim: int, tiles: tuple[int, ...], va
             yield ("arrive", f"{k_empty}{last % stages}", threads)
         if variant.split_release:
             yield ("arrive", f"v_empty{last % stages}", threads)
-        if i == 0 and not variant.skip_finish:
-            yield ("bar_sync", c["kPingpongBarrier"], "finish")  # absorbs consumer 1's last pass
+
+    def stalled(program):
+        for op in program:
+            if op[0] in ("bar_sync", "bar_arrive") and lat.stall_cycles:
+                yield ("stall", lat.stall_cycles)
+            yield op
 
     machine.agent("producer", producer())
     for i in range(c["kConsumers"]):
-        machine.agent(f"consumer{i}", consumer(i))
+        machine.agent(f"consumer{i}", stalled(consumer(i)))
 
 
 def backward_schedule(machine: Machine, kernel: str, head_dim: int, steps: int, lat: Latencies,
@@ -614,6 +639,16 @@ def simulate(kernel: str, head_dim: int, steps: int = 32, seed: int = 0, variant
         backward_schedule(machine, kernel, head_dim, steps, lat, release_early, overlap_dq)
     machine.run()
     return machine.tensor_busy / (machine.last_product - machine.first_product)
+
+
+def run_forward_block(head_dim: int, tiles: tuple[int, ...], variant: ForwardVariant, constants: dict[str, int],
+                      seed: int = 0, lat: Latencies = Latencies()) -> Machine:
+    """One forward block run to its exit (machine.exited_at: its cycles from the first load), for
+    the grid model (tests/sm90_grid_model.py); raises ScheduleError as simulate does."""
+    machine = Machine(constants, lat, random.Random(seed), constants["kRegistersAtEntry"])
+    forward_schedule(machine, head_dim, tiles, variant, lat)
+    machine.run()
+    return machine
 
 
 def busy_range(kernel: str, head_dim: int, seeds: int = 12, **kwargs) -> tuple[float, float]:

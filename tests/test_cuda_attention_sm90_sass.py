@@ -17,7 +17,7 @@ import pytest
 
 from tformer.build_info import load_record
 
-from sm90_layout_model import read_constants
+from sm90_layout_model import forward_q_buffers, read_constants
 from test_cuda_row_kernels_sass import _cuobjdump, _extension, sass_by_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +121,10 @@ def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
         fields = dict(item.split(":", 1) for item in usage[name].split())
         assert fields["LOCAL"] == "0" and fields["STACK"] == "0", f"{name}: {usage[name]}"
         head_dim = int(re.search(r"Li(\d+)E", name).group(1))
-        # Shape<kD>::kSmemBytes: Q + stages x (K + V) tiles of rows x head_dim 16-bit elements,
-        # the barriers and 1 KiB to align the base; plus the static shared memory.
-        dynamic = (1 + 2 * stages) * rows * head_dim * 2 + constants["kForwardBarrierBytes"] + 1024
+        # Shape<kD>::kSmemBytes: Q buffers + stages x (K + V) tiles of rows x head_dim 16-bit
+        # elements, the barriers and 1 KiB to align the base; plus the static shared memory.
+        q_buffers = forward_q_buffers(head_dim, constants)
+        dynamic = (q_buffers + 2 * stages) * rows * head_dim * 2 + constants["kForwardBarrierBytes"] + 1024
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
 
 

@@ -111,6 +111,7 @@ def test_constants_reader_rejects_what_it_cannot_evaluate(tmp_path):
 import re  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
+import sm90_grid_model as grid  # noqa: E402
 import sm90_schedule_model as schedule  # noqa: E402
 
 SEEDS = range(6)
@@ -193,14 +194,16 @@ def test_transaction_bytes_past_the_tx_count_are_caught():
         schedule.simulate("forward", 128, constants=small)
 
 
-# The model's forward consumer is the kernel's: the same pipeline operations in the same order.
+# The model's forward consumer is the kernel's: the same pipeline operations in the same order
+# (one tile of the persistent kernel: Q waited for, the main loop, Q released after the epilogue,
+# consumer 0's finish once the block's tiles are done).
 _SOURCE_TOKENS = [
-    (r"mbarrier_wait\(q_full", "wait q_full"), (r"mbarrier_wait\(&k_full", "wait k_full"),
+    (r"mbarrier_wait\(&q_full", "wait q_full"), (r"mbarrier_wait\(&k_full", "wait k_full"),
     (r"mbarrier_wait\(&v_full", "wait v_full"), (r"turns\.grant_first\(\)", "grant"),
     (r"turns\.take\(\)", "take"), (r"turns\.pass\(\)", "pass"), (r"turns\.finish\(\)", "finish"),
     (r"issue_qk<", "issue S"), (r"issue_pv<", "issue PV"), (r"wgmma_wait<(\d)>", "wgmma_wait"),
     (r"mbarrier_arrive\(&k_empty", "release k"), (r"mbarrier_arrive\(&v_empty", "release v"),
-    (r"mbarrier_arrive\(&kv_empty", "release kv"),
+    (r"mbarrier_arrive\(&kv_empty", "release kv"), (r"mbarrier_arrive\(&q_empty", "release q"),
 ]
 
 
@@ -225,27 +228,29 @@ def _model_tokens(ops) -> list[str]:
         elif kind == "wait_group":
             tokens.append(f"wgmma_wait<{op[1]}>")
         elif kind == "arrive":
-            tokens.append("release " + re.sub(r"_empty\d+$", "", op[1]))
+            tokens.append("release " + re.sub(r"_empty\d*$", "", op[1]))
     return tokens
 
 
 def forward_source_tokens(steps: int) -> list[str]:
     source = (layout.ROOT / "csrc" / "attention_sm90" / "forward_sm90.cuh").read_text()
-    body = source[source.index("// ---- consumers ----"):source.index("// Fully masked rows")]
+    body = source[source.index("// ---- consumers ----"):source.index("#endif  // __CUDA_ARCH_FEAT_SM90_ALL")]
     loop_start = body.index("for (int step = 1; step < num_steps; ++step)")
-    loop_end = body.index("if (num_steps > 0) {\n    const int last")
+    loop_end = body.index("if (num_steps > 0) {\n      const int last")
     before, loop, after = (_source_tokens(part) for part in (body[:loop_start], body[loop_start:loop_end],
                                                              body[loop_end:]))
     return before + loop * (steps - 1) + after
 
 
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
 @pytest.mark.parametrize("consumer", [0, 1])
-def test_model_follows_the_forward_kernels_operation_order(consumer):
+def test_model_follows_the_forward_kernels_operation_order(consumer, head_dim):
     steps = 4
     source = forward_source_tokens(steps)
     if consumer == 0:
         source = [t for t in source if t != "grant"]
-    model = _model_tokens(schedule.forward_consumer_ops(128, steps, consumer=consumer))
+    ops = schedule.forward_consumer_ops(head_dim, steps, variant=grid.built_variant(head_dim), consumer=consumer)
+    model = _model_tokens(ops)
     if consumer == 1:
         source = [t for t in source if t != "finish"]  # only consumer 0 syncs in finish()
     assert model == source
@@ -274,19 +279,191 @@ def test_output_staging_in_the_other_consumers_rows_is_caught():
     assert errors
 
 
-# A persistent forward (fix 3's second half, not built yet): the schedule it needs is proved here
-# first. Q is refilled only after both consumers released it on q_empty, once O has left the rows
-# it was staged in; step numbers, slots, parities and the per-tile pingpong run on across tiles.
+# ---- the persistent forward (KERNEL_NOTES c90d) -------------------------------------------------------
+# Q is refilled only after both consumers released its buffer on q_empty, once O has left the rows it
+# was staged in; step numbers, slots, parities, Q buffers and the pingpong run on across tiles.
 PERSISTENT = replace(schedule.FIXED, persistent=True)
+STALLS = schedule.Latencies(stall_cycles=3000)  # adversarial warp scheduling before every named barrier
 
 
-@pytest.mark.parametrize("tiles", [(4, 4, 4), (8, 7, 6, 5, 4, 3, 2, 1), (1, 1, 1, 1), (0, 3, 0, 2), (32, 32)], ids=str)
+@pytest.mark.parametrize("tiles", [(4, 4, 4), (8, 7, 6, 5, 4, 3, 2, 1), (1, 1, 1, 1), (0, 3, 0, 2), (32, 32),
+                                   (2, 1, 2, 1)], ids=str)
 @pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
 def test_persistent_forward_schedule_is_sound(tiles, head_dim):
     for seed in SEEDS:
-        schedule.simulate("forward", head_dim, variant=PERSISTENT, tiles=tiles, seed=seed)
+        for lat in (schedule.Latencies(), STALLS):
+            schedule.simulate("forward", head_dim, variant=grid.built_variant(head_dim), tiles=tiles, seed=seed, lat=lat)
+            schedule.simulate("forward", head_dim, variant=PERSISTENT, tiles=tiles, seed=seed, lat=lat)
 
 
-def test_persistent_forward_releasing_q_before_the_epilogue_is_caught():
+@pytest.mark.parametrize("row", [(32, 8, 512, 64, True), (16, 8, 1024, 64, True), (4, 16, 4096, 128, True)],
+                         ids=str)
+def test_persistent_forward_runs_a_real_blocks_tiles(row):
+    # block 0's tile list as tile_scheduler.h orders it at an ANCHORS row (causal pairs, longest first)
+    batch, heads, seq_len, head_dim, causal = row
+    scheduler = grid.scheduler_for(batch, heads, seq_len, head_dim, causal)
+    c = CONSTANTS
+    tiles = tuple(grid.tile_steps(m, seq_len, causal, c) for m, _, _ in scheduler.block_tiles(0))
+    assert tiles[0] == scheduler.m_blocks  # the longest first
+    for seed in range(3):
+        schedule.simulate("forward", head_dim, variant=grid.built_variant(head_dim), tiles=tiles, seed=seed)
+
+
+def test_built_forward_has_two_q_buffers_where_they_fit():
+    assert layout.forward_q_buffers(64, CONSTANTS) == 2 and layout.forward_q_buffers(128, CONSTANTS) == 1
+
+
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_forward_carve_up_fits_and_does_not_overlap(head_dim):
+    c = CONSTANTS
+    tiles, _, _ = layout.kernel_products("forward", head_dim, 0, 0, c)
+    tile_bytes = head_dim // 64 * c["kBoxRows"] * c["kSwizzleBytes"]
+    q_buffers, stages = layout.forward_q_buffers(head_dim, c), c["kForwardStages"]
+    starts = [b * tile_bytes for b in range(q_buffers)] + [(q_buffers + s) * tile_bytes for s in range(2 * stages)]
+    assert [t.address for t in tiles if t.tensor == "Q"] == starts[:q_buffers]
+    assert all(start % c["kSwizzleAtomBytes"] == 0 for start in starts)
+    end = (q_buffers + 2 * stages) * tile_bytes
+    assert c["kForwardBarrierBytes"] >= 8 * (2 * q_buffers + 4 * stages)
+    assert end + c["kForwardBarrierBytes"] + c["kSwizzleAtomBytes"] <= c["kMaxSharedBytes"]
+
+
+def test_second_q_buffer_read_from_the_wrong_place_is_caught():
+    errors = layout.check_kernel("forward", 64, q_read_bytes=64 * 128)  # half a tile: Q0's lower rows
+    assert any("S = Q1 K^T" in e and "elements wrong" in e for e in errors)
+
+
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+def test_persistent_forward_releasing_q_before_the_epilogue_is_caught(head_dim):
+    broken = replace(grid.built_variant(head_dim), release_q_early=True)
     with pytest.raises(schedule.ScheduleError, match="reads it until|reuses"):
-        schedule.simulate("forward", 128, variant=replace(PERSISTENT, release_q_early=True), tiles=(3, 3, 3))
+        for seed in SEEDS:
+            schedule.simulate("forward", head_dim, variant=broken, tiles=(3, 3, 3, 3), seed=seed)
+
+
+def test_pingpong_granted_every_tile_is_caught_with_two_q_buffers():
+    # The c90c model's protocol (grant and finish per tile): with the next Q already in, consumer 1's
+    # grant can reach barrier 1 before consumer 0's finish of the tile before.
+    broken = replace(grid.built_variant(64), grant_every_tile=True)
+    with pytest.raises(schedule.ScheduleError, match="twice in one phase"):
+        for seed in range(12):
+            schedule.simulate("forward", 64, variant=broken, tiles=(2, 1, 2, 1), seed=seed, lat=STALLS)
+
+
+# Tensor-core busy the c90d prediction rests on (the chosen design, grid model, seed 0), each at least
+# today's grid's; the floors are the c90d table's figures rounded down.
+BUSY_FLOORS = {((4, 16, 4096, 128), False): 0.92, ((4, 16, 4096, 128), True): 0.88,
+               ((8, 16, 2048, 64), False): 0.70, ((8, 16, 2048, 64), True): 0.68,
+               ((16, 8, 1024, 64), False): 0.67, ((16, 8, 1024, 64), True): 0.64,
+               ((32, 8, 512, 64), False): 0.65, ((32, 8, 512, 64), True): 0.59}
+
+
+def test_persistent_grid_keeps_the_predicted_busy():
+    built = grid.CANDIDATES[-1][0]
+    for row in grid.anchor_table(candidates=grid.CANDIDATES[-1:]):
+        key = (row["shape"], row["causal"])
+        assert row["busy"][built] >= BUSY_FLOORS[key], f"{key}: {row['busy'][built]:.1%}"
+        assert row[built] >= row["today"], f"{key}: persistent {row[built]:.0f} < today {row['today']:.0f}"
+
+
+def test_plain_longest_first_order_is_caught_unbalanced():
+    # Longest-first without pairs, strided over L2 sections: one block gets far more key blocks than
+    # the mean at the causal 4k row (the order c90d rejected); the built order stays within 5%.
+    c = CONSTANTS
+    built = grid.scheduler_for(4, 16, 4096, 128, True)
+    plain = replace(built, causal=False)  # the same sections and snake, no pairs: ranks 0..M-1
+    for scheduler, reverse, bound in ((built, False, 1.05), (plain, True, None)):
+        loads = []
+        for block in range(scheduler.grid):
+            ms = [m for m, _, _ in scheduler.block_tiles(block)]
+            ms = [scheduler.m_blocks - 1 - m for m in ms] if reverse else ms
+            loads.append(sum(grid.tile_steps(m, 4096, True, c) for m in ms))
+        ratio = max(loads) / (sum(loads) / len(loads))
+        if bound:
+            assert ratio <= bound, ratio
+        else:
+            assert ratio > 1.2, ratio
+
+
+# ---- the tile order (tile_scheduler.h; its Python mirror is sm90_grid_model.TileScheduler) ----------
+ORDER_CASES = [  # (m_blocks, heads, seqs, section_heads, grid, causal)
+    (32, 16, 4, 16, 132, 1), (32, 16, 4, 16, 132, 0), (4, 8, 32, 256, 132, 1), (7, 3, 5, 4, 11, 1),
+    (7, 3, 5, 4, 11, 0), (1, 1, 1, 1, 1, 1), (1, 1, 1, 1, 1, 0), (5, 2, 1, 2, 3, 1), (9, 5, 3, 7, 132, 1),
+    (16, 8, 16, 128, 132, 1), (3, 1, 1, 1, 2, 1),
+    (7, 3, 5, 4, 60, 1), (7, 3, 5, 4, 105, 0),  # one unit a block: the packed grid
+]
+
+
+def _order(case):
+    scheduler = grid.TileScheduler(*case[:5], bool(case[5]))
+    return [scheduler.block_tiles(block) for block in range(scheduler.grid)]
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=str)
+def test_every_tile_runs_exactly_once(case):
+    m_blocks, heads, seqs = case[:3]
+    tiles = [tile for block in _order(case) for tile in block]
+    assert sorted(tiles) == sorted((m, h, s) for m in range(m_blocks) for h in range(heads) for s in range(seqs))
+
+
+@pytest.mark.parametrize("case", [c for c in ORDER_CASES if c[5]], ids=str)
+def test_causal_order_runs_longest_first_in_equal_pairs(case):
+    m_blocks = case[0]
+    scheduler = grid.TileScheduler(*case[:5], True)
+    for block in range(scheduler.grid):
+        round_ = 0
+        while (index := scheduler.linear(block, round_)) < scheduler.tiles():
+            if round_ % 2 == 0:  # a unit: its long query block, then its short one of the same head
+                long, short = scheduler.tile(index), scheduler.tile(scheduler.linear(block, round_ + 1))
+                assert long[0] >= m_blocks // 2 and long[1:] == short[1:]
+                assert short[0] == -1 or long[0] + short[0] == m_blocks - 1
+            round_ += 1
+    # Along the order, inside each section, the units' long query blocks never grow: the longest first.
+    section_tiles = 2 * scheduler.section_heads * scheduler.ranks()
+    for start in range(0, scheduler.tiles(), section_tiles):
+        longs = [scheduler.tile(i)[0] for i in range(start, min(start + section_tiles, scheduler.tiles()), 2)]
+        assert longs[0] == m_blocks - 1 and longs == sorted(longs, reverse=True)
+
+
+def test_section_heads_keep_k_and_v_within_the_l2_budget():
+    c = CONSTANTS
+    assert grid.section_heads_for(4096, 128, 64, c) == c["kL2SectionBytes"] // (2 * 4096 * 128 * 2)
+    assert grid.section_heads_for(1 << 22, 128, 64, c) == 1 and grid.section_heads_for(512, 64, 3, c) == 3
+    assert grid.section_heads_for(512, 64, 0, c) == 1
+
+
+def test_kernel_header_gives_the_same_order(tmp_path):
+    # tile_scheduler.h compiled by the host compiler: the order the kernel runs, compared with the mirror.
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler to build tile_scheduler.h")
+    program = tmp_path / "order.cpp"
+    program.write_text(
+        '#include <cstdio>\n#include <cstdlib>\n#include "attention_sm90/tile_scheduler.h"\n'
+        "using namespace tformer::attention_sm90;\n"
+        "int main(int argc, char** argv) {\n"
+        "  TileScheduler s{atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6])};\n"
+        "  for (int b = 0; b < s.grid; ++b) {\n"
+        "    for (int r = 0;; ++r) {\n"
+        "      const int i = s.linear(b, r);\n"
+        "      if (i >= s.tiles()) break;\n"
+        "      const ForwardTile t = s.tile(i);\n"
+        "      if (t.m_block >= 0) std::printf(\"%d %d %d,\", t.m_block, t.head, t.seq);\n"
+        "    }\n"
+        "    std::printf(\"\\n\");\n"
+        "  }\n"
+        "  std::printf(\"%d %d %d\\n\", section_heads_for(4096, 128, 64), section_heads_for(512, 64, 3), s.units());\n"
+        "}\n")
+    binary = tmp_path / "order"
+    subprocess.run([compiler, "-std=c++17", "-I", str(layout.ROOT / "csrc"), str(program), "-o", str(binary)],
+                   check=True, capture_output=True, timeout=120)
+    for case in ORDER_CASES:
+        lines = subprocess.run([str(binary), *map(str, case)], check=True, capture_output=True, text=True,
+                               timeout=30).stdout.splitlines()
+        header = [[tuple(map(int, t.split())) for t in line.split(",") if t] for line in lines[:-1]]
+        assert header == _order(case), case
+        scheduler = grid.TileScheduler(*case[:5], bool(case[5]))
+        assert lines[-1].split() == [str(grid.section_heads_for(4096, 128, 64)), str(grid.section_heads_for(512, 64, 3)),
+                                     str(scheduler.units())]

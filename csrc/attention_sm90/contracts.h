@@ -61,10 +61,19 @@ constexpr int kNamedBarriers = 16;
 
 // ---- forward pipeline (forward_sm90.cuh) ---------------------------------------------------
 constexpr int kForwardStages = 3;  // 3 x (K + V) + Q = 224 KiB at head dim 128: fits
-// q_full; per slot k_full, v_full, k_empty, v_empty (K is released as soon as S = Q K^T has
-// completed, V after O += P V: the producer refills K a whole step earlier).
-constexpr int kForwardBarriers = 1 + 4 * kForwardStages;
+// The persistent forward runs several query tiles a block; with two Q buffers the next tile's Q
+// lands while this tile's last steps and epilogue run. Shape<kD>::kQBuffers (forward_sm90.cuh;
+// forward_q_buffers in tests/sm90_layout_model.py): two where Q x 2 + kForwardStages x (K + V)
+// fit in shared memory (head dim 64), else one (head dim 128: the next Q waits until both
+// consumers stored O out of the only one).
+constexpr int kForwardQBuffers = 2;  // the most; the barrier bytes are sized for it
+// Per Q buffer q_full, q_empty; per slot k_full, v_full, k_empty, v_empty (K is released as soon
+// as S = Q K^T has completed, V after O += P V: the producer refills K a whole step earlier).
+constexpr int kForwardBarriers = 2 * kForwardQBuffers + 4 * kForwardStages;
 constexpr int kForwardBarrierBytes = 8 * kForwardBarriers;
+// The persistent forward (tile_scheduler.h): K and V of the heads a section of the tile order
+// covers stay within this much of H100's 50 MB L2 (the rest holds Q, O and other traffic).
+constexpr int kL2SectionBytes = 32 << 20;
 
 // ---- backward pipelines (backward_sm90.cuh) ------------------------------------------------
 constexpr int kGradBlock = 128;                           // rows a block owns (keys or queries)

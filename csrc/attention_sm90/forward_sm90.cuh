@@ -7,7 +7,12 @@
 // layouts (128-byte swizzle, descriptors) are spelled out where they are used instead of
 // hidden in layout algebra.
 //
-// A block of 3 warpgroups (384 threads) owns 128 query rows of one (sequence, head):
+// The grid is persistent: one block an SM (queried on the host) runs query tiles of 128 rows of
+// one (sequence, head) in turn, in the order of tile_scheduler.h (L2 sections of heads; causal:
+// pairs of query blocks, longest first). Barrier phases and pipeline slots run on across tiles:
+// a tile's Q waits on q_empty (both consumers stored O out of that Q buffer), and where shared
+// memory holds two Q buffers (head dim 64) the next tile's Q lands during this tile's last steps.
+// A block of 3 warpgroups (384 threads), for each of its tiles:
 //   warpgroup 0, the producer: one thread issues TMA loads: the Q tile once, then each key
 //     block's K and V tiles into a ring of kStages slots; k_full / v_full barriers say a
 //     tile arrived (transaction bytes), k_empty / v_empty that both consumers are done with
@@ -40,11 +45,14 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include <cstdint>
+
 #include "attention/attention.h"
 #include "attention_sm90/attention_sm90.h"
 #include "attention_sm90/block_setup.cuh"
 #include "attention_sm90/hopper.cuh"
 #include "attention_sm90/products.cuh"
+#include "attention_sm90/tile_scheduler.h"
 #include "common/convert.cuh"
 
 namespace tformer {
@@ -60,22 +68,48 @@ template <int kD> struct Shape {
   static_assert(kD % kPanelColumns == 0, "head dim must be a multiple of 64");
   static constexpr int kPanels = kD / kPanelColumns;
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // Q, K or V tile
-  static constexpr int kBarrierBytes = kForwardBarrierBytes;  // q_full, per slot k/v full and empty
-  // Q + kStages x (K + V) + barriers + slack to align the base to 1024 bytes.
-  static constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes + kSwizzleAtomBytes;
+  static constexpr int kBarrierBytes = kForwardBarrierBytes;  // per Q buffer and per slot: full and empty
+  // Q buffers + kStages x (K + V) + barriers + slack to align the base to 1024 bytes.
+  static constexpr int smem_bytes(int q_buffers) {
+    return (q_buffers + 2 * kStages) * kTileBytes + kBarrierBytes + kSwizzleAtomBytes;
+  }
+  // Two Q buffers where they fit (the next tile's Q loads early), else one.
+  static constexpr int kQBuffers = smem_bytes(kForwardQBuffers) <= kMaxSharedBytes ? kForwardQBuffers : 1;
+  static constexpr int kSmemBytes = smem_bytes(kQBuffers);
   // Contracts a hang or a wrong value would break, checked at build time.
-  static_assert(kBarrierBytes >= 8 * (1 + 4 * kStages), "the barriers overflow their bytes");
+  static_assert(kQBuffers >= 1 && kQBuffers <= kForwardQBuffers, "Q buffers: one or two");
+  static_assert(kBarrierBytes >= 8 * (2 * kQBuffers + 4 * kStages), "the barriers overflow their bytes");
   static_assert(kSmemBytes <= kMaxSharedBytes, "over Hopper's 227 KiB of shared memory a block");
   static_assert(kTileBytes % kSwizzleAtomBytes == 0, "every tile starts on a swizzle atom (1024 B)");
   static_assert(kTileBytes <= kMaxTransactionBytes, "a phase's TMA bytes exceed the mbarrier tx-count");
   static_assert(kPanelBytes < kDescriptorFieldLimit, "V's panel offset (LBO) overflows its descriptor field");
 };
+static_assert(Shape<64>::kQBuffers == 2 && Shape<128>::kQBuffers == 1,
+              "KERNEL_NOTES c90d's design: two Q buffers at head dim 64, one at 128 (3 stages)");
 
 struct ForwardParams {
   AttentionForwardArgs args;
   CUtensorMap q_map, k_map, v_map;
+  TileScheduler scheduler;
 };
 
+// A tile's place in its sequence: the sequence's span, the first query row, the key blocks.
+struct TileSpan {
+  int q_start, q_len, k_start, k_len, seq_coord, m0, num_steps;
+};
+
+// The tile a linear index names, or num_steps < 0 for none: the empty half of a causal pair, or
+// (packed) a query block past its sequence's end. Producer and consumers skip the same tiles, so
+// their tile counts (which pick the Q buffer and its parity) agree.
+__device__ __forceinline__ TileSpan tile_span(const AttentionProblem& p, const ForwardTile& tile) {
+  if (tile.m_block < 0) return {0, 0, 0, 0, 0, 0, -1};
+  const auto [q_start, q_len, k_start, k_len, seq_coord] = sequence_span(p, tile.seq);
+  const int m0 = tile.m_block * kBlockM;
+  if (m0 >= q_len) return {0, 0, 0, 0, 0, 0, -1};  // packed: this sequence is shorter than max_seqlen_q
+  const int key_end = p.causal ? min(k_len, m0 + kBlockM) : k_len;
+  const int num_steps = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+  return {q_start, q_len, k_start, k_len, seq_coord, m0, num_steps};
+}
 
 // S = Q K^T for one key block, and O += P V with V's tile MN-major for that product (keys
 // are K, the head dim is N); both issued, not waited for.
@@ -155,10 +189,11 @@ template <int kD> __device__ __forceinline__ void rescale(float (&o)[kD / 2], co
 // Pingpong (FA3 3.1): the two consumer warpgroups take turns issuing their wgmmas, so one's
 // softmax runs while the other's products hold the tensor cores. Named barrier 1 + c means
 // "consumer c may issue"; each issue phase is bracketed by take() and pass(). Both consumers
-// run the same num_steps + 1 phases and consumer 1 grants consumer 0 the first turn; consumer
-// 0 takes one more turn at the end (finish()) to absorb consumer 1's last pass, so every
-// arrival meets its sync and no barrier is left half-arrived at exit. pass() has no branch:
-// ptxas serializes every wgmma when a divergent path sits between issue and wait.
+// run the same phases (num_steps + 1 a tile, over the same tiles) and consumer 1 grants consumer
+// 0 the block's first turn; consumer 0 takes one more turn at the end (finish()) to absorb
+// consumer 1's last pass, so every arrival meets its sync and no barrier is left half-arrived.
+// pass() has no branch: ptxas serializes every wgmma when a divergent path sits between issue
+// and wait.
 struct Turns {
   static constexpr int kPingpongThreads = kConsumers * kWarpgroupThreads;
   int consumer;
@@ -222,30 +257,28 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ ForwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = Shape<kD>;
+  constexpr int kQBuffers = S::kQBuffers;
   extern __shared__ unsigned char shared_raw[];
-  unsigned char* q_tile = aligned_shared(shared_raw);
-  unsigned char* k_tiles = q_tile + S::kTileBytes;
+  unsigned char* q_tiles = aligned_shared(shared_raw);
+  unsigned char* k_tiles = q_tiles + kQBuffers * S::kTileBytes;
   unsigned char* v_tiles = k_tiles + kStages * S::kTileBytes;
   uint64_t* barriers = reinterpret_cast<uint64_t*>(v_tiles + kStages * S::kTileBytes);
   uint64_t* q_full = barriers;
-  uint64_t* k_full = barriers + 1;
+  uint64_t* q_empty = q_full + kQBuffers;
+  uint64_t* k_full = q_empty + kQBuffers;
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
 
   const AttentionForwardArgs& args = params.args;
   const AttentionProblem& p = args.problem;
-  // Causal: the last query blocks have the most keys; start them first.
-  const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int m0 = m_block * kBlockM, head = blockIdx.y, seq = blockIdx.z;
-  const auto [q_start, q_len, k_start, k_len, seq_coord] = sequence_span(p, seq);
-  if (m0 >= q_len) return;  // packed: this sequence is shorter than max_seqlen_q
-  const int kv_head = head / p.group_size;
-  const int key_end = p.causal ? min(k_len, m0 + kBlockM) : k_len;
-  const int num_steps = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+  const TileScheduler& scheduler = params.scheduler;
 
   if (threadIdx.x == 0) {
-    mbarrier_init(q_full, 1);
+    for (int b = 0; b < kQBuffers; ++b) {
+      mbarrier_init(&q_full[b], 1);
+      mbarrier_init(&q_empty[b], kConsumers * kWarpgroupThreads);  // both consumers stored O out of it
+    }
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
@@ -263,30 +296,43 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       prefetch_tensor_map(&params.q_map);
       prefetch_tensor_map(&params.k_map);
       prefetch_tensor_map(&params.v_map);
-      mbarrier_arrive_expect_tx(q_full, S::kTileBytes);
-#pragma unroll
-      for (int panel = 0; panel < S::kPanels; ++panel) {
-        tma_load_4d(q_tile + panel * kPanelBytes, &params.q_map, q_full, panel * kPanelColumns, q_start + m0, head,
-                    seq_coord);
-      }
-      for (int step = 0; step < num_steps; ++step) {
-        const int slot = step % kStages;
-        const uint32_t parity = (step / kStages) & 1;
-        const int token = k_start + step * kBlockN;
-        mbarrier_wait(&k_empty[slot], parity ^ 1);
-        mbarrier_arrive_expect_tx(&k_full[slot], S::kTileBytes);
-#pragma unroll
-        for (int panel = 0; panel < S::kPanels; ++panel) {
-          tma_load_4d(k_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.k_map, &k_full[slot],
-                      panel * kPanelColumns, token, kv_head, seq_coord);
-        }
-        mbarrier_wait(&v_empty[slot], parity ^ 1);
-        mbarrier_arrive_expect_tx(&v_full[slot], S::kTileBytes);
+      int step_base = 0, tile_count = 0;  // run on across tiles: slots, buffers and parities
+      for (int round = 0;; ++round) {
+        const int index = scheduler.linear(blockIdx.x, round);
+        if (index >= scheduler.tiles()) break;
+        const ForwardTile tile = scheduler.tile(index);
+        const TileSpan t = tile_span(p, tile);
+        if (t.num_steps < 0) continue;
+        const int kv_head = tile.head / p.group_size;
+        const int buffer = tile_count % kQBuffers;
+        mbarrier_wait(&q_empty[buffer], ((tile_count / kQBuffers) & 1) ^ 1);  // O of its last tile is out
+        mbarrier_arrive_expect_tx(&q_full[buffer], S::kTileBytes);
 #pragma unroll
         for (int panel = 0; panel < S::kPanels; ++panel) {
-          tma_load_4d(v_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.v_map, &v_full[slot],
-                      panel * kPanelColumns, token, kv_head, seq_coord);
+          tma_load_4d(q_tiles + buffer * S::kTileBytes + panel * kPanelBytes, &params.q_map, &q_full[buffer],
+                      panel * kPanelColumns, t.q_start + t.m0, tile.head, t.seq_coord);
         }
+        for (int step = 0; step < t.num_steps; ++step) {
+          const int global = step_base + step, slot = global % kStages;
+          const uint32_t parity = (global / kStages) & 1;
+          const int token = t.k_start + step * kBlockN;
+          mbarrier_wait(&k_empty[slot], parity ^ 1);
+          mbarrier_arrive_expect_tx(&k_full[slot], S::kTileBytes);
+#pragma unroll
+          for (int panel = 0; panel < S::kPanels; ++panel) {
+            tma_load_4d(k_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.k_map, &k_full[slot],
+                        panel * kPanelColumns, token, kv_head, t.seq_coord);
+          }
+          mbarrier_wait(&v_empty[slot], parity ^ 1);
+          mbarrier_arrive_expect_tx(&v_full[slot], S::kTileBytes);
+#pragma unroll
+          for (int panel = 0; panel < S::kPanels; ++panel) {
+            tma_load_4d(v_tiles + slot * S::kTileBytes + panel * kPanelBytes, &params.v_map, &v_full[slot],
+                        panel * kPanelColumns, token, kv_head, t.seq_coord);
+          }
+        }
+        step_base += t.num_steps;
+        ++tile_count;
       }
     }
     return;  // every load issued is waited for by the consumers, so none outlives the block
@@ -296,92 +342,118 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   claim_registers<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
-  const int wg_row0 = m0 + consumer * 64;         // first query row of this warpgroup
-  const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
   const float scale_log2 = p.scale * kLog2e;
-  const uint8_t* const padding = p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
-
-  const RowMask mask{padding, p.key_padding_token_stride, k_len, wg_row0, row0, p.causal, lane};
-  float o[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units; -inf while no key was allowed
-  float row_sum[2] = {0.f, 0.f};              // this lane's part; the quad's sum at the end
-  float s[kBlockN / 2], alpha[2];
-  uint32_t pa[kBlockN / 16][4];
-
-  const uint32_t q_address = smem_u32(q_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
   const auto k_address = [&](int slot) { return smem_u32(k_tiles + slot * S::kTileBytes); };
   const auto v_address = [&](int slot) { return smem_u32(v_tiles + slot * S::kTileBytes); };
-  mbarrier_wait(q_full, 0);
-
-  // Intra-warpgroup overlap (FA3 3.2, Algorithm 2): block j's P V is issued right after block
-  // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
-  // O is rescaled (and P repacked) only once that P V has completed.
-  const Turns turns{consumer};  // phases: the first Q K^T, num_steps - 1 pairs, the last P V
-  if (num_steps > 0) turns.grant_first();
-  if (num_steps > 0) {
-    mbarrier_wait(&k_full[0], 0);
-    turns.take();
-    wgmma_fence();
-    issue_qk<T, kD>(s, q_address, k_address(0));
-    turns.pass();
-    wgmma_wait<0>();
-    fence_registers(s);
-    mbarrier_arrive(&k_empty[0]);  // S is complete: K's slot may refill
-    online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
-    pack_a<T, kBlockN>(s, pa);
-  }
-  for (int step = 1; step < num_steps; ++step) {
-    const int slot = step % kStages, prev = (step - 1) % kStages;
-    mbarrier_wait(&k_full[slot], (step / kStages) & 1);
-    mbarrier_wait(&v_full[prev], ((step - 1) / kStages) & 1);
-    turns.take();
-    wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
-    issue_qk<T, kD>(s, q_address, k_address(slot));
-    issue_pv<T, kD>(o, pa, v_address(prev));
-    turns.pass();
-    wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
-    fence_registers(s);
-    mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
-    online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
-    wgmma_wait<0>();
-    fence_registers(o);
-    fence_registers(pa);  // pa stays allocated until P V has read it
-    mbarrier_arrive(&v_empty[prev]);  // this thread no longer reads that V
-    rescale<kD>(o, alpha);
-    pack_a<T, kBlockN>(s, pa);
-  }
-  if (num_steps > 0) {
-    const int last = num_steps - 1, slot = last % kStages;
-    mbarrier_wait(&v_full[slot], (last / kStages) & 1);
-    turns.take();
-    wgmma_fence();
-    issue_pv<T, kD>(o, pa, v_address(slot));
-    turns.pass();
-    wgmma_wait<0>();
-    fence_registers(o);
-    fence_registers(pa);
-    mbarrier_arrive(&v_empty[slot]);
-    turns.finish();
-  }
-
-  // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.
-  float inverse[2];
+  // The pingpong runs on across tiles: per tile each consumer has the same num_steps + 1 phases,
+  // so consumer 0 takes the first phase of every tile from consumer 1's last pass of the one
+  // before. Consumer 1 grants once, before its first phase, and consumer 0 finishes once, after
+  // its last: a grant per tile could reach barrier 1 before consumer 0's finish of the tile
+  // before (the next Q is already in with two buffers) and complete it with consumer 1 alone.
+  const Turns turns{consumer};
+  bool any_phase = false;
+  int step_base = 0, tile_count = 0;
+  for (int round = 0;; ++round) {
+    const int index = scheduler.linear(blockIdx.x, round);
+    if (index >= scheduler.tiles()) break;
+    const ForwardTile tile = scheduler.tile(index);
+    const TileSpan t = tile_span(p, tile);
+    if (t.num_steps < 0) continue;
+    const int head = tile.head, seq = tile.seq, num_steps = t.num_steps;
+    const int buffer = tile_count % kQBuffers;
+    unsigned char* q_tile = q_tiles + buffer * S::kTileBytes;
+    const int wg_row0 = t.m0 + consumer * 64;         // first query row of this warpgroup
+    const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+    const uint8_t* const padding =
+        p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
+    const RowMask mask{padding, p.key_padding_token_stride, t.k_len, wg_row0, row0, p.causal, lane};
+    float o[kD / 2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(row_sum[r]);
-    inverse[r] = sum == 0.f ? 0.f : 1.f / sum;
-    const int row = row0 + 8 * r;
-    if (row < q_len && lane % 4 == 0) {
-      args.lse[seq * args.lse_strides.seq + head * args.lse_strides.head +
-               static_cast<int64_t>(q_start + row) * args.lse_strides.token] =
-          sum == 0.f ? -INFINITY : (row_max[r] + log2f(sum)) * kLn2;
+    for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};  // log2 units; -inf while no key was allowed
+    float row_sum[2] = {0.f, 0.f};              // this lane's part; the quad's sum at the end
+    float s[kBlockN / 2], alpha[2];
+    uint32_t pa[kBlockN / 16][4];
+
+    const uint32_t q_address = smem_u32(q_tile) + consumer * kConsumerRowBytes;  // 8 KiB: stays atom-aligned
+    mbarrier_wait(&q_full[buffer], (tile_count / kQBuffers) & 1);
+
+    // Intra-warpgroup overlap (FA3 3.2, Algorithm 2): block j's P V is issued right after block
+    // j + 1's Q K^T, and the softmax of block j + 1 runs while P V is still on the tensor cores.
+    // O is rescaled (and P repacked) only once that P V has completed. Steps are numbered
+    // across the block's tiles (step_base), as the producer numbers them.
+    if (num_steps > 0 && !any_phase) turns.grant_first();
+    if (num_steps > 0) {
+      any_phase = true;
+      const int slot = step_base % kStages;
+      mbarrier_wait(&k_full[slot], (step_base / kStages) & 1);
+      turns.take();
+      wgmma_fence();
+      issue_qk<T, kD>(s, q_address, k_address(slot));
+      turns.pass();
+      wgmma_wait<0>();
+      fence_registers(s);
+      mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
+      online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
+      pack_a<T, kBlockN>(s, pa);
     }
+    for (int step = 1; step < num_steps; ++step) {
+      const int global = step_base + step, slot = global % kStages, prev = (global - 1) % kStages;
+      mbarrier_wait(&k_full[slot], (global / kStages) & 1);
+      mbarrier_wait(&v_full[prev], ((global - 1) / kStages) & 1);
+      turns.take();
+      wgmma_fence();  // orders the writes of o and pa above before the wgmmas read them
+      issue_qk<T, kD>(s, q_address, k_address(slot));
+      issue_pv<T, kD>(o, pa, v_address(prev));
+      turns.pass();
+      wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
+      fence_registers(s);
+      mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
+      online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
+      wgmma_wait<0>();
+      fence_registers(o);
+      fence_registers(pa);  // pa stays allocated until P V has read it
+      mbarrier_arrive(&v_empty[prev]);  // this thread no longer reads that V
+      rescale<kD>(o, alpha);
+      pack_a<T, kBlockN>(s, pa);
+    }
+    if (num_steps > 0) {
+      const int last = step_base + num_steps - 1, slot = last % kStages;
+      mbarrier_wait(&v_full[slot], (last / kStages) & 1);
+      turns.take();
+      wgmma_fence();
+      issue_pv<T, kD>(o, pa, v_address(slot));
+      turns.pass();
+      wgmma_wait<0>();
+      fence_registers(o);
+      fence_registers(pa);
+      mbarrier_arrive(&v_empty[slot]);
+    }
+
+    // Fully masked rows have sum 0: output 0 and lse = -inf, as the reference's safe softmax.
+    float inverse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      inverse[r] = sum == 0.f ? 0.f : 1.f / sum;
+      const int row = row0 + 8 * r;
+      if (row < t.q_len && lane % 4 == 0) {
+        args.lse[seq * args.lse_strides.seq + head * args.lse_strides.head +
+                 static_cast<int64_t>(t.q_start + row) * args.lse_strides.token] =
+            sum == 0.f ? -INFINITY : (row_max[r] + log2f(sum)) * kLn2;
+      }
+    }
+    T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
+             static_cast<int64_t>(t.q_start + wg_row0) * args.out_strides.token;
+    store_output<T, kD>(o, inverse, q_tile, consumer, lane, warp, out, args.out_strides.token, t.q_len - wg_row0);
+    // The read-backs above are generic-proxy reads of rows the next TMA load (async proxy)
+    // overwrites: fence them before q_empty hands the buffer back to the producer.
+    fence_proxy_async_shared();
+    mbarrier_arrive(&q_empty[buffer]);
+    step_base += num_steps;
+    ++tile_count;
   }
-  T* out = static_cast<T*>(args.out) + seq * args.out_strides.seq + head * args.out_strides.head +
-           static_cast<int64_t>(q_start + wg_row0) * args.out_strides.token;
-  store_output<T, kD>(o, inverse, q_tile, consumer, lane, warp, out, args.out_strides.token, q_len - wg_row0);
+  if (any_phase) turns.finish();
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -389,11 +461,30 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
 template <typename T, int kD>
 cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStream_t stream) {
   const AttentionProblem& p = args.problem;
-  const dim3 grid(static_cast<unsigned>((p.max_seqlen_q + kBlockM - 1) / kBlockM), p.num_heads, p.num_seqs);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  const int64_t m_blocks = (p.max_seqlen_q + kBlockM - 1) / kBlockM;
+  if (m_blocks == 0 || p.num_heads == 0 || p.num_seqs == 0) return cudaSuccess;
+  // The tile scheduler counts tiles in int (tile_scheduler.h); two per causal unit.
+  if (2 * (m_blocks + 1) * p.num_heads * p.num_seqs > INT32_MAX) return cudaErrorInvalidConfiguration;
+  int device = 0, sms = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) {
+    return e;
+  }
   ForwardParams params{};
   params.args = args;
+  const int pairs = p.num_heads * p.num_seqs;
+  TileScheduler& scheduler = params.scheduler;
+  scheduler.m_blocks = static_cast<int>(m_blocks);
+  scheduler.heads = p.num_heads;
+  scheduler.seqs = p.num_seqs;
+  scheduler.section_heads = section_heads_for(p.max_seqlen_k, kD, pairs);
+  scheduler.causal = p.causal ? 1 : 0;
   const bool packed = p.cu_seqlens_q != nullptr;
+  // Persistent (one block an SM) where the static order can balance the work: equal-length
+  // sequences. Packed sequences' lengths are on the device (reading cu_seqlens here would sync),
+  // so there every block runs one unit and the hardware hands blocks to the SMs that free first,
+  // as before the persistent grid (same kernel, same order).
+  scheduler.grid = packed || scheduler.units() < sms ? scheduler.units() : sms;
   const int seqs = packed ? 1 : p.num_seqs, kv_heads = p.num_heads / p.group_size;
   if (cudaError_t e = make_tile_map(&params.q_map, dtype, p.q, p.q_strides, p.q_tokens, p.num_heads, seqs, kD);
       e != cudaSuccess) {
@@ -412,7 +503,7 @@ cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStrea
       e != cudaSuccess) {
     return e;
   }
-  kernel<<<grid, kThreads, Shape<kD>::kSmemBytes, stream>>>(params);
+  kernel<<<scheduler.grid, kThreads, Shape<kD>::kSmemBytes, stream>>>(params);
   return cudaGetLastError();
 }
 
