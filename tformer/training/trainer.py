@@ -108,8 +108,11 @@ class Trainer:
         if init_source is not None:
             self.init_from_summary = load_trunk(model, init_source, metadata=self.task.export_metadata())
         self.raw_model = model
-        # What an export needs besides the weights, read while the model is still plain.
-        self.tied_names = tied_groups(model)
+        # What an export needs besides the weights, read while the model is still plain (FSDP2
+        # swaps its class for an FSDP subclass; checkpoint wrappers rename its parameters).
+        self.export_spec = {"model_class": type(model).__name__, "model_config": model.config.to_dict(),
+                            "tied": tied_groups(model)}
+        self.export_keys = set(model.state_dict())
         # Freezing / layer-wise LRs (transfer section): param groups now, requires_grad per step.
         self.transfer = Transfer(config.transfer, model, config.optimizer.lr) if config.transfer.active else None
         if self.transfer is not None:
@@ -229,13 +232,12 @@ class Trainer:
         the trained model's state dict and config: no model is built for it."""
         state = self.strategy.full_state_dict()  # every rank: shards and partitions are gathered
         if self.rank == 0:
-            expected = set(self.raw_model.state_dict())  # a plain (or checkpoint-wrapped) model's keys
+            expected = self.export_keys
             if set(state) != expected:
                 raise RuntimeError(f"export: state dict mismatch, missing {sorted(expected - set(state))}, "
                                    f"unexpected {sorted(set(state) - expected)}")
-            save_state_dict(state, folder, model_class=type(self.raw_model).__name__,
-                            model_config=self.raw_model.config.to_dict(), tied=self.tied_names,
-                            task=self.config.task, metadata=self.task.export_metadata())
+            save_state_dict(state, folder, **self.export_spec, task=self.config.task,
+                            metadata=self.task.export_metadata())
         self.barrier()
 
     def _resume(self, resume) -> None:
