@@ -52,7 +52,9 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int
 
 def apply_compile(model: nn.Module, **compile_options) -> None:
     """``torch.compile`` each block of ``model.blocks`` in place (``nn.Module.compile``: names and
-    state-dict keys are unchanged, no ``_orig_mod.`` prefix)."""
+    state-dict keys are unchanged, no ``_orig_mod.`` prefix). The compiled call includes the
+    module's hooks; FSDP2 registers its gathering hooks afterwards, and torch marks them
+    ``_dynamo_disable``, so they run eagerly around each block's graph."""
     for block in _blocks(model):
         block.compile(**compile_options)
 
