@@ -137,7 +137,7 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
 def test_accumulated_gradient_equals_one_big_batch(archive, tmp_path):
     """Two micro-batches of different padding widths give the gradient of the joint batch:
     loss sums over the global count (tformer/train.py), and padding changes no logit."""
-    from tformer.training.trainer import accumulated_backward
+    from tformer.training.strategies import accumulated_backward
 
     task = make_task(classify_config(archive, tmp_path))
     torch.manual_seed(0)

@@ -16,10 +16,10 @@ from tformer.models import DecoderLM, EncoderClassifier, EncoderClassifierConfig
 from tformer.nn import Attention
 from tformer.cli import train as train_cli
 from tformer.training.config import LoggingConfig
-from tformer.training.trainer import layer_groups
+from tformer.training.strategies import layer_groups
 from tformer.cli import visualize as cli
 from tformer.visualization.attention import attention_maps
-from tformer.visualization.gradients import gradient_warnings
+from tformer.visualization.gradient_health import gradient_warnings
 from tformer.visualization.plotting import DPI
 
 from train_helpers import tiny_config

@@ -57,7 +57,10 @@ def main(argv=None, *, prog: str | None = None) -> list[dict]:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     config = load_config(args.config, args.set + (["logging.visualize=true"] if args.visualize else []))
-    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
+    draw_plots = None
+    if config.logging.visualize:
+        from tformer.visualization.run_plots import write_run_plots as draw_plots
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, draw_plots=draw_plots)
     try:
         return trainer.fit()
     finally:

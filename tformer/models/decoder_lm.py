@@ -77,7 +77,9 @@ class DecoderLM(PretrainedMixin, nn.Module):
         config = self.config
         return 6 * self.num_params() + 12 * config.n_layers * config.d_model * seq_len
 
-    def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float = 989e12) -> float:
-        """Model FLOPs utilization: achieved training FLOP/s over ``peak_flops`` (default: the H100
-        SXM dense bf16 peak, 989 TFLOP/s)."""
+    def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float | None) -> float | None:
+        """Model FLOPs utilization: achieved training FLOP/s over the device's ``peak_flops``
+        (:func:`tformer.training.device_peak.device_peak_flops`); None when the peak is unknown."""
+        if peak_flops is None:
+            return None
         return self.flops_per_token(seq_len) * tokens_per_second / peak_flops

@@ -31,14 +31,43 @@ MODEL_CLASSES: dict[str, type] = {}
 
 def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task: str = "lm",
                     metadata: dict | None = None) -> Path:
-    """Write ``model`` (weights as float32; tied weights stored once) and its config to ``out_dir``."""
-    save_model = require("safetensors.torch", "save_pretrained").save_model
+    """Write ``model`` (tied weights stored once) and its config to ``out_dir``."""
+    return save_state_dict(model.state_dict(), out_dir, model_class=type(model).__name__,
+                           model_config=model.config.to_dict(), tied=tied_groups(model), task=task, metadata=metadata)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], out_dir: str | os.PathLike, *, model_class: str,
+                    model_config: dict, tied: list[list[str]] = (), task: str = "lm",
+                    metadata: dict | None = None) -> Path:
+    """Write an export from a state dict and the model's config, without a model.
+
+    Training exports this way: it has the trained weights (gathered from shards or ZeRO
+    partitions) and the config, and building a model again only to hold them would cost a fresh
+    initialization (for a Hugging Face trunk, reading its weights from disk again).
+
+    Args:
+        state: the model's state dict under its plain names, every tensor on the CPU.
+        model_class: the model class's name (:data:`MODEL_CLASSES`), read back by :func:`load_pretrained`.
+        model_config: ``model.config.to_dict()``.
+        tied: groups of names that share one tensor (:func:`tied_groups`); each is stored once, under
+            its first name in sorted order, with the others recorded in the file's metadata, as
+            safetensors' ``save_model`` does, so ``load_model`` restores the ties.
+    """
+    save_file = require("safetensors.torch", "save_pretrained").save_file
+    state = dict(state)
+    aliases = {}
+    for group in tied:
+        present = sorted(name for name in group if name in state)
+        for name in present[1:]:
+            aliases[name] = present[0]
+            del state[name]
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        save_model(model, str(scratch / WEIGHTS_NAME))
-        config = {"task": task, "model_class": type(model).__name__, "model": model.config.to_dict(),
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(scratch / WEIGHTS_NAME),
+                  metadata=aliases or None)
+        config = {"task": task, "model_class": model_class, "model": model_config,
                   "metadata": metadata or {}, "weights_sha256": _sha256(scratch / WEIGHTS_NAME)}
         (scratch / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         if out_dir.exists():
@@ -48,6 +77,14 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, *, task:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return out_dir
+
+
+def tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Names that share one parameter (tied weights), one list per shared tensor."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [sorted(group) for group in names.values() if len(group) > 1]
 
 
 # Training writes this file into a checkpoint folder last (tformer.training.checkpoint.COMPLETE):

@@ -1,5 +1,5 @@
 """Which strategy and precision a run uses, and the DeepSpeed config filled in from tformer's
-own sections."""
+own sections (the strategy objects themselves: :mod:`tformer.training.strategies`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from tformer.training.config import ConfigError, TrainConfig
 
 
-def resolve_strategy(config: TrainConfig) -> str:
+def strategy_name(config: TrainConfig) -> str:
+    """``training.strategy``; ``auto`` means DeepSpeed when the config has a ``deepspeed``
+    section, FSDP2 when launched with several ranks by torchrun, else one process."""
     strategy = config.training.strategy
     if strategy != "auto":
         return strategy

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tformer.schema import ConfigError
+from tformer.training.parallelize import clean_name
 
 HEAD = "head"
 # The index of a numbered layer in a parameter name: tformer's `blocks.3.`, BERT's
@@ -121,6 +122,7 @@ class Transfer:
         groups: dict[tuple, dict] = {}
         seen = set()
         for name, parameter in model.named_parameters():
+            name = clean_name(name)  # after activation checkpointing: the plain model's name
             if id(parameter) in seen:
                 continue
             seen.add(id(parameter))
@@ -146,7 +148,7 @@ class Transfer:
         """Set ``requires_grad`` for ``step`` (before its forward)."""
         trainable = self.trainable_units(step)
         for name, parameter in model.named_parameters():
-            wanted = self.units[name] in trainable
+            wanted = self.units[clean_name(name)] in trainable
             if parameter.requires_grad != wanted:
                 parameter.requires_grad_(wanted)
 
