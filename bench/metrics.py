@@ -8,6 +8,7 @@ import math
 import torch
 
 from bench.ceilings import Ceilings
+from tformer.training.device_peak import device_peak_flops
 
 # Attention: the forward is 4·B·H·Sq·Sk·D FLOPs (two matmuls), halved when causal; the
 # backward counts as 2.5 forwards (five matmuls against two).
@@ -53,10 +54,6 @@ def record_throughput(benchmark, seconds: float, ceilings: Ceilings, *, flops: f
         info["fraction_of_copy_ceiling"] = info["gbps"] / ceilings.copy_gbps
 
 
-# Training steps: MFU divides by the H100's dense bf16 peak, as ANCHORS.md does.
-H100_BF16_DENSE_FLOPS = 989e12
-
-
 def check_training_works(name: str, losses: list[float]) -> None:
     """The correctness gate of a timed training step: finite warm-up losses that go down on
     the fixed batch."""
@@ -72,6 +69,8 @@ def record_train_step(benchmark, seconds: float, tokens: int, flops_per_token: f
     achieved_flops = tokens_per_s * flops_per_token
     benchmark.extra_info.update(
         median_s=seconds, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
-        tflops=achieved_flops / 1e12, mfu_h100_bf16_989=achieved_flops / H100_BF16_DENSE_FLOPS,
+        # MFU against the measured device's datasheet peak (989 TFLOP/s on an H100 SXM, as
+        # ANCHORS.md uses); None where the device has no known peak (a CPU).
+        tflops=achieved_flops / 1e12, mfu=achieved_flops / peak if (peak := device_peak_flops(device)) else None,
         fraction_of_matmul_ceiling=achieved_flops / 1e12 / ceilings.matmul_tflops,
         peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
