@@ -17,7 +17,7 @@ import torch
 
 import tformer
 from tformer.backends import cuda as cuda_backend
-from tformer.ops import registry
+from tformer.ops import overrides, registry
 
 from conftest import requires_cuda
 from tolerances import assert_close_to_reference
@@ -111,7 +111,12 @@ def test_public_functions_have_reference_signatures_and_half_dtypes_only(cuda_at
         assert impl.dtypes == frozenset(HALF_DTYPES)  # float32 is refused before any kernel runs
         expected = inspect.signature(getattr(reference, op)).parameters
         actual = inspect.signature(impl.fn).parameters
-        assert [(p.name, p.kind) for p in actual.values()] == [(p.name, p.kind) for p in expected.values()], op
+        # The reference's arguments, then the kernel options the registry binds (a variant's or an override's).
+        options = set(overrides.kernel_options("cuda", op))
+        assert [(p.name, p.kind) for p in actual.values() if p.name not in options] == \
+            [(p.name, p.kind) for p in expected.values()], op
+        assert options == {"force_sm80", "force_sm80_backward"} and all(
+            actual[name].kind is inspect.Parameter.KEYWORD_ONLY and actual[name].default is False for name in options)
 
 
 def test_supports_refuses_dropout_head_dims_and_strided_last_dim(cuda_attention):
