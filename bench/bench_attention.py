@@ -53,10 +53,9 @@ def _tformer(q, k, v, *, causal: bool, backend: str):
 
 
 def _tformer_cuda_sm80(q, k, v, *, causal: bool):
-    """tformer-cuda with its sm_80 forward forced: the A/B row for the sm_90a forward on Hopper
-    (the backward is the sm_80 one in both)."""
-    with environment(TFORMER_ATTENTION_FORCE_SM80="1"):
-        return _tformer(q, k, v, causal=causal, backend="cuda")
+    """tformer-cuda on its sm_80 kernels (the registry's cuda:sm80 variant): the A/B row for the
+    sm_90a kernels on Hopper."""
+    return _tformer(q, k, v, causal=causal, backend="cuda:sm80")
 
 
 def _tformer_triton_fa2(q, k, v, *, causal: bool):

@@ -478,7 +478,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
                                          const OptionalTensor& key_padding_mask, const OptionalTensor& cu_seqlens_q,
                                          const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
                                          int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double softcap, bool /*deterministic: the backward's, kept for autograd*/) {
+    int64_t window_right, bool bottom_right, double softcap, bool /*deterministic: the backward's, kept for autograd*/,
+    bool force_sm80, bool /*force_sm80_backward: the backward's, kept for autograd*/) {
   const char* op = "cuda_attention_fwd";
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -496,21 +497,22 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   args.out_strides = attention_strides(out, in.packed);
   args.lse = lse.data_ptr<float>();
   args.lse_strides = lse_strides(lse, in.packed);
+  args.force_sm80 = force_sm80;
   check_launch(launch_attention_forward(kernel_dtype(op, "q", in.q), args, current_stream()), op);
   return {out, lse};
 }
 
-// Which forward (backward) kernels run for q's dtype, head dim and device: "sm90a" or
-// "sm80: <reason>".
-std::string attention_fwd_path(const Tensor& q) {
+// Which forward (backward) kernels run for q's dtype, head dim and device, and the pass's
+// force_sm80: "sm90a" or "sm80: <reason>".
+std::string attention_fwd_path(const Tensor& q, bool force_sm80) {
   check_cuda("cuda_attention_fwd_path", "q", q);
   return attention_forward_path_name(kernel_dtype("cuda_attention_fwd_path", "q", q), static_cast<int>(q.size(-1)),
-                                     q.get_device());
+                                     q.get_device(), force_sm80);
 }
-std::string attention_bwd_path(const Tensor& q) {
+std::string attention_bwd_path(const Tensor& q, bool force_sm80) {
   check_cuda("cuda_attention_bwd_path", "q", q);
   return attention_backward_path_name(kernel_dtype("cuda_attention_bwd_path", "q", q), static_cast<int>(q.size(-1)),
-                                      q.get_device());
+                                      q.get_device(), force_sm80);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
@@ -519,7 +521,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
                                                  const OptionalTensor& cu_seqlens_q,
                                                  const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                  int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double softcap, bool deterministic) {
+    int64_t window_right, bool bottom_right, double softcap, bool deterministic, bool force_sm80) {
   const char* op = "cuda_attention_bwd";
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -571,6 +573,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   int sm_count = 0;
   check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()), op);
   args.key_grad_wide = attention_key_grad_wide(in.problem.head_dim, in.smem_optin);
+  args.force_sm80 = force_sm80;
   Tensor dk_partial, dv_partial;
   if (attention_backward_expands(in.problem, in.packed ? k.size(0) : k.size(0) * k.size(2), sm_count,
                                  args.key_grad_wide)) {
@@ -612,9 +615,12 @@ TORCH_LIBRARY(tformer, m) {
   m.def("cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
         "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
         "int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, "
-        "bool deterministic=False) -> (Tensor out, Tensor lse)");
-  m.def("cuda_attention_fwd_path(Tensor q) -> str");
-  m.def("cuda_attention_bwd_path(Tensor q) -> str");
+        "bool deterministic=False, bool force_sm80=False, bool force_sm80_backward=False) -> (Tensor out, Tensor lse)");
+  // force_sm80: the sm_80 kernels even on sm_90 (the "cuda:sm80" variant). The forward ignores
+  // deterministic and force_sm80_backward: they are inputs only so that autograd hands them to
+  // cuda_attention_bwd.
+  m.def("cuda_attention_fwd_path(Tensor q, bool force_sm80=False) -> str");
+  m.def("cuda_attention_bwd_path(Tensor q, bool force_sm80=False) -> str");
   // No tensors: a catch-all kernel, so the CPU tests can ask it which dK/dV shape a device gets.
   m.def("cuda_attention_key_grad_wide(int head_dim, int smem_optin_bytes) -> bool",
         [](int64_t head_dim, int64_t smem_optin_bytes) {
@@ -623,7 +629,7 @@ TORCH_LIBRARY(tformer, m) {
   m.def("cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "bool causal, float scale, int window_left=-1, int window_right=-1, bool bottom_right=False, "
-        "float softcap=0.0, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "float softcap=0.0, bool deterministic=False, bool force_sm80=False) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(tformer, CUDA, m) {

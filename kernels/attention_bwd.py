@@ -49,9 +49,9 @@ from typing import Callable
 
 from tformer.ops.attention_mask import Band
 
-from .attention import (allowed_scores, band_args, band_meta, band_offset, block_d, dot_meta, key_block_range,
-                        lse_strides, narrow, problem, scores_log2, seqlen_buckets, sequence_bounds, strides4, tanh,
-                        tile_dot)
+from .attention_tiles import (allowed_scores, band_args, band_meta, band_offset, block_d, dot_meta, key_block_range,
+                              lse_strides, narrow, problem, scores_log2, seqlen_buckets, sequence_bounds, strides4,
+                              tanh, tile_dot)
 from .dropout import dropout_keep
 from .launch import autotuned, check_tile_strides, config, launch
 

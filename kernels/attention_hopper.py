@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (band_args, band_meta, band_offset, block_d, in_band, key_block_range, narrow, problem,
-                        scores_log2, seqlen_buckets, tile_dot)
+from .attention_tiles import (band_args, band_meta, band_offset, block_d, in_band, key_block_range, narrow,
+                              problem, scores_log2, seqlen_buckets, tile_dot)
 from .launch import INTERPRETER_BLOCKS, BUCKET_ARGS, Tuned, config, configs_for_call
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def online_softmax_step(acc, l_i, m_i, q, k, v, rows, cols, k_len, prefix, end, 
                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """FA2 Alg. 1 lines 8-10 over one key block: k, v (N, D) already in shared memory.
     ``MASKED=False``: every row may attend every key of the block; no mask of any kind. The
-    band and soft-capping are those of ``kernels/attention.py``."""
+    band and soft-capping are those of ``kernels/attention_tiles.py``."""
     qk = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST)
     if MASKED:
         s = scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
@@ -136,7 +136,7 @@ def attend_tile(tile, q_desc, k_desc, v_desc, o_desc, Lse, KeyPad, KeyPrefix, Ke
     if HAS_KEY_PADDING:
         prefix = tl.load(KeyPrefix + batch)
         end = tl.load(KeyEnd + batch)
-    # The band's key blocks (kernels/attention.py's key_block_range), then the padding's: keys
+    # The band's key blocks (kernels/attention_tiles.py's key_block_range), then the padding's: keys
     # at or past `end` are padding (skipped); the full blocks must also lie in the valid prefix.
     lo, full_lo, full_hi, hi = key_block_range(start_m, seqlen_k, offset, window_left, window_right, HAS_BAND, False,
                                                BLOCK_M, BLOCK_N)

@@ -688,12 +688,12 @@ def test_autotune_off_runs_the_leading_candidate(monkeypatch):
 
 
 def test_autotune_pruning_picks_the_bucket_and_precision():
-    from tformer.kernels import attention as fwd, attention_bwd as bwd, launch
+    from tformer.kernels import attention as fwd, attention_bwd as bwd, attention_tiles, launch
 
     for table, fp32_table in ((fwd.FWD_CONFIGS, fwd.FWD_CONFIGS_FP32), (bwd.DKDV_CONFIGS, bwd.DKDV_CONFIGS_FP32),
                               (bwd.DQ_CONFIGS, bwd.DQ_CONFIGS_FP32)):
         for head_dim, bucket in ((16, 64), (64, 64), (80, 128), (128, 128), (160, 256), (256, 256)):
-            block_d = fwd.block_d(head_dim)
+            block_d = attention_tiles.block_d(head_dim)
             assert launch.configs_for_call(table, fp32_table, None, None, BLOCK_D=block_d,
                                            DOT_PRECISION="tf32") is table[bucket]
             assert launch.configs_for_call(table, fp32_table, None, None, BLOCK_D=block_d,

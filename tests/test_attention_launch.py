@@ -79,7 +79,7 @@ def test_refuses_grids_over_65535(shape, message):
     q = torch.zeros(shape, device=DEVICE)
     with pytest.raises(ValueError, match=f"{message}, at most 65535 are supported"):
         attention(q, q, q, backend="triton")
-    from tformer.kernels.attention import problem
+    from tformer.kernels.attention_tiles import problem
 
     at_limit = torch.empty([65_535 if size == 65_536 else size for size in shape], device="meta")
     problem(at_limit, at_limit, None, 1, 1)  # the limit itself is accepted

@@ -77,7 +77,7 @@ def test_equal_lengths_pass_bottom_right_as_top_left(cuda_attention, seq_k, bott
                                                _meta((1, 2, seq_k, 64)))
     (node,) = [n for n in graph.graph.nodes if str(n.target) == "tformer.cuda_attention_fwd.default"]
     defaults = [-1, -1, False, 0.0]  # window_left, window_right, bottom_right, softcap (the trace omits defaults)
-    band_args = list(node.args[10:]) + defaults[len(node.args[10:]):]
+    band_args = list(node.args[10:14]) + defaults[len(node.args[10:14]):]
     assert band_args == [-1, 0, bottom_right_passed, 0.0]
 
 

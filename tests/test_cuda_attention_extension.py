@@ -17,7 +17,7 @@ import torch
 
 import tformer
 from tformer.backends import cuda as cuda_backend
-from tformer.ops import registry
+from tformer.ops import overrides, registry
 
 from conftest import requires_cuda
 from tolerances import assert_close_to_reference
@@ -29,12 +29,13 @@ EXPECTED_SCHEMAS = {
     "cuda_attention_fwd": "tformer::cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
                           "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
                           "bool causal, float scale, int window_left=-1, int window_right=-1, bool bottom_right=False, "
-                          "float softcap=0., bool deterministic=False) -> (Tensor out, Tensor lse)",
+                          "float softcap=0., bool deterministic=False, bool force_sm80=False, "
+                          "bool force_sm80_backward=False) -> (Tensor out, Tensor lse)",
     "cuda_attention_bwd": "tformer::cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
                           "Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
                           "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left=-1, "
                           "int window_right=-1, bool bottom_right=False, float softcap=0., "
-                          "bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)",
+                          "bool deterministic=False, bool force_sm80=False) -> (Tensor dq, Tensor dk, Tensor dv)",
 }
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -60,8 +61,32 @@ def test_op_is_registered_with_schema_cuda_kernel_and_fake(cuda_attention, op):
 @pytest.mark.parametrize("op", ["cuda_attention_fwd_path", "cuda_attention_bwd_path"])
 def test_path_queries_are_registered(cuda_attention, op):
     # Which kernels (sm90a or sm80 and why) a tensor's pass gets; CUDA-only queries, no fake needed.
-    assert str(getattr(torch.ops.tformer, op).default._schema) == f"tformer::{op}(Tensor q) -> str"
+    assert str(getattr(torch.ops.tformer, op).default._schema) == f"tformer::{op}(Tensor q, bool force_sm80=False) -> str"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tformer::{op}", "CUDA")
+
+
+@pytest.mark.parametrize("force_sm80, force_sm80_backward, expected", [
+    (False, False, (False, False)), (True, False, (True, True)), (False, True, (False, True))])
+def test_sm80_choice_reaches_both_ops_as_arguments(cuda_attention, force_sm80, force_sm80_backward, expected):
+    """The registry's choice (the cuda:sm80 variant, or the overrides) is an argument of the
+    forward op, and autograd hands the backward's to cuda_attention_bwd: traced on meta tensors."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def train_step(q, k, v):
+        out = cuda_attention.attention(q, k, v, causal=True, key_padding_mask=None, scale=0.125, dropout_p=0.0,
+                                       return_lse=False, force_sm80=force_sm80,
+                                       force_sm80_backward=force_sm80_backward)
+        return torch.autograd.grad(out.float().sum(), (q, k, v))
+
+    graph = make_fx(train_step, tracing_mode="fake")(*(_meta((1, 2, 8, 64)) for _ in range(3)))
+
+    def argument(op, name):
+        (node,) = [n for n in graph.graph.nodes if str(n.target) == f"tformer.{op}.default"]
+        schema = getattr(torch.ops.tformer, op).default._schema
+        index = [a.name for a in schema.arguments].index(name)
+        return node.kwargs.get(name, node.args[index] if index < len(node.args) else False)
+
+    assert (argument("cuda_attention_fwd", "force_sm80"), argument("cuda_attention_bwd", "force_sm80")) == expected
 
 
 def test_key_grad_block_shape_follows_the_devices_shared_memory(cuda_attention):
@@ -86,7 +111,12 @@ def test_public_functions_have_reference_signatures_and_half_dtypes_only(cuda_at
         assert impl.dtypes == frozenset(HALF_DTYPES)  # float32 is refused before any kernel runs
         expected = inspect.signature(getattr(reference, op)).parameters
         actual = inspect.signature(impl.fn).parameters
-        assert [(p.name, p.kind) for p in actual.values()] == [(p.name, p.kind) for p in expected.values()], op
+        # The reference's arguments, then the kernel options the registry binds (a variant's or an override's).
+        options = set(overrides.kernel_options("cuda", op))
+        assert [(p.name, p.kind) for p in actual.values() if p.name not in options] == \
+            [(p.name, p.kind) for p in expected.values()], op
+        assert options == {"force_sm80", "force_sm80_backward"} and all(
+            actual[name].kind is inspect.Parameter.KEYWORD_ONLY and actual[name].default is False for name in options)
 
 
 def test_supports_refuses_dropout_head_dims_and_strided_last_dim(cuda_attention):

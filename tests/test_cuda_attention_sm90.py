@@ -1,10 +1,11 @@
 """The sm_90a attention kernels (csrc/attention_sm90/: TMA + wgmma, warp-specialized), forward
 and backward, against the sm_80 kernels and the float64 reference, on an H100/H200 (GPU tests;
-they skip elsewhere with the reason). TFORMER_ATTENTION_FORCE_SM80 (both passes) and
-TFORMER_ATTENTION_BWD_FORCE_SM80 (the backward) select the sm_80 path per call, so both paths
-run in one process on the same inputs; ``deterministic=`` picks the backward's one pass (dQ by
-float32 atomics, the default) or its two deterministic passes. The shared cases of
-tests/test_attention.py also take the sm_90a paths on such a GPU (head dims 64 and 128, fp16/bf16)."""
+they skip elsewhere with the reason). The ops' force_sm80 argument (the registry's cuda:sm80
+variant; TFORMER_ATTENTION_BWD_FORCE_SM80 for the backward alone) selects the sm_80 path per
+call, so both paths run in one process on the same inputs; ``deterministic=`` picks the
+backward's one pass (dQ by float32 atomics, the default) or its two deterministic passes. The
+shared cases of tests/test_attention.py also take the sm_90a paths on such a GPU (head dims 64
+and 128, fp16/bf16)."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tolerances import assert_close_to_reference
 
 FORCE_SM80 = "TFORMER_ATTENTION_FORCE_SM80"
 BWD_FORCE_SM80 = "TFORMER_ATTENTION_BWD_FORCE_SM80"
+FORCED = "sm80: force_sm80 was passed (backend 'cuda:sm80')"
 
 
 def _hopper_reason() -> str | None:
@@ -31,23 +33,20 @@ def _hopper_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_hopper_reason() is not None, reason=str(_hopper_reason()))
 
 
-def _fwd(q, k, v, *, mask=None, cu_q=None, cu_k=None, max_q=None, max_k=None, causal=False, scale=None):
+def _fwd(q, k, v, *, mask=None, cu_q=None, cu_k=None, max_q=None, max_k=None, causal=False, scale=None,
+         force_sm80=False, force_sm80_backward=False):
     import tformer.backends.cuda.attention  # noqa: F401  registers the ops' Python parts
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     packed = cu_q is not None
     max_q = max_q if packed else q.shape[2]
     max_k = max_k if packed else k.shape[2]
-    return torch.ops.tformer.cuda_attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, scale)
+    return torch.ops.tformer.cuda_attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                force_sm80=force_sm80, force_sm80_backward=force_sm80_backward)
 
 
-def _both_paths(monkeypatch, *args, **kwargs):
-    monkeypatch.delenv(FORCE_SM80, raising=False)
-    hopper = _fwd(*args, **kwargs)
-    monkeypatch.setenv(FORCE_SM80, "1")
-    ampere = _fwd(*args, **kwargs)
-    monkeypatch.delenv(FORCE_SM80)
-    return hopper, ampere
+def _both_paths(*args, **kwargs):
+    return _fwd(*args, **kwargs), _fwd(*args, force_sm80=True, **kwargs)
 
 
 def _reference(q, k, v, mask, causal, scale):
@@ -100,21 +99,20 @@ def _packed_inputs(head_dim, seed):
 
 def test_hopper_path_is_selected_and_can_be_forced_off(monkeypatch):
     q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.delenv(FORCE_SM80, raising=False)
+    monkeypatch.setenv(FORCE_SM80, "1")  # the compiled extension reads no environment
     assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"
     assert torch.ops.tformer.cuda_attention_fwd_path(q[..., :96].contiguous()).startswith("sm80: head dim 96")
-    monkeypatch.setenv(FORCE_SM80, "1")
-    assert torch.ops.tformer.cuda_attention_fwd_path(q) == f"sm80: {FORCE_SM80} is set"
+    assert torch.ops.tformer.cuda_attention_fwd_path(q, force_sm80=True) == FORCED
 
 
 @every_sm90a_instantiation
 @pytest.mark.parametrize("seq", [(1, 1), (127, 129), (128, 128), (300, 1000), (1000, 300), (1024, 1024)], ids=str)
-def test_matches_sm80_and_reference(monkeypatch, dtype, head_dim, causal, seq):
+def test_matches_sm80_and_reference(dtype, head_dim, causal, seq):
     q, k, v = _inputs(2, 4, 2, *seq, head_dim, dtype)
     mask = torch.arange(seq[1], device="cuda")[None, :] >= torch.tensor([seq[1], max(1, seq[1] // 3)],
                                                                         device="cuda")[:, None]
     scale = head_dim ** -0.5
-    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, mask=mask, causal=causal, scale=scale)
+    (out, lse), (out80, lse80) = _both_paths(q, k, v, mask=mask, causal=causal, scale=scale)
     out64, lse64 = _reference(q, k, v, mask, causal, scale)
     what = f"sm90a D={head_dim} S={seq} causal={causal}"
     assert_close_to_reference(out, out64, dtype, what=f"{what} out")
@@ -129,22 +127,22 @@ def test_matches_sm80_and_reference(monkeypatch, dtype, head_dim, causal, seq):
 
 @pytest.mark.parametrize("scale", [-0.125, 0.0, 0.01, 4.0], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=str)
-def test_any_scale_and_large_scores_match_reference(monkeypatch, scale, causal):
+def test_any_scale_and_large_scores_match_reference(scale, causal):
     # The sm_90a softmax takes the row max of raw scores and folds the scale into one FFMA with
     # ex2.approx.ftz; scale <= 0 stays on the sm_80 forward. Scores up to ~1e3 x scale here.
     q, k, v = _inputs(1, 2, 2, 700, 700, 128, torch.bfloat16, seed=3)
     q = q * 8
-    (out, lse), _ = _both_paths(monkeypatch, q, k, v, causal=causal, scale=scale)
+    (out, lse), _ = _both_paths(q, k, v, causal=causal, scale=scale)
     out64, lse64 = _reference(q, k, v, None, causal, scale)
     assert_close_to_reference(out, out64, torch.bfloat16, what=f"sm90a scale={scale} causal={causal} out")
     torch.testing.assert_close(lse.double(), lse64, atol=2e-2, rtol=1e-3)
 
 
-def test_fully_masked_rows_give_zeros_and_minus_inf(monkeypatch):
+def test_fully_masked_rows_give_zeros_and_minus_inf():
     q, k, v = _inputs(2, 2, 2, 300, 300, 128, torch.bfloat16)
     mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
     mask[1, 250:] = False  # sequence 1 keeps keys 250..299
-    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, mask=mask, causal=True)
+    (out, lse), (out80, lse80) = _both_paths(q, k, v, mask=mask, causal=True)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     # causal, top-left: rows < 250 of sequence 1 see no kept key; the others see some.
     assert torch.equal(out[1, :, :250], torch.zeros_like(out[1, :, :250])) and torch.isneginf(lse[1, :, :250]).all()
@@ -154,18 +152,18 @@ def test_fully_masked_rows_give_zeros_and_minus_inf(monkeypatch):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_sm80(monkeypatch, head_dim, causal):
+def test_varlen_matches_sm80(head_dim, causal):
     q, k, v, (cu_q, cu_k, max_q, max_k) = _packed_inputs(head_dim, seed=3)
     kwargs = dict(cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
-    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, **kwargs)
+    (out, lse), (out80, lse80) = _both_paths(q, k, v, **kwargs)
     torch.testing.assert_close(out, out80, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
 
 
-def test_strided_views_of_a_fused_qkv(monkeypatch):
+def test_strided_views_of_a_fused_qkv():
     qkv = torch.randn(2, 500, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, token stride 3*4*128
-    (out, lse), (out80, lse80) = _both_paths(monkeypatch, q, k, v, causal=True)
+    (out, lse), (out80, lse80) = _both_paths(q, k, v, causal=True)
     torch.testing.assert_close(out, out80, atol=1.6e-2, rtol=1.6e-2)
     torch.testing.assert_close(lse, lse80, atol=1e-4, rtol=1e-4)
 
@@ -178,14 +176,14 @@ def _set(monkeypatch, variable, value):
 
 
 def _grads(monkeypatch, q, k, v, grad_out, *, force=None, bwd_force=None, **kwargs):
-    """dq, dk, dv through tformer.ops.attention on the cuda backend, with the given overrides."""
+    """dq, dk, dv through tformer.ops.attention on the cuda backend (``force``: its sm80 variant),
+    with the backward-only override."""
     from tformer.ops import attention
 
-    _set(monkeypatch, FORCE_SM80, force)
+    _set(monkeypatch, FORCE_SM80, None)
     _set(monkeypatch, BWD_FORCE_SM80, bwd_force)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    attention(*leaves, backend="cuda", **kwargs).backward(grad_out)
-    _set(monkeypatch, FORCE_SM80, None)
+    attention(*leaves, backend="cuda:sm80" if force else "cuda", **kwargs).backward(grad_out)
     _set(monkeypatch, BWD_FORCE_SM80, None)
     return [t.grad for t in leaves]
 
@@ -203,12 +201,13 @@ def test_hopper_backward_is_selected_and_can_be_forced_off_alone(monkeypatch):
     _set(monkeypatch, FORCE_SM80, None)
     _set(monkeypatch, BWD_FORCE_SM80, None)
     assert torch.ops.tformer.cuda_attention_bwd_path(q) == "sm90a"
+    assert torch.ops.tformer.cuda_attention_bwd_path(q, force_sm80=True) == FORCED
+    assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"  # each pass has its own argument
+    # The override reaches the backward through the registry and autograd: the path it logs.
+    from tformer.ops import registry
+
     monkeypatch.setenv(BWD_FORCE_SM80, "1")
-    assert torch.ops.tformer.cuda_attention_bwd_path(q) == f"sm80: {BWD_FORCE_SM80} is set"
-    assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"  # the forward stays on sm_90a
-    monkeypatch.delenv(BWD_FORCE_SM80)
-    monkeypatch.setenv(FORCE_SM80, "1")
-    assert torch.ops.tformer.cuda_attention_bwd_path(q) == f"sm80: {FORCE_SM80} is set"
+    assert registry.implementation("attention", "cuda")[1].keywords["force_sm80_backward"] is True
 
 
 @every_sm90a_instantiation
@@ -281,18 +280,13 @@ def test_backward_of_strided_views_of_a_fused_qkv(monkeypatch):
 
 
 @pytest.mark.parametrize("forward, backward", [("sm90a", "sm80"), ("sm80", "sm90a")])
-def test_either_backward_takes_either_forward(monkeypatch, forward, backward):
+def test_either_backward_takes_either_forward(forward, backward):
     """Training mixes the paths when one is forced off: out and lse have one layout."""
     q, k, v = _inputs(2, 4, 2, 257, 257, 128, torch.bfloat16)
     grad_out = torch.randn_like(q)
-    from tformer.ops import attention
-
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    _set(monkeypatch, FORCE_SM80, "1" if forward == "sm80" else None)
-    out = attention(*leaves, causal=True, backend="cuda")
-    _set(monkeypatch, FORCE_SM80, "1" if backward == "sm80" else None)
+    out, _ = _fwd(*leaves, causal=True, force_sm80=forward == "sm80", force_sm80_backward=backward == "sm80")
     out.backward(grad_out)
-    _set(monkeypatch, FORCE_SM80, None)
     for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves),
                                _reference_grads(q, k, v, grad_out, causal=True)):
         assert_close_to_reference(got, want, torch.bfloat16, "grad", scale=max(1.0, want.abs().max().item()),

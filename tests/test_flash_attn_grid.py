@@ -65,7 +65,7 @@ if tformer.available_backends()["triton"] is None:
     import triton
     import triton.language as tl
 
-    from tformer.kernels.attention import narrow
+    from tformer.kernels.attention_tiles import narrow
 
     @triton.jit
     def _narrow_kernel(X, Y, N: tl.constexpr):

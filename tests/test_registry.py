@@ -18,7 +18,7 @@ def _inputs():
 
 def test_available_backends_lists_every_backend_with_a_reason_or_none():
     backends = tformer.available_backends()
-    assert set(backends) == {"reference", "torch", "triton", "triton:atomic_dq", "triton:fa2", "cuda"}
+    assert set(backends) == {"reference", "torch", "triton", "triton:atomic_dq", "triton:fa2", "cuda", "cuda:sm80"}
     assert backends["reference"] is None
     for name, reason in backends.items():
         assert reason is None or (isinstance(reason, str) and len(reason) > 20), (name, reason)
@@ -220,15 +220,28 @@ def test_the_shipped_measured_table_is_well_formed():
         assert entry["op"] in ("attention", "layer_norm", "softmax") and set(entry["order"]) <= set(registry.backend_names())
 
 
-def test_kernels_and_backends_read_no_environment():
-    """Choices are arguments; the environment is read as overrides in tformer/ops/overrides.py only."""
+ENVIRONMENT_READS = ("os.environ", "os.getenv", "getenv(", "secure_getenv(", "environ[")
+
+
+def environment_readers(root, folders=("kernels", "tformer/backends", "csrc"),
+                        suffixes=(".py", ".cu", ".cuh", ".h", ".cpp")) -> list[str]:
+    """The files under ``folders`` of ``root`` that read the environment."""
+    return [str(path.relative_to(root)) for folder in folders for path in sorted((root / folder).rglob("*"))
+            if path.suffix in suffixes and any(word in path.read_text() for word in ENVIRONMENT_READS)]
+
+
+def test_kernels_backends_and_the_extension_read_no_environment(tmp_path):
+    """Choices are arguments; the environment is read as overrides in tformer/ops/overrides.py only
+    (the CUDA sources included: the sm_80 path is the argument force_sm80, not a variable)."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    readers = [str(path.relative_to(root)) for folder in ("kernels", "tformer/backends")
-               for path in sorted((root / folder).rglob("*.py"))
-               if any(word in path.read_text() for word in ("os.environ", "os.getenv", "getenv("))]
-    assert readers == []
+    assert environment_readers(Path(__file__).resolve().parents[1]) == []
+    # The check sees a C++ read and a Python one.
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "dispatch.cu").write_text('const char* v = std::getenv("X");')
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "k.py").write_text('import os\npath = os.environ.get("X")')
+    assert environment_readers(tmp_path) == ["kernels/k.py", "csrc/dispatch.cu"]
 
 
 def test_variants_are_listed_chosen_by_name_and_set_kernel_arguments(monkeypatch):
@@ -244,3 +257,36 @@ def test_variants_are_listed_chosen_by_name_and_set_kernel_arguments(monkeypatch
     assert registry.implementation("attention", "triton")[1].keywords["dq_mode"] == "atomic"
     with pytest.raises(tformer.BackendError, match="unknown backend 'triton:atomic'.*Did you mean 'triton:atomic_dq'"):
         tformer.ops.softmax(torch.randn(2, 3), backend="triton:atomic")
+
+
+def test_cuda_sm80_is_a_variant_whose_overrides_are_read_in_python(monkeypatch):
+    """The CUDA attention's sm_80 path is chosen like the Triton variants: listed, an argument of
+    the kernels (the compiled extension reads no environment), with its variables as overrides."""
+    from tformer.ops import overrides
+
+    assert "cuda:sm80" in tformer.available_backends()
+    sm80 = registry.variants("cuda")["sm80"]
+    assert sm80.options == {"force_sm80": True} and set(sm80.ops) == {"attention", "attention_varlen"}
+    for name in ("TFORMER_ATTENTION_FORCE_SM80", "TFORMER_ATTENTION_BWD_FORCE_SM80"):
+        monkeypatch.delenv(name, raising=False)
+    assert overrides.kernel_options("cuda", "attention") == {"force_sm80": False, "force_sm80_backward": False}
+    monkeypatch.setenv("TFORMER_ATTENTION_BWD_FORCE_SM80", "1")
+    assert overrides.kernel_options("cuda", "attention_varlen") == {"force_sm80": False, "force_sm80_backward": True}
+    monkeypatch.setenv("TFORMER_ATTENTION_FORCE_SM80", "0")  # "0" is unset, as for every flag
+    assert not overrides.kernel_options("cuda", "attention")["force_sm80"]
+    assert overrides.kernel_options("cuda", "layer_norm") == {}
+
+
+def test_cuda_sm80_variant_binds_the_kernel_argument(monkeypatch):
+    from tformer.backends import cuda
+
+    if cuda.extension_error() is not None:
+        pytest.skip(f"the CUDA extension does not load here: {cuda.extension_error()}")
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
+    for name in ("TFORMER_ATTENTION_FORCE_SM80", "TFORMER_ATTENTION_BWD_FORCE_SM80"):
+        monkeypatch.delenv(name, raising=False)
+    assert registry.implementation("attention", "cuda:sm80")[1].keywords["force_sm80"] is True
+    assert registry.implementation("attention", "cuda")[1].keywords["force_sm80"] is False
+    assert registry.implementation("layer_norm", "cuda:sm80")[1] is registry.implementation("layer_norm", "cuda")[1]
+    monkeypatch.setenv("TFORMER_ATTENTION_FORCE_SM80", "1")  # the override, read at call time
+    assert registry.implementation("attention", "cuda")[1].keywords["force_sm80"] is True

@@ -178,9 +178,16 @@ def test_selftest_command_runs_on_the_cpu_and_says_what_it_checked(standin_env):
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if line and not line.startswith(("timings", " "))
             and not line.startswith("cached")}
     assert rows["triton"][:2] == ["ok", "8"] and rows["triton:atomic_dq"][0] == "ok"
-    assert rows["cuda"][0] == "unavailable"
+    assert rows["cuda"][0] == "unavailable" and rows["cuda:sm80"][0] == "unavailable"
     assert any(line.strip().startswith("attention float32") for line in lines)
     assert "cached at " + str(standin_env) in result.stdout
+
+
+def test_every_variant_is_a_path_of_its_own():
+    """The self-check covers the backends' variants as candidates for auto, CUDA's as Triton's."""
+    paths = check.kernel_paths()
+    assert {"triton", "triton:atomic_dq", "triton:fa2", "cuda", "cuda:sm80"} <= set(paths)
+    assert not {"torch", "reference"} & set(paths)
 
 
 def test_auto_never_starts_a_check_inside_a_trace(monkeypatch):

@@ -84,6 +84,9 @@ struct AttentionForwardArgs {
   Strides3 out_strides;
   float* lse = nullptr;  // natural-log log-sum-exp of the scaled, masked scores
   Strides3 lse_strides;  // (seq, head, token); .token is the row stride
+  // Run the sm_80 kernels even where the sm_90a ones could (the registry's "cuda:sm80" variant):
+  // a choice made by the caller, never read from the environment here.
+  bool force_sm80 = false;
 };
 
 struct AttentionBackwardArgs {
@@ -112,6 +115,8 @@ struct AttentionBackwardArgs {
   // 8-warp, 128-key dK/dV blocks (attention_key_grad_wide); read at head dim 128 only, where
   // both shapes are built (smaller head dims are always wide, 256 never).
   bool key_grad_wide = false;
+  // As AttentionForwardArgs::force_sm80, for the backward's passes.
+  bool force_sm80 = false;
 };
 
 // The bucket a head dim runs in, or 0 when it is not supported (not a multiple of 8, or > 256).

@@ -18,30 +18,24 @@ namespace tformer {
 // Head dims the sm_90a kernels are compiled for (exactly; others take the sm_80 kernels).
 constexpr int kAttentionSm90HeadDims[] = {64, 128};
 
-// Set to a non-empty value other than "0" to keep every attention forward and backward on the
-// sm_80 kernels (A/B benchmarks, the GPU sweep).
-constexpr const char* kForceSm80Variable = "TFORMER_ATTENTION_FORCE_SM80";
-// The same for the backward alone (the forward stays on sm_90a): the A/B row of the backward,
-// and what bench/gpu_canary.py sets when only the sm_90a backward fails.
-constexpr const char* kForceSm80BackwardVariable = "TFORMER_ATTENTION_BWD_FORCE_SM80";
-
 enum class AttentionPath { kSm80, kSm90a };
 
 // Which kernels run this forward, and why not sm_90a when not ("" when sm_90a). Reads the
-// current device's compute capability and kForceSm80Variable; logs each new decision to
-// stderr once per process (no silent fallback).
+// current device's compute capability and args.force_sm80 (the caller's choice: tformer's
+// registry passes it for the "cuda:sm80" variant); logs each new decision to stderr once per
+// process (no silent fallback).
 AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArgs& args, std::string* why_not);
 
 // The same decision from what is known before the tensors are laid out (dtype, head dim,
-// device), for tformer's Python side: "sm90a" or "sm80: <reason>".
-std::string attention_forward_path_name(DType dtype, int head_dim, int device);
+// device, force_sm80), for tformer's Python side: "sm90a" or "sm80: <reason>".
+std::string attention_forward_path_name(DType dtype, int head_dim, int device, bool force_sm80);
 
 cudaError_t launch_attention_forward_sm90(DType dtype, const AttentionForwardArgs& args, cudaStream_t stream);
 
-// The backward's decision, as the forward's, plus kForceSm80BackwardVariable, dO's layout and
-// the expanded GQA dK/dV (args.dk_partial: the sm_80 kernels' float32 partials).
+// The backward's decision, as the forward's (with the backward's own args.force_sm80), plus dO's
+// layout and the expanded GQA dK/dV (args.dk_partial: the sm_80 kernels' float32 partials).
 AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardArgs& args, std::string* why_not);
-std::string attention_backward_path_name(DType dtype, int head_dim, int device);
+std::string attention_backward_path_name(DType dtype, int head_dim, int device, bool force_sm80);
 
 // delta (the sm_80 delta_kernel), then dK/dV and dQ.
 cudaError_t launch_attention_backward_sm90(DType dtype, const AttentionBackwardArgs& args, cudaStream_t stream);

@@ -1,6 +1,6 @@
 // Host side of the sm_90a attention kernels: whether a forward or backward runs on them
-// (device, build, dtype, head dim, layout, the TFORMER_ATTENTION_FORCE_SM80 and
-// TFORMER_ATTENTION_BWD_FORCE_SM80 overrides), the TMA tensor maps, and the launches.
+// (device, build, dtype, head dim, layout, and the caller's force_sm80: the registry's
+// "cuda:sm80" variant), the TMA tensor maps, and the launches.
 // TFORMER_ATTENTION_SM90A is defined by setup.py when it compiles for sm_90a.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <string>
@@ -26,15 +25,9 @@ constexpr bool kCompiled = true;
 constexpr bool kCompiled = false;
 #endif
 
-bool is_set(const char* variable) {
-  const char* value = std::getenv(variable);
-  return value != nullptr && value[0] != '\0' && std::string(value) != "0";
-}
-
 // Reasons that hold for every tensor layout; "" when the sm_90a kernels may run.
-std::string general_reason(DType dtype, int head_dim, int device, bool backward) {
-  if (is_set(kForceSm80Variable)) return std::string(kForceSm80Variable) + " is set";
-  if (backward && is_set(kForceSm80BackwardVariable)) return std::string(kForceSm80BackwardVariable) + " is set";
+std::string general_reason(DType dtype, int head_dim, int device, bool force_sm80) {
+  if (force_sm80) return "force_sm80 was passed (backend 'cuda:sm80')";
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -78,9 +71,9 @@ void log_once(const char* pass, const std::string& message) {
   }
 }
 
-std::string current_device_reason(DType dtype, int head_dim, bool backward) {
+std::string current_device_reason(DType dtype, int head_dim, bool force_sm80) {
   int device = 0;
-  return cudaGetDevice(&device) == cudaSuccess ? general_reason(dtype, head_dim, device, backward)
+  return cudaGetDevice(&device) == cudaSuccess ? general_reason(dtype, head_dim, device, force_sm80)
                                                : "no current CUDA device";
 }
 
@@ -90,8 +83,8 @@ AttentionPath decide(const char* pass, std::string reason, std::string* why_not)
   return reason.empty() ? AttentionPath::kSm90a : AttentionPath::kSm80;
 }
 
-std::string path_name(DType dtype, int head_dim, int device, bool backward) {
-  const std::string reason = general_reason(dtype, head_dim, device, backward);
+std::string path_name(DType dtype, int head_dim, int device, bool force_sm80) {
+  const std::string reason = general_reason(dtype, head_dim, device, force_sm80);
   return reason.empty() ? "sm90a" : "sm80: " + reason;
 }
 
@@ -152,7 +145,7 @@ static std::string band_reason(const AttentionProblem& p) {
 }
 
 AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArgs& args, std::string* why_not) {
-  std::string reason = current_device_reason(dtype, args.problem.head_dim, false);
+  std::string reason = current_device_reason(dtype, args.problem.head_dim, args.force_sm80);
   if (reason.empty()) reason = layout_reason(args.problem);
   if (reason.empty()) reason = band_reason(args.problem);
   // forward_sm90.cuh's online_softmax takes the max of the raw scores and scales it once a row.
@@ -168,7 +161,7 @@ AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArg
 
 AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardArgs& args, std::string* why_not) {
   const AttentionProblem& p = args.problem;
-  std::string reason = current_device_reason(dtype, p.head_dim, true);
+  std::string reason = current_device_reason(dtype, p.head_dim, args.force_sm80);
   if (reason.empty()) reason = layout_reason(p);
   if (reason.empty()) reason = band_reason(p);
   if (reason.empty() &&
@@ -181,11 +174,11 @@ AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardA
   return decide("backward", reason, why_not);
 }
 
-std::string attention_forward_path_name(DType dtype, int head_dim, int device) {
-  return path_name(dtype, head_dim, device, false);
+std::string attention_forward_path_name(DType dtype, int head_dim, int device, bool force_sm80) {
+  return path_name(dtype, head_dim, device, force_sm80);
 }
-std::string attention_backward_path_name(DType dtype, int head_dim, int device) {
-  return path_name(dtype, head_dim, device, true);
+std::string attention_backward_path_name(DType dtype, int head_dim, int device, bool force_sm80) {
+  return path_name(dtype, head_dim, device, force_sm80);
 }
 
 namespace {

@@ -11,8 +11,9 @@ argument (``backend="triton:atomic_dq"``) wins over a variable. ``tformer env`` 
 - ``TFORMER_SELFTEST``: ``0`` turns the per-device self-check off (``auto`` then trusts the
   shipped table, else picks ``torch``).
 - ``TRITON_INTERPRET``: ``1`` runs Triton kernels on CPU tensors (Triton's own variable).
-- ``TFORMER_ATTENTION_FORCE_SM80`` / ``TFORMER_ATTENTION_BWD_FORCE_SM80``: keep the CUDA attention
-  on its sm_80 kernels; read by the compiled extension itself, listed here for ``tformer env``.
+- ``TFORMER_ATTENTION_FORCE_SM80``: ``1`` keeps the CUDA attention on its sm_80 kernels, both
+  passes (as ``backend="cuda:sm80"``); ``TFORMER_ATTENTION_BWD_FORCE_SM80``: ``1``, the backward
+  alone.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def kernel_options(backend: str, op: str) -> dict:
     options are laid over these)."""
     if backend == "triton" and op in ("attention", "attention_varlen"):
         return {"fwd_path": attention_fwd_path(), "dq_mode": attention_dq_mode(), "autotune": autotune()}
+    if backend == "cuda" and op in ("attention", "attention_varlen"):
+        return {"force_sm80": _flag("TFORMER_ATTENTION_FORCE_SM80", False),
+                "force_sm80_backward": _flag("TFORMER_ATTENTION_BWD_FORCE_SM80", False)}
     return {}
 
 

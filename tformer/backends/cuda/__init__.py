@@ -7,8 +7,18 @@ import importlib
 import torch
 
 from tformer.build_info import ExtensionMismatch
+from tformer.ops.variants import Variant
 
 OP_MODULES: tuple[str, ...] = ("attention", "layer_norm", "softmax")
+
+# Named kernel paths, chosen as backend="cuda:<name>" (or by auto after the self-check), as the
+# Triton backend's: each sets kernel arguments of the ops it names; other ops run the default.
+ATTENTION_OPS = ("attention", "attention_varlen")
+VARIANTS: dict[str, Variant] = {
+    "sm80": Variant(ATTENTION_OPS, {"force_sm80": True},
+                    "attention forward and backward on the sm_80 (FlashAttention-2, mma.sync) kernels, never the "
+                    "sm_90a (TMA + wgmma) ones"),
+}
 
 BUILD_HINT = ("install a CUDA toolkit, set CUDA_HOME (e.g. /usr/local/cuda) and reinstall with "
               "'TFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e .'")

@@ -10,12 +10,14 @@ double-buffered ``cp.async`` tiles: the sm80 path. On an sm_90 GPU (H100/H200) t
 and the backward at head dims 64 and 128 run Hopper kernels instead (csrc/attention_sm90/: TMA
 loads, wgmma, a producer warpgroup and two consumer warpgroups, as in FlashAttention-3) when
 tformer._C was built with 9.0 in TORCH_CUDA_ARCH_LIST; both paths share out and lse, so either
-backward takes either forward. Each choice is logged once to stderr;
-``TFORMER_ATTENTION_FORCE_SM80=1`` keeps both passes on sm80,
-``TFORMER_ATTENTION_BWD_FORCE_SM80=1`` the backward alone, and
-``torch.ops.tformer.cuda_attention_fwd_path(q)`` / ``cuda_attention_bwd_path(q)`` say which
-kernels q's dtype, head dim and device get ("sm90a" or "sm80: <reason>"; a layout TMA cannot
-read, or grouped-query attention that takes the expanded dK/dV pass, also stays on sm80).
+backward takes either forward. Each choice is logged once to stderr. ``force_sm80`` keeps both
+passes on sm80 (the ``cuda:sm80`` variant, or ``TFORMER_ATTENTION_FORCE_SM80=1``),
+``force_sm80_backward`` the backward alone (``TFORMER_ATTENTION_BWD_FORCE_SM80=1``); the
+registry passes both, and the compiled ops take them as arguments.
+``torch.ops.tformer.cuda_attention_fwd_path(q, force_sm80)`` / ``cuda_attention_bwd_path(q,
+force_sm80)`` say which kernels q's dtype, head dim and device get ("sm90a" or "sm80: <reason>";
+a layout TMA cannot read, or grouped-query attention that takes the expanded dK/dV pass, also
+stays on sm80).
 
 What they take:
 - fp16 and bf16 only (float32 is refused by the registered dtypes: use "triton" or
@@ -109,23 +111,32 @@ def _deterministic(deterministic: bool) -> bool:
     return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
+def _paths(force_sm80: bool, force_sm80_backward: bool) -> tuple[bool, bool]:
+    """The ops' (force_sm80, force_sm80_backward): forcing both passes forces the backward."""
+    return bool(force_sm80), bool(force_sm80 or force_sm80_backward)
+
+
 @register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
-              band=None, softcap: float = 0.0, deterministic: bool = False):
+              band=None, softcap: float = 0.0, deterministic: bool = False, force_sm80: bool = False,
+              force_sm80_backward: bool = False):
     _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
                                                     False, scale, *_band_args(band, q.shape[2] == k.shape[2]),
-                                                    float(softcap), _deterministic(deterministic))
+                                                    float(softcap), _deterministic(deterministic),
+                                                    *_paths(force_sm80, force_sm80_backward))
     return (out, lse.detach()) if return_lse else out
 
 
 @register("attention_varlen", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                     return_lse, band=None, softcap: float = 0.0, deterministic: bool = False):
+                     return_lse, band=None, softcap: float = 0.0, deterministic: bool = False,
+                     force_sm80: bool = False, force_sm80_backward: bool = False):
     _check_dropout(dropout_p)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, False, scale, *_band_args(band), float(softcap),
-                                                    _deterministic(deterministic))
+                                                    _deterministic(deterministic),
+                                                    *_paths(force_sm80, force_sm80_backward))
     return (out, lse.detach()) if return_lse else out
 
 
@@ -133,11 +144,11 @@ def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-     window_right, bottom_right, softcap, deterministic) = inputs
+     window_right, bottom_right, softcap, deterministic, _force_sm80, force_sm80_backward) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
     ctx.scalars = (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, softcap,
-                   deterministic)
+                   deterministic, force_sm80_backward)
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -145,7 +156,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.tformer.cuda_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q,
                                                       cu_seqlens_k, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * 14
 
 
 torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_context=_setup_context)
@@ -156,7 +167,7 @@ torch.library.register_autograd("tformer::cuda_attention_fwd", _backward, setup_
 @torch.library.register_fake("tformer::cuda_attention_fwd")
 def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                         scale, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
-                        deterministic=False):
+                        deterministic=False, force_sm80=False, force_sm80_backward=False):
     # Padded batch: lse (B, Hq, Sq); packed: (Hq, total_q).
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else tuple(q.shape[:3])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -165,5 +176,5 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, m
 @torch.library.register_fake("tformer::cuda_attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                         max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False,
-                        softcap=0.0, deterministic=False):
+                        softcap=0.0, deterministic=False, force_sm80=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
