@@ -156,3 +156,23 @@ def test_checkpoint_of_a_plain_model_resumes_with_activation_checkpointing(tmp_p
     assert resumed.step == 4
     losses = [h["train/loss"] for h in resumed.fit()]
     assert losses == pytest.approx([h["train/loss"] for h in straight][4:], rel=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_deepspeed_without_zero_trains_as_a_single_process_does(tmp_path, grad_clip):
+    # One process, fp32, ZeRO-0: the strategy clips the plain .grad itself and skips the engine's
+    # all-reduce, so losses and grad norms must be those of plain PyTorch, clipped (0.05 is well
+    # below the tiny model's norms) or not.
+    histories = {}
+    for name, sections in {"single": {"training": {"strategy": "single"}},
+                           "deepspeed": {"training": {"strategy": "deepspeed"},
+                                         "deepspeed": {"zero_optimization": {"stage": 0}}}}.items():
+        sections["training"] = {"micro_batch_size": 4, "precision": "fp32", "threads": 1, **sections["training"]}
+        config = load_config(tiny_config(tmp_path / name, optimizer={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
+                                                                     "grad_clip": grad_clip}, **sections))
+        histories[name] = [(row["train/loss"], row["train/grad_norm"]) for row in Trainer(config).fit()
+                           if "train/loss" in row]
+    assert len(histories["single"]) == 6
+    if grad_clip:
+        assert min(norm for _, norm in histories["single"]) > grad_clip  # clipping really acted
+    torch.testing.assert_close(histories["deepspeed"], histories["single"], rtol=1e-5, atol=1e-6)

@@ -69,6 +69,18 @@ def plain_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
+def clip_plain_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the plain .grad of ``model`` to the global L2 norm ``max_norm`` (0: no clipping) and
+    return the norm before clipping."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if not parameters:
+        return torch.zeros((), dtype=torch.float32)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=2.0)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)  # takes the parameters, scales .grad
+    return norm
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     dtype = DTYPES[precision]
     if dtype == torch.float32:

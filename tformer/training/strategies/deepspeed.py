@@ -14,7 +14,8 @@ from tformer.optional import require
 from tformer.training.config import ConfigError
 from tformer.training.optim import build_optimizer
 from tformer.training.parallelize import clean_name, prepare_blocks
-from tformer.training.strategies.common import StepResult, accumulated_backward, layer_groups, plain_grad_norm
+from tformer.training.strategies.common import (StepResult, accumulated_backward, clip_plain_grads, layer_groups,
+                                                plain_grad_norm)
 from tformer.training.strategy import deepspeed_config
 
 WHAT = "training.strategy 'deepspeed'"
@@ -58,6 +59,14 @@ class DeepSpeed:
         optimizer = build_optimizer(model, self.config, torch.device("cpu") if device.type == "cpu" else device,
                                     groups=parameter_groups(model))
         self.ds_config = deepspeed_config(self.config, precision, world_size)
+        # fp32 without ZeRO: the engine would clip with its own loop (a float64 norm, parameter by
+        # parameter, every step); tformer clips the plain .grad with torch's foreach clip instead,
+        # which also gives the norm it logs. Mixed precision and ZeRO keep the engine's clipping:
+        # there the gradients live in the engine's own buffers.
+        stage = (self.ds_config.get("zero_optimization") or {}).get("stage", 0)
+        self.clip = float(self.config.optimizer.grad_clip) if precision == "fp32" and stage == 0 else None
+        if self.clip is not None:
+            self.ds_config["gradient_clipping"] = 0.0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.model = self.engine.module
@@ -85,11 +94,15 @@ class DeepSpeed:
         loss_sum = accumulated_backward(engine, task, batches, global_count=global_count, world_size=world_size,
                                         label_smoothing=label_smoothing, backward=backward, before_micro_batch=before)
         layer_norms = self._layer_norms() if want_layer_norms else {}
-        # Without ZeRO, DeepSpeed does not record the norm: the gradients are still plain .grad.
-        plain_norm = plain_grad_norm(self.model) if engine.zero_optimization_stage() == 0 else None
-        engine.step()  # clips to gradient_clipping (deepspeed_config fills it from optimizer.grad_clip)
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = grad_norm if grad_norm is not None else plain_norm
+        if self.clip is not None:
+            grad_norm = clip_plain_grads(self.model, self.clip)
+        else:
+            # Without ZeRO, DeepSpeed does not record the norm: the gradients are still plain .grad.
+            plain_norm = plain_grad_norm(self.model) if engine.zero_optimization_stage() == 0 else None
+        engine.step()  # clips to gradient_clipping where the engine clips (deepspeed_config fills it in)
+        if self.clip is None:
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = grad_norm if grad_norm is not None else plain_norm
         return StepResult(loss_sum, grad_norm, layer_norms)
 
     def _layer_norms(self) -> dict:
