@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_first_call_dry_run_reaches_its_end(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), GPU_SESSION_DRY_RUN="1", PY=sys.executable)
+    # Not the test worker's PYTEST_XDIST_* variables: pytest-benchmark reads them in the stage's own
+    # pytest run and would switch benchmarking off there ("xdist is on").
+    parent = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
+    env = dict(parent, OUT=str(tmp_path), GPU_SESSION_DRY_RUN="1", PY=sys.executable)
     done = subprocess.run(["bash", "bench/gpu_session.sh", "first"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # alone ~2 min on 2 cores; beside other test workers longer
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
