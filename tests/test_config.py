@@ -9,7 +9,7 @@ from tformer.schema import from_dict
 from tformer.training.config import ConfigError, TrainConfig, configs_dir, load_config, resolve_config_path
 from tformer.tasks import TASKS
 from tformer.training.optim import learning_rate
-from tformer.training.strategy import deepspeed_config
+from tformer.training.strategies.choice import deepspeed_config
 from tformer.cli.train import parse_args
 
 # ablate_*.json are ablation grids (tformer ablate), not training configs; tests/test_ablate.py loads them.

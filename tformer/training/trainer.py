@@ -27,7 +27,7 @@ from tformer.training.run_length import planned_steps
 from tformer.training.run_lock import RunLock
 from tformer.training.strategies import resolve_strategy
 from tformer.training.strategies.common import DTYPES
-from tformer.training.strategy import resolve_precision
+from tformer.training.strategies.choice import resolve_precision
 from tformer.training.transfer import Transfer
 from tformer.models.pretrained import save_state_dict, tied_groups
 from tformer.tasks import get_task_class

@@ -18,7 +18,7 @@ from tformer.training.strategies.common import StepResult, accumulated_backward,
 from tformer.training.strategies.deepspeed import DeepSpeed
 from tformer.training.strategies.fsdp2 import FSDP2
 from tformer.training.strategies.single import Single
-from tformer.training.strategy import strategy_name
+from tformer.training.strategies.choice import strategy_name
 
 
 class Strategy(Protocol):

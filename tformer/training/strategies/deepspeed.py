@@ -16,7 +16,7 @@ from tformer.training.optim import build_optimizer
 from tformer.training.parallelize import clean_name, prepare_blocks
 from tformer.training.strategies.common import (StepResult, accumulated_backward, clip_plain_grads, layer_groups,
                                                 plain_grad_norm)
-from tformer.training.strategy import deepspeed_config
+from tformer.training.strategies.choice import deepspeed_config
 
 WHAT = "training.strategy 'deepspeed'"
 

@@ -1,5 +1,5 @@
 """Which strategy and precision a run uses, and the DeepSpeed config filled in from tformer's
-own sections (the strategy objects themselves: :mod:`tformer.training.strategies`)."""
+own sections: what the strategy objects of this package are built from."""
 
 from __future__ import annotations
 
