@@ -72,12 +72,10 @@ def plain_grad_norm(model: torch.nn.Module) -> torch.Tensor:
 def clip_plain_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the plain .grad of ``model`` to the global L2 norm ``max_norm`` (0: no clipping) and
     return the norm before clipping."""
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    if not parameters:
-        return torch.zeros((), dtype=torch.float32)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=2.0)
+    norm = plain_grad_norm(model)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)  # takes the parameters, scales .grad
+        # It takes the parameters (not their .grad) and scales each .grad in place.
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
     return norm
 
 
