@@ -114,7 +114,7 @@ class Attention(nn.Module):
             raise ValueError("Attention: project_qkv is for self-attention; cross-attention projects its "
                              "memory with project_memory")
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q, k, v = self.qkv(x).split_with_sizes(self.split_sizes, dim=-1)
         # (B, T, H * D) -> (B, H, T, D)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -38,9 +38,14 @@ class _NormBase(nn.Module):
         return x.reshape(*x.shape[:x.dim() - k], -1)
 
     def _flat(self, param: torch.Tensor | None) -> torch.Tensor | None:
-        return None if param is None else param.reshape(-1)
+        return param if param is None or param.dim() == 1 else param.reshape(-1)
 
     def _run(self, op, x: torch.Tensor, residual: torch.Tensor | None, **params):
+        if len(self.normalized_shape) == 1 and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]:
+            # The usual case, the last dimension: the op takes x as it is (and checks residual
+            # against it). No reshapes, which would each add a view to the autograd graph of
+            # every norm call.
+            return op(x, eps=self.eps, residual=residual, backend=self.backend, **params)
         flat_x = self._flatten(x, "x")
         flat_residual = None if residual is None else self._flatten(residual, "residual")
         out = op(flat_x, eps=self.eps, residual=flat_residual, backend=self.backend, **params)

@@ -5,6 +5,7 @@ the MLP. The decoder LM, the encoders and both stacks of the encoder-decoder are
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tformer.schema import check_choice
@@ -26,7 +27,9 @@ def add_and_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor |
     """
     if residual is None:
         return norm(hidden), hidden
-    return norm(hidden.to(residual.dtype), residual=residual)
+    if hidden.dtype != residual.dtype:
+        hidden = hidden.to(residual.dtype)
+    return norm(hidden, residual=residual)
 
 
 class MLP(nn.Module):
@@ -35,11 +38,10 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
-        self.activation = nn.GELU()
         self.proj = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.activation(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x)))
 
 
 # The state-dict names an encoder-decoder layer had before it became a TransformerBlock; old
@@ -122,9 +124,11 @@ class TransformerBlock(nn.Module):
         if self.cross_attention is None and (memory_kv is not None or memory_padding_mask is not None):
             raise ValueError("TransformerBlock: 'memory_kv' and 'memory_padding_mask' need a block with "
                              "cross_attention=True")
-        sublayers = [(self.attention_norm, lambda x: self.attention(
-            x, key_padding_mask=key_padding_mask, positional=positional, position_offset=position_offset,
-            kv_cache=kv_cache))]
+        def attend(x):
+            return self.attention(x, key_padding_mask=key_padding_mask, positional=positional,
+                                  position_offset=position_offset, kv_cache=kv_cache)
+
+        sublayers = [(self.attention_norm, attend)]
         if self.cross_attention is not None:
             sublayers.append((self.cross_attention_norm, lambda x: self.cross_attention(
                 x, memory_kv, memory_padding_mask=memory_padding_mask)))
@@ -133,14 +137,18 @@ class TransformerBlock(nn.Module):
             return self._post_norm_forward(hidden, residual, sublayers)
         for norm, sublayer in sublayers:
             normed, residual = add_and_norm(norm, hidden, residual)  # norm(x), x = hidden + residual
-            hidden = self.residual_dropout(sublayer(normed))
+            hidden = self._dropout(sublayer(normed))
         return hidden, residual
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # Skipped when it cannot act: the call would return x anyway, and a block runs it per sublayer.
+        return self.residual_dropout(x) if self.training and self.residual_dropout.p > 0 else x
 
     def _post_norm_forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                            sublayers: list) -> tuple[torch.Tensor, None]:
         stream = hidden if residual is None else hidden.to(residual.dtype) + residual
         for norm, sublayer in sublayers:
-            transformed = self.residual_dropout(sublayer(stream))
+            transformed = self._dropout(sublayer(stream))
             stream, _ = add_and_norm(norm, transformed, stream)  # norm(x + f(x))
         return stream, None
 

@@ -24,10 +24,10 @@ def resolve(op: str, requested: str | None, device: torch.device, dtype: torch.d
     skipped = []
     order, why_order = auto.candidates(op, device, dtype, args)
     for candidate in order:
-        why = registry.refusal(op, candidate, device, dtype, args)
-        if why is None:
+        fn, why = registry.try_implementation(op, candidate, device, dtype, args)
+        if fn is not None:
             _log_choice(op, candidate, device, dtype, skipped, why_order)
-            return registry.implementation(op, candidate)[1]
+            return fn
         skipped.append(f"{candidate}: {why}")
     raise registry.BackendError(f"{op}: no backend can run this input: " + "; ".join(skipped))
 

@@ -105,7 +105,16 @@ def register(op: str, backend: str, *, devices=("cuda",), dtypes=(torch.float16,
     return decorator
 
 
-def _check_name(name: str) -> None:
+# Names already checked, split into (backend, variant): an op call parses its backend name from
+# here, since the set of backends and variants is fixed once their packages are imported.
+_parsed_names: dict[str, tuple[str, str | None]] = {}
+
+
+def _check_name(name: str) -> tuple[str, str | None]:
+    """``name`` split into (backend, variant); BackendError when it names neither."""
+    parsed = _parsed_names.get(name) if isinstance(name, str) else None
+    if parsed is not None:
+        return parsed
     if not isinstance(name, str):
         raise BackendError(f"backend must be a str, got {type(name).__name__}")
     base, variant = split(name)
@@ -114,12 +123,13 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise BackendError(f"unknown backend {name!r}; expected one of {known}.{hint}")
+    _parsed_names[name] = (base, variant)
+    return base, variant
 
 
 def unavailable_reason(name: str) -> str | None:
     """Why ``name`` (a backend or a variant) cannot run in this process, or None when it can."""
-    _check_name(name)
-    backend = _backends[split(name)[0]]
+    backend = _backends[_check_name(name)[0]]
     if backend.reason is _NOT_PROBED:
         backend.reason = importlib.import_module(backend.module).unavailable_reason()
     return backend.reason
@@ -209,7 +219,7 @@ def _bound(fn: Callable, options: tuple) -> Callable:
 def implementation(op: str, name: str) -> tuple[Implementation | None, Callable | None]:
     """(the registered implementation, the callable with the variant's and the environment's
     kernel arguments bound) of ``op`` in backend or variant ``name``."""
-    base, variant_name = split(name)
+    base, variant_name = _check_name(name)
     impl = _load(base).impls.get(op)
     if impl is None:
         return None, None
@@ -217,22 +227,30 @@ def implementation(op: str, name: str) -> tuple[Implementation | None, Callable 
     variant = variants(base).get(variant_name) if variant_name else None
     if variant is not None and op in variant.ops:
         options = {**options, **variant.options}
-    return impl, _bound(impl.fn, tuple(sorted(options.items())))
+    return impl, _bound(impl.fn, tuple(sorted(options.items())) if options else ())
+
+
+def try_implementation(op: str, name: str, device: torch.device, dtype: torch.dtype,
+                       args: dict) -> tuple[Callable | None, str | None]:
+    """(the callable, None) when ``name`` can run this call, else (None, why not): it is
+    unavailable, lacks the op, or does not take the input. One lookup, for every op call."""
+    why = unavailable_reason(name)
+    if why is not None:
+        return None, why
+    impl, fn = implementation(op, name)
+    why = _refusal(impl, op, name, device, dtype, args)
+    return (fn, None) if why is None else (None, why)
 
 
 def refusal(op: str, name: str, device: torch.device, dtype: torch.dtype, args: dict) -> str | None:
     """Why ``name`` cannot run this call (unavailable, or it does not take the input), or None."""
-    why = unavailable_reason(name)
-    if why is None:
-        why = _refusal(implementation(op, name)[0], op, name, device, dtype, args)
-    return why
+    return try_implementation(op, name, device, dtype, args)[1]
 
 
 def resolve_named(op: str, name: str, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
     """The implementation of ``op`` in backend or variant ``name`` for this call; UnsupportedInput
     (with the reason) when it does not take the input."""
-    _check_name(name)
-    _load(split(name)[0])
+    _load(_check_name(name)[0])
     impl, fn = implementation(op, name)
     reason = _refusal(impl, op, name, device, dtype, args)
     if reason is not None:

@@ -13,17 +13,28 @@ def _add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tenso
     return x if residual is None else x + residual
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
     """x's dtype, unless a parameter is kept wider (float32 weight beside half x, as under
     autocast): then the parameter's, so the weight is applied at its own precision, as the
     reference does (torch's fused kernels also want one dtype)."""
-    wider = [p.dtype for p in params if p is not None and p.dtype != x.dtype]
-    dtype = wider[0] if wider else x.dtype
+    dtype = x.dtype
+    for param in params:
+        if param is not None and param.dtype != dtype:
+            dtype = param.dtype
+            break
     # torch's CPU kernels sum the weight gradient over rows in half precision (its GPU kernels
     # accumulate in float32): on the CPU, half inputs are normalized in float32 instead.
-    if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+    if dtype in _HALF and x.device.type == "cpu":
         return torch.float32
     return dtype
+
+
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # A plain attribute test before .to(): this runs on every norm call of a model.
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _supports_layer_norm(x, **_) -> str | None:
@@ -39,8 +50,8 @@ def _supports_layer_norm(x, **_) -> str | None:
 def layer_norm(x, weight, bias, *, eps: float, residual):
     summed = _add_residual(x, residual)
     dtype = _compute_dtype(x, weight, bias)
-    params = [None if p is None else p.to(dtype) for p in (weight, bias)]
-    y = F.layer_norm(summed.to(dtype), summed.shape[-1:], *params, eps).to(x.dtype)
+    y = F.layer_norm(_as(summed, dtype), summed.shape[-1:], _as(weight, dtype), _as(bias, dtype), eps)
+    y = _as(y, x.dtype)
     return y if residual is None else (y, summed)
 
 
@@ -48,6 +59,5 @@ def layer_norm(x, weight, bias, *, eps: float, residual):
 def rms_norm(x, weight, *, eps: float, residual):
     summed = _add_residual(x, residual)
     dtype = _compute_dtype(x, weight)
-    y = F.rms_norm(summed.to(dtype), summed.shape[-1:], None if weight is None else weight.to(dtype), eps)
-    y = y.to(x.dtype)
+    y = _as(F.rms_norm(_as(summed, dtype), summed.shape[-1:], _as(weight, dtype), eps), x.dtype)
     return y if residual is None else (y, summed)

@@ -9,9 +9,18 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from tformer.training.parallelize import clean_name
+from tformer.training.parallelize import clean_name, prepare_blocks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place_model(model: torch.nn.Module, device: torch.device, training) -> None:
+    """Move ``model`` to ``device`` and wrap its blocks as ``training`` (the config's training
+    section) asks: activation checkpointing, then ``torch.compile`` per block. Every strategy
+    starts its ``wrap`` here, before any sharding or engine sees the model."""
+    model.to(device)
+    prepare_blocks(model, activation_checkpointing=training.activation_checkpointing,
+                   checkpoint_every=training.checkpoint_every, compile=training.compile)
 
 
 class StepResult(NamedTuple):

@@ -13,9 +13,9 @@ import torch
 from tformer.optional import require
 from tformer.training.config import ConfigError
 from tformer.training.optim import build_optimizer
-from tformer.training.parallelize import clean_name, prepare_blocks
+from tformer.training.parallelize import clean_name
 from tformer.training.strategies.common import (StepResult, accumulated_backward, clip_plain_grads, layer_groups,
-                                                plain_grad_norm)
+                                                place_model, plain_grad_norm)
 from tformer.training.strategies.choice import deepspeed_config
 
 WHAT = "training.strategy 'deepspeed'"
@@ -52,10 +52,7 @@ class DeepSpeed:
     def wrap(self, model: torch.nn.Module, *, device: torch.device, precision: str, world_size: int,
              parameter_groups) -> None:
         deepspeed = require("deepspeed", WHAT)
-        training = self.config.training
-        model.to(device)
-        prepare_blocks(model, activation_checkpointing=training.activation_checkpointing,
-                       checkpoint_every=training.checkpoint_every, compile=training.compile)
+        place_model(model, device, self.config.training)
         optimizer = build_optimizer(model, self.config, torch.device("cpu") if device.type == "cpu" else device,
                                     groups=parameter_groups(model))
         self.ds_config = deepspeed_config(self.config, precision, world_size)
@@ -67,6 +64,14 @@ class DeepSpeed:
         self.clip = float(self.config.optimizer.grad_clip) if precision == "fp32" and stage == 0 else None
         if self.clip is not None:
             self.ds_config["gradient_clipping"] = 0.0
+        # Without ZeRO the gradients stay plain .grad, and DeepSpeed records no norm of them.
+        self.plain_grads = stage == 0
+        # One process without ZeRO has nothing to all-reduce, but the engine still flattens,
+        # "reduces" and copies back every gradient after each backward (about 1.4 ms a step of
+        # the README's CPU job). engine.no_sync() is DeepSpeed's public switch for skipping that
+        # reduction; it is refused with ZeRO 2/3, and ZeRO-1's optimizer needs its reduce, so it
+        # is taken only here.
+        self.alone = world_size == 1 and stage == 0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.model = self.engine.module
@@ -76,15 +81,8 @@ class DeepSpeed:
                    want_layer_norms: bool) -> StepResult:
         engine = self.engine
 
-        # One process without ZeRO has nothing to all-reduce, but the engine still flattens,
-        # "reduces" and copies back every gradient after each backward (about 1.4 ms a step of
-        # the README's CPU job). engine.no_sync() is DeepSpeed's public switch for skipping that
-        # reduction; it is refused with ZeRO 2/3, and ZeRO-1's optimizer needs its reduce, so it
-        # is taken only here.
-        alone = world_size == 1 and engine.zero_optimization_stage() == 0
-
         def backward(loss):
-            with engine.no_sync() if alone else contextlib.nullcontext():
+            with engine.no_sync() if self.alone else contextlib.nullcontext():
                 engine.backward(loss, scale_wrt_gas=False)
 
         def before(index, is_last):
@@ -96,11 +94,10 @@ class DeepSpeed:
         layer_norms = self._layer_norms() if want_layer_norms else {}
         if self.clip is not None:
             grad_norm = clip_plain_grads(self.model, self.clip)
+            engine.step()
         else:
-            # Without ZeRO, DeepSpeed does not record the norm: the gradients are still plain .grad.
-            plain_norm = plain_grad_norm(self.model) if engine.zero_optimization_stage() == 0 else None
-        engine.step()  # clips to gradient_clipping where the engine clips (deepspeed_config fills it in)
-        if self.clip is None:
+            plain_norm = plain_grad_norm(self.model) if self.plain_grads else None  # before step() zeroes them
+            engine.step()  # clips to gradient_clipping (deepspeed_config fills it in)
             grad_norm = engine.get_global_grad_norm()
             grad_norm = grad_norm if grad_norm is not None else plain_norm
         return StepResult(loss_sum, grad_norm, layer_norms)

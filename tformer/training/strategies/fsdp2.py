@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from tformer.training import checkpoint as ckpt
 from tformer.training.optim import build_optimizer
-from tformer.training.parallelize import apply_fsdp2, prepare_blocks
-from tformer.training.strategies.common import DTYPES, LocalStep, StepResult, float32_cpu
+from tformer.training.parallelize import apply_fsdp2
+from tformer.training.strategies.common import DTYPES, LocalStep, StepResult, float32_cpu, place_model
 
 
 class FSDP2:
@@ -31,11 +31,8 @@ class FSDP2:
 
     def wrap(self, model: torch.nn.Module, *, device: torch.device, precision: str, world_size: int,
              parameter_groups) -> None:
-        training = self.config.training
         dtype = DTYPES[precision]
-        model.to(device)
-        prepare_blocks(model, activation_checkpointing=training.activation_checkpointing,
-                       checkpoint_every=training.checkpoint_every, compile=training.compile)
+        place_model(model, device, self.config.training)
         apply_fsdp2(model, param_dtype=None if dtype == torch.float32 else dtype,
                     reshard_after_forward=self.config.fsdp.reshard_after_forward)
         self.model = model

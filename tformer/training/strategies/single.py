@@ -8,8 +8,7 @@ import torch
 
 from tformer.training import checkpoint as ckpt
 from tformer.training.optim import build_optimizer
-from tformer.training.parallelize import prepare_blocks
-from tformer.training.strategies.common import LocalStep, StepResult, autocast_for, float32_cpu
+from tformer.training.strategies.common import LocalStep, StepResult, autocast_for, float32_cpu, place_model
 
 
 class Single:
@@ -26,10 +25,7 @@ class Single:
 
     def wrap(self, model: torch.nn.Module, *, device: torch.device, precision: str, world_size: int,
              parameter_groups) -> None:
-        training = self.config.training
-        model.to(device)
-        prepare_blocks(model, activation_checkpointing=training.activation_checkpointing,
-                       checkpoint_every=training.checkpoint_every, compile=training.compile)
+        place_model(model, device, self.config.training)
         self.model = model
         self.optimizer = build_optimizer(model, self.config, device, groups=parameter_groups(model))
         self.autocast = autocast_for(device, precision)
