@@ -296,6 +296,24 @@ def test_norm_errors_are_clear():
         tnn.LayerNorm(0)
     with pytest.raises(ValueError, match="must end with normalized_shape"):
         tnn.LayerNorm(8)(torch.randn(2, 7))
+    # Without weights nothing else would notice the width: the module still checks it.
+    with pytest.raises(ValueError, match="must end with normalized_shape"):
+        tnn.LayerNorm(8, elementwise_affine=False)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="must end with normalized_shape"):
+        tnn.RMSNorm(8, elementwise_affine=False)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="'residual'"):
+        tnn.LayerNorm(8)(torch.randn(2, 8), residual=torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_over_the_last_dimension_adds_no_views_to_the_graph(norm):
+    # A reshape per call would put view nodes around every norm of a model (and keep autograd
+    # from accumulating the residual stream's gradients in place).
+    module = tnn.make_norm(norm, 8, backend="torch")
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y, summed = module(x, residual=torch.randn(2, 3, 8))
+    for out in (y, summed):
+        assert "View" not in type(out.grad_fn).__name__ and "Reshape" not in type(out.grad_fn).__name__
     with pytest.raises(ValueError, match="Did you mean 'rmsnorm'"):
         tnn.make_norm("rms_norm", 8)
 

@@ -38,14 +38,16 @@ class _NormBase(nn.Module):
         return x.reshape(*x.shape[:x.dim() - k], -1)
 
     def _flat(self, param: torch.Tensor | None) -> torch.Tensor | None:
-        return param if param is None or param.dim() == 1 else param.reshape(-1)
+        return None if param is None else param.reshape(-1)
+
+    def _takes_as_is(self, x: torch.Tensor) -> bool:
+        # The usual case, one normalized dimension that is x's last: the op takes x, residual and
+        # the (N,) weights as they are (and checks residual against x). No reshapes, which would
+        # each add a view to the autograd graph of every norm call.
+        shape = self.normalized_shape
+        return len(shape) == 1 and x.dim() >= 1 and x.shape[-1] == shape[0]
 
     def _run(self, op, x: torch.Tensor, residual: torch.Tensor | None, **params):
-        if len(self.normalized_shape) == 1 and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]:
-            # The usual case, the last dimension: the op takes x as it is (and checks residual
-            # against it). No reshapes, which would each add a view to the autograd graph of
-            # every norm call.
-            return op(x, eps=self.eps, residual=residual, backend=self.backend, **params)
         flat_x = self._flatten(x, "x")
         flat_residual = None if residual is None else self._flatten(residual, "residual")
         out = op(flat_x, eps=self.eps, residual=flat_residual, backend=self.backend, **params)
@@ -85,6 +87,8 @@ class LayerNorm(_NormBase):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self._takes_as_is(x):
+            return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
         return self._run(ops.layer_norm, x, residual, weight=self._flat(self.weight), bias=self._flat(self.bias))
 
     def extra_repr(self) -> str:
@@ -114,6 +118,8 @@ class RMSNorm(_NormBase):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self._takes_as_is(x):
+            return ops.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
         return self._run(ops.rms_norm, x, residual, weight=self._flat(self.weight))
 
     def extra_repr(self) -> str:

@@ -46,6 +46,13 @@ class Band:
         return seq_k - seq_q if self.bottom_right else 0
 
 
+TOP_LEFT_CAUSAL = Band(left=-1, right=0, bottom_right=False)
+"""SDPA's ``is_causal``: the band a plain causal call resolves to (this very object)."""
+
+# window=None: one Band per (causal, alignment), built once.
+_PLAIN_BANDS: dict[tuple[bool, str], Band] = {(True, "top_left"): TOP_LEFT_CAUSAL}
+
+
 def resolve_band(op: str, causal, window, alignment) -> Band:
     """Validate ``causal``, ``window`` and ``alignment`` and fold them into one :class:`Band`.
 
@@ -55,6 +62,10 @@ def resolve_band(op: str, causal, window, alignment) -> Band:
             :data:`ALIGNMENTS`, ``window`` not a pair of ints >= -1, or a right window bound
             above 0 together with ``causal=True``.
     """
+    if window is None and type(causal) is bool and type(alignment) is str:  # a model call: checked before
+        band = _PLAIN_BANDS.get((causal, alignment))
+        if band is not None:
+            return band
     if not isinstance(causal, bool):
         hint = (f"; for FlashAttention's alignment pass causal=True, alignment={causal!r}"
                 if causal in ALIGNMENTS else "")
@@ -68,7 +79,10 @@ def resolve_band(op: str, causal, window, alignment) -> Band:
             raise ValueError(f"{op}: argument 'window' has right bound {right} but causal=True allows no key after "
                              f"the diagonal; pass window=({left}, 0) or ({left}, -1), or causal=False")
         right = 0
-    return Band(left, right, alignment == "bottom_right")
+    band = Band(left, right, alignment == "bottom_right")
+    if window is None:
+        _PLAIN_BANDS[(causal, alignment)] = band
+    return band
 
 
 def _window_pair(op: str, window) -> tuple[int, int]:

@@ -22,13 +22,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tformer.backends.reference.attention import attention_probabilities
-from tformer.ops.attention_mask import Band, allowed_keys
+from tformer.ops.attention_mask import TOP_LEFT_CAUSAL, Band, allowed_keys
 from tformer.ops.registry import register
 
 from .softmax import ALL_DEVICES, ALL_DTYPES
-
-
-TOP_LEFT_CAUSAL = Band(left=-1, right=0, bottom_right=False)
 
 
 def _lse(q, k, band: Band, key_padding_mask, scale: float) -> torch.Tensor:
@@ -80,7 +77,7 @@ def _attention(q, k, v, *, key_padding_mask, scale: float, dropout_p: float, ret
     if scale < 0:  # SDPA's fused CPU kernel returns NaN under is_causal with a negative scale
         q, scale = -q, -scale
     mask, has_key, is_causal = None, None, False
-    if key_padding_mask is None and band == TOP_LEFT_CAUSAL:
+    if key_padding_mask is None and (band is TOP_LEFT_CAUSAL or band == TOP_LEFT_CAUSAL):
         is_causal = True  # with Sk > 0 every row sees key 0
     elif key_padding_mask is not None or not band.is_full:
         mask = allowed_keys(seq_q, seq_k, band, key_padding_mask, q.device)

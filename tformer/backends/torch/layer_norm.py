@@ -22,7 +22,7 @@ def _compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype
     reference does (torch's fused kernels also want one dtype)."""
     dtype = x.dtype
     for param in params:
-        if param is not None and param.dtype != dtype:
+        if param is not None and param.dtype is not dtype:
             dtype = param.dtype
             break
     # torch's CPU kernels sum the weight gradient over rows in half precision (its GPU kernels
@@ -34,7 +34,7 @@ def _compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     # A plain attribute test before .to(): this runs on every norm call of a model.
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+    return tensor if tensor is None or tensor.dtype is dtype else tensor.to(dtype)
 
 
 def _supports_layer_norm(x, **_) -> str | None:
