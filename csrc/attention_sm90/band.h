@@ -37,10 +37,19 @@ struct SequenceBand {
 
   static TFORMER_BAND_FUNCTION int clamp(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
 
-  // The band alone (the caller checks the key exists and is not padding).
-  TFORMER_BAND_FUNCTION bool allows(int row, int col) const {
-    return (right < 0 || col <= row + offset + right) && (left < 0 || col >= row + offset - left);
+  // Keys [first, last] of one row's band, not clamped to the sequence; an unbounded side is
+  // +-kUnbounded. Two compares an element and no branch (the kernels' masks hold these two
+  // numbers a row instead of evaluating the window's signs per element).
+  struct KeyInterval {
+    int first, last;
+    TFORMER_BAND_FUNCTION bool contains(int col) const { return col >= first && col <= last; }
+  };
+  static constexpr int kUnbounded = 1 << 30;
+  TFORMER_BAND_FUNCTION KeyInterval row_keys(int row) const {
+    return {left < 0 ? -kUnbounded : row + offset - left, right < 0 ? kUnbounded : row + offset + right};
   }
+  // The band alone (the caller checks the key exists and is not padding).
+  TFORMER_BAND_FUNCTION bool allows(int row, int col) const { return row_keys(row).contains(col); }
   // Keys [first_key(row_begin), key_end(row_end)) that rows [row_begin, row_end) may see.
   TFORMER_BAND_FUNCTION int first_key(int row_begin) const {
     return left < 0 ? 0 : clamp(row_begin + offset - left, 0, k_len);
