@@ -37,8 +37,8 @@ struct SequenceBand {
 
   static TFORMER_BAND_FUNCTION int clamp(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
 
-  // Keys [first, last] of one row's band, not clamped to the sequence; an unbounded side is
-  // +-kUnbounded. Two compares an element and no branch (the kernels' masks hold these two
+  // Keys [first, last] of one row's band (an interval of indices, keys or rows), not clamped to
+  // the sequence; an unbounded side is +-kUnbounded. Two compares an element and no branch (the kernels' masks hold these two
   // numbers a row instead of evaluating the window's signs per element).
   struct KeyInterval {
     int first, last;
@@ -47,6 +47,11 @@ struct SequenceBand {
   static constexpr int kUnbounded = 1 << 30;
   TFORMER_BAND_FUNCTION KeyInterval row_keys(int row) const {
     return {left < 0 ? -kUnbounded : row + offset - left, right < 0 ? kUnbounded : row + offset + right};
+  }
+  // Rows [first, last] whose bands hold key `col` (the same rule solved for the row): the
+  // backward's dK/dV pass, whose threads own keys.
+  TFORMER_BAND_FUNCTION KeyInterval key_rows(int col) const {
+    return {right < 0 ? -kUnbounded : col - offset - right, left < 0 ? kUnbounded : col - offset + left};
   }
   // The band alone (the caller checks the key exists and is not padding).
   TFORMER_BAND_FUNCTION bool allows(int row, int col) const { return row_keys(row).contains(col); }
