@@ -65,8 +65,9 @@ class SequenceBand:
         return (0, 0) if first >= end else (first // block_m, -(-end // block_m))
 
     def cuts(self, row_first: int, row_last: int, n0: int, block_n: int) -> bool:
-        return n0 + block_n > self.k_len or (self.right >= 0 and n0 + block_n - 1 > row_first + self.offset + self.right) \
-            or (self.left >= 0 and n0 < row_last + self.offset - self.left)
+        past_right = self.right >= 0 and n0 + block_n - 1 > row_first + self.offset + self.right
+        before_left = self.left >= 0 and n0 < row_last + self.offset - self.left
+        return n0 + block_n > self.k_len or past_right or before_left
 
 
 def sequence_band(q_len: int, k_len: int, left: int, right: int, bottom_right: bool) -> SequenceBand:
@@ -85,7 +86,8 @@ class CutsIgnoresLeftEdge(SequenceBand):
     """A broken band: blocks cut only by the window's left edge are run unmasked."""
 
     def cuts(self, row_first: int, row_last: int, n0: int, block_n: int) -> bool:
-        return n0 + block_n > self.k_len or (self.right >= 0 and n0 + block_n - 1 > row_first + self.offset + self.right)
+        past_right = self.right >= 0 and n0 + block_n - 1 > row_first + self.offset + self.right
+        return n0 + block_n > self.k_len or past_right
 
 
 def block_sizes(head_dim: int, c: dict[str, int] | None = None) -> dict[str, int]:

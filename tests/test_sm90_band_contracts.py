@@ -50,6 +50,9 @@ int main() {
     if (q * k <= %SMALL%) {
       for (int i = 0; i < q; ++i)
         for (int j = 0; j < k; ++j) std::printf("%d", b.allows(i, j));
+      std::printf(" ");
+      for (int i = 0; i < q; ++i)
+        for (int j = 0; j < k; ++j) std::printf("%d", b.key_rows(j).contains(i));
     }
     std::printf("\n");
   }
@@ -111,15 +114,16 @@ def test_header_block_ranges_match_the_brute_force_mask(header_binary, head_dim)
     assert errors == [], errors[:5]
 
 
-def test_header_allows_exactly_the_brute_force_pairs(header_binary):
+def test_header_row_and_key_intervals_allow_exactly_the_brute_force_pairs(header_binary):
     sizes = band_model.block_sizes(HEAD_DIMS[0], CONSTANTS)
     small = [case for case in CASES if case[0] * case[1] <= SMALL]
     assert len(small) > 50
     for case, (_, pair, bits) in zip(small, _run(header_binary, small, sizes)):
         q_len, k_len, left, right, bottom_right = case
-        want = band_model.brute_force_mask(q_len, k_len, left, right, bottom_right)
-        got = [bit == "1" for bit in bits]
-        assert got == want.flatten().tolist(), case
+        want = band_model.brute_force_mask(q_len, k_len, left, right, bottom_right).flatten().tolist()
+        by_row, by_key = bits.split()  # row_keys(row) (forward, dQ pass), key_rows(key) (dK/dV pass)
+        assert [bit == "1" for bit in by_row] == want, case
+        assert [bit == "1" for bit in by_key] == want, case
         assert pair == grid.pair_query_blocks(left, right), case
 
 

@@ -97,6 +97,9 @@ def test_constants_parse_and_match_the_kernels_budget():
     c = CONSTANTS
     assert c["kThreads"] == 384 and c["kRegistersAtEntry"] == 168
     assert c["kProducerRegisters"] * 128 + c["kConsumerRegisters"] * 256 <= c["kRegistersAtEntry"] * c["kThreads"]
+    # The banded backward's split (FA3's 24 / 240) fills the same pool.
+    assert c["kBandedProducerRegisters"] * 128 + c["kBandedConsumerRegisters"] * 256 <= \
+        c["kRegistersAtEntry"] * c["kThreads"]
     assert c["kKStepsPerPanel"] * c["kKStepBytes"] == c["kSwizzleBytes"]
 
 

@@ -38,8 +38,8 @@ struct SequenceBand {
   static TFORMER_BAND_FUNCTION int clamp(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
 
   // Keys [first, last] of one row's band (an interval of indices, keys or rows), not clamped to
-  // the sequence; an unbounded side is +-kUnbounded. Two compares an element and no branch (the kernels' masks hold these two
-  // numbers a row instead of evaluating the window's signs per element).
+  // the sequence; an unbounded side is +-kUnbounded. Two compares an element and no branch: the
+  // kernels' masks hold these two numbers a row instead of testing the window's signs each time.
   struct KeyInterval {
     int first, last;
     TFORMER_BAND_FUNCTION bool contains(int col) const { return col >= first && col <= last; }
