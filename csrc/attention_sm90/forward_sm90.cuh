@@ -145,9 +145,9 @@ struct RowMask {
   int lane;
 };
 
-// The banded kernel's band of a tile's sequence (band.h's SequenceBand, built where used from
-// the sequence's lengths and the parameter bank: kept in registers across the key loop, its
-// fields pushed the consumers past their 232).
+// The banded kernel's band of a tile's sequence: band.h's SequenceBand, built where it is used
+// from the sequence's lengths and the parameter bank (held in registers across the key loop
+// instead, its fields pushed the consumers past their 232).
 struct BandedRows {
   const ForwardParams& params;
   int q_len;
@@ -449,7 +449,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       wgmma_wait<0>();
       fence_registers(s);
       mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
-      online_softmax<kBanded>(s, n_first, mask, banded, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
+      // alpha unused: O is 0
+      online_softmax<kBanded>(s, n_first, mask, banded, scale_log2, row_max, row_sum, alpha);
       pack_a<T, kBlockN>(s, pa);
     }
     for (int step = 1; step < num_steps; ++step) {
