@@ -8,6 +8,8 @@ brute-force check they must pass.
   tformer.ops.attention_mask.allowed_keys: every allowed (query, key) pair lies in a visited
   block, the first and last visited blocks hold an allowed pair (nothing skippable is visited),
   and a block said to need no mask holds no disallowed pair among the rows it serves.
+- `emulate_forward` / `emulate_backward` run the banded kernels' arithmetic block by block in
+  float64 (the ranges, cuts() and the row intervals above; the soft-cap in raw units).
 - The block sizes come from csrc/attention_sm90/contracts.h (read_constants): the forward's query
   and key blocks (kBoxRows), the backward's blocks (kGradBlock) and steps (grad_step), and the
   warpgroup's rows (kWgmmaM) over which the forward decides whether to mask.
@@ -15,6 +17,7 @@ brute-force check they must pass.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,14 @@ class SequenceBand:
     def allows(self, row: int, col: int) -> bool:
         return (self.right < 0 or col <= row + self.offset + self.right) and \
             (self.left < 0 or col >= row + self.offset - self.left)
+
+    UNBOUNDED = 1 << 62  # an unbounded side of an interval (band.h's kUnbounded: any value past every index)
+
+    def row_keys_first(self, row: int) -> int:  # band.h's row_keys(row).first
+        return -self.UNBOUNDED if self.left < 0 else row + self.offset - self.left
+
+    def row_keys_last(self, row: int) -> int:  # band.h's row_keys(row).last
+        return self.UNBOUNDED if self.right < 0 else row + self.offset + self.right
 
     def first_key(self, row_begin: int) -> int:
         return 0 if self.left < 0 else _clamp(row_begin + self.offset - self.left, 0, self.k_len)
@@ -190,3 +201,88 @@ def band_cases(c: dict[str, int] | None = None) -> list[tuple[int, int, int, int
                         continue  # the same band as top-left
                     cases.append((q_len, k_len, left, right, bottom_right))
     return cases
+
+
+# ---- the banded kernels' arithmetic, block by block, in float64 --------------------------------
+def _mask(scores, rows, cols, band):
+    """-inf where the band (band.h's row_keys) or the sequence's end removes a key."""
+    first = torch.tensor([band.row_keys_first(r) for r in rows], dtype=torch.long)[:, None]
+    last = torch.tensor([band.row_keys_last(r) for r in rows], dtype=torch.long)[:, None]
+    keys = torch.tensor(list(cols), dtype=torch.long)[None, :]
+    allowed = (keys >= first) & (keys <= last) & (keys < band.k_len)
+    return scores.masked_fill(~allowed, -torch.inf), allowed
+
+
+def _capped(raw, scale: float, softcap: float):
+    """forward_sm90.cuh / backward_sm90.cuh: the score in raw units, (softcap / scale) tanh(s scale /
+    softcap), and dS's factor 1 - tanh^2; (raw, 1) without a cap."""
+    if softcap == 0:
+        return raw, torch.ones_like(raw)
+    t = torch.tanh(raw * (scale / softcap))
+    return t * (softcap / scale), 1 - t * t
+
+
+def emulate_forward(q, k, v, band: SequenceBand, scale: float, softcap: float, sizes: dict[str, int]):
+    """The banded forward of one head: per query block its key_blocks, per 64-row part a block
+    masked only where cuts() says so, the online softmax in log2 units on raw (capped) scores
+    scaled in the exponent. q (Sq, D), k and v (Sk, D), float64 -> out (Sq, D), lse (Sq,)."""
+    block, part_rows = sizes["forward"], sizes["rows_masked"]
+    log2e = 1 / math.log(2)
+    out, lse = torch.zeros_like(q), torch.full((band.q_len,), -torch.inf, dtype=q.dtype)
+    for m0 in range(0, band.q_len, block):
+        first, end = band.key_blocks(m0, block, block)
+        for r0 in range(m0, min(m0 + block, band.q_len), part_rows):
+            rows = range(r0, min(r0 + part_rows, band.q_len))
+            row_max = torch.full((len(rows),), -torch.inf, dtype=q.dtype)
+            row_sum, o = torch.zeros(len(rows), dtype=q.dtype), torch.zeros(len(rows), q.shape[1], dtype=q.dtype)
+            for n in range(first, end):
+                cols = range(n * block, min((n + 1) * block, band.k_len))
+                s = _capped(q[r0:rows.stop] @ k[cols.start:cols.stop].T, scale, softcap)[0]
+                if band.cuts(r0, r0 + part_rows - 1, n * block, block):
+                    s = _mask(s, rows, cols, band)[0]
+                new_max = torch.maximum(row_max, s.max(1).values * scale * log2e)
+                safe = torch.where(new_max == -torch.inf, 0.0, new_max)
+                alpha = torch.exp2(row_max - safe)
+                p = torch.exp2(s * scale * log2e - safe[:, None])
+                row_sum, row_max = row_sum * alpha + p.sum(1), new_max
+                o = o * alpha[:, None] + p @ v[cols.start:cols.stop]
+            has_key = row_sum > 0
+            out[r0:rows.stop] = torch.where(has_key[:, None], o / row_sum.clamp_min(1e-300)[:, None], 0.0)
+            lse[r0:rows.stop] = torch.where(has_key, (row_max + torch.log2(row_sum.clamp_min(1e-300))) / log2e,
+                                            -torch.inf)
+    return out, lse
+
+
+def emulate_backward(q, k, v, dout, out, lse, band: SequenceBand, scale: float, softcap: float,
+                     sizes: dict[str, int]):
+    """The banded backward of one head: dK/dV per 128-key block over its query_blocks steps, dQ per
+    128-query block over its key_blocks steps, every element masked by the band, P from the
+    forward's lse, dS = P (dP - delta) (1 - tanh^2). -> dq, dk, dv."""
+    grad_block, step = sizes["grad_block"], sizes["grad_step"]
+    delta = (dout * out).sum(1)
+    lse_safe = torch.where(lse == -torch.inf, 0.0, lse)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def tile(rows, cols):  # P and dS of rows x cols, masked
+        raw = q[rows.start:rows.stop] @ k[cols.start:cols.stop].T
+        capped, slope = _capped(raw, scale, softcap)
+        _, allowed = _mask(capped, rows, cols, band)
+        p = torch.where(allowed, torch.exp(capped * scale - lse_safe[rows.start:rows.stop, None]), 0.0)
+        dp = dout[rows.start:rows.stop] @ v[cols.start:cols.stop].T
+        return p, p * (dp - delta[rows.start:rows.stop, None]) * slope
+
+    for n0 in range(0, band.k_len, grad_block):
+        cols = range(n0, min(n0 + grad_block, band.k_len))
+        first, end = band.query_blocks(n0, grad_block, step)
+        for m in range(first, end):
+            rows = range(m * step, min((m + 1) * step, band.q_len))
+            p, ds = tile(rows, cols)
+            dv[cols.start:cols.stop] += p.T @ dout[rows.start:rows.stop]
+            dk[cols.start:cols.stop] += scale * ds.T @ q[rows.start:rows.stop]
+    for m0 in range(0, band.q_len, grad_block):
+        rows = range(m0, min(m0 + grad_block, band.q_len))
+        first, end = band.key_blocks(m0, grad_block, step)
+        for n in range(first, end):
+            cols = range(n * step, min((n + 1) * step, band.k_len))
+            dq[rows.start:rows.stop] += scale * tile(rows, cols)[1] @ k[cols.start:cols.stop]
+    return dq, dk, dv

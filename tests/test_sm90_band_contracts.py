@@ -3,12 +3,16 @@ only the blocks a band edge (or the sequence's end) cuts: csrc/attention_sm90/ba
 with the host compiler, against a brute-force mask from tformer.ops.attention_mask.allowed_keys,
 at the kernels' own block sizes (csrc/attention_sm90/contracts.h), for both head dims' backward
 steps. A copy of the header with an off-by-one in its last key block must fail the same check,
-and so must tests/sm90_band_model.py's broken mirrors."""
+and so must tests/sm90_band_model.py's broken mirrors. The kernels' arithmetic on those blocks
+(skipped blocks, masks only where cuts() says, soft-cap in raw units with the scale in the
+exponent, dS times 1 - tanh^2) is emulated in float64 against the reference backend's outputs,
+log-sum-exp and gradients, rows with no key included."""
 
 import shutil
 import subprocess
 
 import pytest
+import torch
 
 import sm90_band_model as band_model
 import sm90_grid_model as grid
@@ -165,3 +169,81 @@ def test_windows_skip_whole_blocks():
     ranges = band_model.band_ranges(band_model.sequence_band(8192, 8192, window, 0, False), sizes)
     counts = [end - first for first, end in ranges.forward]
     assert max(counts) == window // block + 1 and sum(counts) < 3 * len(counts)
+
+
+# ---- the banded kernels' arithmetic, emulated block by block against the float64 reference -----
+NUMERIC_CASES = {  # (Sq, Sk, left, right, bottom_right, softcap)
+    "causal_sliding": (300, 300, 100, 0, False, 0.0),
+    "two_sided": (300, 300, 128, 128, False, 0.0),
+    "bottom_right_sq_lt_sk": (130, 400, -1, 0, True, 0.0),
+    "bottom_right_sq_gt_sk_rows_without_keys": (400, 130, -1, 0, True, 0.0),
+    "top_left_left_window_rows_without_keys": (300, 17, 5, -1, False, 0.0),
+    "softcap": (200, 257, -1, -1, False, 2.0),
+    "softcap_window_bottom_right": (257, 300, 50, 0, True, 10.0),
+    "one_query": (1, 300, 64, 0, True, 5.0),
+}
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", list(NUMERIC_CASES))
+def test_banded_block_arithmetic_matches_the_reference(case, head_dim):
+    import tformer
+
+    q_len, k_len, left, right, bottom_right, softcap = NUMERIC_CASES[case]
+    sizes = band_model.block_sizes(head_dim, CONSTANTS)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(n, 16, generator=generator, dtype=torch.float64) for n in (q_len, k_len, k_len))
+    dout = torch.randn(q_len, 16, generator=generator, dtype=torch.float64)
+    scale = 0.3
+    band = band_model.sequence_band(q_len, k_len, left, right, bottom_right)
+    out, lse = band_model.emulate_forward(q, k, v, band, scale, softcap, sizes)
+    grads = band_model.emulate_backward(q, k, v, dout, out, lse, band, scale, softcap, sizes)
+
+    leaves = [t[None, None].clone().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = tformer.ops.attention(*leaves, window=(left, right), softcap=softcap, scale=scale,
+                                               alignment="bottom_right" if bottom_right else "top_left",
+                                               return_lse=True, backend="reference")
+    want_out.backward(dout[None, None])
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse[0, 0]))
+    torch.testing.assert_close(out, want_out[0, 0].detach(), rtol=1e-10, atol=1e-10)
+    finite = torch.isfinite(lse)
+    # lse comes back as float32 (the kernels' convention), from a float64 computation.
+    torch.testing.assert_close(lse[finite], want_lse[0, 0][finite].double(), rtol=1e-6, atol=1e-6)
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        torch.testing.assert_close(got, leaf.grad[0, 0], rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_emulation_without_the_softcap_slope_is_caught():
+    # dS without the factor 1 - tanh^2: the emulated gradients leave the reference.
+    q_len, k_len, left, right, bottom_right, softcap = NUMERIC_CASES["softcap_window_bottom_right"]
+    sizes = band_model.block_sizes(64, CONSTANTS)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(n, 16, generator=generator, dtype=torch.float64) for n in (q_len, k_len, k_len))
+    dout = torch.randn(q_len, 16, generator=generator, dtype=torch.float64)
+    band = band_model.sequence_band(q_len, k_len, left, right, bottom_right)
+    out, lse = band_model.emulate_forward(q, k, v, band, 0.3, softcap, sizes)
+    right_grads = band_model.emulate_backward(q, k, v, dout, out, lse, band, 0.3, softcap, sizes)
+    original = band_model._capped
+    try:
+        band_model._capped = lambda raw, scale, cap: (original(raw, scale, cap)[0], torch.ones_like(raw))
+        wrong_grads = band_model.emulate_backward(q, k, v, dout, out, lse, band, 0.3, softcap, sizes)
+    finally:
+        band_model._capped = original
+    assert not torch.allclose(right_grads[0], wrong_grads[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("broken", [band_model.KeyEndOffByOne, band_model.CutsIgnoresLeftEdge])
+def test_emulation_of_a_broken_band_is_caught(broken):
+    import tformer
+
+    # A window whose right edge ends one key into the next block (the off-by-one drops that
+    # block) and whose left edge cuts blocks the right edge does not.
+    sizes = band_model.block_sizes(64, CONSTANTS)
+    q_len, k_len, left, right, bottom_right, softcap = 300, 300, sizes["forward"] - 1, 1, False, 0.0
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 16, generator=generator, dtype=torch.float64) for n in (q_len, k_len, k_len))
+    band = broken(q_len, k_len, k_len - q_len if bottom_right else 0, left, right)
+    out, _ = band_model.emulate_forward(q, k, v, band, 0.3, softcap, sizes)
+    want = tformer.ops.attention(q[None, None], k[None, None], v[None, None], window=(left, right), scale=0.3,
+                                 backend="reference")[0, 0]
+    assert not torch.allclose(out, want, rtol=1e-6, atol=1e-6)
