@@ -523,3 +523,30 @@ def test_banded_grid_stays_balanced():
                                                                                         band, CONSTANTS)
                   for m in range(scheduler.m_blocks // 2)}
     assert max(pair_costs) - min(pair_costs) <= 1
+
+
+@pytest.mark.parametrize("case", ["causal_sliding_256", "bottom_right_sq_gt_sk_rows_without_keys",
+                                  "top_left_sq_gt_sk_rows_without_keys"])
+def test_banded_forward_tile_lists_are_sound(case):
+    # The persistent forward's barrier schedule over real banded tile lists: a sliding window's
+    # equal short tiles, and tiles whose rows see no key (0 steps: Q in, zeros out).
+    batch, heads, q_len, k_len, head_dim, left, right, bottom_right, sms = BANDED_GRIDS[case]
+    scheduler = grid.banded_scheduler_for(batch, heads, q_len, k_len, head_dim, left, right, sms)
+    band = band_model.sequence_band(q_len, k_len, left, right, bottom_right)
+    for block in (0, scheduler.grid - 1):
+        tiles = tuple(grid.banded_tile_steps(m, band, CONSTANTS) for m, _, _ in scheduler.block_tiles(block))
+        for seed in range(2):  # a block may have no product at all (every tile 0 steps): run it to its exit
+            machine = schedule.run_forward_block(head_dim, tiles, grid.built_variant(head_dim), CONSTANTS, seed)
+            assert machine.exited_at is not None
+
+
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+@pytest.mark.parametrize("kernel", [k for k in layout.KERNELS if k != "forward"])
+def test_banded_backward_register_split_is_sound(kernel, head_dim):
+    # The banded backward's setmaxnreg budgets (contracts.h) redistribute the block's pool without
+    # a hang; 8 more consumer registers would spin in setmaxnreg.inc.
+    banded = schedule.banded_constants(CONSTANTS)
+    schedule.simulate(kernel, head_dim, steps=4, constants=banded)
+    with pytest.raises(schedule.ScheduleError, match=r"hang: .*setmaxnreg"):
+        schedule.simulate(kernel, head_dim, steps=4,
+                          constants={**banded, "kConsumerRegisters": banded["kConsumerRegisters"] + 8})
