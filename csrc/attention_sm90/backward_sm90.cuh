@@ -29,6 +29,10 @@
 // with the next step's products; bench/KERNEL_NOTES.md, sections c90b and c90c (fix 4), have
 // the predictions.
 //
+// Banded variants (kBanded: a sliding window, bottom-right alignment or a soft-cap; band.h):
+// the dK/dV pass visits only the query steps whose rows' bands reach its keys, the dQ pass only
+// the key steps that meet its rows' bands; dS takes the soft-cap's derivative 1 - tanh^2.
+//
 // Semantics are the sm_80 backward's (csrc/attention/attention_bwd.cuh): masked scores give
 // P = 0, a fully masked query row (lse = -inf) is measured against 0 with all its scores
 // masked, so its gradients are 0; rows outside a sequence are not written.

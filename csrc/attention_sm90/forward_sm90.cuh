@@ -33,6 +33,10 @@
 // descriptor and barrier below is computed from are in contracts.h, which the CPU emulators of
 // the swizzle/descriptors and of this barrier schedule (tests/sm90_*_model.py) read too.
 //
+// Sliding windows, bottom-right alignment and soft-capping run in a banded variant of the same
+// kernel (kBanded; csrc/attention_sm90/band.h): a tile visits only the key blocks that meet some
+// row's band, masks only those a band edge cuts, and soft-caps raw scores before the softmax.
+//
 // Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
 // rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
 // 64 x 128 with CU_TENSOR_MAP_SWIZZLE_128B writes it). Semantics and out / lse layout are the
