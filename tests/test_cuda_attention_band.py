@@ -251,7 +251,9 @@ def _check_backend(backend, q, k, v, what, deterministic=False, **kwargs):
 @pytest.mark.parametrize("band", list(SM90_BANDS))
 def test_hopper_banded_kernels_match_reference(band, seqs, head_dim, dtype):
     seq_q, seq_k = seqs
-    q, k, v = _inputs(2, 4, 2, seq_q, seq_k, head_dim, dtype)
+    # Query heads = key/value heads: grouped-query attention on few key blocks would send the
+    # backward to the expanded dK/dV pass on sm80 (test_hopper_banded_gqa_matches_reference).
+    q, k, v = _inputs(2, 4, 4, seq_q, seq_k, head_dim, dtype)
     # These calls take the sm_90a kernels (their banded variants): nothing routes a band to sm80.
     assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"
     assert torch.ops.tformer.cuda_attention_bwd_path(q) == "sm90a"
@@ -262,8 +264,16 @@ def test_hopper_banded_kernels_match_reference(band, seqs, head_dim, dtype):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("band", ["causal_sliding_256", "window_bottom_right", "softcap_causal_window"])
 def test_hopper_banded_deterministic_backward_matches_reference(band, head_dim):
-    q, k, v = _inputs(2, 4, 2, 1000, 700, head_dim, torch.bfloat16)
+    q, k, v = _inputs(2, 4, 4, 1000, 700, head_dim, torch.bfloat16)
     _check_backend("cuda", q, k, v, f"sm90a two passes {band}", deterministic=True, **SM90_BANDS[band])
+
+
+@requires_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_banded_gqa_matches_reference(head_dim):
+    # 11 key blocks x 2 kv heads x 16 sequences: enough dK/dV blocks for the grouped sm_90a pass.
+    q, k, v = _inputs(16, 4, 2, 1300, 1300, head_dim, torch.float16)
+    _check_backend("cuda", q, k, v, "sm90a gqa", **SM90_BANDS["softcap_causal_window"])
 
 
 @requires_hopper
@@ -271,7 +281,7 @@ def test_hopper_banded_varlen_matches_reference():
     lengths_q, lengths_k = [1, 300, 129, 17], [5, 300, 700, 1]
     generator = torch.Generator().manual_seed(5)
     q = torch.randn(sum(lengths_q), 4, 128, generator=generator).to("cuda", torch.float16)
-    k, v = (torch.randn(sum(lengths_k), 2, 128, generator=generator).to("cuda", torch.float16) for _ in range(2))
+    k, v = (torch.randn(sum(lengths_k), 4, 128, generator=generator).to("cuda", torch.float16) for _ in range(2))
 
     def cu(lengths):
         return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
