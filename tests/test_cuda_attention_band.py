@@ -301,3 +301,21 @@ def test_sm80_variant_matches_reference(band, seqs, head_dim, dtype):
     q, k, v = _inputs(2, 4, 2, seq_q, seq_k, head_dim, dtype)
     assert torch.ops.tformer.cuda_attention_fwd_path(q, force_sm80=True).startswith("sm80")
     _check_backend("cuda:sm80", q, k, v, f"sm80 {band} {seqs}", **SM90_BANDS[band])
+
+
+@requires_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("band", ["causal_sliding_256", "window_bottom_right", "softcap"])
+def test_banded_calls_run_the_hopper_kernels(band, head_dim):
+    # The path functions answer from q alone; that a banded call really leaves the sm_80 kernels
+    # shows in its bits: the two kernel families sum in different orders (128-key blocks and
+    # wgmma against 64-key blocks and mma.sync), so "cuda" and "cuda:sm80" differ somewhere in
+    # 1000 x 1000 scores, where the same kernels would give equal bits.
+    from test_cuda_attention_extension import _run
+
+    q, k, v = _inputs(1, 4, 4, 1000, 1000, head_dim, torch.bfloat16)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
+    hopper = _run("cuda", q, k, v, grad_out, deterministic=True, **SM90_BANDS[band])
+    sm80 = _run("cuda:sm80", q, k, v, grad_out, deterministic=True, **SM90_BANDS[band])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), hopper, sm80):
+        assert not torch.equal(a, b), f"{band}: {name} bitwise equal on both paths (the band stayed on sm80?)"
