@@ -103,6 +103,30 @@ def scheduler_for(batch: int, heads: int, seq_len: int, head_dim: int, causal: b
                          min(sms, units), causal)
 
 
+def pair_query_blocks(left: int, right: int) -> bool:
+    """tile_scheduler.h's pair_query_blocks: pair query blocks where their key blocks grow with
+    the index (a band bounded on the right only)."""
+    return right >= 0 and left < 0
+
+
+def banded_scheduler_for(batch: int, heads: int, q_len: int, k_len: int, head_dim: int, left: int, right: int,
+                         sms: int = SMS) -> TileScheduler:
+    """What run_forward builds for the banded kernel on a padded batch (forward_sm90.cuh)."""
+    c = read_constants()
+    m_blocks = -(-q_len // c["kBoxRows"])
+    causal = pair_query_blocks(left, right)
+    units = ((m_blocks + 1) // 2 if causal else m_blocks) * heads * batch
+    return TileScheduler(m_blocks, heads, batch, section_heads_for(k_len, head_dim, heads * batch, c),
+                         min(sms, units), causal)
+
+
+def banded_tile_steps(m_block: int, band, c: dict[str, int]) -> int:
+    """Key blocks a banded query block runs (forward_sm90.cuh's tile_span: band.h's key_blocks)."""
+    rows = c["kBoxRows"]
+    first, end = band.key_blocks(m_block * rows, rows, rows)
+    return max(0, end - first)
+
+
 def tile_steps(m_block: int, seq_len: int, causal: bool, c: dict[str, int]) -> int:
     """Key blocks a query block runs (forward_sm90.cuh's num_steps, equal q and k lengths)."""
     rows = c["kBoxRows"]

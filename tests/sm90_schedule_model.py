@@ -625,6 +625,13 @@ def forward_consumer_ops(head_dim: int, steps: int, variant: ForwardVariant = FI
     return list(machine.agents[f"consumer{consumer}"].program)
 
 
+def banded_constants(c: dict[str, int]) -> dict[str, int]:
+    """contracts.h's constants as the banded backward kernels use them: FA3's register split
+    (kBandedProducerRegisters, kBandedConsumerRegisters) in place of the default one."""
+    return {**c, "kProducerRegisters": c["kBandedProducerRegisters"],
+            "kConsumerRegisters": c["kBandedConsumerRegisters"]}
+
+
 def simulate(kernel: str, head_dim: int, steps: int = 32, seed: int = 0, variant: ForwardVariant = FIXED,
              lat: Latencies = Latencies(), registers_at_entry: int | None = None,
              constants: dict[str, int] | None = None, release_early: bool = False,

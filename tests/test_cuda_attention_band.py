@@ -5,9 +5,10 @@ the ops' schemas take them, and autograd and the fake implementations carry them
 tensors. On a GPU: fp16/bf16 outputs, log-sum-exp and gradients against the float64 reference
 for both alignments, windows that skip whole key blocks and cut through others, soft-capping
 (with saturated tanh), key padding, grouped-query and packed sequences, over the head-dim
-buckets. Head dims 64 and 128 on an sm_90 GPU go through the dispatch that routes these
-cases from the Hopper kernels to the sm_80 ones. tests/test_attention.py runs the shared mask
-cases for every backend on top of this.
+buckets. On an sm_90 GPU, head dims 64 and 128 run these cases on the Hopper kernels' banded
+variants (the path functions must say "sm90a"), both backward kinds (one pass with atomic dQ,
+and the deterministic two passes), and the same grid on the ``cuda:sm80`` variant.
+tests/test_attention.py runs the shared mask cases for every backend on top of this.
 """
 
 import importlib
@@ -21,6 +22,7 @@ from tformer.ops import registry
 from tformer.ops.attention_mask import Band
 
 from conftest import requires_cuda
+from tolerances import assert_close_to_reference
 
 pytestmark = pytest.mark.skipif(cuda_backend.extension_error() is not None,
                                 reason=f"tformer._C is not built: {cuda_backend.extension_error()}")
@@ -174,7 +176,8 @@ def test_backward_with_window_and_softcap_is_deterministic():
 
     q, k, v = _inputs(2, 8, 2, 400, 400, 128, torch.bfloat16)
     grad_out = torch.randn(q.shape, device="cuda")
-    kwargs = dict(causal=True, window=(100, 0), softcap=20.0)
+    # deterministic=True: on an sm_90 GPU the default backward adds dQ with float32 atomics.
+    kwargs = dict(causal=True, window=(100, 0), softcap=20.0, deterministic=True)
     first = _run("cuda", q, k, v, grad_out, **kwargs)
     second = _run("cuda", q, k, v, grad_out, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -190,3 +193,129 @@ def test_cpp_checks_name_the_band_arguments():
         fwd(q, q, q, None, None, None, 8, 8, True, 1.0, -1, 3)
     with pytest.raises(RuntimeError, match="argument 'softcap' must be a finite float >= 0"):
         fwd(q, q, q, None, None, None, 8, 8, False, 1.0, -1, -1, False, -1.0)
+
+
+# ---- GPU only: the Hopper kernels' banded variants (sm_90) and the cuda:sm80 variant ------------
+
+def _hopper_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs an sm_90 GPU (H100/H200), got compute capability {torch.cuda.get_device_capability()}"
+    return None
+
+
+requires_hopper = pytest.mark.skipif(_hopper_reason() is not None, reason=str(_hopper_reason()))
+
+# Bands against 128-row query blocks and 128-key blocks (forward), 128-key blocks with 64- or
+# 128-row steps (backward): windows that skip whole blocks and cut others, two-sided, both
+# alignments, soft-capping alone and with a window.
+SM90_BANDS = {
+    "causal_sliding_256": dict(causal=True, window=(256, 0)),
+    "two_sided_128": dict(window=(128, 128)),
+    "causal_bottom_right": dict(causal=True, alignment="bottom_right"),
+    "window_bottom_right": dict(causal=True, alignment="bottom_right", window=(40, 0)),
+    "left_window_top_left": dict(window=(17, -1)),
+    "softcap": dict(softcap=5.0),
+    "softcap_causal_window": dict(causal=True, window=(100, 0), softcap=20.0),
+}
+# (Sq, Sk): 1, 17 and 1000 tokens, equal and not; with Sq > Sk bottom-right causal, and with
+# Sq > Sk + 17 the top-left left window, leave rows with no key (zeros, lse -inf).
+SM90_SEQS = [(1, 1), (17, 17), (1, 1000), (17, 1000), (1000, 17), (1000, 1000)]
+
+
+def _check_backend(backend, q, k, v, what, deterministic=False, **kwargs):
+    """out, lse and the gradients of `backend` against the float64 reference."""
+    from test_cuda_attention_extension import _run
+
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
+    got = _run(backend, q, k, v, grad_out, deterministic=deterministic, **kwargs)
+    want = _run("reference", q.double(), k.double(), v.double(), grad_out.double(), **kwargs)
+    assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want[1])), f"{what}: lse -inf rows differ"
+    finite = torch.isfinite(want[1])
+    if finite.any():
+        assert_close_to_reference(got[1][finite], want[1][finite], q.dtype, what=f"{what} lse",
+                                  scale=max(1.0, want[1][finite].abs().max().item()))
+    empty = torch.isneginf(want[1])  # rows with no key: zeros out and zero dq, exactly
+    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty])), f"{what}: out of rows with no key"
+    assert torch.equal(got[2][empty], torch.zeros_like(got[2][empty])), f"{what}: dq of rows with no key"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (got[0], *got[2:]), (want[0], *want[2:])):
+        assert_close_to_reference(a, b, q.dtype, "forward" if name == "out" else "grad",
+                                  scale=max(1.0, b.abs().max().item()), what=f"{what} {name}")
+
+
+@requires_hopper
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqs", SM90_SEQS, ids=str)
+@pytest.mark.parametrize("band", list(SM90_BANDS))
+def test_hopper_banded_kernels_match_reference(band, seqs, head_dim, dtype):
+    seq_q, seq_k = seqs
+    # Query heads = key/value heads: grouped-query attention on few key blocks would send the
+    # backward to the expanded dK/dV pass on sm80 (test_hopper_banded_gqa_matches_reference).
+    q, k, v = _inputs(2, 4, 4, seq_q, seq_k, head_dim, dtype)
+    # These calls take the sm_90a kernels (their banded variants): nothing routes a band to sm80.
+    assert torch.ops.tformer.cuda_attention_fwd_path(q) == "sm90a"
+    assert torch.ops.tformer.cuda_attention_bwd_path(q) == "sm90a"
+    _check_backend("cuda", q, k, v, f"sm90a {band} {seqs}", **SM90_BANDS[band])
+
+
+@requires_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("band", ["causal_sliding_256", "window_bottom_right", "softcap_causal_window"])
+def test_hopper_banded_deterministic_backward_matches_reference(band, head_dim):
+    q, k, v = _inputs(2, 4, 4, 1000, 700, head_dim, torch.bfloat16)
+    _check_backend("cuda", q, k, v, f"sm90a two passes {band}", deterministic=True, **SM90_BANDS[band])
+
+
+@requires_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_banded_gqa_matches_reference(head_dim):
+    # 11 key blocks x 2 kv heads x 16 sequences: enough dK/dV blocks for the grouped sm_90a pass.
+    q, k, v = _inputs(16, 4, 2, 1300, 1300, head_dim, torch.float16)
+    _check_backend("cuda", q, k, v, "sm90a gqa", **SM90_BANDS["softcap_causal_window"])
+
+
+@requires_hopper
+def test_hopper_banded_varlen_matches_reference():
+    lengths_q, lengths_k = [1, 300, 129, 17], [5, 300, 700, 1]
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(lengths_q), 4, 128, generator=generator).to("cuda", torch.float16)
+    k, v = (torch.randn(sum(lengths_k), 4, 128, generator=generator).to("cuda", torch.float16) for _ in range(2))
+
+    def cu(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+    _check(q, k, v, "sm90a varlen", fn=tformer.ops.attention_varlen, cu_seqlens_q=cu(lengths_q),
+           cu_seqlens_k=cu(lengths_k), max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k), causal=True,
+           alignment="bottom_right", window=(64, 0), softcap=10.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqs", [(17, 1000), (1000, 17), (1000, 1000)], ids=str)
+@pytest.mark.parametrize("band", list(SM90_BANDS))
+def test_sm80_variant_matches_reference(band, seqs, head_dim, dtype):
+    seq_q, seq_k = seqs
+    q, k, v = _inputs(2, 4, 2, seq_q, seq_k, head_dim, dtype)
+    assert torch.ops.tformer.cuda_attention_fwd_path(q, force_sm80=True).startswith("sm80")
+    _check_backend("cuda:sm80", q, k, v, f"sm80 {band} {seqs}", **SM90_BANDS[band])
+
+
+@requires_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("band", ["causal_sliding_256", "window_bottom_right", "softcap"])
+def test_banded_calls_run_the_hopper_kernels(band, head_dim):
+    # The path functions answer from q alone; that a banded call really leaves the sm_80 kernels
+    # shows in its bits: the two kernel families sum in different orders (128-key blocks and
+    # wgmma against 64-key blocks and mma.sync), so "cuda" and "cuda:sm80" differ somewhere in
+    # 1000 x 1000 scores, where the same kernels would give equal bits.
+    from test_cuda_attention_extension import _run
+
+    q, k, v = _inputs(1, 4, 4, 1000, 1000, head_dim, torch.bfloat16)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
+    hopper = _run("cuda", q, k, v, grad_out, deterministic=True, **SM90_BANDS[band])
+    sm80 = _run("cuda:sm80", q, k, v, grad_out, deterministic=True, **SM90_BANDS[band])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), hopper, sm80):
+        assert not torch.equal(a, b), f"{band}: {name} bitwise equal on both paths (the band stayed on sm80?)"

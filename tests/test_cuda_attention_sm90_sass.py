@@ -21,9 +21,11 @@ from sm90_layout_model import forward_q_buffers, read_constants
 from test_cuda_row_kernels_sass import _cuobjdump, _extension, sass_by_function
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL = "attention_sm9014forward_kernel"  # tformer::attention_sm90::forward_kernel<T, kD>
-# (dtype, head dim) instantiations: csrc/attention_sm90/forward_sm90_hdim{64,128}.cu.
+KERNEL = "attention_sm9014forward_kernel"  # tformer::attention_sm90::forward_kernel<T, kD, kBanded>
+# (dtype, head dim) instantiations: csrc/attention_sm90/forward_sm90_hdim{64,128}.cu; each kernel
+# also has a banded variant (kBanded: sliding windows, bottom-right alignment, soft-capping).
 INSTANTIATIONS = {("6__half", 64), ("13__nv_bfloat16", 64), ("6__half", 128), ("13__nv_bfloat16", 128)}
+BANDED = (False, True)
 HOPPER_SMEM_LIMIT = 227 * 1024
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
@@ -70,24 +72,29 @@ def require_sm90a_code(unit: str) -> None:
                     f"its cubins: {sorted(set(cubins)) or 'none'})")
 
 
-def mangled(dtype: str, head_dim: int) -> str:
-    return f"_ZN7tformer14attention_sm9014forward_kernelI{dtype}Li{head_dim}EEEvNS0_13ForwardParamsE"
+def mangled(dtype: str, head_dim: int, banded: bool) -> str:
+    return f"_ZN7tformer14attention_sm9014forward_kernelI{dtype}Li{head_dim}ELb{int(banded)}EEEvNS0_13ForwardParamsE"
+
+
+def is_banded(name: str) -> bool:
+    """Whether a mangled sm_90a kernel is a banded variant (its last template argument)."""
+    return re.search(r"Lb([01])EEEvNS0_", name).group(1) == "1"
 
 
 @pytest.fixture(scope="module")
 def sm90a_kernels() -> dict[str, str]:
     require_sm90a_code("forward_sm90_hdim")
     # Only these functions: disassembling the whole extension takes ~20 s on 2 cores.
-    names = ",".join(mangled(dtype, dim) for dtype, dim in sorted(INSTANTIATIONS))
+    names = ",".join(mangled(dtype, dim, banded) for dtype, dim in sorted(INSTANTIATIONS) for banded in BANDED)
     result = subprocess.run([_cuobjdump(), "-sass", "-fun", names, str(_extension())], capture_output=True,
                             text=True, timeout=300)
     return {name: code for name, code in sass_by_function(result.stdout).items() if KERNEL in name}
 
 
 def test_every_instantiation_is_built(sm90a_kernels):
-    found = {(dtype, int(dim)) for name in sm90a_kernels
-             for dtype, dim in re.findall(r"forward_kernelI(6__half|13__nv_bfloat16)Li(\d+)E", name)}
-    assert found == INSTANTIATIONS
+    found = {(dtype, int(dim), banded == "1") for name in sm90a_kernels
+             for dtype, dim, banded in re.findall(r"forward_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb([01])E", name)}
+    assert found == {(dtype, dim, banded) for dtype, dim in INSTANTIATIONS for banded in BANDED}
 
 
 def test_hot_loops_use_wgmma_and_tma(sm90a_kernels):
@@ -128,8 +135,9 @@ def test_no_spills_and_shared_memory_within_hopper_limit(sm90a_kernels):
         assert dynamic + int(fields["SHARED"]) <= HOPPER_SMEM_LIMIT, f"{name}: {dynamic} B dynamic smem"
 
 
-# The backward (backward_sm90.cuh): tformer::attention_sm90::key_grad_kernel<T, kD, kAtomicDq>
-# (two-pass dK/dV, or the one pass that also adds dQ by atomics) and query_grad_kernel<T, kD>.
+# The backward (backward_sm90.cuh): tformer::attention_sm90::key_grad_kernel<T, kD, kAtomicDq,
+# kBanded> (two-pass dK/dV, or the one pass that also adds dQ by atomics) and
+# query_grad_kernel<T, kD, kBanded>; the mangled template arguments after the head dim.
 BACKWARD = {"key_grad_kernel": ("15key_grad_kernel", "ELb0E"), "key_grad_kernel_dq": ("15key_grad_kernel", "ELb1E"),
             "query_grad_kernel": ("17query_grad_kernel", "E")}
 
@@ -138,7 +146,16 @@ def backward_kind(name: str) -> str:
     """The BACKWARD key of a mangled backward kernel name."""
     if "query_grad_kernel" in name:
         return "query_grad_kernel"
-    return "key_grad_kernel_dq" if "ELb1E" in name else "key_grad_kernel"
+    atomic_dq = re.search(r"key_grad_kernelI\w+?Li\d+ELb([01])ELb[01]E", name).group(1)
+    return "key_grad_kernel_dq" if atomic_dq == "1" else "key_grad_kernel"
+
+
+def test_kernel_names_are_read_by_their_template_arguments():
+    key = "_ZN7tformer14attention_sm9015key_grad_kernelI6__halfLi64ELb{}ELb{}EEEvNS0_14BackwardParamsE"
+    assert [backward_kind(key.format(dq, b)) for dq in "01" for b in "01"] == \
+        ["key_grad_kernel", "key_grad_kernel", "key_grad_kernel_dq", "key_grad_kernel_dq"]
+    assert [is_banded(key.format(dq, b)) for dq in "01" for b in "01"] == [False, True, False, True]
+    assert is_banded(mangled("6__half", 128, True)) and not is_banded(mangled("6__half", 128, False))
 
 
 def grad_step(head_dim: int) -> int:
@@ -150,17 +167,19 @@ def grad_step(head_dim: int) -> int:
 @pytest.fixture(scope="module")
 def sm90a_backward_kernels() -> dict[str, str]:
     require_sm90a_code("backward_sm90_hdim")
-    names = ",".join(f"_ZN7tformer14attention_sm90{kernel}I{dtype}Li{dim}{flag}EEvNS0_14BackwardParamsE"
-                     for kernel, flag in BACKWARD.values() for dtype, dim in sorted(INSTANTIATIONS))
+    names = ",".join(f"_ZN7tformer14attention_sm90{kernel}I{dtype}Li{dim}{flag}Lb{int(banded)}EEEvNS0_14BackwardParamsE"
+                     for kernel, flag in BACKWARD.values() for dtype, dim in sorted(INSTANTIATIONS)
+                     for banded in BANDED)
     result = subprocess.run([_cuobjdump(), "-sass", "-fun", names, str(_extension())], capture_output=True,
                             text=True, timeout=300)
     return {name: code for name, code in sass_by_function(result.stdout).items() if "_grad_kernel" in name}
 
 
 def test_every_backward_instantiation_is_built(sm90a_backward_kernels):
-    found = {(backward_kind(name), dtype, int(dim)) for name in sm90a_backward_kernels
+    found = {(backward_kind(name), dtype, int(dim), is_banded(name)) for name in sm90a_backward_kernels
              for dtype, dim in re.findall(r"_grad_kernelI(6__half|13__nv_bfloat16)Li(\d+)E", name)}
-    assert found == {(kernel, dtype, dim) for kernel in BACKWARD for dtype, dim in INSTANTIATIONS}
+    assert found == {(kernel, dtype, dim, banded) for kernel in BACKWARD for dtype, dim in INSTANTIATIONS
+                     for banded in BANDED}
 
 
 def test_backward_hot_loops_use_wgmma_and_tma(sm90a_backward_kernels):
@@ -224,12 +243,22 @@ _NO_DESTINATION = ("ST", "RED", "BAR", "BRA", "EXIT", "WARPGROUP", "SYNCS", "UTM
                    "UCGABAR", "JMP", "PREEXIT", "USETMAXREG", "HGMMA")
 
 
-def registers_at_entry_problem(usage: str, constants: dict[str, int]) -> str | None:
+def setmaxnreg_budget(name: str, constants: dict[str, int]) -> tuple[int, int]:
+    """(producer, consumer) registers a kernel's setmaxnreg asks for: the banded backward kernels
+    take kBanded{Producer,Consumer}Registers (backward_sm90.cuh), every other one the defaults."""
+    if is_banded(name) and "_grad_kernel" in name:
+        return constants["kBandedProducerRegisters"], constants["kBandedConsumerRegisters"]
+    return constants["kProducerRegisters"], constants["kConsumerRegisters"]
+
+
+def registers_at_entry_problem(usage: str, constants: dict[str, int],
+                               budget: tuple[int, int] | None = None) -> str | None:
     """Why a setmaxnreg kernel with this `-res-usage` line would hang, or None. The block's pool
-    is REG x threads; the consumers' setmaxnreg.inc spins until the pool holds what they claim."""
+    is REG x threads; the consumers' setmaxnreg.inc spins until the pool holds what they claim
+    (`budget`: the kernel's (producer, consumer) registers, by default contracts.h's)."""
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    claimed = (constants["kProducerRegisters"] + constants["kConsumers"] * constants["kConsumerRegisters"]) * \
-        constants["kWarpgroupThreads"]
+    producer, consumer = budget or (constants["kProducerRegisters"], constants["kConsumerRegisters"])
+    claimed = (producer + constants["kConsumers"] * consumer) * constants["kWarpgroupThreads"]
     if registers != constants["kRegistersAtEntry"] or registers * constants["kThreads"] < claimed:
         return (f"REG:{registers} at entry, expected {constants['kRegistersAtEntry']}: the pool of "
                 f"{registers * constants['kThreads']} registers is not the {claimed} setmaxnreg redistributes")
@@ -284,6 +313,10 @@ def test_register_budget_check_fails_on_too_few_registers():
     constants = read_constants()
     assert registers_at_entry_problem("REG:168 STACK:0 SHARED:1024 LOCAL:0", constants) is None
     assert "REG:128" in registers_at_entry_problem("REG:128 STACK:0 SHARED:1024 LOCAL:0", constants)
+    banded = (constants["kBandedProducerRegisters"], constants["kBandedConsumerRegisters"])
+    assert registers_at_entry_problem("REG:168 STACK:0 SHARED:1024 LOCAL:0", constants, banded) is None
+    assert registers_at_entry_problem("REG:168 STACK:0 SHARED:1024 LOCAL:0", constants,
+                                      (banded[0], banded[1] + 8)) is not None
 
 
 def test_window_check_reads_in_flight_groups():
@@ -321,8 +354,12 @@ def test_every_setmaxnreg_kernel_has_the_registers_it_redistributes(all_sm90a_ke
     constants = read_constants()
     for name, code in all_sm90a_kernels.items():
         assert "USETMAXREG" in code, f"{name}: expected a setmaxnreg kernel"
-        assert registers_at_entry_problem(usage[name], constants) is None, f"{name}: " + \
-            registers_at_entry_problem(usage[name], constants)
+        budget = setmaxnreg_budget(name, constants)
+        assert registers_at_entry_problem(usage[name], constants, budget) is None, f"{name}: " + \
+            registers_at_entry_problem(usage[name], constants, budget)
+        # The consumers claim exactly their budget (USETMAXREG.TRY_ALLOC takes the count in hex).
+        claims = {int(n, 16) for n in re.findall(r"USETMAXREG\.TRY_ALLOC\S*\s+\w+,\s*0x([0-9a-f]+)", code)}
+        assert claims == {budget[1]}, f"{name}: setmaxnreg.inc {sorted(claims)}, expected {budget[1]}"
 
 
 def test_no_injected_warpgroup_arrive(all_sm90a_kernels):
@@ -366,6 +403,7 @@ def test_named_barrier_ids_are_immediates(all_sm90a_kernels):
     barriers = named_barriers_by_function(elf)
     constants = read_constants()
     for name in all_sm90a_kernels:
+        one_pass = "forward_kernel" not in name and backward_kind(name) == "key_grad_kernel_dq"
         allowed = constants["kEpilogueBarrier"] + constants["kConsumers"] if "forward_kernel" in name else \
-            constants["kGradStageBarrier"] + constants["kConsumers"] if "ELb1E" in name else 1
+            constants["kGradStageBarrier"] + constants["kConsumers"] if one_pass else 1
         assert barriers.get(name, 0) <= allowed, f"{name}: {barriers.get(name)} named barriers reserved"

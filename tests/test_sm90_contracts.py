@@ -97,6 +97,9 @@ def test_constants_parse_and_match_the_kernels_budget():
     c = CONSTANTS
     assert c["kThreads"] == 384 and c["kRegistersAtEntry"] == 168
     assert c["kProducerRegisters"] * 128 + c["kConsumerRegisters"] * 256 <= c["kRegistersAtEntry"] * c["kThreads"]
+    # The banded backward's split (FA3's 24 / 240) fills the same pool.
+    assert c["kBandedProducerRegisters"] * 128 + c["kBandedConsumerRegisters"] * 256 <= \
+        c["kRegistersAtEntry"] * c["kThreads"]
     assert c["kKStepsPerPanel"] * c["kKStepBytes"] == c["kSwizzleBytes"]
 
 
@@ -467,3 +470,83 @@ def test_kernel_header_gives_the_same_order(tmp_path):
         scheduler = grid.TileScheduler(*case[:5], bool(case[5]))
         assert lines[-1].split() == [str(grid.section_heads_for(4096, 128, 64)), str(grid.section_heads_for(512, 64, 3)),
                                      str(scheduler.units())]
+
+
+# ---- banded grids: the banded forward's schedule (pair_query_blocks) and its key blocks (band.h) -----
+import sm90_band_model as band_model  # noqa: E402
+
+BANDED_GRIDS = {  # (batch, heads, Sq, Sk, head dim, left, right, bottom_right, SMs)
+    "causal_sliding_256": (4, 16, 8192, 8192, 128, 256, 0, False, 132),
+    "two_sided_128": (2, 3, 1000, 1000, 64, 128, 128, False, 132),
+    "bottom_right_sq_lt_sk": (2, 2, 300, 1000, 128, -1, 0, True, 11),
+    "bottom_right_sq_gt_sk_rows_without_keys": (2, 2, 1000, 300, 64, -1, 0, True, 7),
+    "window_bottom_right_sq_gt_sk": (1, 3, 700, 129, 64, 64, 0, True, 5),
+    "top_left_sq_gt_sk_rows_without_keys": (1, 2, 1000, 17, 64, 0, 0, False, 3),
+    "decoding": (3, 2, 1, 1000, 128, 256, 0, True, 132),
+}
+
+
+@pytest.mark.parametrize("case", list(BANDED_GRIDS))
+def test_banded_grid_runs_every_tile_once_with_the_bands_key_blocks(case):
+    batch, heads, q_len, k_len, head_dim, left, right, bottom_right, sms = BANDED_GRIDS[case]
+    scheduler = grid.banded_scheduler_for(batch, heads, q_len, k_len, head_dim, left, right, sms)
+    tiles = [tile for block in range(scheduler.grid) for tile in scheduler.block_tiles(block)]
+    assert sorted(tiles) == sorted((m, h, s) for m in range(scheduler.m_blocks) for h in range(heads)
+                                   for s in range(batch))
+    # Each tile's key blocks are exactly the blocks holding an allowed pair of its rows (brute
+    # force): a tile whose rows see no key runs none (and writes zeros, lse -inf).
+    band = band_model.sequence_band(q_len, k_len, left, right, bottom_right)
+    allowed = band_model.brute_force_mask(q_len, k_len, left, right, bottom_right)
+    rows = CONSTANTS["kBoxRows"]
+    for m in range(scheduler.m_blocks):
+        keys = allowed[m * rows:(m + 1) * rows].any(0).nonzero().flatten()
+        want = 0 if len(keys) == 0 else int(keys[-1]) // rows - int(keys[0]) // rows + 1
+        assert grid.banded_tile_steps(m, band, CONSTANTS) == want, (case, m)
+
+
+def test_banded_grid_stays_balanced():
+    # The causal sliding window's query blocks cost about the same: one tile a unit, and the
+    # busiest block runs within 10% of the mean key blocks.
+    batch, heads, q_len, k_len, head_dim, left, right, bottom_right, sms = BANDED_GRIDS["causal_sliding_256"]
+    scheduler = grid.banded_scheduler_for(batch, heads, q_len, k_len, head_dim, left, right, sms)
+    assert not scheduler.causal
+    band = band_model.sequence_band(q_len, k_len, left, right, bottom_right)
+    loads = [sum(grid.banded_tile_steps(m, band, CONSTANTS) for m, _, _ in scheduler.block_tiles(b))
+             for b in range(scheduler.grid)]
+    assert max(loads) <= 1.1 * sum(loads) / len(loads)
+    # Bottom-right causal keeps the pairs: a unit's two query blocks together stay within one
+    # key block of every other unit's.
+    scheduler = grid.banded_scheduler_for(1, 4, 1000, 3000, 128, -1, 0, 132)
+    band = band_model.sequence_band(1000, 3000, -1, 0, True)
+    assert scheduler.causal
+    pair_costs = {grid.banded_tile_steps(m, band, CONSTANTS) + grid.banded_tile_steps(scheduler.m_blocks - 1 - m,
+                                                                                        band, CONSTANTS)
+                  for m in range(scheduler.m_blocks // 2)}
+    assert max(pair_costs) - min(pair_costs) <= 1
+
+
+@pytest.mark.parametrize("case", ["causal_sliding_256", "bottom_right_sq_gt_sk_rows_without_keys",
+                                  "top_left_sq_gt_sk_rows_without_keys"])
+def test_banded_forward_tile_lists_are_sound(case):
+    # The persistent forward's barrier schedule over real banded tile lists: a sliding window's
+    # equal short tiles, and tiles whose rows see no key (0 steps: Q in, zeros out).
+    batch, heads, q_len, k_len, head_dim, left, right, bottom_right, sms = BANDED_GRIDS[case]
+    scheduler = grid.banded_scheduler_for(batch, heads, q_len, k_len, head_dim, left, right, sms)
+    band = band_model.sequence_band(q_len, k_len, left, right, bottom_right)
+    for block in (0, scheduler.grid - 1):
+        tiles = tuple(grid.banded_tile_steps(m, band, CONSTANTS) for m, _, _ in scheduler.block_tiles(block))
+        for seed in range(2):  # a block may have no product at all (every tile 0 steps): run it to its exit
+            machine = schedule.run_forward_block(head_dim, tiles, grid.built_variant(head_dim), CONSTANTS, seed)
+            assert machine.exited_at is not None
+
+
+@pytest.mark.parametrize("head_dim", layout.HEAD_DIMS)
+@pytest.mark.parametrize("kernel", [k for k in layout.KERNELS if k != "forward"])
+def test_banded_backward_register_split_is_sound(kernel, head_dim):
+    # The banded backward's setmaxnreg budgets (contracts.h) redistribute the block's pool without
+    # a hang; 8 more consumer registers would spin in setmaxnreg.inc.
+    banded = schedule.banded_constants(CONSTANTS)
+    schedule.simulate(kernel, head_dim, steps=4, constants=banded)
+    with pytest.raises(schedule.ScheduleError, match=r"hang: .*setmaxnreg"):
+        schedule.simulate(kernel, head_dim, steps=4,
+                          constants={**banded, "kConsumerRegisters": banded["kConsumerRegisters"] + 8})

@@ -58,8 +58,9 @@ struct AttentionProblem {
   int64_t k_tokens = 0;
   int head_dim = 0;
   float scale = 1.f;
-  // Plain top-left causal (the band left = -1, right = 0, not bottom-right): the only band the
-  // sm_90a kernels implement. The sm_80 kernels read the band fields below instead.
+  // Plain top-left causal (the band left = -1, right = 0, not bottom-right): the band the sm_90a
+  // kernels' unbanded variants implement (any other band or a softcap takes their banded
+  // variants). The sm_80 kernels read the band fields below instead.
   bool causal = false;
   // The band (tformer/ops/attention_mask.py's Band): query i of a sequence of q_len queries
   // attends key j of k_len keys when i + offset - window_left <= j <= i + offset + window_right,
@@ -73,7 +74,8 @@ struct AttentionProblem {
   float softcap = 0.f;
 };
 
-// Whether the problem needs more than full or top-left causal attention without soft-capping.
+// Whether the problem needs more than full or top-left causal attention without soft-capping
+// (on sm_90a: the kernels' banded variants).
 inline bool attention_has_band_or_softcap(const AttentionProblem& p) {
   return p.window_left >= 0 || (p.window_right >= 0 && (p.window_right > 0 || p.bottom_right)) || p.softcap > 0.f;
 }

@@ -29,6 +29,10 @@
 // with the next step's products; bench/KERNEL_NOTES.md, sections c90b and c90c (fix 4), have
 // the predictions.
 //
+// Banded variants (kBanded: a sliding window, bottom-right alignment or a soft-cap; band.h):
+// the dK/dV pass visits only the query steps whose rows' bands reach its keys, the dQ pass only
+// the key steps that meet its rows' bands; dS takes the soft-cap's derivative 1 - tanh^2.
+//
 // Semantics are the sm_80 backward's (csrc/attention/attention_bwd.cuh): masked scores give
 // P = 0, a fully masked query row (lse = -inf) is measured against 0 with all its scores
 // masked, so its gradients are 0; rows outside a sequence are not written.
@@ -42,9 +46,11 @@
 
 #include "attention/attention.h"
 #include "attention_sm90/attention_sm90.h"
+#include "attention_sm90/band.h"
 #include "attention_sm90/block_setup.cuh"
 #include "attention_sm90/hopper.cuh"
 #include "attention_sm90/products.cuh"
+#include "attention_sm90/tile_scheduler.h"
 #include "common/convert.cuh"
 
 namespace tformer {
@@ -99,7 +105,35 @@ template <int kD> struct GradShape {
 struct BackwardParams {
   AttentionBackwardArgs args;
   CUtensorMap q_map, k_map, v_map, dout_map;  // block-tile maps: 128-row boxes; step-tile maps: 64
+  // The banded kernels' soft-cap in raw units, from the host (forward_sm90.cuh's ForwardParams).
+  float cap_in, cap_out;
 };
+
+// The banded kernels' band of a sequence (band.h), from its lengths and the parameter bank.
+__device__ __forceinline__ SequenceBand problem_band(const AttentionProblem& p, const SequenceSpan& span) {
+  return sequence_band(span.q_len, span.k_len, p.window_left, p.window_right, p.bottom_right);
+}
+
+// The banded kernels' soft-cap of a step's raw scores (S or S^T), in place: s -> tanh(s cap_in),
+// so the elementwise step takes the capped score as t cap_out and dS's factor as 1 - t^2 (the
+// sm_80 backward's ScoreMap); a uniform branch outside the element loop, so a band without a
+// soft-cap pays no MUFU for it.
+template <int kN>
+__device__ __forceinline__ void soft_cap_tanh(float (&s)[kN], const BackwardParams& params) {
+  if (params.args.problem.softcap > 0.f) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) s[i] = tanh_fast(s[i] * params.cap_in);
+  }
+}
+
+// From soft_cap_tanh's output: the capped score in raw units, and dS's factor.
+struct CappedScore {
+  float score, slope;
+};
+__device__ __forceinline__ CappedScore capped_score(float s, const BackwardParams& params) {
+  const bool capped = params.args.problem.softcap > 0.f;
+  return {capped ? s * params.cap_out : s, capped ? fmaf(-s, s, 1.f) : 1.f};
+}
 
 // lse in log2 units, measured against 0 for fully masked rows (lse = -inf) and rows past the
 // sequence, whose scores are all masked anyway.
@@ -209,7 +243,9 @@ __device__ __forceinline__ void scores_and_output_grads(float (&s)[kStep / 2], f
   fence_registers(dp);
 }
 
-template <typename T, int kD, bool kAtomicDq>
+// kBanded: the variant for a sliding window, bottom-right alignment or a soft-cap (band.h, read at
+// run time); the other reads only p.causal.
+template <typename T, int kD, bool kAtomicDq, bool kBanded>
 __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_constant__ BackwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = GradShape<kD>;
@@ -232,8 +268,14 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   const SequenceSpan span = sequence_span(p, seq);
   if (n0 >= span.k_len) return;  // packed: this sequence is shorter than max_seqlen_k
   // Causal (top-left): query i sees keys j <= i, so query steps wholly above the block are skipped.
-  const int m_first = p.causal ? n0 / S::kStep : 0;
-  const int per_head = max(0, (span.q_len + S::kStep - 1) / S::kStep - m_first);
+  // Banded: the query steps whose rows' bands reach the block's keys.
+  int m_first = p.causal ? n0 / S::kStep : 0;
+  int per_head = max(0, (span.q_len + S::kStep - 1) / S::kStep - m_first);
+  if constexpr (kBanded) {
+    const BlockRange range = problem_band(p, span).query_blocks(n0, kGradBlock, S::kStep);
+    m_first = range.first;
+    per_head = range.count();
+  }
   const int num_steps = per_head * p.group_size;  // heads of the group in order, then query steps
 
   if (threadIdx.x == 0) {
@@ -248,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // ---- producer: thread 0 issues the TMA loads, one thread a row stages lse, delta ----
-    release_registers<kProducerRegisters>();
+    release_registers<kBanded ? kBandedProducerRegisters : kProducerRegisters>();
     const int t = threadIdx.x;
     if (t >= S::kStep) return;
     if (t == 0 && num_steps > 0) {
@@ -277,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   }
 
   // ---- consumers: 64 keys each ----
-  claim_registers<kConsumerRegisters>();
+  claim_registers<kBanded ? kBandedConsumerRegisters : kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int wg_key0 = n0 + consumer * 64;
@@ -290,6 +332,11 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
   const uint32_t v_address = smem_u32(v_tile) + consumer * kConsumerRowBytes;
   unsigned char* const ds_stage = ds_stages + consumer * S::kStageBytes;  // one pass only
 
+  // The banded kernel: the queries whose bands hold key0 (key0 + 8's are 8 rows later): two
+  // registers for the whole kernel, where the band's bounds would take more (ptxas spilled).
+  [[maybe_unused]] SequenceBand::KeyInterval rows;
+  if constexpr (kBanded) rows = problem_band(p, span).key_rows(key0);
+
   float dk[kD / 2], dv[kD / 2];
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -301,6 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
     float s[S::kStep / 2], dp[S::kStep / 2];
     mbarrier_wait(&step_full[slot], (step / kGradStages) & 1);
     scores_and_output_grads<T, kD>(s, dp, k_address, v_address, q_address, dout_address);
+    if constexpr (kBanded) soft_cap_tanh(s, params);
     // Element 4 j + 2 r + c: key key0 + 8 r, query m0 + column (j, c).
 #pragma unroll
     for (int j = 0; j < S::kStep / 8; ++j) {
@@ -312,11 +360,19 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
-          const bool allowed = key_ok[r] && query_ok && (!p.causal || key0 + 8 * r <= query);
           // exp2f, not exp2_ftz as the dQ pass: with it ptxas spills 10 bytes at head dim 64 (bf16).
-          const float probability = allowed ? exp2f(s[i] * scale_log2 - lse) : 0.f;
-          s[i] = probability;
-          dp[i] = probability * (dp[i] - delta);
+          if constexpr (kBanded) {
+            const bool allowed = key_ok[r] & query_ok & rows.contains(query - 8 * r);
+            const CappedScore capped = capped_score(s[i], params);
+            const float probability = allowed ? exp2f(capped.score * scale_log2 - lse) : 0.f;
+            s[i] = probability;
+            dp[i] = probability * (dp[i] - delta) * capped.slope;
+          } else {
+            const bool allowed = key_ok[r] && query_ok && (!p.causal || key0 + 8 * r <= query);
+            const float probability = allowed ? exp2f(s[i] * scale_log2 - lse) : 0.f;
+            s[i] = probability;
+            dp[i] = probability * (dp[i] - delta);
+          }
         }
       }
     }
@@ -376,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_grad_kernel(const __grid_cons
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kBanded>
 __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_constant__ BackwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = GradShape<kD>;
@@ -391,14 +447,22 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
 
   const AttentionBackwardArgs& args = params.args;
   const AttentionProblem& p = args.problem;
-  // Causal: the last query blocks have the most keys; start them first.
-  const int m0 = (p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kGradBlock, head = blockIdx.y;
+  // Causal: the last query blocks have the most keys; start them first (banded: where the band
+  // makes the key blocks grow with the query block, tile_scheduler.h's pair_query_blocks).
+  const bool longest_first = kBanded ? pair_query_blocks(p.window_left, p.window_right) != 0 : p.causal;
+  const int m0 = (longest_first ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kGradBlock, head = blockIdx.y;
   const int seq = blockIdx.z;
   const SequenceSpan span = sequence_span(p, seq);
   if (m0 >= span.q_len) return;  // packed: this sequence is shorter than max_seqlen_q
   const int kv_head = head / p.group_size;
   const int key_end = p.causal ? min(span.k_len, m0 + kGradBlock) : span.k_len;
-  const int num_steps = key_end > 0 ? (key_end + S::kStep - 1) / S::kStep : 0;
+  int num_steps = key_end > 0 ? (key_end + S::kStep - 1) / S::kStep : 0;
+  int n_first = 0;  // the first key step (banded: the first that meets a row's band)
+  if constexpr (kBanded) {
+    const BlockRange range = problem_band(p, span).key_blocks(m0, kGradBlock, S::kStep);
+    n_first = range.first;
+    num_steps = range.count();
+  }
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
@@ -412,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // ---- producer ----
-    release_registers<kProducerRegisters>();
+    release_registers<kBanded ? kBandedProducerRegisters : kProducerRegisters>();
     if (threadIdx.x == 0 && num_steps > 0) {
       prefetch_maps(params);
       mbarrier_arrive_expect_tx(q_full, 2 * S::kBlockTileBytes);
@@ -424,14 +488,15 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
         mbarrier_arrive_expect_tx(&kv_full[slot], 2 * S::kStepTileBytes);
         load_tile_pair<S::kPanels>(k_tiles + slot * S::kStepTileBytes, &params.k_map,
                                    v_tiles + slot * S::kStepTileBytes, &params.v_map, &kv_full[slot],
-                                   S::kStepPanelBytes, span.k_start + step * S::kStep, kv_head, span.coord);
+                                   S::kStepPanelBytes, span.k_start + (kBanded ? n_first + step : step) * S::kStep,
+                                   kv_head, span.coord);
       }
     }
     return;
   }
 
   // ---- consumers: 64 query rows each ----
-  claim_registers<kConsumerRegisters>();
+  claim_registers<kBanded ? kBandedConsumerRegisters : kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int row0 = m0 + consumer * 64 + accumulator_row(lane, warp, 0);  // this thread's rows: row0, row0 + 8
@@ -452,12 +517,20 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
   for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
   if (num_steps > 0) mbarrier_wait(q_full, 0);
   for (int step = 0; step < num_steps; ++step) {
-    const int slot = step % kGradStages, n0 = step * S::kStep;
+    const int slot = step % kGradStages, n0 = (kBanded ? n_first + step : step) * S::kStep;
     const uint32_t k_address = smem_u32(k_tiles + slot * S::kStepTileBytes);
     const uint32_t v_address = smem_u32(v_tiles + slot * S::kStepTileBytes);
     float s[S::kStep / 2], dp[S::kStep / 2];
     mbarrier_wait(&kv_full[slot], (step / kGradStages) & 1);
     scores_and_output_grads<T, kD>(s, dp, q_address, dout_address, k_address, v_address);
+    // The banded kernel: this thread's two rows' key intervals (held during this loop only).
+    [[maybe_unused]] SequenceBand::KeyInterval keys[2];
+    if constexpr (kBanded) {
+      soft_cap_tanh(s, params);
+      const SequenceBand band = problem_band(p, span);
+      keys[0] = band.row_keys(row0);
+      keys[1] = band.row_keys(row0 + 8);
+    }
     // Element 4 j + 2 r + c: query row0 + 8 r, key n0 + column (j, c).
 #pragma unroll
     for (int j = 0; j < S::kStep / 8; ++j) {
@@ -468,9 +541,16 @@ __global__ void __launch_bounds__(kThreads, 1) query_grad_kernel(const __grid_co
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = 4 * j + 2 * r + c;
-          const bool allowed = key_ok && (!p.causal || key <= row0 + 8 * r);
-          const float probability = allowed ? exp2_ftz(fmaf(s[i], scale_log2, -lse[r])) : 0.f;
-          dp[i] = probability * (dp[i] - delta[r]);
+          if constexpr (kBanded) {
+            const bool allowed = key_ok & keys[r].contains(key);
+            const CappedScore capped = capped_score(s[i], params);
+            const float probability = allowed ? exp2_ftz(fmaf(capped.score, scale_log2, -lse[r])) : 0.f;
+            dp[i] = probability * (dp[i] - delta[r]) * capped.slope;
+          } else {
+            const bool allowed = key_ok && (!p.causal || key <= row0 + 8 * r);
+            const float probability = allowed ? exp2_ftz(fmaf(s[i], scale_log2, -lse[r])) : 0.f;
+            dp[i] = probability * (dp[i] - delta[r]);
+          }
         }
       }
     }
@@ -539,10 +619,17 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStr
   const dim3 query_grid(static_cast<unsigned>((p.max_seqlen_q + kGradBlock - 1) / kGradBlock), p.num_heads,
                         p.num_seqs);
   const bool one_pass = args.dq_accum != nullptr;
+  const bool banded = attention_has_band_or_softcap(p);
+  const auto set_caps = [&](BackwardParams* params) {
+    params->cap_in = p.softcap > 0.f ? p.scale / p.softcap : 0.f;
+    params->cap_out = p.softcap > 0.f ? p.softcap / p.scale : 0.f;
+  };
   if (key_grid.x > 0 && key_grid.y > 0 && key_grid.z > 0) {
     BackwardParams params{};
     if (cudaError_t e = make_maps(&params, S::kStep, kGradBlock); e != cudaSuccess) return e;
-    auto kernel = one_pass ? key_grad_kernel<T, kD, true> : key_grad_kernel<T, kD, false>;
+    set_caps(&params);
+    auto kernel = one_pass ? (banded ? key_grad_kernel<T, kD, true, true> : key_grad_kernel<T, kD, true, false>)
+                           : (banded ? key_grad_kernel<T, kD, false, true> : key_grad_kernel<T, kD, false, false>);
     const int smem = one_pass ? S::kOnePassSmemBytes : kSmem;
     if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         e != cudaSuccess) {
@@ -562,7 +649,8 @@ cudaError_t run_backward(const AttentionBackwardArgs& args, DType dtype, cudaStr
   if (query_grid.x > 0 && query_grid.y > 0 && query_grid.z > 0) {
     BackwardParams params{};
     if (cudaError_t e = make_maps(&params, kGradBlock, S::kStep); e != cudaSuccess) return e;
-    auto kernel = query_grad_kernel<T, kD>;
+    set_caps(&params);
+    auto kernel = banded ? query_grad_kernel<T, kD, true> : query_grad_kernel<T, kD, false>;
     if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
         e != cudaSuccess) {
       return e;

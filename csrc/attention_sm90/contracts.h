@@ -51,6 +51,11 @@ constexpr int kRegisterFile = 65536;                      // 32-bit registers an
 constexpr int kRegistersAtEntry = kRegisterFile / kThreads / 8 * 8;  // 168: __launch_bounds__(384, 1)
 constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
+// The banded backward (a sliding window, bottom-right alignment or a soft-cap: band.h) takes
+// FA3's split: with the band's bounds the two-pass dK/dV consumers spill at 232 (head dim 128),
+// and its producers fit in 24.
+constexpr int kBandedProducerRegisters = 24;
+constexpr int kBandedConsumerRegisters = 240;
 // Pingpong: named barrier kPingpongBarrier + c means "consumer c may issue" (0 is __syncthreads).
 constexpr int kPingpongBarrier = 1;
 // The epilogue: kEpilogueBarrier + c syncs consumer c's warpgroup between staging O in shared
@@ -100,6 +105,13 @@ constexpr int kMaxTransactionBytes = (1 << 20) - 1;       // an mbarrier phase's
 static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * kConsumers * kWarpgroupThreads <=
                   kRegistersAtEntry * kThreads,
               "the consumers claim more registers than the block holds: setmaxnreg.inc would never return");
+static_assert(kBandedProducerRegisters * kWarpgroupThreads +
+                      kBandedConsumerRegisters * kConsumers * kWarpgroupThreads <=
+                  kRegistersAtEntry * kThreads,
+              "the banded consumers claim more registers than the block holds");
+static_assert(kBandedProducerRegisters % 8 == 0 && kBandedConsumerRegisters % 8 == 0 &&
+                  kBandedProducerRegisters >= 24 && kBandedConsumerRegisters <= 256,
+              "setmaxnreg takes multiples of 8 in [24, 256]");
 static_assert(kProducerRegisters % 8 == 0 && kConsumerRegisters % 8 == 0 && kProducerRegisters >= 24 &&
                   kConsumerRegisters <= 256,
               "setmaxnreg takes multiples of 8 in [24, 256]");

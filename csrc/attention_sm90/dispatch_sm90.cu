@@ -1,6 +1,8 @@
 // Host side of the sm_90a attention kernels: whether a forward or backward runs on them
 // (device, build, dtype, head dim, layout, and the caller's force_sm80: the registry's
-// "cuda:sm80" variant), the TMA tensor maps, and the launches.
+// "cuda:sm80" variant), the TMA tensor maps, and the launches. Sliding windows, bottom-right
+// alignment and soft-capping run on the sm_90a kernels' banded variants (run_forward and
+// run_backward pick them from the problem), so they are no reason to leave sm_90a.
 // TFORMER_ATTENTION_SM90A is defined by setup.py when it compiles for sm_90a.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -136,18 +138,9 @@ cudaError_t make_tile_map(CUtensorMap* map, DType dtype, const void* base, const
 
 }  // namespace attention_sm90
 
-// The sm_90a kernels mask full or top-left causal attention only; a sliding window,
-// bottom-right alignment or soft-capping runs on the sm_80 kernels, which implement them.
-static std::string band_reason(const AttentionProblem& p) {
-  if (!attention_has_band_or_softcap(p)) return "";
-  return "a sliding window, bottom-right alignment or softcap (the sm_90a kernels implement full and top-left "
-         "causal attention only)";
-}
-
 AttentionPath attention_sm90_forward_path(DType dtype, const AttentionForwardArgs& args, std::string* why_not) {
   std::string reason = current_device_reason(dtype, args.problem.head_dim, args.force_sm80);
   if (reason.empty()) reason = layout_reason(args.problem);
-  if (reason.empty()) reason = band_reason(args.problem);
   // forward_sm90.cuh's online_softmax takes the max of the raw scores and scales it once a row.
   if (reason.empty() && !(args.problem.scale > 0.f)) reason = "scale <= 0 (the sm_90a softmax scales the max of raw scores)";
   // forward_sm90.cuh's store_output writes 16-byte chunks of each output row.
@@ -163,7 +156,6 @@ AttentionPath attention_sm90_backward_path(DType dtype, const AttentionBackwardA
   const AttentionProblem& p = args.problem;
   std::string reason = current_device_reason(dtype, p.head_dim, args.force_sm80);
   if (reason.empty()) reason = layout_reason(p);
-  if (reason.empty()) reason = band_reason(p);
   if (reason.empty() &&
       !tma_layout_ok(args.dout, args.dout_strides, p.q_tokens, p.num_heads, p.cu_seqlens_q != nullptr ? 1 : p.num_seqs)) {
     reason = "grad_out has a zero or unaligned stride (TMA needs positive multiples of 16 bytes)";

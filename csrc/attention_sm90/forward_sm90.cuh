@@ -33,6 +33,10 @@
 // descriptor and barrier below is computed from are in contracts.h, which the CPU emulators of
 // the swizzle/descriptors and of this barrier schedule (tests/sm90_*_model.py) read too.
 //
+// Sliding windows, bottom-right alignment and soft-capping run in a banded variant of the same
+// kernel (kBanded; csrc/attention_sm90/band.h): a tile visits only the key blocks that meet some
+// row's band, masks only those a band edge cuts, and soft-caps raw scores before the softmax.
+//
 // Shared memory, every tile 1024-byte aligned (the 128-byte swizzle's period): a tile of 128
 // rows x kD is kD / 64 panels of 128 rows x 64 columns (128 bytes a row, as one TMA box of
 // 64 x 128 with CU_TENSOR_MAP_SWIZZLE_128B writes it). Semantics and out / lse layout are the
@@ -49,6 +53,7 @@
 
 #include "attention/attention.h"
 #include "attention_sm90/attention_sm90.h"
+#include "attention_sm90/band.h"
 #include "attention_sm90/block_setup.cuh"
 #include "attention_sm90/hopper.cuh"
 #include "attention_sm90/products.cuh"
@@ -91,24 +96,36 @@ struct ForwardParams {
   AttentionForwardArgs args;
   CUtensorMap q_map, k_map, v_map;
   TileScheduler scheduler;
+  // The banded kernel's soft-cap in raw units (online_softmax), from the host: cap_in = scale /
+  // softcap, cap_out = softcap / scale; both 0 when softcap is 0. Read from the parameter bank
+  // where used, as the band's bounds: in registers they would push the consumers past 232.
+  float cap_in, cap_out;
 };
 
-// A tile's place in its sequence: the sequence's span, the first query row, the key blocks.
+// A tile's place in its sequence: the sequence's span, the first query row, the key blocks
+// (num_steps of them from block n_first; n_first is 0 but in the banded kernel).
 struct TileSpan {
-  int q_start, q_len, k_start, k_len, seq_coord, m0, num_steps;
+  int q_start, q_len, k_start, k_len, seq_coord, m0, num_steps, n_first;
 };
 
 // The tile a linear index names, or num_steps < 0 for none: the empty half of a causal pair, or
 // (packed) a query block past its sequence's end. Producer and consumers skip the same tiles, so
-// their tile counts (which pick the Q buffer and its parity) agree.
+// their tile counts (which pick the Q buffer and its parity) agree. Banded (kBanded): the key
+// blocks that meet some row's band (band.h); none when no row sees a key (zeros, lse -inf).
+template <bool kBanded>
 __device__ __forceinline__ TileSpan tile_span(const AttentionProblem& p, const ForwardTile& tile) {
-  if (tile.m_block < 0) return {0, 0, 0, 0, 0, 0, -1};
+  if (tile.m_block < 0) return {0, 0, 0, 0, 0, 0, -1, 0};
   const auto [q_start, q_len, k_start, k_len, seq_coord] = sequence_span(p, tile.seq);
   const int m0 = tile.m_block * kBlockM;
-  if (m0 >= q_len) return {0, 0, 0, 0, 0, 0, -1};  // packed: this sequence is shorter than max_seqlen_q
+  if (m0 >= q_len) return {0, 0, 0, 0, 0, 0, -1, 0};  // packed: this sequence is shorter than max_seqlen_q
+  if constexpr (kBanded) {
+    const BlockRange range = sequence_band(q_len, k_len, p.window_left, p.window_right, p.bottom_right)
+                                 .key_blocks(m0, kBlockM, kBlockN);
+    return {q_start, q_len, k_start, k_len, seq_coord, m0, range.count(), range.first};
+  }
   const int key_end = p.causal ? min(k_len, m0 + kBlockM) : k_len;
   const int num_steps = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
-  return {q_start, q_len, k_start, k_len, seq_coord, m0, num_steps};
+  return {q_start, q_len, k_start, k_len, seq_coord, m0, num_steps, 0};
 }
 
 // S = Q K^T for one key block, and O += P V with V's tile MN-major for that product (keys
@@ -132,17 +149,50 @@ struct RowMask {
   int lane;
 };
 
+// The banded kernel's band of a tile's sequence: band.h's SequenceBand, built where it is used
+// from the sequence's lengths and the parameter bank (held in registers across the key loop
+// instead, its fields pushed the consumers past their 232).
+struct BandedRows {
+  const ForwardParams& params;
+  int q_len;
+  __device__ __forceinline__ SequenceBand band(int k_len) const {
+    const AttentionProblem& p = params.args.problem;
+    return sequence_band(q_len, k_len, p.window_left, p.window_right, p.bottom_right);
+  }
+};
+
 // Masks S in place and turns it into P = exp2(S scale log2 e - running max) (float32), updating
 // the running max and this lane's part of the row sums; alpha is the factor O must take.
-// Only blocks that need it are masked: padding, the sequence's end, keys right of a row.
+// Only blocks that need it are masked: padding, the sequence's end, keys right of a row (the
+// banded kernel: keys outside a row's band, band.h's cuts over the warpgroup's 64 rows).
 // The scale is folded into the exponent (FA3): the max is taken over the raw scores and scaled
 // once a row, which needs scale > 0 (the dispatch keeps other scales on the sm_80 kernels), so
-// each element costs one FFMA and one MUFU.EX2.
-__device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, const RowMask& m, float scale_log2,
-                                               float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
-  const bool needs_mask =
-      m.padding != nullptr || n0 + kBlockN > m.k_len || (m.causal && n0 + kBlockN - 1 > m.wg_row0);
+// each element costs one FFMA and one MUFU.EX2. The soft-cap keeps that: it is monotonic, so
+// the max of capped scores is the cap of the max.
+template <bool kBanded>
+__device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, const RowMask& m,
+                                               const BandedRows& b, float scale_log2, float (&row_max)[2],
+                                               float (&row_sum)[2], float (&alpha)[2]) {
+  if constexpr (kBanded) {
+    if (b.params.args.problem.softcap > 0.f) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) s[i] = b.params.cap_out * tanh_fast(s[i] * b.params.cap_in);
+    }
+  }
+  bool needs_mask;
+  if constexpr (kBanded) {
+    needs_mask = m.padding != nullptr || b.band(m.k_len).cuts(m.wg_row0, m.wg_row0 + kWgmmaM - 1, n0, kBlockN);
+  } else {
+    needs_mask = m.padding != nullptr || n0 + kBlockN > m.k_len || (m.causal && n0 + kBlockN - 1 > m.wg_row0);
+  }
   if (needs_mask) {
+    // The banded kernel: this thread's two rows' key intervals, held only while masking.
+    [[maybe_unused]] SequenceBand::KeyInterval keys[2];
+    if constexpr (kBanded) {
+      const SequenceBand band = b.band(m.k_len);
+      keys[0] = band.row_keys(m.row0);
+      keys[1] = band.row_keys(m.row0 + 8);
+    }
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -151,7 +201,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 2], int n0, 
         const bool key_ok = key_allowed(m.padding, m.padding_stride, col, m.k_len);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const bool allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
+          bool allowed;
+          if constexpr (kBanded) {
+            allowed = key_ok & keys[r].contains(col);
+          } else {
+            allowed = key_ok && (!m.causal || col <= m.row0 + 8 * r);
+          }
           s[4 * j + 2 * r + c] = allowed ? s[4 * j + 2 * r + c] : -INFINITY;
         }
       }
@@ -253,7 +308,9 @@ __device__ __forceinline__ void store_output(const float (&o)[kD / 2], const flo
   }
 }
 
-template <typename T, int kD>
+// kBanded: the variant for a sliding window, bottom-right alignment or a soft-cap (the band and
+// softcap of AttentionProblem, read at run time); the other reads only p.causal.
+template <typename T, int kD, bool kBanded>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ ForwardParams params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = Shape<kD>;
@@ -301,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
         const int index = scheduler.linear(blockIdx.x, round);
         if (index >= scheduler.tiles()) break;
         const ForwardTile tile = scheduler.tile(index);
-        const TileSpan t = tile_span(p, tile);
+        const TileSpan t = tile_span<kBanded>(p, tile);
         if (t.num_steps < 0) continue;
         const int kv_head = tile.head / p.group_size;
         const int buffer = tile_count % kQBuffers;
@@ -315,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
         for (int step = 0; step < t.num_steps; ++step) {
           const int global = step_base + step, slot = global % kStages;
           const uint32_t parity = (global / kStages) & 1;
-          const int token = t.k_start + step * kBlockN;
+          const int token = t.k_start + (kBanded ? t.n_first + step : step) * kBlockN;
           mbarrier_wait(&k_empty[slot], parity ^ 1);
           mbarrier_arrive_expect_tx(&k_full[slot], S::kTileBytes);
 #pragma unroll
@@ -357,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     const int index = scheduler.linear(blockIdx.x, round);
     if (index >= scheduler.tiles()) break;
     const ForwardTile tile = scheduler.tile(index);
-    const TileSpan t = tile_span(p, tile);
+    const TileSpan t = tile_span<kBanded>(p, tile);
     if (t.num_steps < 0) continue;
     const int head = tile.head, seq = tile.seq, num_steps = t.num_steps;
     const int buffer = tile_count % kQBuffers;
@@ -367,6 +424,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     const uint8_t* const padding =
         p.key_padding == nullptr ? nullptr : p.key_padding + seq * p.key_padding_seq_stride;
     const RowMask mask{padding, p.key_padding_token_stride, t.k_len, wg_row0, row0, p.causal, lane};
+    const BandedRows banded{params, t.q_len};
+    const int n_first = kBanded ? t.n_first * kBlockN : 0;  // the first key block's first key
     float o[kD / 2];
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
@@ -394,7 +453,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       wgmma_wait<0>();
       fence_registers(s);
       mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
-      online_softmax(s, 0, mask, scale_log2, row_max, row_sum, alpha);  // alpha unused: O is 0
+      // alpha unused: O is 0
+      online_softmax<kBanded>(s, n_first, mask, banded, scale_log2, row_max, row_sum, alpha);
       pack_a<T, kBlockN>(s, pa);
     }
     for (int step = 1; step < num_steps; ++step) {
@@ -409,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       wgmma_wait<1>();  // groups complete in order: S is ready, P V may still run
       fence_registers(s);
       mbarrier_arrive(&k_empty[slot]);  // S is complete: K's slot may refill
-      online_softmax(s, step * kBlockN, mask, scale_log2, row_max, row_sum, alpha);
+      online_softmax<kBanded>(s, n_first + step * kBlockN, mask, banded, scale_log2, row_max, row_sum, alpha);
       wgmma_wait<0>();
       fence_registers(o);
       fence_registers(pa);  // pa stays allocated until P V has read it
@@ -478,7 +538,10 @@ cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStrea
   scheduler.heads = p.num_heads;
   scheduler.seqs = p.num_seqs;
   scheduler.section_heads = section_heads_for(p.max_seqlen_k, kD, pairs);
-  scheduler.causal = p.causal ? 1 : 0;
+  // The banded kernel pairs query blocks only where its band makes their costs grow with the
+  // index (tile_scheduler.h); either way every tile runs once.
+  const bool banded = attention_has_band_or_softcap(p);
+  scheduler.causal = banded ? pair_query_blocks(p.window_left, p.window_right) : (p.causal ? 1 : 0);
   const bool packed = p.cu_seqlens_q != nullptr;
   // Persistent (one block an SM) where the static order can balance the work: equal-length
   // sequences. Packed sequences' lengths are on the device (reading cu_seqlens here would sync),
@@ -498,11 +561,13 @@ cudaError_t run_forward(const AttentionForwardArgs& args, DType dtype, cudaStrea
       e != cudaSuccess) {
     return e;
   }
-  auto kernel = forward_kernel<T, kD>;
+  auto kernel = banded ? forward_kernel<T, kD, true> : forward_kernel<T, kD, false>;
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape<kD>::kSmemBytes);
       e != cudaSuccess) {
     return e;
   }
+  params.cap_in = p.softcap > 0.f ? p.scale / p.softcap : 0.f;
+  params.cap_out = p.softcap > 0.f ? p.softcap / p.scale : 0.f;
   kernel<<<scheduler.grid, kThreads, Shape<kD>::kSmemBytes, stream>>>(params);
   return cudaGetLastError();
 }

@@ -115,6 +115,19 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// tanh(x) = 1 - 2 / (2^(2 x log2 e) + 1) on the MUFU unit (ex2 and rcp, approximate, 2^-22
+// relative each): absolute error about 1e-7, saturating to +-1 without a branch (2^large = inf,
+// rcp(inf) = 0). The soft-cap of the banded kernels. Not tanh.approx.f32 (FA3's fast_tanh): its
+// 2^-11 relative error times a cap of 30-50 moves a logit by 0.01-0.02, past the fp16
+// tolerance of the lse against float64; not libdevice's tanhf: about 20 instructions and a
+// branch inside the wgmma windows.
+__device__ __forceinline__ float tanh_fast(float x) {
+  const float e = exp2_ftz(x * (2.f * 1.4426950408889634f));
+  float inverse;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(inverse) : "f"(e + 1.f));
+  return fmaf(-2.f, inverse, 1.f);
+}
+
 // ---- named barriers (bar.sync / bar.arrive on ids 1..15; 0 is __syncthreads) -------------
 // Ids are immediates: ptxas reserves barriers up to the highest id it can see, and an id in a
 // register reserves all 16 (tests/test_cuda_attention_sm90_sass.py checks the count). `second` picks kFirst + 1 over kFirst by predicate, not by

@@ -10,7 +10,7 @@
 //   non-persistent grid's (query block fastest) order did (FA3's tile_scheduler.hpp groups heads
 //   the same way). Longest-first across every head at once would stream each head's K/V from
 //   DRAM again for every query block.
-// - Causal: a unit of work is a pair of query blocks of one head, the longest first (query block
+// - Causal (pair_query_blocks): a unit of work is a pair of query blocks of one head, the longest first (query block
 //   M - 1 - r, then r: M + 1 key blocks a pair), so every unit costs the same and a static
 //   schedule stays balanced. Plain longest-first along a list cut into sections makes a sawtooth
 //   of lengths, and blocks striding over it got up to 29% more key blocks than the mean
@@ -71,6 +71,16 @@ struct TileScheduler {
     return {m_block, pair % heads, pair / heads};
   }
 };
+
+// Whether the order pairs query blocks (the `causal` field): where a query block's key blocks
+// grow with its index (a band bounded on the right, unbounded on the left: causal of either
+// alignment, or a right window), so block M - 1 - r and block r together cost about the same for
+// every r. A sliding window (bounded on the left too) gives every query block about the same
+// number of key blocks, as full attention: one tile a unit. Any choice runs every tile exactly
+// once; this one only balances.
+TFORMER_TILE_FUNCTION int pair_query_blocks(int window_left, int window_right) {
+  return window_right >= 0 && window_left < 0 ? 1 : 0;
+}
 
 // (sequence, head) pairs whose K and V (k_len tokens x head_dim, 16-bit) fit in one section.
 TFORMER_TILE_FUNCTION int section_heads_for(int64_t k_len, int head_dim, int pairs) {

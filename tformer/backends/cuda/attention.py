@@ -15,9 +15,11 @@ passes on sm80 (the ``cuda:sm80`` variant, or ``TFORMER_ATTENTION_FORCE_SM80=1``
 ``force_sm80_backward`` the backward alone (``TFORMER_ATTENTION_BWD_FORCE_SM80=1``); the
 registry passes both, and the compiled ops take them as arguments.
 ``torch.ops.tformer.cuda_attention_fwd_path(q, force_sm80)`` / ``cuda_attention_bwd_path(q,
-force_sm80)`` say which kernels q's dtype, head dim and device get ("sm90a" or "sm80: <reason>";
-a layout TMA cannot read, or grouped-query attention that takes the expanded dK/dV pass, also
-stays on sm80).
+force_sm80)`` say which kernels q's dtype, head dim and device get ("sm90a" or "sm80: <reason>":
+force_sm80, a GPU other than sm_90, a build without 9.0, a dtype other than fp16/bf16, a head
+dim other than 64 or 128). A call those allow still stays on sm80, with the reason logged, for a
+layout TMA cannot read (zero or unaligned strides, an output not 16-byte aligned row by row),
+``scale <= 0``, or grouped-query attention that takes the expanded dK/dV pass.
 
 What they take:
 - fp16 and bf16 only (float32 is refused by the registered dtypes: use "triton" or
@@ -35,9 +37,10 @@ What they take:
   checks them before dispatch (outside ``torch.compile``).
 - shared memory: head dims up to 128 take at most 87 KB a block; the 256 bucket takes 136 KB,
   within sm80/sm90 limits but above the 99 KB of sm86/sm89, where the op raises a clear error.
-- the Hopper kernels implement full and top-left causal attention without soft-capping; a
-  sliding window, bottom-right alignment or ``softcap`` runs both passes on the sm80 kernels
-  (the dispatch says so once on stderr).
+- the Hopper kernels take sliding windows, bottom-right alignment and ``softcap`` too (padded
+  and packed sequences), in a banded variant of each kernel that skips the key blocks outside
+  every row's band; full and top-left causal attention without ``softcap`` keep the unbanded
+  kernels.
 - Dropout is not implemented yet: ``dropout_p > 0`` is refused (the registry's ``supports``
   check names it; calling these functions directly raises ValueError).
 
@@ -100,7 +103,7 @@ def _check_dropout(dropout_p: float) -> None:
 def _band_args(band, same_lengths: bool = False) -> tuple[int, int, bool]:
     """The kernels' (window_left, window_right, bottom_right); the band already folds causal in.
     With equal query and key lengths both alignments are the same band: passed as top-left, so
-    FlashAttention-style causal calls with Sq == Sk keep the Hopper kernels."""
+    FlashAttention-style causal calls with Sq == Sk keep the Hopper kernels' unbanded variants."""
     band = Band() if band is None else band
     return band.left, band.right, band.bottom_right and not same_lengths
 
