@@ -8,7 +8,8 @@ leaves the CUDA context unusable. Either would cost the whole stage. Here a path
 steps around it for the rest of the stage is written to ``--env-out`` (sourced by
 bench/gpu_session.sh): the Hopper kernels fall back to their FA2-design paths
 (``TFORMER_ATTENTION_FORCE_SM80=1``, ``TFORMER_ATTENTION_BWD_FORCE_SM80=1`` for the CUDA
-backward alone, ``TFORMER_ATTENTION_FWD=fa2``), a broken CUDA backend is
+backward alone, ``TFORMER_ATTENTION_BAND_FORCE_SM80=1`` for the banded calls alone,
+``TFORMER_ATTENTION_FWD=fa2``), a broken CUDA backend is
 left out (``TFORMER_GPU_SKIP_CUDA=1``). The paths run in parallel: about the time of the slowest
 (Triton's JIT compile), whose compiled kernels stay in the Triton cache for the sweep.
 
@@ -42,6 +43,7 @@ class Probe:
     backward: bool = True
     needs_sm90: bool = False  # the path exists on (9, 0) devices only
     on_failure: dict = field(default_factory=dict)  # what steps around it for the rest of the stage
+    call: dict = field(default_factory=dict)  # attention arguments beside causal=True
 
 
 PATHS = {
@@ -49,6 +51,10 @@ PATHS = {
                             on_failure={"TFORMER_ATTENTION_FORCE_SM80": "1"}),
     # Forward and backward on sm_90a: a failure here alone means the backward's kernels.
     "cuda-sm90a-bwd": Probe("cuda", needs_sm90=True, on_failure={"TFORMER_ATTENTION_BWD_FORCE_SM80": "1"}),
+    # The banded variants (sliding window, bottom-right alignment, soft-cap): a failure moves only
+    # those calls to sm_80, so the plain sm_90a kernels keep their sweep cases and anchor rows.
+    "cuda-sm90a-band": Probe("cuda", needs_sm90=True, on_failure={"TFORMER_ATTENTION_BAND_FORCE_SM80": "1"},
+                             call={"window": (100, 0), "softcap": 30.0}),
     "cuda-sm80": Probe("cuda", {"TFORMER_ATTENTION_FORCE_SM80": "1"}, on_failure={"TFORMER_GPU_SKIP_CUDA": "1"}),
     "triton-hopper-fwd": Probe("triton", {"TFORMER_ATTENTION_FWD": "hopper"}, backward=False, needs_sm90=True,
                                on_failure={"TFORMER_ATTENTION_FWD": "fa2"}),
@@ -78,14 +84,14 @@ def child(name: str, device: str) -> int:
     shapes = ((batch, heads, seq, head_dim), (batch, kv_heads, seq, head_dim), (batch, kv_heads, seq, head_dim))
     q, k, v = (torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(path.backward)
                for shape in shapes)
-    out = tformer.ops.attention(q, k, v, causal=True, backend=path.backend)
+    out = tformer.ops.attention(q, k, v, causal=True, backend=path.backend, **path.call)
     grad_out = torch.randn(out.shape, generator=generator).to(device, dtype)
     if path.backward:
         out.backward(grad_out)
     if device == "cuda":
         torch.cuda.synchronize()  # a fault surfaces here, a hang stays here
     leaves = [t.detach().double().requires_grad_(path.backward) for t in (q, k, v)]
-    expected = tformer.ops.attention(*leaves, causal=True, backend="reference")
+    expected = tformer.ops.attention(*leaves, causal=True, backend="reference", **path.call)
     errors = {"out": (out.double() - expected).abs().max().item()}
     if path.backward:
         expected.backward(grad_out.double())

@@ -77,7 +77,7 @@ run_tests() {  # run_tests rows|attention: one group of the GPU correctness test
   local files
   case "$1" in
     rows) files="tests/test_layer_norm.py tests/test_softmax.py tests/test_cuda_extension.py tests/test_registry.py tests/test_nn.py" ;;
-    attention) files="tests/test_attention.py tests/test_attention_hopper.py tests/test_cuda_attention_extension.py tests/test_cuda_attention_sm90.py" ;;
+    attention) files="tests/test_attention.py tests/test_attention_hopper.py tests/test_cuda_attention_extension.py tests/test_cuda_attention_sm90.py tests/test_cuda_attention_band.py" ;;
   esac
   # Autotuning off: each kernel variant compiles once, not three times (the benchmarks tune).
   # --maxfail, not -x: one call should show every failing kernel, not the first.

@@ -19,6 +19,7 @@ STAND_IN = """#!/bin/sh
 case "$4" in
   cuda-sm90a-fwd) sleep 60 ;;
   cuda-sm90a-bwd) echo "cuda-sm90a-bwd: WRONG, max |error| vs float64 out 1.2e-03, dq 4.0e+00"; exit 3 ;;
+  cuda-sm90a-band) echo "cuda-sm90a-band: ok, max |error| vs float64 out 2.0e-03"; exit 0 ;;
   cuda-sm80) echo "Traceback: CUDA error: an illegal memory access was encountered"; exit 1 ;;
   triton-hopper-fwd) echo "triton-hopper-fwd: WRONG, max |error| vs float64 out 3.1e+00"; exit 3 ;;
   triton-fa2) echo "triton-fa2: ok with TFORMER_ATTENTION_FWD=$TFORMER_ATTENTION_FWD"; exit 0 ;;
@@ -39,8 +40,8 @@ def test_hang_crash_and_wrong_answer_are_told_apart_and_stepped_around(stand_in)
     start = time.monotonic()
     verdicts = gpu_canary.run(list(gpu_canary.PATHS), "cpu", timeout=3, python=stand_in, log=lines.append)
     assert time.monotonic() - start < 20  # the hung child was killed at the limit, not waited for
-    assert verdicts == {"cuda-sm90a-fwd": "HANG", "cuda-sm90a-bwd": "WRONG", "cuda-sm80": "CRASH",
-                        "triton-hopper-fwd": "WRONG", "triton-fa2": "ok"}
+    assert verdicts == {"cuda-sm90a-fwd": "HANG", "cuda-sm90a-bwd": "WRONG", "cuda-sm90a-band": "ok",
+                        "cuda-sm80": "CRASH", "triton-hopper-fwd": "WRONG", "triton-fa2": "ok"}
     assert any("illegal memory access" in line for line in lines)
     # Each child ran under its own path's environment.
     assert "triton-fa2: ok with TFORMER_ATTENTION_FWD=fa2" in lines
@@ -51,6 +52,9 @@ def test_hang_crash_and_wrong_answer_are_told_apart_and_stepped_around(stand_in)
     assert gpu_canary.fallback_environment({"cuda-sm90a-fwd": "ok", "cuda-sm90a-bwd": "CRASH"}) == {
         "TFORMER_ATTENTION_BWD_FORCE_SM80": "1"}
     assert gpu_canary.fallback_environment({"triton-fa2": "ok", "cuda-sm80": "skipped"}) == {}
+    # The banded variants failing moves only the banded calls.
+    assert gpu_canary.fallback_environment({"cuda-sm90a-fwd": "ok", "cuda-sm90a-band": "HANG"}) == {
+        "TFORMER_ATTENTION_BAND_FORCE_SM80": "1"}
 
 
 def test_cpu_rehearsal_runs_the_triton_path_and_writes_no_fallback(tmp_path, capsys):

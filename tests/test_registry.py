@@ -267,14 +267,40 @@ def test_cuda_sm80_is_a_variant_whose_overrides_are_read_in_python(monkeypatch):
     assert "cuda:sm80" in tformer.available_backends()
     sm80 = registry.variants("cuda")["sm80"]
     assert sm80.options == {"force_sm80": True} and set(sm80.ops) == {"attention", "attention_varlen"}
-    for name in ("TFORMER_ATTENTION_FORCE_SM80", "TFORMER_ATTENTION_BWD_FORCE_SM80"):
+    for name in ("TFORMER_ATTENTION_FORCE_SM80", "TFORMER_ATTENTION_BWD_FORCE_SM80",
+                 "TFORMER_ATTENTION_BAND_FORCE_SM80"):
         monkeypatch.delenv(name, raising=False)
-    assert overrides.kernel_options("cuda", "attention") == {"force_sm80": False, "force_sm80_backward": False}
+    assert overrides.kernel_options("cuda", "attention") == {"force_sm80": False, "force_sm80_backward": False,
+                                                             "force_sm80_banded": False}
     monkeypatch.setenv("TFORMER_ATTENTION_BWD_FORCE_SM80", "1")
-    assert overrides.kernel_options("cuda", "attention_varlen") == {"force_sm80": False, "force_sm80_backward": True}
+    monkeypatch.setenv("TFORMER_ATTENTION_BAND_FORCE_SM80", "1")
+    assert overrides.kernel_options("cuda", "attention_varlen") == {"force_sm80": False, "force_sm80_backward": True,
+                                                                    "force_sm80_banded": True}
     monkeypatch.setenv("TFORMER_ATTENTION_FORCE_SM80", "0")  # "0" is unset, as for every flag
     assert not overrides.kernel_options("cuda", "attention")["force_sm80"]
     assert overrides.kernel_options("cuda", "layer_norm") == {}
+
+
+def test_band_force_sm80_moves_only_the_calls_the_banded_kernels_take():
+    """TFORMER_ATTENTION_BAND_FORCE_SM80 (the GPU canary's step-around for the sm_90a banded
+    variants) forces sm_80 for exactly the calls csrc's attention_has_band_or_softcap sends to
+    them: plain and top-left causal calls keep the sm_90a kernels."""
+    from tformer.backends.cuda.paths import kernel_band, sm80_flags, takes_banded_kernels
+    from tformer.ops.attention_mask import resolve_band
+
+    def forced(causal, window=None, alignment="top_left", softcap=0.0, same_lengths=False):
+        band_args = kernel_band(resolve_band("t", causal, window, alignment), same_lengths)
+        return sm80_flags(False, False, True, takes_banded_kernels(band_args, softcap))
+
+    assert forced(False) == (False, False)
+    assert forced(True) == (False, False)
+    assert forced(True, alignment="bottom_right", same_lengths=True) == (False, False)  # the same band
+    assert forced(True, alignment="bottom_right") == (True, True)
+    assert forced(True, window=(64, 0)) == (True, True)
+    assert forced(False, window=(-1, 3)) == (True, True)
+    assert forced(False, softcap=30.0) == (True, True)
+    assert sm80_flags(False, False, False, True) == (False, False)  # off: banded calls stay on sm_90a
+    assert sm80_flags(False, True, True, False) == (False, True)
 
 
 def test_cuda_sm80_variant_binds_the_kernel_argument(monkeypatch):

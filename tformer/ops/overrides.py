@@ -13,7 +13,8 @@ argument (``backend="triton:atomic_dq"``) wins over a variable. ``tformer env`` 
 - ``TRITON_INTERPRET``: ``1`` runs Triton kernels on CPU tensors (Triton's own variable).
 - ``TFORMER_ATTENTION_FORCE_SM80``: ``1`` keeps the CUDA attention on its sm_80 kernels, both
   passes (as ``backend="cuda:sm80"``); ``TFORMER_ATTENTION_BWD_FORCE_SM80``: ``1``, the backward
-  alone.
+  alone; ``TFORMER_ATTENTION_BAND_FORCE_SM80``: ``1``, only the calls with a sliding window,
+  bottom-right alignment or a soft-cap (the sm_90a kernels' banded variants).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ FWD_PATHS = ("auto", "hopper", "fa2")
 DQ_MODES = ("split", "atomic")
 VARIABLES = ("TFORMER_BACKEND", "TFORMER_ATTENTION_FWD", "TFORMER_ATTENTION_DQ", "TFORMER_AUTOTUNE",
              "TFORMER_SELFTEST", "TRITON_INTERPRET", "TFORMER_ATTENTION_FORCE_SM80",
-             "TFORMER_ATTENTION_BWD_FORCE_SM80")
+             "TFORMER_ATTENTION_BWD_FORCE_SM80", "TFORMER_ATTENTION_BAND_FORCE_SM80")
 
 
 def _choice(variable: str, default: str, choices: tuple[str, ...]) -> str:
@@ -70,7 +71,8 @@ def kernel_options(backend: str, op: str) -> dict:
         return {"fwd_path": attention_fwd_path(), "dq_mode": attention_dq_mode(), "autotune": autotune()}
     if backend == "cuda" and op in ("attention", "attention_varlen"):
         return {"force_sm80": _flag("TFORMER_ATTENTION_FORCE_SM80", False),
-                "force_sm80_backward": _flag("TFORMER_ATTENTION_BWD_FORCE_SM80", False)}
+                "force_sm80_backward": _flag("TFORMER_ATTENTION_BWD_FORCE_SM80", False),
+                "force_sm80_banded": _flag("TFORMER_ATTENTION_BAND_FORCE_SM80", False)}
     return {}
 
 

@@ -12,8 +12,9 @@ loads, wgmma, a producer warpgroup and two consumer warpgroups, as in FlashAtten
 tformer._C was built with 9.0 in TORCH_CUDA_ARCH_LIST; both paths share out and lse, so either
 backward takes either forward. Each choice is logged once to stderr. ``force_sm80`` keeps both
 passes on sm80 (the ``cuda:sm80`` variant, or ``TFORMER_ATTENTION_FORCE_SM80=1``),
-``force_sm80_backward`` the backward alone (``TFORMER_ATTENTION_BWD_FORCE_SM80=1``); the
-registry passes both, and the compiled ops take them as arguments.
+``force_sm80_backward`` the backward alone (``TFORMER_ATTENTION_BWD_FORCE_SM80=1``),
+``force_sm80_banded`` both passes of the banded calls alone (``TFORMER_ATTENTION_BAND_FORCE_SM80=1``);
+the registry passes them, and the compiled ops take the first two as arguments.
 ``torch.ops.tformer.cuda_attention_fwd_path(q, force_sm80)`` / ``cuda_attention_bwd_path(q,
 force_sm80)`` say which kernels q's dtype, head dim and device get ("sm90a" or "sm80: <reason>":
 force_sm80, a GPU other than sm_90, a build without 9.0, a dtype other than fp16/bf16, a head
@@ -63,8 +64,9 @@ from typing import Optional
 import torch
 
 import tformer._C  # noqa: F401  loads the library that defines torch.ops.tformer.cuda_*
-from tformer.ops.attention_mask import Band
 from tformer.ops.registry import register
+
+from .paths import kernel_band, sm80_flags, takes_banded_kernels
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 256)
@@ -100,46 +102,37 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(reason)
 
 
-def _band_args(band, same_lengths: bool = False) -> tuple[int, int, bool]:
-    """The kernels' (window_left, window_right, bottom_right); the band already folds causal in.
-    With equal query and key lengths both alignments are the same band: passed as top-left, so
-    FlashAttention-style causal calls with Sq == Sk keep the Hopper kernels' unbanded variants."""
-    band = Band() if band is None else band
-    return band.left, band.right, band.bottom_right and not same_lengths
-
-
 def _deterministic(deterministic: bool) -> bool:
     """The backward's choice: bitwise reproducible when asked, or under
     ``torch.use_deterministic_algorithms(True)``."""
     return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
-def _paths(force_sm80: bool, force_sm80_backward: bool) -> tuple[bool, bool]:
-    """The ops' (force_sm80, force_sm80_backward): forcing both passes forces the backward."""
-    return bool(force_sm80), bool(force_sm80 or force_sm80_backward)
-
-
 @register("attention", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention(q, k, v, *, causal: bool, key_padding_mask, scale: float, dropout_p: float, return_lse: bool,
               band=None, softcap: float = 0.0, deterministic: bool = False, force_sm80: bool = False,
-              force_sm80_backward: bool = False):
+              force_sm80_backward: bool = False, force_sm80_banded: bool = False):
     _check_dropout(dropout_p)
+    band_args = kernel_band(band, q.shape[2] == k.shape[2])
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, key_padding_mask, None, None, q.shape[2], k.shape[2],
-                                                    False, scale, *_band_args(band, q.shape[2] == k.shape[2]),
-                                                    float(softcap), _deterministic(deterministic),
-                                                    *_paths(force_sm80, force_sm80_backward))
+                                                    False, scale, *band_args, float(softcap),
+                                                    _deterministic(deterministic),
+                                                    *sm80_flags(force_sm80, force_sm80_backward, force_sm80_banded,
+                                                            takes_banded_kernels(band_args, softcap)))
     return (out, lse.detach()) if return_lse else out
 
 
 @register("attention_varlen", "cuda", devices=("cuda",), dtypes=DTYPES, supports=_supports)
 def attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
                      return_lse, band=None, softcap: float = 0.0, deterministic: bool = False,
-                     force_sm80: bool = False, force_sm80_backward: bool = False):
+                     force_sm80: bool = False, force_sm80_backward: bool = False, force_sm80_banded: bool = False):
     _check_dropout(dropout_p)
+    band_args = kernel_band(band)
     out, lse = torch.ops.tformer.cuda_attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                    max_seqlen_k, False, scale, *_band_args(band), float(softcap),
+                                                    max_seqlen_k, False, scale, *band_args, float(softcap),
                                                     _deterministic(deterministic),
-                                                    *_paths(force_sm80, force_sm80_backward))
+                                                    *sm80_flags(force_sm80, force_sm80_backward, force_sm80_banded,
+                                                            takes_banded_kernels(band_args, softcap)))
     return (out, lse.detach()) if return_lse else out
 
 
