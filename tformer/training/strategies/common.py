@@ -69,22 +69,30 @@ def layer_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.P
     return groups
 
 
+def _with_grads(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.grad is not None]
+
+
+def _total_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    if not parameters:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.nn.utils.get_total_norm([p.grad.detach() for p in parameters], norm_type=2.0)
+
+
 def plain_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     """The global L2 norm of the (unsharded) gradients, as torch's clip_grad_norm_ computes it:
     one foreach norm over all of them, not a few small ops per parameter every step."""
-    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return _total_norm(_with_grads(model))
 
 
 def clip_plain_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the plain .grad of ``model`` to the global L2 norm ``max_norm`` (0: no clipping) and
-    return the norm before clipping."""
-    norm = plain_grad_norm(model)
+    return the norm before clipping. The model's parameters are walked once a step."""
+    parameters = _with_grads(model)
+    norm = _total_norm(parameters)
     if max_norm > 0:
         # It takes the parameters (not their .grad) and scales each .grad in place.
-        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm
 
 
