@@ -246,7 +246,7 @@ def test_kernels_backends_and_the_extension_read_no_environment(tmp_path):
 
 def test_variants_are_listed_chosen_by_name_and_set_kernel_arguments(monkeypatch):
     assert {"triton:atomic_dq", "triton:fa2"} <= set(tformer.available_backends())
-    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
+    _pretend_every_backend_available(monkeypatch)
     impl, fn = registry.implementation("attention", "triton:atomic_dq")
     assert fn.keywords["dq_mode"] == "atomic" and fn.keywords["fwd_path"] == "auto"
     assert registry.implementation("attention", "triton:fa2")[1].keywords["fwd_path"] == "fa2"
@@ -308,7 +308,7 @@ def test_cuda_sm80_variant_binds_the_kernel_argument(monkeypatch):
 
     if cuda.extension_error() is not None:
         pytest.skip(f"the CUDA extension does not load here: {cuda.extension_error()}")
-    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
+    _pretend_every_backend_available(monkeypatch)
     for name in ("TFORMER_ATTENTION_FORCE_SM80", "TFORMER_ATTENTION_BWD_FORCE_SM80"):
         monkeypatch.delenv(name, raising=False)
     assert registry.implementation("attention", "cuda:sm80")[1].keywords["force_sm80"] is True
@@ -316,3 +316,12 @@ def test_cuda_sm80_variant_binds_the_kernel_argument(monkeypatch):
     assert registry.implementation("layer_norm", "cuda:sm80")[1] is registry.implementation("layer_norm", "cuda")[1]
     monkeypatch.setenv("TFORMER_ATTENTION_FORCE_SM80", "1")  # the override, read at call time
     assert registry.implementation("attention", "cuda")[1].keywords["force_sm80"] is True
+
+
+def _pretend_every_backend_available(monkeypatch) -> None:
+    """Every backend loads, here; afterwards each is as loaded as it was before. A backend this
+    test loads while pretending (the CUDA one, built but without a GPU) must not stay loaded:
+    later tests expect its real reason ("no CUDA GPU is visible") on first use."""
+    for backend in registry._backends.values():
+        monkeypatch.setattr(backend, "loaded", backend.loaded)
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None)
