@@ -115,7 +115,7 @@ def test_public_functions_have_reference_signatures_and_half_dtypes_only(cuda_at
         options = set(overrides.kernel_options("cuda", op))
         assert [(p.name, p.kind) for p in actual.values() if p.name not in options] == \
             [(p.name, p.kind) for p in expected.values()], op
-        assert options == {"force_sm80", "force_sm80_backward"} and all(
+        assert options == {"force_sm80", "force_sm80_backward", "force_sm80_banded"} and all(
             actual[name].kind is inspect.Parameter.KEYWORD_ONLY and actual[name].default is False for name in options)
 
 
