@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import (band_args, band_meta, band_offset, block_d, in_band, key_block_range, narrow,
+from .attention_tiles import (band_args, band_key_limits, band_meta, band_offset, block_d, key_block_range, narrow,
                               problem, scores_log2, seqlen_buckets, tile_dot)
 from .launch import INTERPRETER_BLOCKS, BUCKET_ARGS, Tuned, config, configs_for_call
 
@@ -70,9 +70,12 @@ def online_softmax_step(acc, l_i, m_i, q, k, v, rows, cols, k_len, prefix, end, 
     qk = tile_dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST)
     if MASKED:
         s = scores_log2(qk, scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
-        allowed = cols[None, :] < tl.minimum(k_len, end)
         if HAS_BAND:
-            allowed = allowed & in_band(rows, cols, offset, window_left, window_right)
+            lo, hi = band_key_limits(rows, offset, window_left, window_right)
+            hi = tl.minimum(hi, tl.minimum(k_len, end))
+            allowed = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        else:
+            allowed = (cols < tl.minimum(k_len, end))[None, :]
         if HAS_KEY_PADDING:  # the mask is read only between the valid prefix and the padded tail
             load = (cols >= prefix) & (cols < end)
             pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=load, other=0)
@@ -220,21 +223,23 @@ def hopper_config(block_m: int, block_n: int, warps: int, stages: int, persisten
 
 
 # Candidates per head-dim bucket (16-bit inputs only), from `python -m bench.compile_audit
-# --only hopper`: 128-row query tiles over two warpgroups (wgmma is 64 rows per warpgroup), K/V
-# stages of BLOCK_N x BLOCK_D x 2 tensors x 2 bytes each (hd 128, BLOCK_N 128, 2 stages: 128 KiB
-# + Q 32 KiB). The leading candidate (what runs with TFORMER_AUTOTUNE=0) is one tile per program.
-# A persistent program holds more live state (the pipeline reaches across tiles): at hd 128
-# BLOCK_N 128 it spilled (Triton 3.8, padding: 60 bytes), so that candidate uses BLOCK_N 64 (0
-# spills with Triton 3.6, the GPU's; 3.8 parks 36 bytes with key padding, reported by the audit); at
-# hd 256 every persistent tile tried spilled (3.8: 272-376 bytes at 128x64; 3.6: 196 at 64x64
-# with padding), so hd 256 has none.
+# --only hopper` under both Triton 3.6 (the GPU image's) and 3.8: none spills. K/V stages are
+# BLOCK_N x BLOCK_D x 2 tensors x 2 bytes each (hd 128, BLOCK_N 128, 2 stages: 128 KiB + Q 32 KiB).
+# The leading candidate (what runs with TFORMER_AUTOTUNE=0) is one tile per program.
+# - hd 64 and 128: 128-row query tiles over two warpgroups (wgmma is 64 rows per warpgroup). A
+#   persistent program holds more live state (the pipeline reaches across tiles): at hd 128
+#   BLOCK_N 128 it spilled, so that candidate uses BLOCK_N 64.
+# - hd 256: 64-row tiles over two warpgroups, which then split the accumulator's columns, so each
+#   thread holds 64 of O's float32 values instead of 128 (205-233 registers). The 128-row tiles
+#   sat at 255 and spilled 176-196 bytes with key padding; the persistent 64x64 spills 36 bytes
+#   under 3.8 with key padding, so hd 256 has none.
 HOPPER_CONFIGS = {
     64: [hopper_config(128, 128, 8, 3, False), hopper_config(128, 128, 8, 3, True),
          hopper_config(128, 64, 4, 3, False)],
     128: [hopper_config(128, 128, 8, 2, False), hopper_config(128, 64, 8, 3, True),
           hopper_config(128, 64, 8, 3, False)],
-    256: [hopper_config(128, 64, 8, 2, False), hopper_config(64, 64, 4, 2, False),
-          hopper_config(64, 32, 4, 2, False)],
+    256: [hopper_config(64, 64, 8, 2, False), hopper_config(64, 64, 8, 3, False),
+          hopper_config(64, 32, 8, 2, False)],
 }
 
 

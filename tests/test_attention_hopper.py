@@ -180,7 +180,7 @@ from bench.compile_audit import (H100_SHARED_BYTES, SPILL_TOLERANCE_BYTES, HOPPE
 features = {feature[0]: feature for feature in HOPPER_FEATURES}
 # (head-dim bucket, variant, index in HOPPER_CONFIGS[bucket]): the leading candidates, and persistent ones.
 picks = [(64, "causal", 0), (128, "causal", 0), (256, "causal", 0), (128, "padding-gqa-causal", 0),
-         (64, "plain", 1), (128, "causal", 1)]
+         (256, "padding-gqa-causal", 0), (64, "plain", 1), (128, "causal", 1)]
 for bucket, name, index in picks:
     case = list(_attention_bucket_cases("bf16", bucket, "hopper", (features[name],)))[index]
     row = measure(case.compile())

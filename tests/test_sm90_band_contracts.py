@@ -247,3 +247,72 @@ def test_emulation_of_a_broken_band_is_caught(broken):
     want = tformer.ops.attention(q[None, None], k[None, None], v[None, None], window=(left, right), scale=0.3,
                                  backend="reference")[0, 0]
     assert not torch.allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+# Which calls take the banded variants is decided twice: by csrc/attention/attention.h's
+# attention_has_band_or_softcap in the launcher, and by tformer/backends/cuda/paths.py's
+# takes_banded_kernels, which the GPU canary's TFORMER_ATTENTION_BAND_FORCE_SM80 relies on to move
+# exactly those calls. The header is compiled against a two-line stand-in for cuda_runtime.h (it
+# only names cudaError_t and cudaStream_t), so this runs wherever a host compiler does.
+_SELECTOR = r"""
+#include <cstdio>
+#include "attention/attention.h"
+int main() {
+  int left, right, bottom_right;
+  float softcap;
+  while (std::scanf("%d %d %d %f", &left, &right, &bottom_right, &softcap) == 4) {
+    tformer::AttentionProblem p;
+    p.window_left = left;
+    p.window_right = right;
+    p.bottom_right = bottom_right != 0;
+    p.softcap = softcap;
+    std::printf("%d\n", tformer::attention_has_band_or_softcap(p) ? 1 : 0);
+  }
+}
+"""
+
+
+def _selector_answers(tmp_path, csrc, cases) -> list[bool]:
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler to build attention.h")
+    stand_in = tmp_path / "stand_in"
+    stand_in.mkdir()
+    (stand_in / "cuda_runtime.h").write_text("#pragma once\ntypedef int cudaError_t;\ntypedef void* cudaStream_t;\n")
+    source, binary = tmp_path / "selector.cpp", tmp_path / "selector"
+    source.write_text(_SELECTOR)
+    subprocess.run([compiler, "-std=c++17", "-I", str(csrc), "-I", str(stand_in), str(source), "-o", str(binary)],
+                   check=True, capture_output=True, timeout=120)
+    lines = "".join(f"{left} {right} {int(bottom_right)} {softcap}\n" for left, right, bottom_right, softcap in cases)
+    out = subprocess.run([str(binary)], input=lines, check=True, capture_output=True, text=True, timeout=60)
+    return [line == "1" for line in out.stdout.split()]
+
+
+_SELECTOR_CASES = [(left, right, bottom_right, softcap) for left in (-1, 0, 5) for right in (-1, 0, 3)
+                   for bottom_right in (False, True) for softcap in (0.0, 30.0)]
+
+
+def test_python_rule_for_the_banded_variants_matches_the_launcher(tmp_path):
+    from tformer.backends.cuda.paths import takes_banded_kernels
+
+    want = _selector_answers(tmp_path, ROOT / "csrc", _SELECTOR_CASES)
+    got = [takes_banded_kernels((left, right, bottom_right), softcap)
+           for left, right, bottom_right, softcap in _SELECTOR_CASES]
+    assert len(want) == len(_SELECTOR_CASES) and got == want
+    assert want[_SELECTOR_CASES.index((-1, 0, False, 0.0))] is False  # plain causal: unbanded
+    assert sum(want) > len(want) // 2
+
+
+def test_selector_with_another_rule_is_caught(tmp_path):
+    # A copy of the header where bottom-right causal stays unbanded: the comparison must see it.
+    copy = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc" / "attention", copy / "attention")
+    shutil.copytree(ROOT / "csrc" / "common", copy / "common")
+    header = copy / "attention" / "attention.h"
+    rule = "(p.window_right > 0 || p.bottom_right)"
+    assert rule in header.read_text()
+    header.write_text(header.read_text().replace(rule, "(p.window_right > 0)"))
+    from tformer.backends.cuda.paths import takes_banded_kernels
+
+    want = _selector_answers(tmp_path, copy, _SELECTOR_CASES)
+    assert want != [takes_banded_kernels(case[:3], case[3]) for case in _SELECTOR_CASES]
