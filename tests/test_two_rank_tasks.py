@@ -72,11 +72,15 @@ def write_noise_corpus(folder: Path, counts: dict[str, int]) -> Path:
 
 
 def write_tiny_bert(folder: Path) -> Path:
-    """A one-layer, 32-wide BERT with MiniLM's tokenizer, saved as a Hugging Face folder."""
+    """A one-layer, 32-wide BERT, saved as a Hugging Face folder. Its WordPiece vocabulary is
+    written here (characters and their continuations), so the test needs neither a download nor
+    the 'pretrained' extra: it checks the two-rank evaluation, not the tokenizer."""
     transformers = pytest.importorskip("transformers")
-    from tformer.models.sentence_trunks import resolve_pretrained
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_pretrained("all-MiniLM-L6-v2"))
+    folder.mkdir(parents=True, exist_ok=True)
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
     config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     transformers.set_seed(0)
