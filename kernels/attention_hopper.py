@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .attention_tiles import (band_args, band_key_limits, band_meta, band_offset, block_d, key_block_range, narrow,
                               problem, scores_log2, seqlen_buckets, tile_dot)
-from .launch import INTERPRETER_BLOCKS, BUCKET_ARGS, Tuned, config, configs_for_call
+from .launch import BUCKET_ARGS, Tuned, config, configs_for_call, interpreter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ def attention_forward_hopper(q, k, v, key_padding_mask, max_seqlen_q: int, max_s
         return (min(tiles, sm_count) if blocks["PERSISTENT"] else tiles,)
 
     if q.device.type == "cpu":  # the interpreter: small blocks, the persistent loop exercised
-        blocks = dict(INTERPRETER_BLOCKS, PERSISTENT=INTERPRETER_PERSISTENT)
+        blocks = dict(interpreter_blocks(_attention_fwd_hopper_kernel), PERSISTENT=INTERPRETER_PERSISTENT)
         _attention_fwd_hopper_kernel[grid_of(blocks)](*args, **meta, **blocks)
     else:
         if q.device.type == "cuda":

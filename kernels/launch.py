@@ -12,13 +12,37 @@ as Triton specializes it at launch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import triton
 
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+_TILES_SET_BY_TESTS: dict[str, dict[str, int]] = {}
+
+
+def interpreter_blocks(kernel) -> dict[str, int]:
+    """The blocks ``kernel`` runs with under the interpreter: INTERPRETER_BLOCKS, unless
+    ``interpreter_tiles`` named it."""
+    return _TILES_SET_BY_TESTS.get(kernel.__name__, INTERPRETER_BLOCKS)
+
+
+@contextmanager
+def interpreter_tiles(**tiles: tuple[int, int]) -> Iterator[None]:
+    """Under the interpreter, run the named kernels at these (BLOCK_M, BLOCK_N), e.g.
+    ``interpreter_tiles(_dq_kernel=(128, 64))``: the autotune tables' tile shapes, which differ
+    from INTERPRETER_BLOCKS' square ones, checked on the CPU (the tests' only use)."""
+    saved = dict(_TILES_SET_BY_TESTS)
+    _TILES_SET_BY_TESTS.update({name: {"BLOCK_M": m, "BLOCK_N": n} for name, (m, n) in tiles.items()})
+    try:
+        yield
+    finally:
+        _TILES_SET_BY_TESTS.clear()
+        _TILES_SET_BY_TESTS.update(saved)
+
+
 # CUDA limits grid y and z (here heads and sequences) to 65,535 blocks each.
 MAX_GRID_YZ = 65_535
 # Offsets inside a tile (a row, column or head-dim index < 256 times a stride) are 32-bit for
@@ -107,7 +131,8 @@ def launch(kernel, tuned: Tuned | None, grid_of: Callable[[dict], tuple], args: 
     if tuned is None:
         kernel[grid_of(meta)](*args, **meta)
     elif device.type == "cpu":
-        kernel[grid_of(INTERPRETER_BLOCKS)](*args, **meta, **INTERPRETER_BLOCKS)
+        blocks = interpreter_blocks(kernel)
+        kernel[grid_of(blocks)](*args, **meta, **blocks)
     elif autotune:  # False: the leading candidate untimed, one compile per variant (TFORMER_AUTOTUNE=0)
         key = tuned.key(args, meta)
         if key not in tuned.tuned_keys and capturing(device):

@@ -245,6 +245,50 @@ def _mask_case(case, dtype=torch.float32):
     return q, k, v, dict(mask_kwargs, key_padding_mask=mask)
 
 
+def _table_tiles(index, bucket, fp32=False):
+    """Each attention kernel's (BLOCK_M, BLOCK_N) at ``index`` of its autotune table's bucket."""
+    from tformer.kernels import attention as fwd, attention_bwd as bwd
+
+    def tile(table):
+        chosen = table[bucket][min(index, len(table[bucket]) - 1)]
+        return chosen.kwargs["BLOCK_M"], chosen.kwargs["BLOCK_N"]
+
+    if fp32:
+        return dict(_attention_fwd_kernel=tile(fwd.FWD_CONFIGS_FP32), _dkdv_kernel=tile(bwd.DKDV_CONFIGS_FP32),
+                    _dq_kernel=tile(bwd.DQ_CONFIGS_FP32))
+    return dict(_attention_fwd_kernel=tile(fwd.FWD_CONFIGS), _dkdv_kernel=tile(bwd.DKDV_CONFIGS),
+                _dq_kernel=tile(bwd.DQ_CONFIGS)), dict(_dkdv_kernel=tile(bwd.DKDV_ATOMIC_DQ_CONFIGS))
+
+
+# Head dims in each bucket's range but none a bucket's own, so the head-dim lanes are masked too.
+_BUCKET_HEAD_DIMS = {64: 40, 128: 80, 256: 136}
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("bucket", [64, 128, 256])
+def test_kernels_at_the_tables_tile_shapes(bucket, index):
+    """The interpreter runs 16x16 tiles (INTERPRETER_BLOCKS), square ones; the GPU runs the
+    autotune tables' (128x64, 32x128, 16x64, ...). The forward, dK/dV (split and atomic dQ) and
+    dQ kernels run here at each table entry's tile shape, against float64, with a window that
+    cuts blocks on both sides, bottom-right alignment, soft-capping and a hole in the padding,
+    at lengths a multiple of no tile."""
+    from tformer.kernels.launch import interpreter_tiles
+
+    q, k, v = make_inputs(1, 2, 1, 150, 290, _BUCKET_HEAD_DIMS[bucket], torch.float16, seed=3)
+    mask = padding_mask([271], 290)
+    mask[0, 200] = True
+    kwargs = dict(causal=True, alignment="bottom_right", window=(70, 0), softcap=5.0, key_padding_mask=mask)
+    tiles, atomic_tiles = _table_tiles(index, bucket)
+    with interpreter_tiles(**tiles):
+        assert_matches_reference("triton", q * 3, k, v, f"tiles {tiles}", **kwargs)
+        with interpreter_tiles(**atomic_tiles):
+            assert_matches_reference("triton:atomic_dq", q * 3, k, v, f"atomic dQ tiles {atomic_tiles}", **kwargs)
+    fp32_tiles = _table_tiles(index, bucket, fp32=True)
+    with interpreter_tiles(**fp32_tiles):
+        assert_matches_reference("triton", (q * 3).float(), k.float(), v.float(), f"fp32 tiles {fp32_tiles}", **kwargs)
+
+
 def band_by_hand(seq_q, seq_k, causal=False, alignment="top_left", window=None):
     """FlashAttention's attention_ref rule, written independently: (Sq, Sk) bool, True = attend."""
     left, right = window if window is not None else (-1, -1)

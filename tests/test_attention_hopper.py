@@ -17,6 +17,7 @@ from conftest import DEVICE, ON_GPU, requires_backend
 from test_attention import CASES, _case_inputs, _mask_case, assert_matches_reference, make_inputs, padding_mask
 
 from tformer.kernels import attention_hopper
+from tformer.kernels.launch import interpreter_tiles
 from tformer.kernels.attention_hopper import PATH_ENV, forward_path, key_bounds, tma_strides
 from tformer.ops import overrides
 
@@ -72,6 +73,39 @@ def test_hopper_forward_masks(hopper_calls, monkeypatch, case, persistent):
     monkeypatch.setattr(attention_hopper, "INTERPRETER_PERSISTENT", persistent)
     q, k, v, kwargs = _mask_case(case, torch.bfloat16 if persistent else torch.float16)
     assert_matches_reference("triton", q, k, v, f"hopper {case}", **kwargs)
+    assert hopper_calls, "the Hopper forward did not run"
+
+
+_TABLE_TILES = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for bucket in attention_hopper.HOPPER_CONFIGS.values()
+                       for c in bucket})
+_TILE_MASKS = {
+    # A window that cuts blocks on both sides, aligned bottom-right, with a hole in the padding.
+    "window_bottom_right_holes": dict(causal=True, alignment="bottom_right", window=(70, 0)),
+    # Plain top-left causal with suffix padding: the unmasked middle stage and the diagonal.
+    "causal_padding": dict(causal=True),
+    # Symmetric window, soft-capped, no padding.
+    "window_softcap": dict(window=(40, 9), softcap=5.0),
+}
+
+
+@requires_backend("triton")
+@pytest.mark.parametrize("mask_name", list(_TILE_MASKS))
+@pytest.mark.parametrize("blocks", _TABLE_TILES, ids=lambda blocks: f"{blocks[0]}x{blocks[1]}")
+def test_hopper_forward_at_the_tables_tile_shapes(hopper_calls, blocks, mask_name):
+    # The other tests run the interpreter's 16x16 tiles, where BLOCK_M == BLOCK_N; the GPU runs
+    # HOPPER_CONFIGS' tiles (128x128, 128x64, 64x64, 64x32). Their block ranges (masked first and
+    # last blocks, full middle blocks, blocks skipped past the padding's end) and per-row band
+    # limits are checked here at those shapes, with lengths a multiple of none of them.
+    block_m, block_n = blocks
+    q, k, v = make_inputs(1, 2, 1, 150, 290, 16, torch.float16)
+    kwargs = dict(_TILE_MASKS[mask_name])
+    if mask_name != "window_softcap":
+        mask = padding_mask([271], 290)
+        if mask_name == "window_bottom_right_holes":
+            mask[0, 200] = True  # inside the valid keys: the blocks from there on load the mask
+        kwargs["key_padding_mask"] = mask
+    with interpreter_tiles(_attention_fwd_hopper_kernel=blocks):
+        assert_matches_reference("triton", q * 3, k, v, f"hopper {block_m}x{block_n} {mask_name}", **kwargs)
     assert hopper_calls, "the Hopper forward did not run"
 
 
