@@ -557,6 +557,35 @@ def test_varlen_masks_use_each_sequences_lengths(backend, mask_kwargs):
         torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], alone[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
 
 
+@requires_backend("triton")
+@pytest.mark.parametrize("bucket", [64, 128, 256])
+def test_varlen_at_the_tables_leading_tile_shapes(bucket):
+    # Packed sequences at the leading 16-bit table entries' tiles (see
+    # test_kernels_at_the_tables_tile_shapes): each sequence's own block count and band, Sq > Sk
+    # and Sq < Sk in one pack, one query alone.
+    from tformer.kernels.launch import interpreter_tiles
+
+    lengths_q, lengths_k = [150, 1, 97], [290, 40, 61]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 2, 1, _BUCKET_HEAD_DIMS[bucket], torch.float16)
+    kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k),
+                  causal=True, alignment="bottom_right", window=(70, 0), softcap=5.0)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def run(backend, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = attention_varlen(*leaves, backend=backend, **kwargs)
+        out.backward(grad_out.to(out.dtype))
+        return (out, *(t.grad for t in leaves))
+
+    tiles, _ = _table_tiles(0, bucket)
+    with interpreter_tiles(**tiles):
+        got = run("triton", (q, k, v))
+    expected = run("reference", (q.double(), k.double(), v.double()))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert_close_to_reference(a, b, torch.float16, "forward" if name == "out" else "grad",
+                                  scale=max(1.0, b.abs().max().item()), what=f"varlen tiles {tiles} {name}")
+
+
 def test_varlen_refuses_offsets_past_the_tokens():
     q, k, v, cu_q, cu_k = _packed([3, 4], [3, 4], 1, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="argument 'cu_seqlens_q' must start at 0, never decrease and end at most"):
