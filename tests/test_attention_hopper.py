@@ -88,6 +88,7 @@ _TILE_MASKS = {
 }
 
 
+@pytest.mark.skipif(ON_GPU, reason="runs the GPU tables' tiles under the interpreter; a GPU runs the tables themselves")
 @requires_backend("triton")
 @pytest.mark.parametrize("mask_name", list(_TILE_MASKS))
 @pytest.mark.parametrize("blocks", _TABLE_TILES, ids=lambda blocks: f"{blocks[0]}x{blocks[1]}")
