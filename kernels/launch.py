@@ -21,26 +21,41 @@ import triton
 
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 _TILES_SET_BY_TESTS: dict[str, dict[str, int]] = {}
+_TILES_LAUNCHED: set[str] = set()
 
 
 def interpreter_blocks(kernel) -> dict[str, int]:
     """The blocks ``kernel`` runs with under the interpreter: INTERPRETER_BLOCKS, unless
     ``interpreter_tiles`` named it."""
-    return _TILES_SET_BY_TESTS.get(kernel.__name__, INTERPRETER_BLOCKS)
+    if kernel.__name__ in _TILES_SET_BY_TESTS:
+        _TILES_LAUNCHED.add(kernel.__name__)
+        return _TILES_SET_BY_TESTS[kernel.__name__]
+    return INTERPRETER_BLOCKS
 
 
 @contextmanager
 def interpreter_tiles(**tiles: tuple[int, int]) -> Iterator[None]:
     """Under the interpreter, run the named kernels at these (BLOCK_M, BLOCK_N), e.g.
     ``interpreter_tiles(_dq_kernel=(128, 64))``: the autotune tables' tile shapes, which differ
-    from INTERPRETER_BLOCKS' square ones, checked on the CPU (the tests' only use)."""
-    saved = dict(_TILES_SET_BY_TESTS)
+    from INTERPRETER_BLOCKS' square ones, checked on the CPU (the tests' only use).
+
+    Raises:
+        RuntimeError: on leaving, a named kernel never launched in the block (a renamed kernel
+            would otherwise leave its test running the square tiles unnoticed).
+    """
+    saved, launched = dict(_TILES_SET_BY_TESTS), set(_TILES_LAUNCHED)
     _TILES_SET_BY_TESTS.update({name: {"BLOCK_M": m, "BLOCK_N": n} for name, (m, n) in tiles.items()})
+    _TILES_LAUNCHED.clear()
     try:
         yield
+        never = sorted(set(tiles) - _TILES_LAUNCHED)
+        if never:
+            raise RuntimeError(f"interpreter_tiles: {', '.join(never)} never launched under the interpreter")
     finally:
         _TILES_SET_BY_TESTS.clear()
         _TILES_SET_BY_TESTS.update(saved)
+        _TILES_LAUNCHED.clear()
+        _TILES_LAUNCHED.update(launched | set(tiles))
 
 
 # CUDA limits grid y and z (here heads and sequences) to 65,535 blocks each.

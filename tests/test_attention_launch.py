@@ -7,7 +7,7 @@ import torch
 
 from tformer.ops import attention, attention_varlen
 
-from conftest import DEVICE, requires_backend
+from conftest import DEVICE, ON_GPU, requires_backend
 from tolerances import assert_close_to_reference
 
 
@@ -169,3 +169,27 @@ def test_never_autotunes_while_a_cuda_graph_is_captured(monkeypatch):
 
     monkeypatch.setenv("TFORMER_AUTOTUNE", "0")
     assert not overrides.autotune()
+
+
+# ---------------------------------------------------------------------------------------
+# The interpreter's tiles (tests run the GPU tables' tile shapes with launch.interpreter_tiles)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's blocks: CPU tensors only")
+@requires_backend("triton")
+def test_interpreter_tiles_apply_and_refuse_a_kernel_that_never_launched(monkeypatch):
+    from tformer.kernels import attention as fwd, launch
+
+    seen = []
+    original = launch.interpreter_blocks
+    monkeypatch.setattr(launch, "interpreter_blocks", lambda kernel: seen.append(original(kernel)) or seen[-1])
+    q = torch.randn(1, 1, 40, 16, device=DEVICE)
+    with launch.interpreter_tiles(_attention_fwd_kernel=(32, 16)):
+        attention(q, q, q, backend="triton")
+    assert seen[0] == {"BLOCK_M": 32, "BLOCK_N": 16}
+    attention(q, q, q, backend="triton")
+    assert seen[-1] is launch.INTERPRETER_BLOCKS  # put back on leaving
+    with pytest.raises(RuntimeError, match="_attention_forward_kernel never launched"):
+        with launch.interpreter_tiles(_attention_forward_kernel=(32, 16)):  # a misspelled name
+            attention(q, q, q, backend="triton")
+    assert fwd._attention_fwd_kernel.__name__ == "_attention_fwd_kernel"
