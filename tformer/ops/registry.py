@@ -250,9 +250,8 @@ def refusal(op: str, name: str, device: torch.device, dtype: torch.dtype, args: 
 def resolve_named(op: str, name: str, device: torch.device, dtype: torch.dtype, args: dict) -> Callable:
     """The implementation of ``op`` in backend or variant ``name`` for this call; UnsupportedInput
     (with the reason) when it does not take the input."""
-    _load(_check_name(name)[0])
-    impl, fn = implementation(op, name)
-    reason = _refusal(impl, op, name, device, dtype, args)
+    _load(_check_name(name)[0])  # an unavailable backend raises BackendError, with its reason
+    fn, reason = try_implementation(op, name, device, dtype, args)
     if reason is not None:
         raise UnsupportedInput(f"{op}: {reason}. Use backend='reference' or 'auto' for this input.")
     return fn
