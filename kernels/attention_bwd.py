@@ -49,7 +49,7 @@ from typing import Callable
 
 from tformer.ops.attention_mask import Band
 
-from .attention_tiles import (allowed_scores, band_args, band_meta, band_offset, block_d, dot_meta, key_block_range,
+from .attention_tiles import (allowed_scores, band_args, band_key_limits, band_meta, band_offset, block_d, dot_meta, key_block_range,
                               lse_strides, narrow, problem, scores_log2, seqlen_buckets, sequence_bounds, strides4,
                               tanh, tile_dot)
 from .dropout import dropout_keep
@@ -107,10 +107,12 @@ def allowed_scores_t(s_t, rows, cols, q_len, k_len, key_pad_row, stride_ps, offs
                      HAS_BAND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
     """s_t with -inf where key ``cols[i]`` may not be attended by query ``rows[j]`` or that
     query is past ``q_len``: the forward's ``allowed_scores`` on the transposed (N, M) tile."""
-    allowed = (cols[:, None] < k_len) & (rows[None, :] < q_len)
-    if HAS_BAND:
-        rel = cols[:, None] - (rows[None, :] + offset)
-        allowed = allowed & (rel <= window_right) & (rel >= -window_left)
+    if HAS_BAND:  # per key, its band's query rows [first, end): no (N, M) index arithmetic
+        first, end = band_key_limits(cols - offset, 0, window_right, window_left)
+        allowed = ((cols < k_len)[:, None] & (rows < q_len)[None, :] & (rows[None, :] >= first[:, None])
+                   & (rows[None, :] < end[:, None]))
+    else:
+        allowed = (cols[:, None] < k_len) & (rows[None, :] < q_len)
     if HAS_KEY_PADDING:
         pad = tl.load(key_pad_row + cols.to(tl.int64) * stride_ps, mask=cols < k_len, other=1)
         allowed = allowed & (pad == 0)[:, None]
