@@ -61,8 +61,10 @@ def in_band(rows, cols, offset, window_left, window_right):
 def band_key_limits(rows, offset, window_left, window_right):
     """(M,) ``lo`` and ``hi``: query ``rows[i]``'s band is the keys ``lo[i] <= key < hi[i]``, the
     rule of ``in_band`` as per-row bounds. Comparing the (N,) key indices against these costs the
-    (M, N) mask no index arithmetic of its own; in the Hopper forward that kept ptxas from spilling
-    at hd 128 (Triton 3.6: 255 registers and 48 bytes spilled before, 242 and none after)."""
+    (M, N) mask no index arithmetic of its own; that kept ptxas from spilling in the Hopper forward
+    at hd 128 (Triton 3.6: 255 registers and 48 bytes spilled before, 242 and none after) and in
+    the dK/dV kernel, which takes a key's query rows as ``band_key_limits(key - offset, 0, right,
+    left)`` (the mirrored band)."""
     return rows + offset - window_left, rows + offset + window_right + 1
 
 
