@@ -245,19 +245,24 @@ def _mask_case(case, dtype=torch.float32):
     return q, k, v, dict(mask_kwargs, key_padding_mask=mask)
 
 
-def _table_tiles(index, bucket, fp32=False):
-    """Each attention kernel's (BLOCK_M, BLOCK_N) at ``index`` of its autotune table's bucket."""
-    from tformer.kernels import attention as fwd, attention_bwd as bwd
+def _table_tiles(index, bucket, **tables):
+    """``{kernel name: (BLOCK_M, BLOCK_N)}`` at ``index`` of each named autotune table's bucket."""
 
     def tile(table):
         chosen = table[bucket][min(index, len(table[bucket]) - 1)]
         return chosen.kwargs["BLOCK_M"], chosen.kwargs["BLOCK_N"]
 
+    return {name: tile(table) for name, table in tables.items()}
+
+
+def _tables(fp32=False):
+    """The split backward's three kernels and their 16-bit (or fp32) autotune tables."""
+    from tformer.kernels import attention as fwd, attention_bwd as bwd
+
     if fp32:
-        return dict(_attention_fwd_kernel=tile(fwd.FWD_CONFIGS_FP32), _dkdv_kernel=tile(bwd.DKDV_CONFIGS_FP32),
-                    _dq_kernel=tile(bwd.DQ_CONFIGS_FP32))
-    return dict(_attention_fwd_kernel=tile(fwd.FWD_CONFIGS), _dkdv_kernel=tile(bwd.DKDV_CONFIGS),
-                _dq_kernel=tile(bwd.DQ_CONFIGS)), dict(_dkdv_kernel=tile(bwd.DKDV_ATOMIC_DQ_CONFIGS))
+        return dict(_attention_fwd_kernel=fwd.FWD_CONFIGS_FP32, _dkdv_kernel=bwd.DKDV_CONFIGS_FP32,
+                    _dq_kernel=bwd.DQ_CONFIGS_FP32)
+    return dict(_attention_fwd_kernel=fwd.FWD_CONFIGS, _dkdv_kernel=bwd.DKDV_CONFIGS, _dq_kernel=bwd.DQ_CONFIGS)
 
 
 # Head dims in each bucket's range but none a bucket's own, so the head-dim lanes are masked too.
@@ -274,18 +279,20 @@ def test_kernels_at_the_tables_tile_shapes(bucket, index):
     dQ kernels run here at each table entry's tile shape, against float64, with a window that
     cuts blocks on both sides, bottom-right alignment, soft-capping and a hole in the padding,
     at lengths a multiple of no tile."""
+    from tformer.kernels.attention_bwd import DKDV_ATOMIC_DQ_CONFIGS
     from tformer.kernels.launch import interpreter_tiles
 
     q, k, v = make_inputs(1, 2, 1, 150, 290, _BUCKET_HEAD_DIMS[bucket], torch.float16, seed=3)
     mask = padding_mask([271], 290)
     mask[0, 200] = True
     kwargs = dict(causal=True, alignment="bottom_right", window=(70, 0), softcap=5.0, key_padding_mask=mask)
-    tiles, atomic_tiles = _table_tiles(index, bucket)
+    tiles = _table_tiles(index, bucket, **_tables())
+    atomic_tiles = _table_tiles(index, bucket, _dkdv_kernel=DKDV_ATOMIC_DQ_CONFIGS)
     with interpreter_tiles(**tiles):
         assert_matches_reference("triton", q * 3, k, v, f"tiles {tiles}", **kwargs)
         with interpreter_tiles(**atomic_tiles):
             assert_matches_reference("triton:atomic_dq", q * 3, k, v, f"atomic dQ tiles {atomic_tiles}", **kwargs)
-    fp32_tiles = _table_tiles(index, bucket, fp32=True)
+    fp32_tiles = _table_tiles(index, bucket, **_tables(fp32=True))
     with interpreter_tiles(**fp32_tiles):
         assert_matches_reference("triton", (q * 3).float(), k.float(), v.float(), f"fp32 tiles {fp32_tiles}", **kwargs)
 
@@ -579,7 +586,7 @@ def test_varlen_at_the_tables_leading_tile_shapes(bucket):
         out.backward(grad_out.to(out.dtype))
         return (out, *(t.grad for t in leaves))
 
-    tiles, _ = _table_tiles(0, bucket)
+    tiles = _table_tiles(0, bucket, **_tables())
     with interpreter_tiles(**tiles):
         got = run("triton", (q, k, v))
     expected = run("reference", (q.double(), k.double(), v.double()))
